@@ -1,0 +1,55 @@
+//! The bus: where the consumer side hands per-user messages to the gateway side.
+//!
+//! The seam is small on purpose, so Redis (standalone or Cluster) can stand behind it as well as
+//! the in-process [`MemoryBus`]: publish a batch, and subscribe or unsubscribe a user. What a
+//! subscription receives arrives as [`Delivery`] values on the channel the bus was built with,
+//! stamped with the user's next strictly increasing id. Payloads are opaque bytes (an encoded
+//! `UserMessage`), so a gateway never depends on how they were made.
+
+mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use memory::MemoryBus;
+
+/// One message for one user, on its way to the bus.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub user: Arc<str>,
+    pub payload: Bytes,
+}
+
+impl Outgoing {
+    pub fn new(user: Arc<str>, payload: Bytes) -> Self {
+        Outgoing { user, payload }
+    }
+}
+
+/// A message delivered to a subscribed user, with its per-user id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub user: Arc<str>,
+    pub id: Arc<str>,
+    pub payload: Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("bus closed")]
+    Closed,
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync {
+    /// Publishes a batch; returns once the bus has accepted every message of it.
+    async fn publish(&self, batch: &[Outgoing]) -> Result<(), BusError>;
+    /// Starts delivering `user`'s messages.
+    async fn subscribe(&self, user: &Arc<str>) -> Result<(), BusError>;
+    /// Stops delivering `user`'s messages.
+    async fn unsubscribe(&self, user: &Arc<str>) -> Result<(), BusError>;
+}

@@ -1,0 +1,136 @@
+//! `foldercast replay`: the pipeline over a file, no server; prints what each user would receive.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use anyhow::Context;
+use governor::clock::FakeRelativeClock;
+
+use crate::bus::Outgoing;
+use crate::config::ReplayArgs;
+use crate::consumer::route;
+use crate::membership::FixtureResolver;
+use crate::notify::throttle::Throttle;
+use crate::notify::{Outcome, Pipeline};
+use crate::source::{EventSource, FixtureSource, Passes};
+use crate::telemetry::PipelineStats;
+
+pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(replay_async(args))
+}
+
+async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let resolver = Arc::new(FixtureResolver::load(&args.membership)?);
+    let pipeline = Pipeline::new(super::dedup(&args.shaping), resolver);
+    let mut source = FixtureSource::open(&args.events, Passes::Once).await?;
+    // Event time drives the throttle's clock, so a throttled replay is deterministic.
+    let clock = FakeRelativeClock::default();
+    let mut throttle = if args.throttle {
+        Throttle::new(super::throttle_config(&args.shaping), clock.clone())
+    } else {
+        None
+    };
+    let mut event_clock = EventClock::default();
+    let stats = PipelineStats::default();
+    let mut printer = args.print.then(|| std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock()));
+    let progress = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {pos} events {per_sec} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    });
+    let mut out: Vec<Outgoing> = Vec::new();
+    let mut users = std::collections::HashSet::new();
+
+    while let Some(raw) = source.next_event().await? {
+        let outcome = pipeline
+            .process(&raw.bytes)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e} at {}", raw.position))?;
+        if let (Some(t), Outcome::Deliver(f)) = (throttle.as_mut(), &outcome) {
+            if let Some(step) = event_clock.advance_to(f.event.time_millis) {
+                clock.advance(step);
+            }
+            t.flush_ready(&mut out);
+        }
+        route(outcome, &raw.position, throttle.as_mut(), &stats, &mut out);
+        emit(&mut printer, &mut out, &stats, &mut users)?;
+        if let Some(bar) = &progress {
+            bar.inc(1);
+        }
+    }
+    if let Some(t) = throttle.as_mut() {
+        t.flush_all(&mut out);
+        emit(&mut printer, &mut out, &stats, &mut users)?;
+    }
+    if let Some(p) = printer.as_mut() {
+        p.flush().context("cannot write to stdout")?;
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+
+    let rejected = stats.rejected.load(Relaxed);
+    let reasons: Vec<String> = stats.rejections().iter().map(|(code, n)| format!("{code}: {n}")).collect();
+    eprintln!(
+        "replay: {} events, {} delivered, {} duplicates, {} rejected{}; {} messages to {} users",
+        stats.events.load(Relaxed),
+        stats.delivered_events.load(Relaxed),
+        stats.duplicates.load(Relaxed),
+        rejected,
+        if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) },
+        stats.messages.load(Relaxed),
+        users.len(),
+    );
+    Ok(if args.strict && rejected > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn emit(
+    printer: &mut Option<impl Write>,
+    out: &mut Vec<Outgoing>,
+    stats: &PipelineStats,
+    users: &mut std::collections::HashSet<Arc<str>>,
+) -> anyhow::Result<()> {
+    stats.messages.fetch_add(out.len() as u64, Relaxed);
+    for msg in out.drain(..) {
+        if let Some(p) = printer.as_mut() {
+            write_line(p, &msg).context("cannot write to stdout")?;
+        }
+        users.insert(msg.user);
+    }
+    Ok(())
+}
+
+/// `{"user":…,"message":…}` around the already-encoded message.
+pub fn write_line(w: &mut impl Write, msg: &Outgoing) -> std::io::Result<()> {
+    w.write_all(b"{\"user\":")?;
+    serde_json::to_writer(&mut *w, &*msg.user)?;
+    w.write_all(b",\"message\":")?;
+    w.write_all(&msg.payload)?;
+    w.write_all(b"}\n")
+}
+
+/// Turns event times into forward steps of a clock (time never runs backwards).
+#[derive(Default)]
+struct EventClock {
+    latest: Option<i64>,
+}
+
+impl EventClock {
+    fn advance_to(&mut self, millis: i64) -> Option<Duration> {
+        let step = match self.latest {
+            None => None,
+            Some(latest) if millis > latest => Some(Duration::from_millis((millis - latest) as u64)),
+            Some(_) => return None,
+        };
+        self.latest = Some(millis);
+        step
+    }
+}

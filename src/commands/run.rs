@@ -1,0 +1,114 @@
+//! `foldercast run`: the embedded default, everything in one process.
+//!
+//! Fixture events (looped, paced) → pipeline → in-process bus → gateway, plus the demo page.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use governor::clock::DefaultClock;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, MemoryBus};
+use crate::config::RunArgs;
+use crate::consumer::{run_live, spawn_reader};
+use crate::demo::DemoState;
+use crate::gateway::auth::Authenticator;
+use crate::gateway::hub::Hub;
+use crate::gateway::{self, AppState};
+use crate::membership::{Directory, FixtureResolver, MembershipResolver};
+use crate::notify::Pipeline;
+use crate::notify::throttle::Throttle;
+use crate::source::{FixtureSource, Passes};
+use crate::telemetry::PipelineStats;
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run_async(args))?;
+    // Upgraded sockets are not awaited by axum's graceful shutdown; dropping the runtime ends them.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_async(args: RunArgs) -> anyhow::Result<()> {
+    let directory = Directory::load(&args.membership)?;
+    let resolver: Arc<dyn MembershipResolver> = Arc::new(FixtureResolver::new(&directory));
+    let secret = super::jwt_secret(&args.gateway)?;
+    let auth = Arc::new(Authenticator::hs256(&secret));
+
+    let (deliveries_tx, deliveries_rx) = mpsc::channel(4096);
+    let bus = Arc::new(MemoryBus::new(deliveries_tx));
+    let hub = Hub::new(bus.clone() as Arc<dyn Bus>, args.gateway.send_queue);
+    tokio::spawn(hub.clone().dispatch(deliveries_rx));
+    let state = AppState::new(auth.clone(), hub, super::gateway_config(&args.gateway));
+    let mut app = gateway::router(state);
+    let demo = (!args.no_demo).then(|| DemoState::new(directory, resolver.clone(), auth.clone()));
+    if let Some(demo) = &demo {
+        app = app.merge(crate::demo::router(demo.clone()));
+    }
+
+    let listener = TcpListener::bind(args.gateway.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.gateway.listen))?;
+    let addr = listener.local_addr()?;
+    // Tests and scripts read this line to find the port when --listen asks for port 0.
+    println!("foldercast: serving on http://{addr}/");
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let server = tokio::spawn(gateway::serve(listener, app, shutdown.clone()));
+
+    let passes = if args.events.as_os_str() == "-" { Passes::Once } else { Passes::Loop(args.passes) };
+    let source = FixtureSource::open(&args.events, passes).await?;
+    let (events, reader) = spawn_reader(Box::new(source), args.rate, shutdown.clone());
+    let pipeline = Pipeline::new(super::dedup(&args.shaping), resolver);
+    let throttle = Throttle::new(super::throttle_config(&args.shaping), DefaultClock::default());
+    let stats = PipelineStats::default();
+    run_live(events, &pipeline, throttle, &*bus, &stats, &shutdown, |fanout| {
+        if let Some(demo) = &demo {
+            demo.observe(&fanout.event);
+        }
+    })
+    .await?;
+    match reader.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "event source failed"),
+        Err(e) => tracing::error!(error = %e, "event reader stopped"),
+    }
+    if !shutdown.is_cancelled() {
+        tracing::info!(
+            events = stats.events.load(std::sync::atomic::Ordering::Relaxed),
+            "event input ended; still serving until interrupted"
+        );
+    }
+    shutdown.cancelled().await;
+    // SSE responses can hold axum's graceful shutdown open: give it a moment, then leave.
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    Ok(())
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                shutdown.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

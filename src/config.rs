@@ -1,0 +1,360 @@
+//! The command line: flags, their `FOLDERCAST_…` environment variables, and an optional file.
+//!
+//! Precedence, highest first: a flag on the command line, its environment variable, the config
+//! file (`--config FILE`, TOML, keys are flag names, either at the top level or in a table named
+//! after the subcommand), the built-in default. The file is merged by turning its entries into
+//! flags for whatever the command line and environment left unset, so every value goes through
+//! the same clap validation and `--help` stays the one reference.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "foldercast",
+    version,
+    about = "Live folder updates for oCIS: storage events in, per-user WebSocket/SSE messages out",
+    long_about = "foldercast turns storage events (file uploaded, moved, trashed, …) into one message per user who \
+may see the change, with the size and mtime delta of every ancestor folder, and pushes them to browsers over \
+WebSocket and Server-Sent Events.\n\n\
+Start with `foldercast run`: it replays the demo fixtures in a loop and serves a demo page at \
+http://127.0.0.1:8080/ with no Kafka, Redis or oCIS needed.\n\n\
+Every flag can also be set through the environment variable shown with it, or in a TOML file given \
+with --config (keys are flag names, e.g. `user-rate = 5`, at the top level or under [run], [replay], …).",
+    after_help = "Examples:\n  foldercast run\n  foldercast replay --events fixtures/demo/events.jsonl --membership fixtures/demo/membership.json --print\n  foldercast bench replay --events 1000000"
+)]
+pub struct Cli {
+    /// TOML file with default values for flags (keys are flag names without dashes' prefix).
+    #[arg(long, global = true, env = "FOLDERCAST_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Log filter (tracing directives: `info`, `debug`, `foldercast=debug,tower=warn`). Logs go to stderr.
+    #[arg(long, global = true, env = "FOLDERCAST_LOG", default_value = "info", value_name = "FILTER")]
+    pub log: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run everything in one process on the embedded default: fixture events in a loop,
+    /// fixture membership, in-process bus, gateway and demo page.
+    Run(RunArgs),
+    /// Run the pipeline over a fixture file without a server and print what each user would receive.
+    Replay(ReplayArgs),
+    /// Measure throughput and memory (prints figures and the command that reproduces them).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Events to replay, one JSON event per line; `-` reads standard input (played once).
+    #[arg(long, env = "FOLDERCAST_EVENTS", default_value = "fixtures/demo/events.jsonl", value_name = "FILE")]
+    pub events: PathBuf,
+
+    /// Membership fixture (users, groups, spaces and their members).
+    #[arg(long, env = "FOLDERCAST_MEMBERSHIP", default_value = "fixtures/demo/membership.json", value_name = "FILE")]
+    pub membership: PathBuf,
+
+    /// Events per second to replay (0 = as fast as possible). The default is a pace a person can follow.
+    #[arg(long, env = "FOLDERCAST_RATE", default_value_t = 2.0, value_name = "EVENTS_PER_SEC")]
+    pub rate: f64,
+
+    /// Passes over the events file, each with fresh event ids and times (0 = loop forever).
+    #[arg(long, env = "FOLDERCAST_PASSES", default_value_t = 0, value_name = "N")]
+    pub passes: u64,
+
+    /// Disable the demo page and its token minting (`/`, `/api/demo/*`).
+    #[arg(long, env = "FOLDERCAST_NO_DEMO")]
+    pub no_demo: bool,
+
+    #[command(flatten)]
+    pub shaping: ShapingArgs,
+
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Events to process, one JSON event per line (`-` for standard input).
+    #[arg(long, env = "FOLDERCAST_EVENTS", value_name = "FILE")]
+    pub events: PathBuf,
+
+    /// Membership fixture (users, groups, spaces and their members).
+    #[arg(long, env = "FOLDERCAST_MEMBERSHIP", value_name = "FILE")]
+    pub membership: PathBuf,
+
+    /// Print one JSON line per delivered message: {"user":…,"message":…}, in event order, users sorted.
+    #[arg(long)]
+    pub print: bool,
+
+    /// Apply the per-user rate limit and coalescing, with event time as the clock.
+    #[arg(long)]
+    pub throttle: bool,
+
+    /// Exit with status 1 if any event was rejected.
+    #[arg(long)]
+    pub strict: bool,
+
+    #[command(flatten)]
+    pub shaping: ShapingArgs,
+}
+
+/// How messages are shaped per user.
+#[derive(Debug, Clone, Args)]
+pub struct ShapingArgs {
+    /// Messages per second each user may receive before the rest is coalesced (0 = no limit).
+    #[arg(long, env = "FOLDERCAST_USER_RATE", default_value_t = 20.0, value_name = "PER_SEC")]
+    pub user_rate: f64,
+
+    /// Messages a user may receive at once before the rate applies.
+    #[arg(long, env = "FOLDERCAST_USER_BURST", default_value_t = 40, value_name = "N")]
+    pub user_burst: u32,
+
+    /// Events a user may have pending (coalesced, not yet sent) before they get `resync` instead.
+    #[arg(long, env = "FOLDERCAST_MAX_BACKLOG", default_value_t = 1000, value_name = "N")]
+    pub max_backlog: usize,
+
+    /// Event ids remembered for de-duplication.
+    #[arg(long, env = "FOLDERCAST_DEDUP_CAPACITY", default_value_t = 1_000_000, value_name = "N")]
+    pub dedup_capacity: u64,
+
+    /// How long an event id is remembered for de-duplication (e.g. `1h`, `90s`).
+    #[arg(long, env = "FOLDERCAST_DEDUP_TTL", default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
+    pub dedup_ttl: Duration,
+}
+
+/// The WebSocket/SSE gateway.
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// Address to serve HTTP, WebSocket (/ws) and SSE (/sse) on.
+    #[arg(long, env = "FOLDERCAST_LISTEN", default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// HS256 secret that signs client tokens (`sub` = user id). Without it a random one is made and printed.
+    #[arg(long, env = "FOLDERCAST_JWT_SECRET", hide_env_values = true, value_name = "SECRET")]
+    pub jwt_secret: Option<String>,
+
+    /// Read the HS256 secret from a file instead (keeps it out of process listings).
+    #[arg(long, env = "FOLDERCAST_JWT_SECRET_FILE", value_name = "FILE", conflicts_with = "jwt_secret")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// Frames queued per connection; a client that falls this far behind is disconnected.
+    #[arg(long, env = "FOLDERCAST_SEND_QUEUE", default_value_t = 256, value_name = "FRAMES")]
+    pub send_queue: usize,
+
+    /// Time a WebSocket client has to send its `auth` frame.
+    #[arg(long, env = "FOLDERCAST_AUTH_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub auth_timeout: Duration,
+
+    /// Interval of SSE keep-alive comments.
+    #[arg(long, env = "FOLDERCAST_SSE_KEEPALIVE", default_value = "15s", value_parser = parse_duration, value_name = "DURATION")]
+    pub sse_keepalive: Duration,
+
+    /// A write to a client that takes longer than this closes the connection.
+    #[arg(long, env = "FOLDERCAST_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub write_timeout: Duration,
+
+    /// Lifetime of a single-use connection ticket from POST /api/tickets.
+    #[arg(long, env = "FOLDERCAST_TICKET_TTL", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub ticket_ttl: Duration,
+
+    /// WebSocket read buffer per connection, bytes (small keeps idle connections cheap).
+    #[arg(long, env = "FOLDERCAST_WS_READ_BUFFER", default_value_t = 512, value_name = "BYTES")]
+    pub ws_read_buffer: usize,
+
+    /// WebSocket write buffer per connection, bytes.
+    #[arg(long, env = "FOLDERCAST_WS_WRITE_BUFFER", default_value_t = 1024, value_name = "BYTES")]
+    pub ws_write_buffer: usize,
+
+    /// Largest a connection's write buffer may grow, bytes.
+    #[arg(long, env = "FOLDERCAST_WS_MAX_WRITE_BUFFER", default_value_t = 65536, value_name = "BYTES")]
+    pub ws_max_write_buffer: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Pipeline throughput on a generated trace (events/s and messages/s, one core).
+    Replay(BenchReplayArgs),
+    /// Gateway resident memory per idle authenticated WebSocket connection.
+    Idle(BenchIdleArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchReplayArgs {
+    /// Events in the generated trace.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Members per space.
+    #[arg(long, default_value_t = 20)]
+    pub members: usize,
+    /// Folder depth of every path.
+    #[arg(long, default_value_t = 8)]
+    pub depth: usize,
+    /// Spaces in the trace.
+    #[arg(long, default_value_t = 1000)]
+    pub spaces: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchIdleArgs {
+    /// Idle authenticated connections to open (the open-file limit is 20 000 per process).
+    #[arg(long, default_value_t = 19_000)]
+    pub connections: usize,
+    /// Distinct users the connections belong to.
+    #[arg(long, default_value_t = 1000)]
+    pub users: usize,
+    /// The foldercast binary to start as the gateway under test (default: this one).
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+}
+
+/// `90`, `1.5s`, `250ms`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let value: f64 = number.trim().parse().map_err(|_| format!("{s:?} is not a duration"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// Parses the process arguments, merging `--config` if one is given.
+pub fn parse() -> Result<Cli, clap::Error> {
+    parse_from(std::env::args_os().collect())
+}
+
+pub fn parse_from(args: Vec<OsString>) -> Result<Cli, clap::Error> {
+    let command = Cli::command();
+    let matches = command.clone().try_get_matches_from(&args)?;
+    let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
+        return Cli::from_arg_matches(&matches);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Cli::command().error(
+            clap::error::ErrorKind::Io,
+            format!("cannot read config file {}: {e}", path.display()),
+        )
+    })?;
+    let table: toml::Table = text.parse().map_err(|e| {
+        Cli::command().error(
+            clap::error::ErrorKind::InvalidValue,
+            format!("invalid config file {}: {e}", path.display()),
+        )
+    })?;
+    let extra = file_args(&command, &matches, &table).map_err(|m| {
+        Cli::command().error(
+            clap::error::ErrorKind::InvalidValue,
+            format!("config file {}: {m}", path.display()),
+        )
+    })?;
+    let mut merged = args;
+    merged.extend(extra);
+    let matches = Cli::command().try_get_matches_from(&merged)?;
+    Cli::from_arg_matches(&matches)
+}
+
+/// Flags for the file's entries that neither the command line nor the environment set.
+fn file_args(command: &clap::Command, matches: &clap::ArgMatches, table: &toml::Table) -> Result<Vec<OsString>, String> {
+    // Walk down to the innermost subcommand the user chose (e.g. `bench replay`).
+    let mut cmd = command;
+    let mut m = matches;
+    let mut path = Vec::new();
+    while let Some((name, sub)) = m.subcommand() {
+        let Some(next) = cmd.find_subcommand(name) else { break };
+        path.push(name.to_owned());
+        cmd = next;
+        m = sub;
+    }
+    let mut entries: Vec<(&String, &toml::Value)> = Vec::new();
+    for (key, value) in table {
+        if !value.is_table() {
+            entries.push((key, value));
+        }
+    }
+    if let Some(toml::Value::Table(section)) = path.first().and_then(|p| table.get(p)) {
+        entries.extend(section.iter());
+    }
+    let mut out = Vec::new();
+    for (key, value) in entries {
+        if key == "config" {
+            continue;
+        }
+        let Some(arg) = cmd.get_arguments().find(|a| a.get_long() == Some(key.as_str())) else {
+            continue; // a key for another subcommand
+        };
+        let id = arg.get_id().as_str();
+        if !matches!(m.value_source(id), None | Some(ValueSource::DefaultValue)) {
+            continue;
+        }
+        let flag = format!("--{key}");
+        match value {
+            toml::Value::Boolean(true) => out.push(flag.into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::String(s) => out.push(format!("{flag}={s}").into()),
+            toml::Value::Integer(i) => out.push(format!("{flag}={i}").into()),
+            toml::Value::Float(f) => out.push(format!("{flag}={f}").into()),
+            other => return Err(format!("{key}: unsupported value {other}")),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<OsString> {
+        a.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn config_file_fills_unset_flags_only() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(
+            &mut f,
+            b"user-rate = 3.5\nprint = true\n[replay]\nmax-backlog = 7\n[run]\nrate = 99\n",
+        )
+        .unwrap();
+        let cli = parse_from(args(&[
+            "foldercast", "--config", f.path().to_str().unwrap(), "replay", "--events", "e", "--membership", "m",
+            "--max-backlog", "9",
+        ]))
+        .unwrap();
+        let Command::Replay(r) = cli.command else { panic!() };
+        assert_eq!(r.shaping.user_rate, 3.5, "from the file");
+        assert!(r.print, "booleans from the file");
+        assert_eq!(r.shaping.max_backlog, 9, "the command line wins");
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

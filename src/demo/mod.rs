@@ -1,0 +1,128 @@
+//! The embedded default's demo: a page that signs in as a fixture user and shows a space's
+//! folders changing live, plus the few endpoints it needs.
+//!
+//! Token minting exists only here, and only for users of the membership fixture: it is what
+//! makes the demo usable without an identity provider, and why `--no-demo` turns it off.
+
+mod tree;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::event::StorageEvent;
+use crate::gateway::auth::{Authenticator, bearer};
+use crate::gateway::error_response;
+use crate::membership::{Directory, MembershipResolver};
+use crate::path::SpacePath;
+pub use tree::{DemoTree, Entry};
+
+const PAGE: &str = include_str!("../../web/demo.html");
+
+pub struct DemoState {
+    directory: Directory,
+    resolver: Arc<dyn MembershipResolver>,
+    auth: Arc<Authenticator>,
+    tree: Mutex<DemoTree>,
+}
+
+impl DemoState {
+    pub fn new(directory: Directory, resolver: Arc<dyn MembershipResolver>, auth: Arc<Authenticator>) -> Arc<Self> {
+        Arc::new(DemoState {
+            directory,
+            resolver,
+            auth,
+            tree: Mutex::new(DemoTree::default()),
+        })
+    }
+
+    /// Keeps the simulated storage in step with the events the pipeline delivered.
+    pub fn observe(&self, event: &StorageEvent) {
+        if let Ok(mut tree) = self.tree.lock() {
+            tree.apply(event);
+        }
+    }
+}
+
+pub fn router(state: Arc<DemoState>) -> Router {
+    Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
+        .route("/api/demo/users", get(users))
+        .route("/api/demo/token", post(token))
+        .route("/api/demo/tree", get(listing))
+        .with_state(state)
+}
+
+async fn users(State(state): State<Arc<DemoState>>) -> Json<serde_json::Value> {
+    let mut out = Vec::new();
+    for user in &state.directory.users {
+        let mut spaces = Vec::new();
+        for space in &state.directory.spaces {
+            if let Ok(listers) = state.resolver.listers(&space.id).await
+                && listers.iter().any(|u| **u == *user.id)
+            {
+                spaces.push(json!({"id": space.id, "name": space.name.as_deref().unwrap_or(&space.id)}));
+            }
+        }
+        out.push(json!({"id": user.id, "display_name": user.display_name.as_deref().unwrap_or(&user.id), "spaces": spaces}));
+    }
+    Json(json!({ "users": out }))
+}
+
+#[derive(Deserialize)]
+struct TokenRequest {
+    user: String,
+}
+
+async fn token(State(state): State<Arc<DemoState>>, Json(req): Json<TokenRequest>) -> Response {
+    if !state.directory.users.iter().any(|u| u.id == req.user) {
+        return error_response(StatusCode::NOT_FOUND, "unknown-user", "not a user of the membership fixture");
+    }
+    match state.auth.mint(&req.user, Duration::from_secs(3600)) {
+        Ok(token) => Json(json!({"token": token, "expires_in": 3600})).into_response(),
+        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "mint-failed", &e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct TreeQuery {
+    space: String,
+    #[serde(default)]
+    path: Option<String>,
+}
+
+async fn listing(State(state): State<Arc<DemoState>>, headers: HeaderMap, Query(q): Query<TreeQuery>) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer);
+    let identity = match token.map(|t| state.auth.verify(t)) {
+        Some(Ok(identity)) => identity,
+        Some(Err(e)) => return error_response(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
+        None => return error_response(StatusCode::UNAUTHORIZED, "unauthenticated", "bearer token required"),
+    };
+    let allowed = match state.resolver.listers(&q.space).await {
+        Ok(listers) => listers.contains(&identity.user),
+        Err(_) => false,
+    };
+    if !allowed {
+        return error_response(StatusCode::FORBIDDEN, "forbidden", "you may not list this space");
+    }
+    let folder = match SpacePath::parse(q.path.as_deref().unwrap_or("/")) {
+        Ok(p) => p,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "invalid-path", &e.to_string()),
+    };
+    let Ok(tree) = state.tree.lock() else {
+        return error_response(StatusCode::INTERNAL_SERVER_ERROR, "unavailable", "tree lock poisoned");
+    };
+    let (size, mtime) = tree.folder(&q.space, &folder);
+    let entries: Vec<Entry> = tree.listing(&q.space, &folder);
+    Json(json!({"space_id": q.space, "path": folder, "size": size, "mtime": mtime, "entries": entries})).into_response()
+}

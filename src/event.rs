@@ -1,0 +1,393 @@
+//! The input contract: one storage event, decoded and validated.
+//!
+//! Events arrive as CloudEvents 1.0 in structured mode (`schemas/storage-event.schema.json`).
+//! Decoding is strict about what the pipeline relies on (ids, types, paths, sizes) and lenient
+//! about everything else (unknown attributes are ignored, as CloudEvents extensions must be).
+//! A refused event yields a [`Rejection`] with a stable `code` for counting and a human reason
+//! for the log; it never stops the stream.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::membership::Role;
+use crate::path::{PathError, SpacePath};
+
+/// What happened, as named by the event's `type` attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    FileUploaded,
+    FileTouched,
+    FolderCreated,
+    ItemTrashed,
+    ItemRestored,
+    ItemMoved,
+    SpaceMemberAdded,
+    SpaceMemberRemoved,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 8] = [
+        EventType::FileUploaded,
+        EventType::FileTouched,
+        EventType::FolderCreated,
+        EventType::ItemTrashed,
+        EventType::ItemRestored,
+        EventType::ItemMoved,
+        EventType::SpaceMemberAdded,
+        EventType::SpaceMemberRemoved,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::FileUploaded => "file-uploaded",
+            EventType::FileTouched => "file-touched",
+            EventType::FolderCreated => "folder-created",
+            EventType::ItemTrashed => "item-trashed",
+            EventType::ItemRestored => "item-restored",
+            EventType::ItemMoved => "item-moved",
+            EventType::SpaceMemberAdded => "space-member-added",
+            EventType::SpaceMemberRemoved => "space-member-removed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    pub fn is_membership(self) -> bool {
+        matches!(
+            self,
+            EventType::SpaceMemberAdded | EventType::SpaceMemberRemoved
+        )
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether the changed item is a file or a folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ItemKind {
+    File,
+    Folder,
+}
+
+impl ItemKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ItemKind::File => "file",
+            ItemKind::Folder => "folder",
+        }
+    }
+}
+
+/// A validated event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageEvent {
+    pub id: String,
+    pub event_type: EventType,
+    /// The `time` attribute exactly as received (already checked to be RFC 3339).
+    pub time: Arc<str>,
+    /// `time` as milliseconds since the Unix epoch, for clocks that follow event time.
+    pub time_millis: i64,
+    pub space_id: String,
+    pub actor: Option<String>,
+    pub body: EventBody,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventBody {
+    Item(ItemChange),
+    Membership(MembershipChange),
+}
+
+/// A change to a file or folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemChange {
+    pub path: SpacePath,
+    /// Set for `item-moved` only.
+    pub old_path: Option<SpacePath>,
+    pub kind: ItemKind,
+    pub size: u64,
+    /// For `file-uploaded`: new size − old size.
+    pub size_delta: i64,
+    pub item_id: Option<String>,
+    pub etag: Option<String>,
+}
+
+/// A user or a group gaining or losing access to a space.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipChange {
+    pub member: Member,
+    /// The granted role (`space-member-added`; defaults to viewer), or the one revoked if given.
+    pub role: Option<Role>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Member {
+    User(String),
+    Group(String),
+}
+
+/// Why an event was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Stable, countable category: `invalid-json`, `missing-field`, `invalid-field`,
+    /// `unknown-type`, `invalid-path`, `unsupported-specversion`, `unknown-space`.
+    pub code: &'static str,
+    pub reason: String,
+}
+
+impl Rejection {
+    pub fn new(code: &'static str, reason: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.reason)
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+#[derive(Deserialize)]
+struct WireEvent {
+    specversion: Option<String>,
+    id: Option<String>,
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    time: Option<String>,
+    data: Option<WireData>,
+}
+
+#[derive(Deserialize)]
+struct WireData {
+    space_id: Option<String>,
+    path: Option<String>,
+    old_path: Option<String>,
+    kind: Option<String>,
+    size: Option<u64>,
+    size_delta: Option<i64>,
+    actor: Option<String>,
+    item_id: Option<String>,
+    etag: Option<String>,
+    user: Option<String>,
+    group: Option<String>,
+    role: Option<String>,
+}
+
+/// Decodes one event from its JSON bytes.
+pub fn decode(bytes: &[u8]) -> Result<StorageEvent, Rejection> {
+    let wire: WireEvent = serde_json::from_slice(bytes).map_err(|e| {
+        let code = if e.is_syntax() || e.is_eof() {
+            "invalid-json"
+        } else {
+            "invalid-field"
+        };
+        Rejection::new(code, e.to_string())
+    })?;
+    if let Some(v) = &wire.specversion
+        && v != "1.0"
+    {
+        return Err(Rejection::new(
+            "unsupported-specversion",
+            format!("specversion {v:?} is not 1.0"),
+        ));
+    }
+    let id = required(wire.id, "id")?;
+    let type_name = required(wire.event_type, "type")?;
+    let event_type = EventType::parse(&type_name)
+        .ok_or_else(|| Rejection::new("unknown-type", format!("unknown event type {type_name:?}")))?;
+    let time = required(wire.time, "time")?;
+    let time_millis = chrono::DateTime::parse_from_rfc3339(&time)
+        .map_err(|e| Rejection::new("invalid-field", format!("time {time:?} is not RFC 3339: {e}")))?
+        .timestamp_millis();
+    let data = wire
+        .data
+        .ok_or_else(|| Rejection::new("missing-field", "missing required field data"))?;
+    let space_id = required(data.space_id, "data.space_id")?;
+
+    let body = if event_type.is_membership() {
+        let member = match (data.user, data.group) {
+            (Some(u), None) if !u.is_empty() => Member::User(u),
+            (None, Some(g)) if !g.is_empty() => Member::Group(g),
+            (Some(_), Some(_)) => {
+                return Err(Rejection::new(
+                    "invalid-field",
+                    "data.user and data.group are exclusive",
+                ));
+            }
+            _ => {
+                return Err(Rejection::new(
+                    "missing-field",
+                    "membership events need data.user or data.group",
+                ));
+            }
+        };
+        let role = match data.role {
+            None => None,
+            Some(r) => Some(Role::parse(&r).ok_or_else(|| {
+                Rejection::new("invalid-field", format!("unknown role {r:?}"))
+            })?),
+        };
+        EventBody::Membership(MembershipChange { member, role })
+    } else {
+        let path = parse_path(&required(data.path, "data.path")?, "data.path")?;
+        let kind = match required(data.kind, "data.kind")?.as_str() {
+            "file" => ItemKind::File,
+            "folder" => ItemKind::Folder,
+            other => {
+                return Err(Rejection::new(
+                    "invalid-field",
+                    format!("data.kind {other:?} is neither file nor folder"),
+                ));
+            }
+        };
+        let old_path = if event_type == EventType::ItemMoved {
+            Some(parse_path(
+                &required(data.old_path, "data.old_path")?,
+                "data.old_path",
+            )?)
+        } else {
+            None
+        };
+        let size = data.size.unwrap_or(0);
+        let size_delta = match data.size_delta {
+            Some(d) => d,
+            None => i64::try_from(size)
+                .map_err(|_| Rejection::new("invalid-field", "data.size is too large"))?,
+        };
+        EventBody::Item(ItemChange {
+            path,
+            old_path,
+            kind,
+            size,
+            size_delta,
+            item_id: data.item_id,
+            etag: data.etag,
+        })
+    };
+
+    Ok(StorageEvent {
+        id,
+        event_type,
+        time: time.into(),
+        time_millis,
+        space_id,
+        actor: data.actor,
+        body,
+    })
+}
+
+fn required(value: Option<String>, name: &str) -> Result<String, Rejection> {
+    match value {
+        Some(v) if !v.is_empty() => Ok(v),
+        Some(_) => Err(Rejection::new(
+            "invalid-field",
+            format!("{name} must not be empty"),
+        )),
+        None => Err(Rejection::new(
+            "missing-field",
+            format!("missing required field {name}"),
+        )),
+    }
+}
+
+fn parse_path(raw: &str, name: &str) -> Result<SpacePath, Rejection> {
+    SpacePath::parse(raw).map_err(|e: PathError| {
+        let shown: String = raw.chars().take(80).collect();
+        Rejection::new("invalid-path", format!("{name} {shown:?}: {e}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(json: &str) -> Result<StorageEvent, Rejection> {
+        decode(json.as_bytes())
+    }
+
+    const UPLOAD: &str = r#"{"specversion":"1.0","id":"e-42","source":"ocis/storage-users","type":"file-uploaded","time":"2026-11-22T10:00:00.123Z","data":{"space_id":"s-eng","path":"/f1/f2/report.pdf","kind":"file","size":2048,"actor":"alice","item_id":"i1","etag":"x"}}"#;
+
+    #[test]
+    fn decodes_upload_with_defaults() {
+        let e = ev(UPLOAD).unwrap();
+        assert_eq!(e.id, "e-42");
+        assert_eq!(e.event_type, EventType::FileUploaded);
+        assert_eq!(&*e.time, "2026-11-22T10:00:00.123Z");
+        assert_eq!(e.actor.as_deref(), Some("alice"));
+        let EventBody::Item(item) = e.body else {
+            panic!("not an item change")
+        };
+        assert_eq!(item.path.as_str(), "/f1/f2/report.pdf");
+        assert_eq!(item.size, 2048);
+        assert_eq!(item.size_delta, 2048, "size_delta defaults to size");
+    }
+
+    #[test]
+    fn every_type_name_round_trips() {
+        for t in EventType::ALL {
+            assert_eq!(EventType::parse(t.as_str()), Some(t));
+        }
+        assert_eq!(EventType::parse("file-deleted"), None);
+    }
+
+    #[test]
+    fn rejections_carry_codes() {
+        let cases = [
+            ("{not json", "invalid-json"),
+            (r#"{"type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file"}}"#, "missing-field"),
+            (r#"{"id":"1","type":"file-exploded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file"}}"#, "unknown-type"),
+            (r#"{"id":"1","type":"file-uploaded","time":"yesterday","data":{"space_id":"s","path":"/a","kind":"file"}}"#, "invalid-field"),
+            (r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file","size":"12"}}"#, "invalid-field"),
+            (r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file","size":-1}}"#, "invalid-field"),
+            (r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a/../b","kind":"file"}}"#, "invalid-path"),
+            (r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","kind":"file"}}"#, "missing-field"),
+            (r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"link"}}"#, "invalid-field"),
+            (r#"{"id":"1","type":"item-moved","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file"}}"#, "missing-field"),
+            (r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z"}"#, "missing-field"),
+            (r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"path":"/a","kind":"file"}}"#, "missing-field"),
+            (r#"{"specversion":"0.3","id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file"}}"#, "unsupported-specversion"),
+            (r#"{"id":"1","type":"space-member-added","time":"2026-11-22T10:00:00Z","data":{"space_id":"s"}}"#, "missing-field"),
+            (r#"{"id":"1","type":"space-member-added","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","user":"u","role":"owner"}}"#, "invalid-field"),
+            (r#"[1,2]"#, "invalid-field"),
+        ];
+        for (json, code) in cases {
+            let err = ev(json).expect_err(json);
+            assert_eq!(err.code, code, "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn membership_event_decodes() {
+        let e = ev(r#"{"id":"m1","type":"space-member-added","time":"2026-11-22T10:00:00+01:00","data":{"space_id":"s","group":"eng","role":"editor"}}"#).unwrap();
+        assert_eq!(
+            e.body,
+            EventBody::Membership(MembershipChange {
+                member: Member::Group("eng".into()),
+                role: Some(Role::Editor)
+            })
+        );
+    }
+
+    #[test]
+    fn move_keeps_old_path_and_trailing_slash_is_dropped() {
+        let e = ev(r#"{"id":"1","type":"item-moved","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/b/","old_path":"/a/","kind":"folder","size":10}}"#).unwrap();
+        let EventBody::Item(item) = e.body else {
+            panic!()
+        };
+        assert_eq!(item.path.as_str(), "/b");
+        assert_eq!(item.old_path.unwrap().as_str(), "/a");
+    }
+}

@@ -1,0 +1,151 @@
+//! Users → their live connections, and the dispatcher that feeds them from the bus.
+//!
+//! A user's bus subscription exists while at least one of their connections is open on this
+//! gateway: the first connection subscribes, the last one to leave unsubscribes. Those changes
+//! are serialised by one async lock so a quick reconnect can never end unsubscribed. The
+//! dispatcher never waits on a client: a full queue evicts that session instead.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc;
+
+use super::protocol::{Route, server_frame};
+use super::session::{Frame, Push, SessionQueue};
+use crate::bus::{Bus, BusError, Delivery};
+
+/// Gateway counters, served at `/api/stats`.
+#[derive(Default, Debug)]
+pub struct GatewayStats {
+    pub connections: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub delivered: AtomicU64,
+    pub evicted: AtomicU64,
+    pub auth_failures: AtomicU64,
+}
+
+pub struct Hub {
+    sessions: Mutex<HashMap<Arc<str>, Vec<Arc<SessionQueue>>>>,
+    subscription_order: tokio::sync::Mutex<()>,
+    bus: Arc<dyn Bus>,
+    queue_capacity: usize,
+    pub stats: GatewayStats,
+}
+
+/// A connection's place in the hub; dropping it unregisters the connection.
+pub struct Registration {
+    hub: Arc<Hub>,
+    user: Arc<str>,
+    pub queue: Arc<SessionQueue>,
+}
+
+impl Hub {
+    pub fn new(bus: Arc<dyn Bus>, queue_capacity: usize) -> Arc<Self> {
+        Arc::new(Hub {
+            sessions: Mutex::new(HashMap::new()),
+            subscription_order: tokio::sync::Mutex::new(()),
+            bus,
+            queue_capacity,
+            stats: GatewayStats::default(),
+        })
+    }
+
+    /// Connected users.
+    pub fn users(&self) -> usize {
+        self.sessions.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    pub async fn register(self: &Arc<Self>, user: Arc<str>) -> Result<Registration, BusError> {
+        let queue = Arc::new(SessionQueue::new(self.queue_capacity));
+        let _order = self.subscription_order.lock().await;
+        let first = {
+            let mut sessions = self.sessions.lock().map_err(|_| BusError::Closed)?;
+            let list = sessions.entry(user.clone()).or_default();
+            list.push(queue.clone());
+            list.len() == 1
+        };
+        if first && let Err(e) = self.bus.subscribe(&user).await {
+            self.remove(&user, &queue);
+            return Err(e);
+        }
+        self.stats.connections.fetch_add(1, Relaxed);
+        self.stats.connections_total.fetch_add(1, Relaxed);
+        Ok(Registration {
+            hub: self.clone(),
+            user,
+            queue,
+        })
+    }
+
+    /// Removes `queue`; true if it was the user's last connection.
+    fn remove(&self, user: &Arc<str>, queue: &Arc<SessionQueue>) -> bool {
+        let Ok(mut sessions) = self.sessions.lock() else {
+            return false;
+        };
+        let Some(list) = sessions.get_mut(user) else {
+            return false;
+        };
+        list.retain(|q| !Arc::ptr_eq(q, queue));
+        if list.is_empty() {
+            sessions.remove(user);
+            return true;
+        }
+        false
+    }
+
+    async fn unregister(&self, user: Arc<str>, queue: Arc<SessionQueue>) {
+        let _order = self.subscription_order.lock().await;
+        self.stats.connections.fetch_sub(1, Relaxed);
+        if self.remove(&user, &queue)
+            && let Err(e) = self.bus.unsubscribe(&user).await
+        {
+            tracing::warn!(error = %e, "unsubscribe failed");
+        }
+    }
+
+    /// Feeds deliveries to sessions until the bus closes the channel.
+    pub async fn dispatch(self: Arc<Self>, mut deliveries: mpsc::Receiver<Delivery>) {
+        while let Some(delivery) = deliveries.recv().await {
+            self.deliver(delivery);
+        }
+    }
+
+    fn deliver(&self, delivery: Delivery) {
+        let route = Route::of_payload(&delivery.payload);
+        let text = server_frame(&delivery.id, &route, &delivery.payload);
+        let frame = Arc::new(Frame {
+            id: delivery.id,
+            route,
+            payload: delivery.payload,
+            ws_text: Utf8Bytes::from(text),
+        });
+        let Ok(sessions) = self.sessions.lock() else {
+            return;
+        };
+        for queue in sessions.get(&delivery.user).into_iter().flatten() {
+            match queue.push(frame.clone()) {
+                Push::Queued => self.stats.delivered.fetch_add(1, Relaxed),
+                Push::Evicted => self.stats.evicted.fetch_add(1, Relaxed),
+                Push::Gone => 0,
+            };
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let hub = self.hub.clone();
+        let user = self.user.clone();
+        let queue = self.queue.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { hub.unregister(user, queue).await });
+            }
+            Err(_) => {
+                hub.remove(&user, &queue);
+            }
+        }
+    }
+}

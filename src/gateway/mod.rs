@@ -1,0 +1,133 @@
+//! The gateway: authenticated WebSocket and SSE delivery of each user's own messages.
+//!
+//! It knows the bus and the protocol, nothing of how messages were made: it can run in the same
+//! process as the pipeline (`foldercast run`) or alone behind a load balancer.
+//! State lives in one [`AppState`]; handlers stay thin.
+
+pub mod auth;
+pub mod hub;
+pub mod protocol;
+pub mod session;
+mod sse;
+mod ws;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use auth::{AuthError, Authenticator, Identity, TicketStore};
+use hub::Hub;
+
+/// Gateway tuning; defaults suit many mostly idle connections.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Frames queued per connection before a non-reading client is evicted.
+    pub send_queue: usize,
+    pub auth_timeout: Duration,
+    pub sse_keepalive: Duration,
+    pub write_timeout: Duration,
+    pub ws_read_buffer: usize,
+    pub ws_write_buffer: usize,
+    pub ws_max_write_buffer: usize,
+    pub max_client_frame: usize,
+    pub ticket_ttl: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            send_queue: 256,
+            auth_timeout: Duration::from_secs(10),
+            sse_keepalive: Duration::from_secs(15),
+            write_timeout: Duration::from_secs(10),
+            ws_read_buffer: 512,
+            ws_write_buffer: 1024,
+            ws_max_write_buffer: 64 * 1024,
+            max_client_frame: 16 * 1024,
+            ticket_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct AppState {
+    pub auth: Arc<Authenticator>,
+    pub tickets: TicketStore,
+    pub hub: Arc<Hub>,
+    pub config: GatewayConfig,
+}
+
+impl AppState {
+    pub fn new(auth: Arc<Authenticator>, hub: Arc<Hub>, config: GatewayConfig) -> Arc<Self> {
+        Arc::new(AppState {
+            auth,
+            tickets: TicketStore::new(config.ticket_ttl, 100_000),
+            hub,
+            config,
+        })
+    }
+}
+
+/// The gateway's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/ws", get(ws::handler))
+        .route("/sse", get(sse::handler))
+        .route("/api/tickets", post(issue_ticket))
+        .route("/api/stats", get(stats))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown` fires; open connections are cut by the caller's
+/// runtime shutdown rather than awaited (axum does not drain upgraded sockets).
+pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Credentials of a request: the bearer header wins over a ticket; `None` if neither is given.
+fn credentials(state: &AppState, headers: &HeaderMap, ticket: Option<&str>) -> Option<Result<Identity, AuthError>> {
+    if let Some(token) = ws::header_token(headers) {
+        return Some(state.auth.verify(token));
+    }
+    ticket.map(|t| state.tickets.redeem(t))
+}
+
+async fn issue_ticket(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let identity = match ws::header_token(&headers).map(|t| state.auth.verify(t)) {
+        Some(Ok(identity)) => identity,
+        Some(Err(e)) => return error_response(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
+        None => return error_response(StatusCode::UNAUTHORIZED, "unauthenticated", "send Authorization: Bearer <token>"),
+    };
+    let ticket = state.tickets.issue(identity);
+    (
+        StatusCode::CREATED,
+        Json(serde_json::json!({"ticket": ticket, "expires_in": state.tickets.ttl().as_secs()})),
+    )
+        .into_response()
+}
+
+async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let s = &state.hub.stats;
+    Json(serde_json::json!({
+        "connections": s.connections.load(Relaxed),
+        "connections_total": s.connections_total.load(Relaxed),
+        "users": state.hub.users(),
+        "delivered": s.delivered.load(Relaxed),
+        "evicted": s.evicted.load(Relaxed),
+        "auth_failures": s.auth_failures.load(Relaxed),
+    }))
+}
+
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(serde_json::json!({"type": "error", "code": code, "message": message}))).into_response()
+}

@@ -1,0 +1,240 @@
+//! The client protocol (`schemas/client-protocol.schema.json`): frames in both directions.
+//!
+//! Client → server: `auth`, `watch`, `unwatch`, `ping`. Server → client: `ready`, `event`,
+//! `resync`, `error`, `pong`. A frame the server cannot use gets an `error` frame back and the
+//! connection stays open: one bad frame from a buggy client must not cost it its stream.
+
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::path::SpacePath;
+
+/// A decoded client frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientFrame {
+    Auth { token: String },
+    Watch { space_id: String, path: SpacePath },
+    /// Removes one watch, every watch of a space (`path` absent) or all (both absent).
+    Unwatch {
+        space_id: Option<String>,
+        path: Option<SpacePath>,
+    },
+    Ping,
+}
+
+/// Why a client frame was refused: the `code` and `message` of the error frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl FrameError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        FrameError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn to_frame(&self) -> String {
+        error_frame(self.code, &self.message)
+    }
+}
+
+#[derive(Deserialize)]
+struct Head {
+    #[serde(rename = "type")]
+    frame_type: String,
+}
+
+#[derive(Deserialize)]
+struct AuthBody {
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct WatchBody {
+    space_id: String,
+    path: String,
+}
+
+#[derive(Deserialize)]
+struct UnwatchBody {
+    space_id: Option<String>,
+    path: Option<String>,
+}
+
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+    let bad = |e: serde_json::Error| FrameError::new("bad-frame", e.to_string());
+    let head: Head = serde_json::from_str(text).map_err(bad)?;
+    match head.frame_type.as_str() {
+        "auth" => {
+            let b: AuthBody = serde_json::from_str(text).map_err(bad)?;
+            Ok(ClientFrame::Auth { token: b.token })
+        }
+        "watch" => {
+            let b: WatchBody = serde_json::from_str(text).map_err(bad)?;
+            if b.space_id.is_empty() {
+                return Err(FrameError::new("bad-frame", "space_id must not be empty"));
+            }
+            Ok(ClientFrame::Watch {
+                space_id: b.space_id,
+                path: parse_path(&b.path)?,
+            })
+        }
+        "unwatch" => {
+            let b: UnwatchBody = serde_json::from_str(text).map_err(bad)?;
+            if b.space_id.is_none() && b.path.is_some() {
+                return Err(FrameError::new("bad-frame", "unwatch with a path needs its space_id"));
+            }
+            Ok(ClientFrame::Unwatch {
+                space_id: b.space_id,
+                path: b.path.as_deref().map(parse_path).transpose()?,
+            })
+        }
+        "ping" => Ok(ClientFrame::Ping),
+        other => Err(FrameError::new(
+            "unknown-type",
+            format!("unknown frame type {other:?}"),
+        )),
+    }
+}
+
+fn parse_path(raw: &str) -> Result<SpacePath, FrameError> {
+    SpacePath::parse(raw).map_err(|e| FrameError::new("invalid-path", format!("path {raw:?}: {e}")))
+}
+
+pub fn ready_frame(user: &str) -> String {
+    json!({"type": "ready", "user": user}).to_string()
+}
+
+pub fn error_frame(code: &str, message: &str) -> String {
+    json!({"type": "error", "code": code, "message": message}).to_string()
+}
+
+pub const PONG_FRAME: &str = r#"{"type":"pong"}"#;
+
+/// The routing facts of a delivered message, read once per delivery from its payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Route {
+    pub message_type: String,
+    pub space_id: String,
+    /// `item.path`, `item.old_path` and every `items[].path` / `old_path`.
+    pub paths: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct WireItem {
+    path: Option<String>,
+    old_path: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireRoute {
+    #[serde(rename = "type", default)]
+    message_type: String,
+    #[serde(default)]
+    space_id: String,
+    item: Option<WireItem>,
+    items: Option<Vec<WireItem>>,
+}
+
+impl Route {
+    pub fn of_payload(payload: &[u8]) -> Route {
+        let Ok(wire) = serde_json::from_slice::<WireRoute>(payload) else {
+            return Route::default();
+        };
+        let mut paths = Vec::new();
+        for item in wire.item.into_iter().chain(wire.items.into_iter().flatten()) {
+            paths.extend(item.path);
+            paths.extend(item.old_path);
+        }
+        Route {
+            message_type: wire.message_type,
+            space_id: wire.space_id,
+            paths,
+        }
+    }
+
+    pub fn is_resync(&self) -> bool {
+        self.message_type == "resync"
+    }
+
+    /// Messages that reach every connection of a user, whatever it watches.
+    pub fn ignores_watches(&self) -> bool {
+        self.paths.is_empty()
+    }
+}
+
+/// `{"type":"event","id":…,"data":…}` (or `resync`, with its `space_id` lifted to the top) built
+/// around the payload bytes without re-encoding them.
+pub fn server_frame(id: &str, route: &Route, payload: &[u8]) -> String {
+    let payload = std::str::from_utf8(payload).unwrap_or("null");
+    let id = serde_json::to_string(id).unwrap_or_default();
+    if route.is_resync() {
+        let space = serde_json::to_string(&route.space_id).unwrap_or_default();
+        format!(r#"{{"type":"resync","id":{id},"space_id":{space},"data":{payload}}}"#)
+    } else {
+        format!(r#"{{"type":"event","id":{id},"data":{payload}}}"#)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_client_frames() {
+        assert_eq!(
+            parse_client_frame(r#"{"type":"auth","token":"t"}"#),
+            Ok(ClientFrame::Auth { token: "t".into() })
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"watch","space_id":"s","path":"/a/"}"#),
+            Ok(ClientFrame::Watch {
+                space_id: "s".into(),
+                path: SpacePath::parse("/a").unwrap()
+            })
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"unwatch"}"#),
+            Ok(ClientFrame::Unwatch {
+                space_id: None,
+                path: None
+            })
+        );
+        assert_eq!(parse_client_frame(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping));
+    }
+
+    #[test]
+    fn refuses_with_codes() {
+        let code = |t: &str| parse_client_frame(t).unwrap_err().code;
+        assert_eq!(code("nope"), "bad-frame");
+        assert_eq!(code(r#"{"no":"type"}"#), "bad-frame");
+        assert_eq!(code(r#"{"type":"dance"}"#), "unknown-type");
+        assert_eq!(code(r#"{"type":"watch","space_id":"s"}"#), "bad-frame");
+        assert_eq!(code(r#"{"type":"watch","space_id":"s","path":"a/../b"}"#), "invalid-path");
+        assert_eq!(code(r#"{"type":"auth"}"#), "bad-frame");
+        assert_eq!(code(r#"{"type":"unwatch","path":"/a"}"#), "bad-frame");
+        assert_eq!(code(r#"{"type":5}"#), "bad-frame");
+    }
+
+    #[test]
+    fn routes_and_frames() {
+        let payload = br#"{"event_id":"e","type":"item-moved","space_id":"s","item":{"path":"/b","old_path":"/a"}}"#;
+        let r = Route::of_payload(payload);
+        assert_eq!(r.paths, ["/b", "/a"]);
+        let frame: serde_json::Value = serde_json::from_str(&server_frame("7", &r, payload)).unwrap();
+        assert_eq!(frame["type"], "event");
+        assert_eq!(frame["id"], "7");
+        assert_eq!(frame["data"]["event_id"], "e");
+
+        let resync = br#"{"type":"resync","space_id":"s","time":"t","reason":"backlog"}"#;
+        let r = Route::of_payload(resync);
+        assert!(r.ignores_watches());
+        let frame: serde_json::Value = serde_json::from_str(&server_frame("8", &r, resync)).unwrap();
+        assert_eq!(frame["type"], "resync");
+        assert_eq!(frame["space_id"], "s");
+    }
+}

@@ -1,0 +1,235 @@
+//! Per-connection state shared by WebSocket and SSE: the bounded send queue and the watch filter.
+//!
+//! The queue is a `VecDeque` behind a mutex with a `Notify` rather than a tokio channel: an empty
+//! `VecDeque` allocates nothing, while a channel allocates its first block up front, and most
+//! connections are idle most of the time. It is bounded: when a client stops reading and the
+//! queue fills, the session is evicted (its queue is dropped and the connection closed), so a
+//! slow client costs at most `capacity` frames of memory.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use super::protocol::{FrameError, Route};
+use crate::path::{SpacePath, is_within};
+
+/// One delivered message, shared by every connection of its user.
+#[derive(Debug)]
+pub struct Frame {
+    pub id: Arc<str>,
+    pub route: Route,
+    pub payload: Bytes,
+    /// The WebSocket text frame, built once.
+    pub ws_text: Utf8Bytes,
+}
+
+/// What became of a pushed frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// The queue was full: this push evicted the session.
+    Evicted,
+    /// The session was evicted earlier.
+    Gone,
+}
+
+pub struct SessionQueue {
+    state: Mutex<QueueState>,
+    notify: Notify,
+    capacity: usize,
+}
+
+struct QueueState {
+    frames: VecDeque<Arc<Frame>>,
+    evicted: bool,
+}
+
+impl SessionQueue {
+    pub fn new(capacity: usize) -> Self {
+        SessionQueue {
+            state: Mutex::new(QueueState {
+                frames: VecDeque::new(),
+                evicted: false,
+            }),
+            notify: Notify::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Queues `frame`, or evicts the session if its queue is full.
+    pub fn push(&self, frame: Arc<Frame>) -> Push {
+        let Ok(mut state) = self.state.lock() else {
+            return Push::Gone;
+        };
+        if state.evicted {
+            return Push::Gone;
+        }
+        if state.frames.len() >= self.capacity {
+            state.evicted = true;
+            state.frames = VecDeque::new();
+            drop(state);
+            self.notify.notify_one();
+            return Push::Evicted;
+        }
+        state.frames.push_back(frame);
+        drop(state);
+        self.notify.notify_one();
+        Push::Queued
+    }
+
+    /// Waits for frames and moves all queued ones into `out`; false once evicted.
+    pub async fn next_batch(&self, out: &mut Vec<Arc<Frame>>) -> bool {
+        loop {
+            {
+                let Ok(mut state) = self.state.lock() else {
+                    return false;
+                };
+                if state.evicted {
+                    return false;
+                }
+                if !state.frames.is_empty() {
+                    out.extend(state.frames.drain(..));
+                    if state.frames.capacity() > 64 {
+                        // Give back what a burst grew, so an idle session stays small.
+                        state.frames.shrink_to(0);
+                    }
+                    return true;
+                }
+            }
+            // Notify keeps a permit if `push` ran between the check and here: no lost wake-up.
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// Upper bound on watches per connection (each one is checked for every message).
+pub const MAX_WATCHES: usize = 64;
+
+/// The folders a connection is looking at; empty means "everything I may see".
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Watches {
+    entries: Vec<(Box<str>, SpacePath)>,
+}
+
+impl Watches {
+    pub fn add(&mut self, space_id: &str, path: SpacePath) -> Result<(), FrameError> {
+        if self.entries.iter().any(|(s, p)| &**s == space_id && *p == path) {
+            return Ok(());
+        }
+        if self.entries.len() >= MAX_WATCHES {
+            return Err(FrameError::new(
+                "too-many-watches",
+                format!("at most {MAX_WATCHES} watches per connection"),
+            ));
+        }
+        self.entries.push((space_id.into(), path));
+        Ok(())
+    }
+
+    pub fn remove(&mut self, space_id: Option<&str>, path: Option<&SpacePath>) {
+        self.entries.retain(|(s, p)| {
+            let space_matches = space_id.is_none_or(|id| &**s == id);
+            let path_matches = path.is_none_or(|want| p == want);
+            !(space_matches && path_matches)
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether a message with this route reaches a connection with these watches: all do when
+    /// nothing is watched; membership and resync messages always do; an item change does when
+    /// its path or old path is a watched folder or lies below one in the same space.
+    pub fn allows(&self, route: &Route) -> bool {
+        if self.entries.is_empty() || route.ignores_watches() {
+            return true;
+        }
+        self.entries.iter().any(|(space, folder)| {
+            **space == *route.space_id
+                && route.paths.iter().any(|p| is_within(p, folder.as_str()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(id: &str) -> Arc<Frame> {
+        Arc::new(Frame {
+            id: Arc::from(id),
+            route: Route::default(),
+            payload: Bytes::new(),
+            ws_text: Utf8Bytes::from_static("{}"),
+        })
+    }
+
+    #[tokio::test]
+    async fn queue_batches_and_evicts_when_full() {
+        let q = SessionQueue::new(3);
+        assert_eq!(q.push(frame("1")), Push::Queued);
+        assert_eq!(q.push(frame("2")), Push::Queued);
+        let mut out = Vec::new();
+        assert!(q.next_batch(&mut out).await);
+        assert_eq!(out.len(), 2);
+        for i in 0..3 {
+            assert_eq!(q.push(frame(&i.to_string())), Push::Queued);
+        }
+        assert_eq!(q.push(frame("overflow")), Push::Evicted, "the fourth frame evicts");
+        assert_eq!(q.push(frame("later")), Push::Gone);
+        out.clear();
+        assert!(!q.next_batch(&mut out).await);
+        assert!(out.is_empty(), "an evicted queue holds nothing");
+    }
+
+    #[tokio::test]
+    async fn queue_wakes_a_waiting_reader() {
+        let q = Arc::new(SessionQueue::new(8));
+        let reader = {
+            let q = q.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                q.next_batch(&mut out).await;
+                out.len()
+            })
+        };
+        tokio::task::yield_now().await;
+        q.push(frame("1"));
+        assert_eq!(reader.await.unwrap(), 1);
+    }
+
+    fn route(space: &str, paths: &[&str]) -> Route {
+        Route {
+            message_type: "file-uploaded".into(),
+            space_id: space.into(),
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn watch_filter() {
+        let mut w = Watches::default();
+        assert!(w.allows(&route("s", &["/x"])), "no watch: everything");
+        w.add("s", SpacePath::parse("/f1/f2").unwrap()).unwrap();
+        assert!(w.allows(&route("s", &["/f1/f2"])));
+        assert!(w.allows(&route("s", &["/f1/f2/f3/f4/r.pdf"])));
+        assert!(!w.allows(&route("s", &["/f1/f2x/r.pdf"])));
+        assert!(!w.allows(&route("s", &["/f1"])));
+        assert!(!w.allows(&route("other", &["/f1/f2/r.pdf"])));
+        assert!(w.allows(&route("s", &["/elsewhere", "/f1/f2/moved-out"])), "old_path counts");
+        assert!(w.allows(&route("other", &[])), "membership and resync always pass");
+        w.remove(Some("s"), None);
+        assert!(w.is_empty());
+        for i in 0..MAX_WATCHES {
+            w.add("s", SpacePath::parse(&format!("/{i}")).unwrap()).unwrap();
+        }
+        assert_eq!(
+            w.add("s", SpacePath::parse("/more").unwrap()).unwrap_err().code,
+            "too-many-watches"
+        );
+    }
+}

@@ -1,0 +1,212 @@
+//! `GET /ws`: the WebSocket transport.
+//!
+//! One task per connection, socket not split: it selects over the client's frames, the session
+//! queue and the token's expiry. Queued frames are written without flushing and flushed once per
+//! batch, which is what makes bursts cheap. A write that cannot complete within the write
+//! timeout ends the connection, like a full queue does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use futures_util::SinkExt;
+use serde::Deserialize;
+use tokio::time::{Instant, sleep_until};
+
+use super::AppState;
+use super::auth::{AuthError, Identity, bearer};
+use super::protocol::{ClientFrame, FrameError, PONG_FRAME, error_frame, parse_client_frame, ready_frame};
+use super::session::Watches;
+
+/// Close codes: 1008 policy violation (auth), 1011 server error, 1013 try again later (evicted).
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_ERROR: u16 = 1011;
+const CLOSE_TRY_LATER: u16 = 1013;
+
+#[derive(Deserialize)]
+pub struct WsQuery {
+    ticket: Option<String>,
+}
+
+pub async fn handler(
+    ws: WebSocketUpgrade,
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<WsQuery>,
+) -> Response {
+    let pre_auth = super::credentials(&state, &headers, query.ticket.as_deref());
+    let cfg = &state.config;
+    ws.read_buffer_size(cfg.ws_read_buffer)
+        .write_buffer_size(cfg.ws_write_buffer)
+        .max_write_buffer_size(cfg.ws_max_write_buffer)
+        .max_message_size(cfg.max_client_frame)
+        .max_frame_size(cfg.max_client_frame)
+        .on_upgrade(move |socket| session(socket, state, pre_auth))
+}
+
+async fn session(mut socket: WebSocket, state: Arc<AppState>, pre_auth: Option<Result<Identity, AuthError>>) {
+    let identity = match pre_auth {
+        Some(Ok(identity)) => identity,
+        Some(Err(e)) => {
+            state.hub.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            close_with(&mut socket, e.code(), &e.to_string(), CLOSE_POLICY).await;
+            return;
+        }
+        None => match await_auth_frame(&mut socket, &state).await {
+            Some(identity) => identity,
+            None => return,
+        },
+    };
+    let registration = match state.hub.register(identity.user.clone()).await {
+        Ok(r) => r,
+        Err(e) => {
+            close_with(&mut socket, "unavailable", &e.to_string(), CLOSE_ERROR).await;
+            return;
+        }
+    };
+    if send_text(&mut socket, ready_frame(&identity.user)).await.is_err() {
+        return;
+    }
+
+    let write_timeout = state.config.write_timeout;
+    let mut identity = identity;
+    let mut expiry = identity.remaining().map(|d| Instant::now() + d);
+    let mut watches = Watches::default();
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            incoming = socket.recv() => {
+                let text = match incoming {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Binary(_))) => {
+                        let err = FrameError::new("bad-frame", "frames must be JSON text");
+                        if send_text(&mut socket, err.to_frame()).await.is_err() { break }
+                        continue;
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => continue, // ping/pong: answered by the library
+                };
+                let reply = match parse_client_frame(&text) {
+                    Ok(ClientFrame::Ping) => Some(PONG_FRAME.to_owned()),
+                    Ok(ClientFrame::Watch { space_id, path }) => {
+                        watches.add(&space_id, path).err().map(|e| e.to_frame())
+                    }
+                    Ok(ClientFrame::Unwatch { space_id, path }) => {
+                        watches.remove(space_id.as_deref(), path.as_ref());
+                        None
+                    }
+                    Ok(ClientFrame::Auth { token }) => match state.auth.verify(&token) {
+                        // A fresh token for the same user extends the connection's life.
+                        Ok(fresh) if fresh.user == identity.user => {
+                            expiry = fresh.remaining().map(|d| Instant::now() + d);
+                            identity = fresh;
+                            None
+                        }
+                        Ok(_) => Some(error_frame("user-mismatch", "a connection cannot change its user")),
+                        Err(e) => Some(error_frame(e.code(), &e.to_string())),
+                    },
+                    Err(e) => Some(e.to_frame()),
+                };
+                if let Some(reply) = reply
+                    && send_text(&mut socket, reply).await.is_err()
+                {
+                    break;
+                }
+            }
+            alive = registration.queue.next_batch(&mut batch) => {
+                if !alive {
+                    tracing::info!(user = %identity.user, "slow client evicted");
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        close_with(&mut socket, "slow-consumer", "the client did not read fast enough", CLOSE_TRY_LATER),
+                    ).await;
+                    break;
+                }
+                let write = async {
+                    for frame in batch.drain(..) {
+                        if watches.allows(&frame.route) {
+                            socket.feed(Message::Text(frame.ws_text.clone())).await?;
+                        }
+                    }
+                    socket.flush().await
+                };
+                match tokio::time::timeout(write_timeout, write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) | Err(_) => break,
+                }
+            }
+            _ = sleep_until(expiry.unwrap_or_else(far_future)), if expiry.is_some() => {
+                close_with(&mut socket, "token-expired", "the token expired; reconnect with a fresh one", CLOSE_POLICY).await;
+                break;
+            }
+        }
+    }
+    batch.clear();
+    drop(registration);
+}
+
+/// Waits for the first frame to be `auth`; other frames get an error and the wait goes on.
+async fn await_auth_frame(socket: &mut WebSocket, state: &AppState) -> Option<Identity> {
+    let deadline = sleep_until(Instant::now() + state.config.auth_timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => {
+                close_with(socket, "auth-timeout", "no auth frame in time", CLOSE_POLICY).await;
+                return None;
+            }
+            incoming = socket.recv() => {
+                let text = match incoming {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+                    Some(Ok(_)) => continue,
+                };
+                let reply = match parse_client_frame(&text) {
+                    Ok(ClientFrame::Auth { token }) => match state.auth.verify(&token) {
+                        Ok(identity) => return Some(identity),
+                        Err(e) => {
+                            state.hub.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            close_with(socket, e.code(), &e.to_string(), CLOSE_POLICY).await;
+                            return None;
+                        }
+                    },
+                    Ok(ClientFrame::Ping) => PONG_FRAME.to_owned(),
+                    Ok(_) => error_frame("unauthenticated", "send an auth frame first"),
+                    Err(e) => e.to_frame(),
+                };
+                if send_text(socket, reply).await.is_err() {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+async fn send_text(socket: &mut WebSocket, text: String) -> Result<(), axum::Error> {
+    socket.send(Message::Text(Utf8Bytes::from(text))).await
+}
+
+async fn close_with(socket: &mut WebSocket, code: &str, message: &str, close_code: u16) {
+    let _ = send_text(socket, error_frame(code, message)).await;
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: close_code,
+            reason: Utf8Bytes::from(code.to_owned()),
+        })))
+        .await;
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86400 * 365)
+}
+
+/// Reads a bearer token from request headers.
+pub fn header_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+}

@@ -1,0 +1,28 @@
+//! foldercast: storage events in, live per-user folder updates out.
+//!
+//! # Layout
+//! The modules follow the data, one stage or one external system each:
+//!
+//! - [`source`]: where raw events come from (fixture JSONL here; Kafka later), with positions.
+//! - [`event`] and [`path`]: the input contract, decoded and validated once.
+//! - [`membership`]: who may see a space (resolver seam; fixture file here; oCIS later).
+//! - [`notify`]: dedup, recipients, ancestor folder deltas, the per-user message, and the
+//!   throttle that rate-limits and coalesces per user.
+//! - [`bus`]: hands per-user messages from the pipeline to gateways (in-process here; Redis later).
+//! - [`consumer`]: the driver that runs source → notify → throttle → bus.
+//! - [`gateway`]: WebSocket and SSE delivery to authenticated users; never imports the pipeline.
+//! - [`demo`]: the embedded default's demo page and its simulated folder tree.
+//! - [`config`] and [`commands`]: the command line, one file per subcommand.
+
+pub mod bus;
+pub mod commands;
+pub mod config;
+pub mod consumer;
+pub mod demo;
+pub mod event;
+pub mod gateway;
+pub mod membership;
+pub mod notify;
+pub mod path;
+pub mod source;
+pub mod telemetry;

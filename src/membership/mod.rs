@@ -1,0 +1,81 @@
+//! Who may see a space: roles, the resolver seam, and its implementations.
+//!
+//! The pipeline asks one question per event, "who may list this space?", and tells the resolver
+//! about membership events so later answers reflect them. Everything behind that question
+//! (a fixture file here, the oCIS LibreGraph API later) stays behind [`MembershipResolver`].
+
+mod fixture;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::event::MembershipChange;
+
+pub use fixture::{Directory, FixtureResolver, GrantEntry, GroupEntry, LoadError, SpaceEntry, UserEntry};
+
+/// A space role, ordered by what it may do: `Uploader < Viewer < Editor < Manager`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// File drop: may upload, may not list, so it must never learn names.
+    Uploader,
+    Viewer,
+    Editor,
+    Manager,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "uploader" => Some(Role::Uploader),
+            "viewer" => Some(Role::Viewer),
+            "editor" => Some(Role::Editor),
+            "manager" => Some(Role::Manager),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Uploader => "uploader",
+            Role::Viewer => "viewer",
+            Role::Editor => "editor",
+            Role::Manager => "manager",
+        }
+    }
+
+    /// Only roles that may list a folder receive notifications about it.
+    pub fn can_list(self) -> bool {
+        self >= Role::Viewer
+    }
+}
+
+/// A sorted, de-duplicated list of user ids, cheap to clone and share across events.
+pub type UserList = Arc<[Arc<str>]>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// The space does not exist (any more): its events are rejected.
+    #[error("unknown space {0:?}")]
+    UnknownSpace(String),
+    /// The directory cannot answer now; the event must wait, not be dropped.
+    #[error("membership unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The membership seam.
+#[async_trait]
+pub trait MembershipResolver: Send + Sync {
+    /// Users whose role in `space_id` lets them list it (groups expanded), sorted, each once.
+    async fn listers(&self, space_id: &str) -> Result<UserList, ResolveError>;
+
+    /// Applies a `space-member-added` (`added = true`) or `-removed` event and returns the users
+    /// it affects (a group expanded to its members), sorted, each once.
+    async fn apply(
+        &self,
+        space_id: &str,
+        change: &MembershipChange,
+        added: bool,
+    ) -> Result<UserList, ResolveError>;
+}

@@ -1,0 +1,447 @@
+//! Per-user rate limiting that never loses a change.
+//!
+//! Each user has a token bucket (governor). A message the bucket allows goes out at once; one it
+//! refuses is folded into the user's pending change for that space: folder deltas are summed per
+//! folder, the latest change of each path is kept, and every covered event id is listed. The
+//! pending change is flushed as one `coalesced` message when the bucket allows. A user whose
+//! pending backlog grows past `max_backlog` events gets one `resync` per space instead: their
+//! client refetches rather than replaying a flood.
+//!
+//! Membership messages are never held back: they first flush that space's pending change (so
+//! order is kept, and a removed user's last message really is the last), then go out.
+//!
+//! The clock is a parameter so a replay can follow event time and stay deterministic.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::{Clock, Reference};
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use indexmap::IndexMap;
+
+use super::ancestors::FolderDelta;
+use super::message::{COALESCED, ItemUpdate, Prepared, UserMessage};
+use crate::bus::Outgoing;
+
+/// Rate-limit settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ThrottleConfig {
+    /// Messages per second per user.
+    pub rate: f64,
+    pub burst: u32,
+    /// Pending events per user beyond which the user gets `resync` instead.
+    pub max_backlog: usize,
+}
+
+type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+pub struct Throttle<C: Clock> {
+    quota: Quota,
+    clock: C,
+    max_backlog: usize,
+    /// How long an idle bucket takes to refill; a user idle that long can be forgotten.
+    refill: Duration,
+    users: HashMap<Arc<str>, UserState<C>>,
+}
+
+struct UserState<C: Clock> {
+    limiter: Limiter<C>,
+    /// Per space, oldest first.
+    pending: IndexMap<Arc<str>, Pending>,
+    /// Events held in `pending` (coalescing ones; a resync holds none).
+    backlog: usize,
+    last_used: C::Instant,
+}
+
+enum Pending {
+    Coalescing(Coalesced),
+    Resync { time: Arc<str>, skipped: u64 },
+}
+
+struct Coalesced {
+    event_ids: Vec<String>,
+    actor: Option<String>,
+    mixed_actors: bool,
+    time: Arc<str>,
+    items: IndexMap<String, ItemUpdate>,
+    folders: IndexMap<Arc<str>, (i64, Arc<str>)>,
+    /// The original message while only one is held: flushed as-is, not as `coalesced`.
+    single: Option<Prepared>,
+}
+
+impl<C: Clock + Clone> Throttle<C> {
+    /// `None` when `rate` is 0 (limiting off).
+    pub fn new(config: ThrottleConfig, clock: C) -> Option<Self> {
+        if !(config.rate > 0.0 && config.rate.is_finite()) {
+            return None;
+        }
+        let period = Duration::from_secs_f64(1.0 / config.rate);
+        let burst = NonZeroU32::new(config.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::with_period(period)?.allow_burst(burst);
+        Some(Throttle {
+            quota,
+            clock,
+            max_backlog: config.max_backlog.max(1),
+            refill: period.saturating_mul(burst.get()),
+            users: HashMap::new(),
+        })
+    }
+
+    /// Offers `msg` for `user`; whatever may go out now is appended to `out`.
+    pub fn admit(&mut self, user: &Arc<str>, msg: &Prepared, out: &mut Vec<Outgoing>) {
+        let now = self.clock.now();
+        let state = self.users.entry(user.clone()).or_insert_with(|| UserState {
+            limiter: RateLimiter::direct_with_clock(self.quota, self.clock.clone()),
+            pending: IndexMap::new(),
+            backlog: 0,
+            last_used: now,
+        });
+        state.last_used = now;
+        let space = &msg.message.space_id;
+
+        if msg.message.is_membership() {
+            if let Some(pending) = state.pending.shift_remove(space) {
+                state.emit(user, space, pending, out);
+            }
+            out.push(Outgoing::new(user.clone(), msg.payload.clone()));
+            return;
+        }
+        if state.pending.is_empty() && state.limiter.check().is_ok() {
+            out.push(Outgoing::new(user.clone(), msg.payload.clone()));
+            return;
+        }
+        state.hold(space, msg, self.max_backlog);
+        state.flush_allowed(user, out);
+    }
+
+    /// Flushes every pending change the buckets now allow, and forgets idle users.
+    pub fn flush_ready(&mut self, out: &mut Vec<Outgoing>) {
+        let now = self.clock.now();
+        let refill = self.refill;
+        self.users.retain(|user, state| {
+            state.flush_allowed(user, out);
+            let idle = Duration::from(now.duration_since(state.last_used));
+            !(state.pending.is_empty() && idle >= refill)
+        });
+    }
+
+    /// Flushes everything regardless of the buckets (end of a replay).
+    pub fn flush_all(&mut self, out: &mut Vec<Outgoing>) {
+        let mut users: Vec<_> = self.users.drain().collect();
+        users.sort_by(|a, b| a.0.cmp(&b.0));
+        for (user, mut state) in users {
+            while let Some((space, pending)) = state.pending.shift_remove_index(0) {
+                state.emit(&user, &space, pending, out);
+            }
+        }
+    }
+
+    /// Users with held changes.
+    pub fn pending_users(&self) -> usize {
+        self.users.values().filter(|s| !s.pending.is_empty()).count()
+    }
+}
+
+impl<C: Clock> UserState<C> {
+    fn hold(&mut self, space: &Arc<str>, msg: &Prepared, max_backlog: usize) {
+        let m = &msg.message;
+        match self.pending.get_mut(space) {
+            Some(Pending::Resync { time, skipped }) => {
+                *time = m.time.clone();
+                *skipped += 1;
+                return;
+            }
+            Some(Pending::Coalescing(c)) => c.absorb(msg),
+            None => {
+                self.pending
+                    .insert(space.clone(), Pending::Coalescing(Coalesced::start(msg)));
+            }
+        }
+        self.backlog += 1;
+        if self.backlog > max_backlog {
+            // Too far behind: a refetch is cheaper for everyone than the backlog.
+            for pending in self.pending.values_mut() {
+                if let Pending::Coalescing(c) = pending {
+                    *pending = Pending::Resync {
+                        time: c.time.clone(),
+                        skipped: c.event_ids.len() as u64,
+                    };
+                }
+            }
+            self.backlog = 0;
+        }
+    }
+
+    fn flush_allowed(&mut self, user: &Arc<str>, out: &mut Vec<Outgoing>) {
+        while !self.pending.is_empty() && self.limiter.check().is_ok() {
+            if let Some((space, pending)) = self.pending.shift_remove_index(0) {
+                self.emit(user, &space, pending, out);
+            }
+        }
+    }
+
+    fn emit(&mut self, user: &Arc<str>, space: &Arc<str>, pending: Pending, out: &mut Vec<Outgoing>) {
+        let payload = match pending {
+            Pending::Resync { time, skipped } => {
+                super::message::encode(&UserMessage::resync(space.clone(), time, skipped))
+            }
+            Pending::Coalescing(c) => {
+                self.backlog = self.backlog.saturating_sub(c.event_ids.len());
+                match c.single {
+                    Some(original) => original.payload,
+                    None => super::message::encode(&c.into_message(space.clone())),
+                }
+            }
+        };
+        out.push(Outgoing::new(user.clone(), payload));
+    }
+}
+
+impl Coalesced {
+    fn start(msg: &Prepared) -> Self {
+        let mut c = Coalesced {
+            event_ids: Vec::new(),
+            actor: msg.message.actor.clone(),
+            mixed_actors: false,
+            time: msg.message.time.clone(),
+            items: IndexMap::new(),
+            folders: IndexMap::new(),
+            single: None,
+        };
+        c.absorb(msg);
+        c.single = Some(msg.clone());
+        c
+    }
+
+    fn absorb(&mut self, msg: &Prepared) {
+        let m = &msg.message;
+        self.single = None;
+        if let Some(ids) = &m.event_ids {
+            self.event_ids.extend(ids.iter().cloned());
+        } else if let Some(id) = &m.event_id {
+            self.event_ids.push(id.clone());
+        }
+        if self.actor != m.actor {
+            self.mixed_actors = true;
+        }
+        self.time = m.time.clone();
+        if let (Some(item), Some(id)) = (&m.item, &m.event_id) {
+            // Latest change per path, in the order paths last changed.
+            let key = item.path.as_str().to_owned();
+            self.items.shift_remove(&key);
+            self.items.insert(
+                key,
+                ItemUpdate {
+                    change: m.message_type,
+                    event_id: id.clone(),
+                    item: item.clone(),
+                },
+            );
+        }
+        for FolderDelta {
+            path,
+            size_delta,
+            mtime,
+        } in m.folders.iter().flatten()
+        {
+            let slot = self
+                .folders
+                .entry(path.clone())
+                .or_insert((0, mtime.clone()));
+            slot.0 += size_delta;
+            slot.1 = mtime.clone();
+        }
+    }
+
+    fn into_message(self, space_id: Arc<str>) -> UserMessage {
+        UserMessage {
+            event_id: self.event_ids.last().cloned(),
+            message_type: COALESCED,
+            space_id,
+            actor: if self.mixed_actors { None } else { self.actor },
+            time: self.time,
+            item: None,
+            folders: Some(
+                self.folders
+                    .into_iter()
+                    .map(|(path, (size_delta, mtime))| FolderDelta {
+                        path,
+                        size_delta,
+                        mtime,
+                    })
+                    .collect(),
+            ),
+            member: None,
+            event_ids: Some(self.event_ids),
+            items: Some(self.items.into_values().collect()),
+            reason: None,
+            skipped: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::decode;
+    use governor::clock::FakeRelativeClock;
+    use serde_json::Value;
+
+    fn upload(id: &str, space: &str, path: &str, size: u64) -> Prepared {
+        let json = format!(
+            r#"{{"id":"{id}","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{{"space_id":"{space}","path":"{path}","kind":"file","size":{size},"actor":"alice"}}}}"#
+        );
+        Prepared::new(UserMessage::from_event(&decode(json.as_bytes()).unwrap()))
+    }
+
+    fn parse(out: &[Outgoing]) -> Vec<Value> {
+        out.iter()
+            .map(|o| serde_json::from_slice(&o.payload).unwrap())
+            .collect()
+    }
+
+    fn throttle(rate: f64, burst: u32, backlog: usize) -> (Throttle<FakeRelativeClock>, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        let t = Throttle::new(
+            ThrottleConfig {
+                rate,
+                burst,
+                max_backlog: backlog,
+            },
+            clock.clone(),
+        )
+        .unwrap();
+        (t, clock)
+    }
+
+    #[test]
+    fn rate_zero_disables() {
+        let cfg = ThrottleConfig {
+            rate: 0.0,
+            burst: 1,
+            max_backlog: 1,
+        };
+        assert!(Throttle::new(cfg, FakeRelativeClock::default()).is_none());
+    }
+
+    #[test]
+    fn over_limit_is_coalesced_not_lost() {
+        let (mut t, clock) = throttle(1.0, 1, 100);
+        let bob: Arc<str> = Arc::from("bob");
+        let mut out = Vec::new();
+        t.admit(&bob, &upload("e1", "s", "/a/one.txt", 10), &mut out);
+        t.admit(&bob, &upload("e2", "s", "/a/b/two.txt", 20), &mut out);
+        t.admit(&bob, &upload("e3", "s", "/a/b/two.txt", 30), &mut out);
+        assert_eq!(out.len(), 1, "only the burst goes out at once");
+        assert_eq!(parse(&out)[0]["event_id"], "e1");
+        t.flush_ready(&mut out);
+        assert_eq!(out.len(), 1, "the bucket is still empty");
+        assert_eq!(t.pending_users(), 1);
+
+        clock.advance(Duration::from_secs(1));
+        t.flush_ready(&mut out);
+        let msgs = parse(&out);
+        assert_eq!(msgs.len(), 2);
+        let c = &msgs[1];
+        assert_eq!(c["type"], "coalesced");
+        assert_eq!(c["event_ids"], serde_json::json!(["e2", "e3"]));
+        assert_eq!(c["event_id"], "e3");
+        assert_eq!(c["items"].as_array().unwrap().len(), 1, "latest item per path");
+        assert_eq!(c["items"][0]["size"], 30);
+        assert_eq!(c["items"][0]["event_id"], "e3");
+        let folders: Vec<(String, i64)> = c["folders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (f["path"].as_str().unwrap().to_owned(), f["size_delta"].as_i64().unwrap()))
+            .collect();
+        assert_eq!(
+            folders,
+            [("/a/b".into(), 50), ("/a".into(), 50), ("/".into(), 50)],
+            "deltas summed per folder"
+        );
+        assert_eq!(t.pending_users(), 0);
+    }
+
+    #[test]
+    fn single_held_message_is_flushed_unchanged() {
+        let (mut t, clock) = throttle(1.0, 1, 100);
+        let bob: Arc<str> = Arc::from("bob");
+        let mut out = Vec::new();
+        t.admit(&bob, &upload("e1", "s", "/x", 1), &mut out);
+        let held = upload("e2", "s", "/y", 2);
+        t.admit(&bob, &held, &mut out);
+        clock.advance(Duration::from_secs(1));
+        t.flush_ready(&mut out);
+        assert_eq!(out[1].payload, held.payload);
+    }
+
+    #[test]
+    fn backlog_turns_into_one_resync_per_space() {
+        let (mut t, clock) = throttle(1.0, 1, 5);
+        let bob: Arc<str> = Arc::from("bob");
+        let mut out = Vec::new();
+        for i in 0..50 {
+            t.admit(&bob, &upload(&format!("e{i}"), "s1", "/f", i), &mut out);
+        }
+        t.admit(&bob, &upload("x", "s2", "/g", 1), &mut out);
+        for _ in 0..2 {
+            clock.advance(Duration::from_secs(1));
+            t.flush_ready(&mut out);
+        }
+        let msgs = parse(&out);
+        assert_eq!(msgs.len(), 3, "{msgs:?}");
+        assert_eq!(msgs[0]["event_id"], "e0");
+        assert_eq!(msgs[1]["type"], "resync");
+        assert_eq!(msgs[1]["space_id"], "s1");
+        assert_eq!(msgs[1]["skipped"], 49);
+        assert_eq!(msgs[2]["event_id"], "x", "a later space starts a fresh backlog");
+    }
+
+    #[test]
+    fn membership_flushes_pending_of_its_space_first() {
+        let (mut t, _clock) = throttle(1.0, 1, 100);
+        let bob: Arc<str> = Arc::from("bob");
+        let mut out = Vec::new();
+        t.admit(&bob, &upload("e1", "s", "/x", 1), &mut out);
+        t.admit(&bob, &upload("e2", "s", "/y", 1), &mut out);
+        let removed = decode(br#"{"id":"m","type":"space-member-removed","time":"2026-11-22T10:00:01Z","data":{"space_id":"s","user":"bob"}}"#).unwrap();
+        t.admit(&bob, &Prepared::new(UserMessage::from_event(&removed)), &mut out);
+        let ids: Vec<Value> = parse(&out).iter().map(|m| m["event_id"].clone()).collect();
+        assert_eq!(ids, ["e1", "e2", "m"]);
+    }
+
+    #[test]
+    fn users_are_limited_independently() {
+        let (mut t, _clock) = throttle(1.0, 2, 100);
+        let mut out = Vec::new();
+        for user in ["a", "b", "c"] {
+            let u: Arc<str> = Arc::from(user);
+            t.admit(&u, &upload("e1", "s", "/x", 1), &mut out);
+            t.admit(&u, &upload("e2", "s", "/x", 1), &mut out);
+            t.admit(&u, &upload("e3", "s", "/x", 1), &mut out);
+        }
+        assert_eq!(out.len(), 6);
+        let mut rest = Vec::new();
+        t.flush_all(&mut rest);
+        assert_eq!(rest.len(), 3);
+    }
+
+    #[test]
+    fn idle_users_are_forgotten() {
+        let (mut t, clock) = throttle(10.0, 5, 100);
+        let mut out = Vec::new();
+        for i in 0..100 {
+            let u: Arc<str> = Arc::from(format!("u{i}"));
+            t.admit(&u, &upload("e", "s", "/x", 1), &mut out);
+        }
+        assert_eq!(t.users.len(), 100);
+        clock.advance(Duration::from_secs(1));
+        t.flush_ready(&mut out);
+        assert!(t.users.is_empty());
+    }
+}

@@ -1,0 +1,49 @@
+//! Logging setup and the counters the commands report.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use tracing_subscriber::EnvFilter;
+
+/// Logs to stderr; `filter` is a tracing directive such as `info` or `foldercast=debug`.
+pub fn init_logging(filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    // A second init (tests) is harmless: keep the first subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Pipeline counters, shared by the stages of one process.
+#[derive(Default)]
+pub struct PipelineStats {
+    pub events: AtomicU64,
+    pub delivered_events: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub messages: AtomicU64,
+    pub rejected: AtomicU64,
+    rejected_by_code: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl PipelineStats {
+    pub fn count_rejection(&self, code: &'static str) {
+        self.rejected.fetch_add(1, Relaxed);
+        if let Ok(mut map) = self.rejected_by_code.lock() {
+            *map.entry(code).or_default() += 1;
+        }
+    }
+
+    pub fn rejections(&self) -> BTreeMap<&'static str, u64> {
+        self.rejected_by_code
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Relaxed)
+    }
+}
