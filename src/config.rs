@@ -34,7 +34,13 @@ pub struct Cli {
     pub config: Option<PathBuf>,
 
     /// Log filter (tracing directives: `info`, `debug`, `foldercast=debug,tower=warn`). Logs go to stderr.
-    #[arg(long, global = true, env = "FOLDERCAST_LOG", default_value = "info", value_name = "FILTER")]
+    #[arg(
+        long,
+        global = true,
+        env = "FOLDERCAST_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
     pub log: String,
 
     #[command(subcommand)]
@@ -56,15 +62,30 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Events to replay, one JSON event per line; `-` reads standard input (played once).
-    #[arg(long, env = "FOLDERCAST_EVENTS", default_value = "fixtures/demo/events.jsonl", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_EVENTS",
+        default_value = "fixtures/demo/events.jsonl",
+        value_name = "FILE"
+    )]
     pub events: PathBuf,
 
     /// Membership fixture (users, groups, spaces and their members).
-    #[arg(long, env = "FOLDERCAST_MEMBERSHIP", default_value = "fixtures/demo/membership.json", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_MEMBERSHIP",
+        default_value = "fixtures/demo/membership.json",
+        value_name = "FILE"
+    )]
     pub membership: PathBuf,
 
     /// Events per second to replay (0 = as fast as possible). The default is a pace a person can follow.
-    #[arg(long, env = "FOLDERCAST_RATE", default_value_t = 2.0, value_name = "EVENTS_PER_SEC")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_RATE",
+        default_value_t = 2.0,
+        value_name = "EVENTS_PER_SEC"
+    )]
     pub rate: f64,
 
     /// Passes over the events file, each with fresh event ids and times (0 = loop forever).
@@ -112,19 +133,39 @@ pub struct ReplayArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ShapingArgs {
     /// Messages per second each user may receive before the rest is coalesced (0 = no limit).
-    #[arg(long, env = "FOLDERCAST_USER_RATE", default_value_t = 20.0, value_name = "PER_SEC")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_USER_RATE",
+        default_value_t = 20.0,
+        value_name = "PER_SEC"
+    )]
     pub user_rate: f64,
 
     /// Messages a user may receive at once before the rate applies.
-    #[arg(long, env = "FOLDERCAST_USER_BURST", default_value_t = 40, value_name = "N")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_USER_BURST",
+        default_value_t = 40,
+        value_name = "N"
+    )]
     pub user_burst: u32,
 
     /// Events a user may have pending (coalesced, not yet sent) before they get `resync` instead.
-    #[arg(long, env = "FOLDERCAST_MAX_BACKLOG", default_value_t = 1000, value_name = "N")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_MAX_BACKLOG",
+        default_value_t = 1000,
+        value_name = "N"
+    )]
     pub max_backlog: usize,
 
     /// Event ids remembered for de-duplication.
-    #[arg(long, env = "FOLDERCAST_DEDUP_CAPACITY", default_value_t = 1_000_000, value_name = "N")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_DEDUP_CAPACITY",
+        default_value_t = 1_000_000,
+        value_name = "N"
+    )]
     pub dedup_capacity: u64,
 
     /// How long an event id is remembered for de-duplication (e.g. `1h`, `90s`).
@@ -136,19 +177,39 @@ pub struct ShapingArgs {
 #[derive(Debug, Clone, Args)]
 pub struct GatewayArgs {
     /// Address to serve HTTP, WebSocket (/ws) and SSE (/sse) on.
-    #[arg(long, env = "FOLDERCAST_LISTEN", default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_name = "ADDR"
+    )]
     pub listen: SocketAddr,
 
     /// HS256 secret that signs client tokens (`sub` = user id). Without it a random one is made and printed.
-    #[arg(long, env = "FOLDERCAST_JWT_SECRET", hide_env_values = true, value_name = "SECRET")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_JWT_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
     pub jwt_secret: Option<String>,
 
     /// Read the HS256 secret from a file instead (keeps it out of process listings).
-    #[arg(long, env = "FOLDERCAST_JWT_SECRET_FILE", value_name = "FILE", conflicts_with = "jwt_secret")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_JWT_SECRET_FILE",
+        value_name = "FILE",
+        conflicts_with = "jwt_secret"
+    )]
     pub jwt_secret_file: Option<PathBuf>,
 
     /// Frames queued per connection; a client that falls this far behind is disconnected.
-    #[arg(long, env = "FOLDERCAST_SEND_QUEUE", default_value_t = 256, value_name = "FRAMES")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_SEND_QUEUE",
+        default_value_t = 256,
+        value_name = "FRAMES"
+    )]
     pub send_queue: usize,
 
     /// Time a WebSocket client has to send its `auth` frame.
@@ -168,15 +229,30 @@ pub struct GatewayArgs {
     pub ticket_ttl: Duration,
 
     /// WebSocket read buffer per connection, bytes (small keeps idle connections cheap).
-    #[arg(long, env = "FOLDERCAST_WS_READ_BUFFER", default_value_t = 512, value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_WS_READ_BUFFER",
+        default_value_t = 512,
+        value_name = "BYTES"
+    )]
     pub ws_read_buffer: usize,
 
     /// WebSocket write buffer per connection, bytes.
-    #[arg(long, env = "FOLDERCAST_WS_WRITE_BUFFER", default_value_t = 1024, value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_WS_WRITE_BUFFER",
+        default_value_t = 1024,
+        value_name = "BYTES"
+    )]
     pub ws_write_buffer: usize,
 
     /// Largest a connection's write buffer may grow, bytes.
-    #[arg(long, env = "FOLDERCAST_WS_MAX_WRITE_BUFFER", default_value_t = 65536, value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_WS_MAX_WRITE_BUFFER",
+        default_value_t = 65536,
+        value_name = "BYTES"
+    )]
     pub ws_max_write_buffer: usize,
 }
 
@@ -224,7 +300,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(i) => s.split_at(i),
         None => (s, "s"),
     };
-    let value: f64 = number.trim().parse().map_err(|_| format!("{s:?} is not a duration"))?;
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration"))?;
     let secs = match unit {
         "ms" => value / 1000.0,
         "s" => value,
@@ -271,13 +350,19 @@ pub fn parse_from(args: Vec<OsString>) -> Result<Cli, clap::Error> {
 }
 
 /// Flags for the file's entries that neither the command line nor the environment set.
-fn file_args(command: &clap::Command, matches: &clap::ArgMatches, table: &toml::Table) -> Result<Vec<OsString>, String> {
+fn file_args(
+    command: &clap::Command,
+    matches: &clap::ArgMatches,
+    table: &toml::Table,
+) -> Result<Vec<OsString>, String> {
     // Walk down to the innermost subcommand the user chose (e.g. `bench replay`).
     let mut cmd = command;
     let mut m = matches;
     let mut path = Vec::new();
     while let Some((name, sub)) = m.subcommand() {
-        let Some(next) = cmd.find_subcommand(name) else { break };
+        let Some(next) = cmd.find_subcommand(name) else {
+            break;
+        };
         path.push(name.to_owned());
         cmd = next;
         m = sub;
@@ -296,7 +381,10 @@ fn file_args(command: &clap::Command, matches: &clap::ArgMatches, table: &toml::
         if key == "config" {
             continue;
         }
-        let Some(arg) = cmd.get_arguments().find(|a| a.get_long() == Some(key.as_str())) else {
+        let Some(arg) = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()))
+        else {
             continue; // a key for another subcommand
         };
         let id = arg.get_id().as_str();
@@ -343,11 +431,21 @@ mod tests {
         )
         .unwrap();
         let cli = parse_from(args(&[
-            "foldercast", "--config", f.path().to_str().unwrap(), "replay", "--events", "e", "--membership", "m",
-            "--max-backlog", "9",
+            "foldercast",
+            "--config",
+            f.path().to_str().unwrap(),
+            "replay",
+            "--events",
+            "e",
+            "--membership",
+            "m",
+            "--max-backlog",
+            "9",
         ]))
         .unwrap();
-        let Command::Replay(r) = cli.command else { panic!() };
+        let Command::Replay(r) = cli.command else {
+            panic!()
+        };
         assert_eq!(r.shaping.user_rate, 3.5, "from the file");
         assert!(r.print, "booleans from the file");
         assert_eq!(r.shaping.max_backlog, 9, "the command line wins");

@@ -26,7 +26,7 @@ pub fn route<C: Clock + Clone>(
     throttle: Option<&mut Throttle<C>>,
     stats: &PipelineStats,
     out: &mut Vec<Outgoing>,
-) -> Option<Fanout> {
+) -> Option<Box<Fanout>> {
     stats.events.fetch_add(1, Relaxed);
     match outcome {
         Outcome::Rejected(rejection) => {
@@ -89,7 +89,10 @@ pub fn spawn_reader(
     mut source: Box<dyn EventSource>,
     rate: f64,
     shutdown: CancellationToken,
-) -> (mpsc::Receiver<RawEvent>, tokio::task::JoinHandle<Result<(), SourceError>>) {
+) -> (
+    mpsc::Receiver<RawEvent>,
+    tokio::task::JoinHandle<Result<(), SourceError>>,
+) {
     let (tx, rx) = mpsc::channel(1024);
     let handle = tokio::spawn(async move {
         let mut pacer = (rate > 0.0 && rate.is_finite()).then(|| {

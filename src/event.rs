@@ -206,11 +206,17 @@ pub fn decode(bytes: &[u8]) -> Result<StorageEvent, Rejection> {
     }
     let id = required(wire.id, "id")?;
     let type_name = required(wire.event_type, "type")?;
-    let event_type = EventType::parse(&type_name)
-        .ok_or_else(|| Rejection::new("unknown-type", format!("unknown event type {type_name:?}")))?;
+    let event_type = EventType::parse(&type_name).ok_or_else(|| {
+        Rejection::new("unknown-type", format!("unknown event type {type_name:?}"))
+    })?;
     let time = required(wire.time, "time")?;
     let time_millis = chrono::DateTime::parse_from_rfc3339(&time)
-        .map_err(|e| Rejection::new("invalid-field", format!("time {time:?} is not RFC 3339: {e}")))?
+        .map_err(|e| {
+            Rejection::new(
+                "invalid-field",
+                format!("time {time:?} is not RFC 3339: {e}"),
+            )
+        })?
         .timestamp_millis();
     let data = wire
         .data
@@ -234,12 +240,13 @@ pub fn decode(bytes: &[u8]) -> Result<StorageEvent, Rejection> {
                 ));
             }
         };
-        let role = match data.role {
-            None => None,
-            Some(r) => Some(Role::parse(&r).ok_or_else(|| {
-                Rejection::new("invalid-field", format!("unknown role {r:?}"))
-            })?),
-        };
+        let role =
+            match data.role {
+                None => None,
+                Some(r) => Some(Role::parse(&r).ok_or_else(|| {
+                    Rejection::new("invalid-field", format!("unknown role {r:?}"))
+                })?),
+            };
         EventBody::Membership(MembershipChange { member, role })
     } else {
         let path = parse_path(&required(data.path, "data.path")?, "data.path")?;
@@ -347,20 +354,62 @@ mod tests {
     fn rejections_carry_codes() {
         let cases = [
             ("{not json", "invalid-json"),
-            (r#"{"type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file"}}"#, "missing-field"),
-            (r#"{"id":"1","type":"file-exploded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file"}}"#, "unknown-type"),
-            (r#"{"id":"1","type":"file-uploaded","time":"yesterday","data":{"space_id":"s","path":"/a","kind":"file"}}"#, "invalid-field"),
-            (r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file","size":"12"}}"#, "invalid-field"),
-            (r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file","size":-1}}"#, "invalid-field"),
-            (r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a/../b","kind":"file"}}"#, "invalid-path"),
-            (r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","kind":"file"}}"#, "missing-field"),
-            (r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"link"}}"#, "invalid-field"),
-            (r#"{"id":"1","type":"item-moved","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file"}}"#, "missing-field"),
-            (r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z"}"#, "missing-field"),
-            (r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"path":"/a","kind":"file"}}"#, "missing-field"),
-            (r#"{"specversion":"0.3","id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file"}}"#, "unsupported-specversion"),
-            (r#"{"id":"1","type":"space-member-added","time":"2026-11-22T10:00:00Z","data":{"space_id":"s"}}"#, "missing-field"),
-            (r#"{"id":"1","type":"space-member-added","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","user":"u","role":"owner"}}"#, "invalid-field"),
+            (
+                r#"{"type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file"}}"#,
+                "missing-field",
+            ),
+            (
+                r#"{"id":"1","type":"file-exploded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file"}}"#,
+                "unknown-type",
+            ),
+            (
+                r#"{"id":"1","type":"file-uploaded","time":"yesterday","data":{"space_id":"s","path":"/a","kind":"file"}}"#,
+                "invalid-field",
+            ),
+            (
+                r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file","size":"12"}}"#,
+                "invalid-field",
+            ),
+            (
+                r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file","size":-1}}"#,
+                "invalid-field",
+            ),
+            (
+                r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a/../b","kind":"file"}}"#,
+                "invalid-path",
+            ),
+            (
+                r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","kind":"file"}}"#,
+                "missing-field",
+            ),
+            (
+                r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"link"}}"#,
+                "invalid-field",
+            ),
+            (
+                r#"{"id":"1","type":"item-moved","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file"}}"#,
+                "missing-field",
+            ),
+            (
+                r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z"}"#,
+                "missing-field",
+            ),
+            (
+                r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"path":"/a","kind":"file"}}"#,
+                "missing-field",
+            ),
+            (
+                r#"{"specversion":"0.3","id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file"}}"#,
+                "unsupported-specversion",
+            ),
+            (
+                r#"{"id":"1","type":"space-member-added","time":"2026-11-22T10:00:00Z","data":{"space_id":"s"}}"#,
+                "missing-field",
+            ),
+            (
+                r#"{"id":"1","type":"space-member-added","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","user":"u","role":"owner"}}"#,
+                "invalid-field",
+            ),
             (r#"[1,2]"#, "invalid-field"),
         ];
         for (json, code) in cases {

@@ -134,7 +134,11 @@ mod tests {
         assert_eq!(p("/a").as_str(), "/a");
         assert_eq!(p("/a/b/").as_str(), "/a/b");
         assert_eq!(p("/a b/ü.txt").as_str(), "/a b/ü.txt");
-        assert_eq!(p("/...").as_str(), "/...", "three dots is a name, not a dot segment");
+        assert_eq!(
+            p("/...").as_str(),
+            "/...",
+            "three dots is a name, not a dot segment"
+        );
     }
 
     #[test]

@@ -92,8 +92,14 @@ mod tests {
         bus.publish(&batch).await.unwrap();
         let a = rx.recv().await.unwrap();
         let b = rx.recv().await.unwrap();
-        assert_eq!((&*a.user, &*a.id, &a.payload[..]), ("alice", "1", &b"1"[..]));
-        assert_eq!((&*b.user, &*b.id, &b.payload[..]), ("alice", "2", &b"2"[..]));
+        assert_eq!(
+            (&*a.user, &*a.id, &a.payload[..]),
+            ("alice", "1", &b"1"[..])
+        );
+        assert_eq!(
+            (&*b.user, &*b.id, &b.payload[..]),
+            ("alice", "2", &b"2"[..])
+        );
         assert!(rx.try_recv().is_err(), "bob is not subscribed");
         bus.unsubscribe(&alice).await.unwrap();
         bus.publish(&batch).await.unwrap();

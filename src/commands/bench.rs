@@ -22,21 +22,38 @@ use crate::telemetry::PipelineStats;
 mod idle;
 
 pub fn replay(args: BenchReplayArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(replay_async(args))
 }
 
 /// A directory of `spaces` spaces with `members` distinct viewers each.
 pub fn generated_directory(spaces: usize, members: usize) -> Directory {
-    let mut dir = Directory { users: Vec::new(), groups: Vec::new(), spaces: Vec::new() };
+    let mut dir = Directory {
+        users: Vec::new(),
+        groups: Vec::new(),
+        spaces: Vec::new(),
+    };
     for s in 0..spaces {
         let mut grants = Vec::new();
         for m in 0..members {
             let id = format!("user-{s}-{m}");
-            dir.users.push(UserEntry { id: id.clone(), display_name: None });
-            grants.push(GrantEntry { user: Some(id), group: None, role: "viewer".into() });
+            dir.users.push(UserEntry {
+                id: id.clone(),
+                display_name: None,
+            });
+            grants.push(GrantEntry {
+                user: Some(id),
+                group: None,
+                role: "viewer".into(),
+            });
         }
-        dir.spaces.push(SpaceEntry { id: format!("space-{s}"), name: None, members: grants });
+        dir.spaces.push(SpaceEntry {
+            id: format!("space-{s}"),
+            name: None,
+            members: grants,
+        });
     }
     dir
 }
@@ -44,7 +61,9 @@ pub fn generated_directory(spaces: usize, members: usize) -> Directory {
 /// One JSONL event of the generated trace: uploads mostly, with moves, trash and touches.
 pub fn generated_event(n: u64, spaces: usize, depth: usize) -> String {
     let space = n as usize % spaces.max(1);
-    let dirs: Vec<String> = (1..depth).map(|d| format!("folder-{d}-{}", (n / 7 + d as u64) % 5)).collect();
+    let dirs: Vec<String> = (1..depth)
+        .map(|d| format!("folder-{d}-{}", (n / 7 + d as u64) % 5))
+        .collect();
     let path = format!("/{}/file-{n}.bin", dirs.join("/"));
     let time = "2026-11-22T10:00:00.123Z";
     match n % 10 {
@@ -62,48 +81,86 @@ pub fn generated_event(n: u64, spaces: usize, depth: usize) -> String {
 }
 
 async fn replay_async(args: BenchReplayArgs) -> anyhow::Result<ExitCode> {
-    eprintln!("generating {} events over {} spaces ({} members each, depth {})…", args.events, args.spaces, args.members, args.depth);
-    let trace: Vec<Vec<u8>> = (0..args.events).map(|n| generated_event(n, args.spaces, args.depth).into_bytes()).collect();
+    eprintln!(
+        "generating {} events over {} spaces ({} members each, depth {})…",
+        args.events, args.spaces, args.members, args.depth
+    );
+    let trace: Vec<Vec<u8>> = (0..args.events)
+        .map(|n| generated_event(n, args.spaces, args.depth).into_bytes())
+        .collect();
     let bytes: usize = trace.iter().map(|e| e.len()).sum();
 
     // Baseline: the least any consumer must do, parse every event's JSON.
     let start = Instant::now();
     let mut checksum = 0usize;
     for raw in &trace {
-        let v: serde_json::Value = serde_json::from_slice(raw).context("generated event is not JSON")?;
+        let v: serde_json::Value =
+            serde_json::from_slice(raw).context("generated event is not JSON")?;
         checksum += v.as_object().map(|o| o.len()).unwrap_or(0);
     }
     let baseline = start.elapsed();
     std::hint::black_box(checksum);
 
-    let resolver = Arc::new(FixtureResolver::new(&generated_directory(args.spaces, args.members)));
-    let pipeline = Pipeline::new(Dedup::new(args.events.max(1), Duration::from_secs(3600)), resolver);
+    let resolver = Arc::new(FixtureResolver::new(&generated_directory(
+        args.spaces,
+        args.members,
+    )));
+    let pipeline = Pipeline::new(
+        Dedup::new(args.events.max(1), Duration::from_secs(3600)),
+        resolver,
+    );
     let stats = PipelineStats::default();
     let mut out = Vec::new();
     let mut sink = std::io::BufWriter::with_capacity(1 << 20, std::io::sink());
     let start = Instant::now();
     for raw in &trace {
-        let outcome = pipeline.process(raw).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let outcome = pipeline
+            .process(raw)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         route::<governor::clock::DefaultClock>(outcome, "bench", None, &stats, &mut out);
         for msg in out.drain(..) {
             super::replay::write_line(&mut sink, &msg)?;
-            stats.messages.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            stats
+                .messages
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
     sink.flush()?;
     let elapsed = start.elapsed();
-    let events = stats.delivered_events.load(std::sync::atomic::Ordering::Relaxed);
+    let events = stats
+        .delivered_events
+        .load(std::sync::atomic::Ordering::Relaxed);
     let messages = stats.messages.load(std::sync::atomic::Ordering::Relaxed);
-    anyhow::ensure!(events == args.events, "only {events} of {} events were delivered", args.events);
+    anyhow::ensure!(
+        events == args.events,
+        "only {events} of {} events were delivered",
+        args.events
+    );
 
     let secs = elapsed.as_secs_f64();
-    println!("bench replay: {} events ({:.1} MB), {} members/space, depth {}", args.events, bytes as f64 / 1e6, args.members, args.depth);
-    println!("  pipeline (decode, dedup, resolve, ancestors, encode, fan-out, print to sink): {:.2} s", secs);
+    println!(
+        "bench replay: {} events ({:.1} MB), {} members/space, depth {}",
+        args.events,
+        bytes as f64 / 1e6,
+        args.members,
+        args.depth
+    );
+    println!(
+        "  pipeline (decode, dedup, resolve, ancestors, encode, fan-out, print to sink): {:.2} s",
+        secs
+    );
     println!("  events/s:   {:>12.0}", events as f64 / secs);
     println!("  messages/s: {:>12.0}", messages as f64 / secs);
-    println!("  baseline (serde_json::Value parse only): {:.0} events/s; pipeline costs {:.2}x the baseline per event",
-        args.events as f64 / baseline.as_secs_f64(), secs / baseline.as_secs_f64());
-    println!("  reproduce: foldercast bench replay --events {} --members {} --depth {} --spaces {}", args.events, args.members, args.depth, args.spaces);
+    println!(
+        "  baseline (serde_json::Value parse only): {:.0} events/s; pipeline costs {:.2}x the baseline per event",
+        args.events as f64 / baseline.as_secs_f64(),
+        secs / baseline.as_secs_f64()
+    );
+    println!(
+        "  reproduce: foldercast bench replay --events {} --members {} --depth {} --spaces {}",
+        args.events, args.members, args.depth, args.spaces
+    );
     Ok(ExitCode::SUCCESS)
 }
 

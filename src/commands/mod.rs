@@ -58,7 +58,11 @@ fn jwt_secret(g: &GatewayArgs) -> anyhow::Result<Arc<[u8]>> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read --jwt-secret-file {}", path.display()))?;
         let secret = text.trim();
-        anyhow::ensure!(!secret.is_empty(), "--jwt-secret-file {} is empty", path.display());
+        anyhow::ensure!(
+            !secret.is_empty(),
+            "--jwt-secret-file {} is empty",
+            path.display()
+        );
         return Ok(Arc::from(secret.as_bytes()));
     }
     let mut bytes = [0u8; 24];

@@ -19,7 +19,9 @@ use crate::source::{EventSource, FixtureSource, Passes};
 use crate::telemetry::PipelineStats;
 
 pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(replay_async(args))
 }
 
@@ -36,7 +38,9 @@ async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     };
     let mut event_clock = EventClock::default();
     let stats = PipelineStats::default();
-    let mut printer = args.print.then(|| std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock()));
+    let mut printer = args
+        .print
+        .then(|| std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock()));
     let progress = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
         bar.set_style(
@@ -78,18 +82,30 @@ async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     }
 
     let rejected = stats.rejected.load(Relaxed);
-    let reasons: Vec<String> = stats.rejections().iter().map(|(code, n)| format!("{code}: {n}")).collect();
+    let reasons: Vec<String> = stats
+        .rejections()
+        .iter()
+        .map(|(code, n)| format!("{code}: {n}"))
+        .collect();
     eprintln!(
         "replay: {} events, {} delivered, {} duplicates, {} rejected{}; {} messages to {} users",
         stats.events.load(Relaxed),
         stats.delivered_events.load(Relaxed),
         stats.duplicates.load(Relaxed),
         rejected,
-        if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) },
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", reasons.join(", "))
+        },
         stats.messages.load(Relaxed),
         users.len(),
     );
-    Ok(if args.strict && rejected > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if args.strict && rejected > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn emit(
@@ -127,7 +143,9 @@ impl EventClock {
     fn advance_to(&mut self, millis: i64) -> Option<Duration> {
         let step = match self.latest {
             None => None,
-            Some(latest) if millis > latest => Some(Duration::from_millis((millis - latest) as u64)),
+            Some(latest) if millis > latest => {
+                Some(Duration::from_millis((millis - latest) as u64))
+            }
             Some(_) => return None,
         };
         self.latest = Some(millis);

@@ -26,7 +26,9 @@ use crate::source::{FixtureSource, Passes};
 use crate::telemetry::PipelineStats;
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(run_async(args))?;
     // Upgraded sockets are not awaited by axum's graceful shutdown; dropping the runtime ends them.
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -61,17 +63,32 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     let server = tokio::spawn(gateway::serve(listener, app, shutdown.clone()));
 
-    let passes = if args.events.as_os_str() == "-" { Passes::Once } else { Passes::Loop(args.passes) };
+    let passes = if args.events.as_os_str() == "-" {
+        Passes::Once
+    } else {
+        Passes::Loop(args.passes)
+    };
     let source = FixtureSource::open(&args.events, passes).await?;
     let (events, reader) = spawn_reader(Box::new(source), args.rate, shutdown.clone());
     let pipeline = Pipeline::new(super::dedup(&args.shaping), resolver);
-    let throttle = Throttle::new(super::throttle_config(&args.shaping), DefaultClock::default());
+    let throttle = Throttle::new(
+        super::throttle_config(&args.shaping),
+        DefaultClock::default(),
+    );
     let stats = PipelineStats::default();
-    run_live(events, &pipeline, throttle, &*bus, &stats, &shutdown, |fanout| {
-        if let Some(demo) = &demo {
-            demo.observe(&fanout.event);
-        }
-    })
+    run_live(
+        events,
+        &pipeline,
+        throttle,
+        &*bus,
+        &stats,
+        &shutdown,
+        |fanout| {
+            if let Some(demo) = &demo {
+                demo.observe(&fanout.event);
+            }
+        },
+    )
     .await?;
     match reader.await {
         Ok(Ok(())) => {}
@@ -94,14 +111,15 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                shutdown.cancel();
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

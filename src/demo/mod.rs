@@ -34,7 +34,11 @@ pub struct DemoState {
 }
 
 impl DemoState {
-    pub fn new(directory: Directory, resolver: Arc<dyn MembershipResolver>, auth: Arc<Authenticator>) -> Arc<Self> {
+    pub fn new(
+        directory: Directory,
+        resolver: Arc<dyn MembershipResolver>,
+        auth: Arc<Authenticator>,
+    ) -> Arc<Self> {
         Arc::new(DemoState {
             directory,
             resolver,
@@ -68,7 +72,9 @@ async fn users(State(state): State<Arc<DemoState>>) -> Json<serde_json::Value> {
             if let Ok(listers) = state.resolver.listers(&space.id).await
                 && listers.iter().any(|u| **u == *user.id)
             {
-                spaces.push(json!({"id": space.id, "name": space.name.as_deref().unwrap_or(&space.id)}));
+                spaces.push(
+                    json!({"id": space.id, "name": space.name.as_deref().unwrap_or(&space.id)}),
+                );
             }
         }
         out.push(json!({"id": user.id, "display_name": user.display_name.as_deref().unwrap_or(&user.id), "spaces": spaces}));
@@ -83,11 +89,19 @@ struct TokenRequest {
 
 async fn token(State(state): State<Arc<DemoState>>, Json(req): Json<TokenRequest>) -> Response {
     if !state.directory.users.iter().any(|u| u.id == req.user) {
-        return error_response(StatusCode::NOT_FOUND, "unknown-user", "not a user of the membership fixture");
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "unknown-user",
+            "not a user of the membership fixture",
+        );
     }
     match state.auth.mint(&req.user, Duration::from_secs(3600)) {
         Ok(token) => Json(json!({"token": token, "expires_in": 3600})).into_response(),
-        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "mint-failed", &e.to_string()),
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "mint-failed",
+            &e.to_string(),
+        ),
     }
 }
 
@@ -98,7 +112,11 @@ struct TreeQuery {
     path: Option<String>,
 }
 
-async fn listing(State(state): State<Arc<DemoState>>, headers: HeaderMap, Query(q): Query<TreeQuery>) -> Response {
+async fn listing(
+    State(state): State<Arc<DemoState>>,
+    headers: HeaderMap,
+    Query(q): Query<TreeQuery>,
+) -> Response {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -106,21 +124,35 @@ async fn listing(State(state): State<Arc<DemoState>>, headers: HeaderMap, Query(
     let identity = match token.map(|t| state.auth.verify(t)) {
         Some(Ok(identity)) => identity,
         Some(Err(e)) => return error_response(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
-        None => return error_response(StatusCode::UNAUTHORIZED, "unauthenticated", "bearer token required"),
+        None => {
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "bearer token required",
+            );
+        }
     };
     let allowed = match state.resolver.listers(&q.space).await {
         Ok(listers) => listers.contains(&identity.user),
         Err(_) => false,
     };
     if !allowed {
-        return error_response(StatusCode::FORBIDDEN, "forbidden", "you may not list this space");
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "you may not list this space",
+        );
     }
     let folder = match SpacePath::parse(q.path.as_deref().unwrap_or("/")) {
         Ok(p) => p,
         Err(e) => return error_response(StatusCode::BAD_REQUEST, "invalid-path", &e.to_string()),
     };
     let Ok(tree) = state.tree.lock() else {
-        return error_response(StatusCode::INTERNAL_SERVER_ERROR, "unavailable", "tree lock poisoned");
+        return error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unavailable",
+            "tree lock poisoned",
+        );
     };
     let (size, mtime) = tree.folder(&q.space, &folder);
     let entries: Vec<Entry> = tree.listing(&q.space, &folder);

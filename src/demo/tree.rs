@@ -43,12 +43,18 @@ pub struct DemoTree {
 
 impl DemoTree {
     pub fn apply(&mut self, event: &StorageEvent) {
-        let EventBody::Item(item) = &event.body else { return };
+        let EventBody::Item(item) = &event.body else {
+            return;
+        };
         let tree = self.spaces.entry(event.space_id.clone()).or_default();
         let time = &event.time;
         let node = Node {
             kind: item.kind,
-            size: if item.kind == ItemKind::File { item.size } else { 0 },
+            size: if item.kind == ItemKind::File {
+                item.size
+            } else {
+                0
+            },
             mtime: time.clone(),
         };
         match event.event_type {
@@ -92,11 +98,17 @@ impl DemoTree {
 
     /// The children of `folder` in `space`.
     pub fn listing(&self, space: &str, folder: &SpacePath) -> Vec<Entry> {
-        let Some(tree) = self.spaces.get(space) else { return Vec::new() };
+        let Some(tree) = self.spaces.get(space) else {
+            return Vec::new();
+        };
         tree.nodes
             .iter()
             .filter(|(path, _)| {
-                SpacePath::parse(path).ok().and_then(|p| p.parent()).as_ref() == Some(folder)
+                SpacePath::parse(path)
+                    .ok()
+                    .and_then(|p| p.parent())
+                    .as_ref()
+                    == Some(folder)
             })
             .map(|(path, node)| Entry {
                 name: path.rsplit('/').next().unwrap_or_default().to_owned(),
@@ -113,7 +125,9 @@ impl DemoTree {
 
     /// Size and mtime of a folder itself (the root included).
     pub fn folder(&self, space: &str, folder: &SpacePath) -> (u64, Option<Arc<str>>) {
-        let Some(tree) = self.spaces.get(space) else { return (0, None) };
+        let Some(tree) = self.spaces.get(space) else {
+            return (0, None);
+        };
         let mtime = tree.nodes.get(folder.as_str()).map(|n| n.mtime.clone());
         (tree.size_below(folder.as_str()), mtime)
     }
@@ -135,7 +149,9 @@ impl SpaceTree {
     fn size_below(&self, folder: &str) -> u64 {
         self.nodes
             .iter()
-            .filter(|(p, n)| n.kind == ItemKind::File && p.as_str() != folder && is_within(p, folder))
+            .filter(|(p, n)| {
+                n.kind == ItemKind::File && p.as_str() != folder && is_within(p, folder)
+            })
             .map(|(_, n)| n.size)
             .sum()
     }
@@ -175,15 +191,35 @@ mod tests {
     fn follows_uploads_moves_trash_and_restore() {
         let mut t = DemoTree::default();
         apply(&mut t, "folder-created", "/a", r#","kind":"folder""#);
-        apply(&mut t, "file-uploaded", "/a/b/f.txt", r#","kind":"file","size":10"#);
+        apply(
+            &mut t,
+            "file-uploaded",
+            "/a/b/f.txt",
+            r#","kind":"file","size":10"#,
+        );
         assert_eq!(names(&t, "/"), [("a".to_owned(), 10)]);
         assert_eq!(names(&t, "/a"), [("b".to_owned(), 10)]);
-        apply(&mut t, "item-moved", "/c", r#","kind":"folder","size":10,"old_path":"/a/b""#);
+        apply(
+            &mut t,
+            "item-moved",
+            "/c",
+            r#","kind":"folder","size":10,"old_path":"/a/b""#,
+        );
         assert_eq!(names(&t, "/"), [("a".to_owned(), 0), ("c".to_owned(), 10)]);
         assert_eq!(names(&t, "/c"), [("f.txt".to_owned(), 10)]);
-        apply(&mut t, "item-trashed", "/c", r#","kind":"folder","size":10"#);
+        apply(
+            &mut t,
+            "item-trashed",
+            "/c",
+            r#","kind":"folder","size":10"#,
+        );
         assert_eq!(names(&t, "/"), [("a".to_owned(), 0)]);
-        apply(&mut t, "item-restored", "/c", r#","kind":"folder","size":10"#);
+        apply(
+            &mut t,
+            "item-restored",
+            "/c",
+            r#","kind":"folder","size":10"#,
+        );
         assert_eq!(names(&t, "/c"), [("f.txt".to_owned(), 10)]);
         assert_eq!(t.folder("s", &SpacePath::root()).0, 10);
     }

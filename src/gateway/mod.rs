@@ -88,14 +88,22 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Serves `app` on `listener` until `shutdown` fires; open connections are cut by the caller's
 /// runtime shutdown rather than awaited (axum does not drain upgraded sockets).
-pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
 
 /// Credentials of a request: the bearer header wins over a ticket; `None` if neither is given.
-fn credentials(state: &AppState, headers: &HeaderMap, ticket: Option<&str>) -> Option<Result<Identity, AuthError>> {
+fn credentials(
+    state: &AppState,
+    headers: &HeaderMap,
+    ticket: Option<&str>,
+) -> Option<Result<Identity, AuthError>> {
     if let Some(token) = ws::header_token(headers) {
         return Some(state.auth.verify(token));
     }
@@ -106,7 +114,13 @@ async fn issue_ticket(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
     let identity = match ws::header_token(&headers).map(|t| state.auth.verify(t)) {
         Some(Ok(identity)) => identity,
         Some(Err(e)) => return error_response(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
-        None => return error_response(StatusCode::UNAUTHORIZED, "unauthenticated", "send Authorization: Bearer <token>"),
+        None => {
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "send Authorization: Bearer <token>",
+            );
+        }
     };
     let ticket = state.tickets.issue(identity);
     (
@@ -129,5 +143,9 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
 }
 
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(serde_json::json!({"type": "error", "code": code, "message": message}))).into_response()
+    (
+        status,
+        Json(serde_json::json!({"type": "error", "code": code, "message": message})),
+    )
+        .into_response()
 }

@@ -12,8 +12,13 @@ use crate::path::SpacePath;
 /// A decoded client frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientFrame {
-    Auth { token: String },
-    Watch { space_id: String, path: SpacePath },
+    Auth {
+        token: String,
+    },
+    Watch {
+        space_id: String,
+        path: SpacePath,
+    },
     /// Removes one watch, every watch of a space (`path` absent) or all (both absent).
     Unwatch {
         space_id: Option<String>,
@@ -86,7 +91,10 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         "unwatch" => {
             let b: UnwatchBody = serde_json::from_str(text).map_err(bad)?;
             if b.space_id.is_none() && b.path.is_some() {
-                return Err(FrameError::new("bad-frame", "unwatch with a path needs its space_id"));
+                return Err(FrameError::new(
+                    "bad-frame",
+                    "unwatch with a path needs its space_id",
+                ));
             }
             Ok(ClientFrame::Unwatch {
                 space_id: b.space_id,
@@ -146,7 +154,11 @@ impl Route {
             return Route::default();
         };
         let mut paths = Vec::new();
-        for item in wire.item.into_iter().chain(wire.items.into_iter().flatten()) {
+        for item in wire
+            .item
+            .into_iter()
+            .chain(wire.items.into_iter().flatten())
+        {
             paths.extend(item.path);
             paths.extend(item.old_path);
         }
@@ -204,7 +216,10 @@ mod tests {
                 path: None
             })
         );
-        assert_eq!(parse_client_frame(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping));
+        assert_eq!(
+            parse_client_frame(r#"{"type":"ping"}"#),
+            Ok(ClientFrame::Ping)
+        );
     }
 
     #[test]
@@ -214,7 +229,10 @@ mod tests {
         assert_eq!(code(r#"{"no":"type"}"#), "bad-frame");
         assert_eq!(code(r#"{"type":"dance"}"#), "unknown-type");
         assert_eq!(code(r#"{"type":"watch","space_id":"s"}"#), "bad-frame");
-        assert_eq!(code(r#"{"type":"watch","space_id":"s","path":"a/../b"}"#), "invalid-path");
+        assert_eq!(
+            code(r#"{"type":"watch","space_id":"s","path":"a/../b"}"#),
+            "invalid-path"
+        );
         assert_eq!(code(r#"{"type":"auth"}"#), "bad-frame");
         assert_eq!(code(r#"{"type":"unwatch","path":"/a"}"#), "bad-frame");
         assert_eq!(code(r#"{"type":5}"#), "bad-frame");
@@ -225,7 +243,8 @@ mod tests {
         let payload = br#"{"event_id":"e","type":"item-moved","space_id":"s","item":{"path":"/b","old_path":"/a"}}"#;
         let r = Route::of_payload(payload);
         assert_eq!(r.paths, ["/b", "/a"]);
-        let frame: serde_json::Value = serde_json::from_str(&server_frame("7", &r, payload)).unwrap();
+        let frame: serde_json::Value =
+            serde_json::from_str(&server_frame("7", &r, payload)).unwrap();
         assert_eq!(frame["type"], "event");
         assert_eq!(frame["id"], "7");
         assert_eq!(frame["data"]["event_id"], "e");
@@ -233,7 +252,8 @@ mod tests {
         let resync = br#"{"type":"resync","space_id":"s","time":"t","reason":"backlog"}"#;
         let r = Route::of_payload(resync);
         assert!(r.ignores_watches());
-        let frame: serde_json::Value = serde_json::from_str(&server_frame("8", &r, resync)).unwrap();
+        let frame: serde_json::Value =
+            serde_json::from_str(&server_frame("8", &r, resync)).unwrap();
         assert_eq!(frame["type"], "resync");
         assert_eq!(frame["space_id"], "s");
     }

@@ -116,7 +116,11 @@ pub struct Watches {
 
 impl Watches {
     pub fn add(&mut self, space_id: &str, path: SpacePath) -> Result<(), FrameError> {
-        if self.entries.iter().any(|(s, p)| &**s == space_id && *p == path) {
+        if self
+            .entries
+            .iter()
+            .any(|(s, p)| &**s == space_id && *p == path)
+        {
             return Ok(());
         }
         if self.entries.len() >= MAX_WATCHES {
@@ -149,8 +153,7 @@ impl Watches {
             return true;
         }
         self.entries.iter().any(|(space, folder)| {
-            **space == *route.space_id
-                && route.paths.iter().any(|p| is_within(p, folder.as_str()))
+            **space == *route.space_id && route.paths.iter().any(|p| is_within(p, folder.as_str()))
         })
     }
 }
@@ -179,7 +182,11 @@ mod tests {
         for i in 0..3 {
             assert_eq!(q.push(frame(&i.to_string())), Push::Queued);
         }
-        assert_eq!(q.push(frame("overflow")), Push::Evicted, "the fourth frame evicts");
+        assert_eq!(
+            q.push(frame("overflow")),
+            Push::Evicted,
+            "the fourth frame evicts"
+        );
         assert_eq!(q.push(frame("later")), Push::Gone);
         out.clear();
         assert!(!q.next_batch(&mut out).await);
@@ -220,15 +227,24 @@ mod tests {
         assert!(!w.allows(&route("s", &["/f1/f2x/r.pdf"])));
         assert!(!w.allows(&route("s", &["/f1"])));
         assert!(!w.allows(&route("other", &["/f1/f2/r.pdf"])));
-        assert!(w.allows(&route("s", &["/elsewhere", "/f1/f2/moved-out"])), "old_path counts");
-        assert!(w.allows(&route("other", &[])), "membership and resync always pass");
+        assert!(
+            w.allows(&route("s", &["/elsewhere", "/f1/f2/moved-out"])),
+            "old_path counts"
+        );
+        assert!(
+            w.allows(&route("other", &[])),
+            "membership and resync always pass"
+        );
         w.remove(Some("s"), None);
         assert!(w.is_empty());
         for i in 0..MAX_WATCHES {
-            w.add("s", SpacePath::parse(&format!("/{i}")).unwrap()).unwrap();
+            w.add("s", SpacePath::parse(&format!("/{i}")).unwrap())
+                .unwrap();
         }
         assert_eq!(
-            w.add("s", SpacePath::parse("/more").unwrap()).unwrap_err().code,
+            w.add("s", SpacePath::parse("/more").unwrap())
+                .unwrap_err()
+                .code,
             "too-many-watches"
         );
     }

@@ -21,7 +21,11 @@ use super::hub::Registration;
 use super::session::{Frame, Watches};
 use crate::path::SpacePath;
 
-pub async fn handler(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+pub async fn handler(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     let mut ticket = None;
     let mut watches = Watches::default();
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
@@ -39,17 +43,37 @@ pub async fn handler(State(state): State<Arc<AppState>>, headers: HeaderMap, Raw
     let identity = match super::credentials(&state, &headers, ticket.as_deref()) {
         Some(Ok(identity)) => identity,
         Some(Err(e)) => {
-            state.hub.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            state
+                .hub
+                .stats
+                .auth_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return super::error_response(StatusCode::UNAUTHORIZED, e.code(), &e.to_string());
         }
-        None => return super::error_response(StatusCode::UNAUTHORIZED, "unauthenticated", "send a bearer token or a ticket"),
+        None => {
+            return super::error_response(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "send a bearer token or a ticket",
+            );
+        }
     };
     let registration = match state.hub.register(identity.user.clone()).await {
         Ok(r) => r,
-        Err(e) => return super::error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string()),
+        Err(e) => {
+            return super::error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                &e.to_string(),
+            );
+        }
     };
     Sse::new(events(registration, identity, watches))
-        .keep_alive(KeepAlive::new().interval(state.config.sse_keepalive).text("keep-alive"))
+        .keep_alive(
+            KeepAlive::new()
+                .interval(state.config.sse_keepalive)
+                .text("keep-alive"),
+        )
         .into_response()
 }
 
@@ -76,7 +100,11 @@ struct Feed {
     done: bool,
 }
 
-fn events(registration: Registration, identity: Identity, watches: Watches) -> impl Stream<Item = Result<Event, Infallible>> {
+fn events(
+    registration: Registration,
+    identity: Identity,
+    watches: Watches,
+) -> impl Stream<Item = Result<Event, Infallible>> {
     let feed = Feed {
         registration,
         watches,
@@ -116,7 +144,12 @@ fn events(registration: Registration, identity: Identity, watches: Watches) -> i
                 };
                 if !alive {
                     feed.done = true;
-                    let e = Event::default().event("error").data(super::protocol::error_frame("slow-consumer", "the client did not read fast enough"));
+                    let e = Event::default()
+                        .event("error")
+                        .data(super::protocol::error_frame(
+                            "slow-consumer",
+                            "the client did not read fast enough",
+                        ));
                     return Some((Ok(e), feed));
                 }
                 feed.pending.extend(feed.batch.drain(..));
@@ -130,9 +163,13 @@ fn to_event(frame: &Frame) -> Option<Event> {
     if data.contains(['\r', '\n']) || frame.route.message_type.contains(['\r', '\n']) {
         return None; // not a compact JSON document; SSE framing would break
     }
-    Some(Event::default().id(&*frame.id).event(&frame.route.message_type).data(data))
+    Some(
+        Event::default()
+            .id(&*frame.id)
+            .event(&frame.route.message_type)
+            .data(data),
+    )
 }
-
 
 #[cfg(test)]
 mod tests {

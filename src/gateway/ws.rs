@@ -18,7 +18,9 @@ use tokio::time::{Instant, sleep_until};
 
 use super::AppState;
 use super::auth::{AuthError, Identity, bearer};
-use super::protocol::{ClientFrame, FrameError, PONG_FRAME, error_frame, parse_client_frame, ready_frame};
+use super::protocol::{
+    ClientFrame, FrameError, PONG_FRAME, error_frame, parse_client_frame, ready_frame,
+};
 use super::session::Watches;
 
 /// Close codes: 1008 policy violation (auth), 1011 server error, 1013 try again later (evicted).
@@ -47,11 +49,19 @@ pub async fn handler(
         .on_upgrade(move |socket| session(socket, state, pre_auth))
 }
 
-async fn session(mut socket: WebSocket, state: Arc<AppState>, pre_auth: Option<Result<Identity, AuthError>>) {
+async fn session(
+    mut socket: WebSocket,
+    state: Arc<AppState>,
+    pre_auth: Option<Result<Identity, AuthError>>,
+) {
     let identity = match pre_auth {
         Some(Ok(identity)) => identity,
         Some(Err(e)) => {
-            state.hub.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            state
+                .hub
+                .stats
+                .auth_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             close_with(&mut socket, e.code(), &e.to_string(), CLOSE_POLICY).await;
             return;
         }
@@ -67,7 +77,10 @@ async fn session(mut socket: WebSocket, state: Arc<AppState>, pre_auth: Option<R
             return;
         }
     };
-    if send_text(&mut socket, ready_frame(&identity.user)).await.is_err() {
+    if send_text(&mut socket, ready_frame(&identity.user))
+        .await
+        .is_err()
+    {
         return;
     }
 

@@ -102,8 +102,7 @@ impl Directory {
 }
 
 fn grant_of(entry: &GrantEntry) -> Result<(Member, Role), String> {
-    let role =
-        Role::parse(&entry.role).ok_or_else(|| format!("unknown role {:?}", entry.role))?;
+    let role = Role::parse(&entry.role).ok_or_else(|| format!("unknown role {:?}", entry.role))?;
     let member = match (&entry.user, &entry.group) {
         (Some(u), None) => Member::User(u.clone()),
         (None, Some(g)) => Member::Group(g.clone()),

@@ -12,7 +12,9 @@ use async_trait::async_trait;
 
 use crate::event::MembershipChange;
 
-pub use fixture::{Directory, FixtureResolver, GrantEntry, GroupEntry, LoadError, SpaceEntry, UserEntry};
+pub use fixture::{
+    Directory, FixtureResolver, GrantEntry, GroupEntry, LoadError, SpaceEntry, UserEntry,
+};
 
 /// A space role, ordered by what it may do: `Uploader < Viewer < Editor < Manager`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]

@@ -21,7 +21,11 @@ pub struct FolderDelta {
 /// The deltas of every folder above `item` (and above `old_path` for moves), each once, never
 /// the item itself. For a move, folders above only the old path lose the size, folders above
 /// only the new path gain it, and common ancestors are unchanged in size but touched.
-pub fn folder_deltas(event_type: EventType, item: &ItemChange, time: &Arc<str>) -> Vec<FolderDelta> {
+pub fn folder_deltas(
+    event_type: EventType,
+    item: &ItemChange,
+    time: &Arc<str>,
+) -> Vec<FolderDelta> {
     let size = i64::try_from(item.size).unwrap_or(i64::MAX);
     let delta = match event_type {
         EventType::FileUploaded => item.size_delta,
@@ -109,9 +113,11 @@ mod tests {
             [("/f1/f2", 2048), ("/f1", 2048), ("/", 2048)]
         );
         assert!(folder_deltas(EventType::FolderCreated, &item("/", None, 0, 0), &t).is_empty());
-        assert!(folder_deltas(EventType::FileUploaded, &up, &t)
-            .iter()
-            .all(|d| d.mtime == t));
+        assert!(
+            folder_deltas(EventType::FileUploaded, &up, &t)
+                .iter()
+                .all(|d| d.mtime == t)
+        );
     }
 
     #[test]
@@ -120,7 +126,13 @@ mod tests {
         let mv = item("/a/x/new.txt", Some("/a/y/z/old.txt"), 10, 0);
         assert_eq!(
             summary(&folder_deltas(EventType::ItemMoved, &mv, &t)),
-            [("/a/x", 10), ("/a", 0), ("/", 0), ("/a/y/z", -10), ("/a/y", -10)]
+            [
+                ("/a/x", 10),
+                ("/a", 0),
+                ("/", 0),
+                ("/a/y/z", -10),
+                ("/a/y", -10)
+            ]
         );
         let rename = item("/a/b2", Some("/a/b1"), 5, 0);
         assert_eq!(

@@ -20,9 +20,11 @@ use message::{Prepared, UserMessage};
 #[derive(Debug)]
 pub enum Outcome {
     /// Send `message` to each of `recipients` (sorted, possibly empty).
-    Deliver(Fanout),
+    Deliver(Box<Fanout>),
     /// Already seen: dropped before fan-out.
-    Duplicate { event_id: String },
+    Duplicate {
+        event_id: String,
+    },
     Rejected(Rejection),
 }
 
@@ -70,11 +72,11 @@ impl Pipeline {
         };
         self.dedup.remember(&event.id);
         let message = Prepared::new(UserMessage::from_event(&event));
-        Ok(Outcome::Deliver(Fanout {
+        Ok(Outcome::Deliver(Box::new(Fanout {
             event,
             recipients,
             message,
-        }))
+        })))
     }
 
     async fn recipients(&self, event: &StorageEvent) -> Result<UserList, ResolveError> {

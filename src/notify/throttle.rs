@@ -58,7 +58,7 @@ struct UserState<C: Clock> {
 }
 
 enum Pending {
-    Coalescing(Coalesced),
+    Coalescing(Box<Coalesced>),
     Resync { time: Arc<str>, skipped: u64 },
 }
 
@@ -142,7 +142,10 @@ impl<C: Clock + Clone> Throttle<C> {
 
     /// Users with held changes.
     pub fn pending_users(&self) -> usize {
-        self.users.values().filter(|s| !s.pending.is_empty()).count()
+        self.users
+            .values()
+            .filter(|s| !s.pending.is_empty())
+            .count()
     }
 }
 
@@ -157,8 +160,10 @@ impl<C: Clock> UserState<C> {
             }
             Some(Pending::Coalescing(c)) => c.absorb(msg),
             None => {
-                self.pending
-                    .insert(space.clone(), Pending::Coalescing(Coalesced::start(msg)));
+                self.pending.insert(
+                    space.clone(),
+                    Pending::Coalescing(Box::new(Coalesced::start(msg))),
+                );
             }
         }
         self.backlog += 1;
@@ -184,7 +189,13 @@ impl<C: Clock> UserState<C> {
         }
     }
 
-    fn emit(&mut self, user: &Arc<str>, space: &Arc<str>, pending: Pending, out: &mut Vec<Outgoing>) {
+    fn emit(
+        &mut self,
+        user: &Arc<str>,
+        space: &Arc<str>,
+        pending: Pending,
+        out: &mut Vec<Outgoing>,
+    ) {
         let payload = match pending {
             Pending::Resync { time, skipped } => {
                 super::message::encode(&UserMessage::resync(space.clone(), time, skipped))
@@ -304,7 +315,11 @@ mod tests {
             .collect()
     }
 
-    fn throttle(rate: f64, burst: u32, backlog: usize) -> (Throttle<FakeRelativeClock>, FakeRelativeClock) {
+    fn throttle(
+        rate: f64,
+        burst: u32,
+        backlog: usize,
+    ) -> (Throttle<FakeRelativeClock>, FakeRelativeClock) {
         let clock = FakeRelativeClock::default();
         let t = Throttle::new(
             ThrottleConfig {
@@ -350,14 +365,23 @@ mod tests {
         assert_eq!(c["type"], "coalesced");
         assert_eq!(c["event_ids"], serde_json::json!(["e2", "e3"]));
         assert_eq!(c["event_id"], "e3");
-        assert_eq!(c["items"].as_array().unwrap().len(), 1, "latest item per path");
+        assert_eq!(
+            c["items"].as_array().unwrap().len(),
+            1,
+            "latest item per path"
+        );
         assert_eq!(c["items"][0]["size"], 30);
         assert_eq!(c["items"][0]["event_id"], "e3");
         let folders: Vec<(String, i64)> = c["folders"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|f| (f["path"].as_str().unwrap().to_owned(), f["size_delta"].as_i64().unwrap()))
+            .map(|f| {
+                (
+                    f["path"].as_str().unwrap().to_owned(),
+                    f["size_delta"].as_i64().unwrap(),
+                )
+            })
             .collect();
         assert_eq!(
             folders,
@@ -399,7 +423,10 @@ mod tests {
         assert_eq!(msgs[1]["type"], "resync");
         assert_eq!(msgs[1]["space_id"], "s1");
         assert_eq!(msgs[1]["skipped"], 49);
-        assert_eq!(msgs[2]["event_id"], "x", "a later space starts a fresh backlog");
+        assert_eq!(
+            msgs[2]["event_id"], "x",
+            "a later space starts a fresh backlog"
+        );
     }
 
     #[test]
@@ -410,7 +437,11 @@ mod tests {
         t.admit(&bob, &upload("e1", "s", "/x", 1), &mut out);
         t.admit(&bob, &upload("e2", "s", "/y", 1), &mut out);
         let removed = decode(br#"{"id":"m","type":"space-member-removed","time":"2026-11-22T10:00:01Z","data":{"space_id":"s","user":"bob"}}"#).unwrap();
-        t.admit(&bob, &Prepared::new(UserMessage::from_event(&removed)), &mut out);
+        t.admit(
+            &bob,
+            &Prepared::new(UserMessage::from_event(&removed)),
+            &mut out,
+        );
         let ids: Vec<Value> = parse(&out).iter().map(|m| m["event_id"].clone()).collect();
         assert_eq!(ids, ["e1", "e2", "m"]);
     }

@@ -103,7 +103,9 @@ impl EventSource for FixtureSource {
                 self.path.display().to_string()
             };
             let position = match self.passes {
-                Passes::Loop(_) if self.pass > 1 => format!("{shown}:{} (pass {})", self.line, self.pass),
+                Passes::Loop(_) if self.pass > 1 => {
+                    format!("{shown}:{} (pass {})", self.line, self.pass)
+                }
                 _ => format!("{shown}:{}", self.line),
             };
             return Ok(Some(RawEvent { bytes, position }));
@@ -145,10 +147,15 @@ mod tests {
         assert!(first.position.ends_with(":1"));
         assert_eq!(first.bytes, br#"{"id":"a","time":"2020-01-01T00:00:00Z"}"#);
         let second = once.next_event().await.unwrap().unwrap();
-        assert!(second.position.ends_with(":3"), "blank lines are skipped but counted");
+        assert!(
+            second.position.ends_with(":3"),
+            "blank lines are skipped but counted"
+        );
         assert!(once.next_event().await.unwrap().is_none());
 
-        let mut looped = FixtureSource::open(f.path(), Passes::Loop(2)).await.unwrap();
+        let mut looped = FixtureSource::open(f.path(), Passes::Loop(2))
+            .await
+            .unwrap();
         let mut ids = Vec::new();
         while let Some(e) = looped.next_event().await.unwrap() {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&e.bytes) {

@@ -5,5 +5,8 @@ use std::process::ExitCode;
 use crate::config::BenchIdleArgs;
 
 pub fn run(args: BenchIdleArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("bench idle is not written yet ({} connections requested)", args.connections)
+    anyhow::bail!(
+        "bench idle is not written yet ({} connections requested)",
+        args.connections
+    )
 }

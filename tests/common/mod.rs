@@ -1,0 +1,216 @@
+//! Shared helpers for the integration tests: the real binary, tokens, clients and schemas.
+#![allow(dead_code)] // each test crate uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+
+pub const SECRET: &str = "test-secret";
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_foldercast"))
+}
+
+pub fn demo_membership() -> PathBuf {
+    root().join("fixtures/demo/membership.json")
+}
+
+pub fn token(user: &str) -> String {
+    foldercast::gateway::auth::Authenticator::hs256(SECRET.as_bytes())
+        .mint(user, Duration::from_secs(3600))
+        .expect("mint")
+}
+
+/// A running `foldercast run` whose events come from our stdin.
+pub struct Server {
+    pub child: Child,
+    pub stdin: Option<ChildStdin>,
+    pub addr: String,
+}
+
+impl Server {
+    /// Starts `foldercast run --events - --listen 127.0.0.1:0 …` plus `extra` flags.
+    pub async fn start(extra: &[&str]) -> Server {
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--events".into(),
+            "-".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--jwt-secret".into(),
+            SECRET.into(),
+            "--rate".into(),
+            "0".into(),
+            "--membership".into(),
+            demo_membership().display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(&args, true).await
+    }
+
+    pub async fn spawn(args: &[String], piped_stdin: bool) -> Server {
+        let mut child = Command::new(bin())
+            .args(args)
+            .current_dir(root())
+            .env("FOLDERCAST_LOG", "warn")
+            .stdin(if piped_stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start foldercast");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await.expect("read stdout") {
+                if let Some(rest) = line.strip_prefix("foldercast: serving on http://") {
+                    return rest.trim_end_matches('/').to_owned();
+                }
+            }
+            panic!("foldercast exited before serving");
+        })
+        .await
+        .expect("foldercast did not start in time");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let stdin = child.stdin.take();
+        Server { child, stdin, addr }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Writes events (JSONL) to the server's event input.
+    pub async fn send_events(&mut self, lines: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin is piped");
+        stdin
+            .write_all(lines.as_bytes())
+            .await
+            .expect("write events");
+        stdin.flush().await.expect("flush events");
+    }
+
+    pub async fn stats(&self) -> Value {
+        reqwest::get(self.url("/api/stats"))
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("stats json")
+    }
+}
+
+/// `replay --print` of a fixture: the expected deliveries, as (user, message) pairs.
+pub fn replay_print(
+    events: &Path,
+    membership: &Path,
+    extra: &[&str],
+) -> (Vec<(String, Value)>, String, i32) {
+    let out = std::process::Command::new(bin())
+        .args(["replay", "--print", "--events"])
+        .arg(events)
+        .arg("--membership")
+        .arg(membership)
+        .args(extra)
+        .env("FOLDERCAST_LOG", "warn")
+        .output()
+        .expect("run replay");
+    let stdout = String::from_utf8(out.stdout).expect("utf8");
+    let pairs = stdout
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("replay line is JSON");
+            (
+                v["user"].as_str().expect("user").to_owned(),
+                v["message"].clone(),
+            )
+        })
+        .collect();
+    (
+        pairs,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+/// Validators for the contracts in `schemas/`.
+pub struct Schemas {
+    pub event: jsonschema::Validator,
+    pub message: jsonschema::Validator,
+    pub protocol: jsonschema::Validator,
+    pub server_frame: jsonschema::Validator,
+    pub client_frame: jsonschema::Validator,
+    pub membership: jsonschema::Validator,
+}
+
+fn load(name: &str) -> Value {
+    let text = std::fs::read_to_string(root().join("schemas").join(name)).expect("read schema");
+    serde_json::from_str(&text).expect("schema is JSON")
+}
+
+impl Schemas {
+    pub fn load() -> Schemas {
+        let names = [
+            "storage-event",
+            "user-message",
+            "client-protocol",
+            "membership",
+        ];
+        let docs: Vec<(String, Value)> = names
+            .iter()
+            .map(|n| {
+                let v = load(&format!("{n}.schema.json"));
+                (v["$id"].as_str().expect("$id").to_owned(), v)
+            })
+            .collect();
+        let build = |schema: &Value| {
+            let mut opts = jsonschema::options();
+            for (id, doc) in &docs {
+                opts = opts
+                    .with_resource(id.clone(), jsonschema::Resource::from_contents(doc.clone()));
+            }
+            opts.build(schema).expect("schema compiles")
+        };
+        let protocol_id = &docs[2].0;
+        Schemas {
+            event: build(&docs[0].1),
+            message: build(&docs[1].1),
+            protocol: build(&docs[2].1),
+            server_frame: build(
+                &serde_json::json!({"$ref": format!("{protocol_id}#/$defs/serverFrame")}),
+            ),
+            client_frame: build(
+                &serde_json::json!({"$ref": format!("{protocol_id}#/$defs/clientFrame")}),
+            ),
+            membership: build(&docs[3].1),
+        }
+    }
+}
+
+pub fn assert_valid(v: &jsonschema::Validator, instance: &Value, what: &str) {
+    let errors: Vec<String> = v
+        .iter_errors(instance)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{what} violates its schema: {errors:?}\n{instance}"
+    );
+}
