@@ -246,11 +246,12 @@ pub struct GatewayArgs {
     )]
     pub ws_write_buffer: usize,
 
-    /// Largest a connection's write buffer may grow, bytes.
+    /// Largest a connection's write buffer may grow, bytes; must exceed the largest message (deep
+    /// paths make long `folders` lists). It only grows while a large message is being written.
     #[arg(
         long,
         env = "FOLDERCAST_WS_MAX_WRITE_BUFFER",
-        default_value_t = 65536,
+        default_value_t = 16 << 20,
         value_name = "BYTES"
     )]
     pub ws_max_write_buffer: usize,

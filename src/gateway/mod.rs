@@ -50,7 +50,7 @@ impl Default for GatewayConfig {
             write_timeout: Duration::from_secs(10),
             ws_read_buffer: 512,
             ws_write_buffer: 1024,
-            ws_max_write_buffer: 64 * 1024,
+            ws_max_write_buffer: 16 << 20,
             max_client_frame: 16 * 1024,
             ticket_ttl: Duration::from_secs(30),
         }

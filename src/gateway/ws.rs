@@ -148,7 +148,14 @@ async fn session(
                 };
                 match tokio::time::timeout(write_timeout, write).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(_)) | Err(_) => break,
+                    Ok(Err(e)) => {
+                        tracing::debug!(user = %identity.user, error = %e, "write failed; closing");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::info!(user = %identity.user, timeout = ?write_timeout, "write timed out; closing");
+                        break;
+                    }
                 }
             }
             _ = sleep_until(expiry.unwrap_or_else(far_future)), if expiry.is_some() => {

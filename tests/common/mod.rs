@@ -60,7 +60,10 @@ impl Server {
         let mut child = Command::new(bin())
             .args(args)
             .current_dir(root())
-            .env("FOLDERCAST_LOG", "warn")
+            .env(
+                "FOLDERCAST_LOG",
+                std::env::var("FOLDERCAST_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(if piped_stdin {
                 Stdio::piped()
             } else {

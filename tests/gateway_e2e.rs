@@ -1,0 +1,582 @@
+//! End to end through the real binary: events on stdin of `foldercast run`, frames out of
+//! `/ws` and `/sse`, compared with what `replay --print` computes for the same fixture.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{Schemas, Server, assert_valid, demo_membership, replay_print, root, token};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Message, http::HeaderValue};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn connect(url: &str, bearer: Option<&str>) -> Ws {
+    let mut request = url.into_client_request().unwrap();
+    if let Some(t) = bearer {
+        request.headers_mut().insert(
+            "Authorization",
+            HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
+        );
+    }
+    tokio_tungstenite::connect_async(request)
+        .await
+        .expect("connect")
+        .0
+}
+
+/// The next JSON text frame, or `None` if the connection closed.
+async fn next_json(ws: &mut Ws) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("no frame in time")
+        {
+            Some(Ok(Message::Text(t))) => {
+                return Some(serde_json::from_str(&t).expect("frame is JSON"));
+            }
+            Some(Ok(Message::Close(c))) => {
+                eprintln!("closed: {c:?}");
+                return None;
+            }
+            Some(Err(e)) => {
+                eprintln!("connection error: {e}");
+                return None;
+            }
+            None => return None,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, frame: Value) {
+    ws.send(Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
+}
+
+/// Sends a ping and returns everything that arrived before its pong.
+async fn sync(ws: &mut Ws) -> Vec<Value> {
+    send(ws, json!({"type": "ping"})).await;
+    let mut before = Vec::new();
+    loop {
+        let f = next_json(ws).await.expect("open");
+        if f["type"] == "pong" {
+            return before;
+        }
+        before.push(f);
+    }
+}
+
+async fn ready(ws: &mut Ws, user: &str) {
+    let f = next_json(ws).await.expect("ready frame");
+    assert_eq!(f, json!({"type": "ready", "user": user}));
+}
+
+fn demo_events() -> String {
+    std::fs::read_to_string(root().join("fixtures/demo/events.jsonl")).unwrap()
+}
+
+fn expected_by_user() -> BTreeMap<String, Vec<Value>> {
+    let (pairs, _, _) = replay_print(
+        &root().join("fixtures/demo/events.jsonl"),
+        &demo_membership(),
+        &[],
+    );
+    let mut map: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for (u, m) in pairs {
+        map.entry(u).or_default().push(m);
+    }
+    map
+}
+
+fn assert_increasing(ids: &[u64], who: &str) {
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "{who}: ids must strictly increase: {ids:?}"
+    );
+}
+
+/// A minimal SSE reader over a reqwest response.
+struct Sse {
+    stream:
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: String,
+}
+
+#[derive(Debug, Default, Clone)]
+struct SseEvent {
+    id: Option<String>,
+    event: Option<String>,
+    data: String,
+    comment: Option<String>,
+}
+
+impl Sse {
+    async fn open(url: &str, bearer: Option<&str>) -> reqwest::Response {
+        let mut req = reqwest::Client::new().get(url);
+        if let Some(t) = bearer {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.expect("sse request")
+    }
+
+    fn new(resp: reqwest::Response) -> Sse {
+        Sse {
+            stream: Box::pin(resp.bytes_stream()),
+            buf: String::new(),
+        }
+    }
+
+    async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut ev = SseEvent::default();
+                for line in block.lines() {
+                    if let Some(c) = line.strip_prefix(':') {
+                        ev.comment = Some(c.trim().to_owned());
+                    } else if let Some((k, v)) = line.split_once(':') {
+                        let v = v.strip_prefix(' ').unwrap_or(v);
+                        match k {
+                            "id" => ev.id = Some(v.to_owned()),
+                            "event" => ev.event = Some(v.to_owned()),
+                            "data" => ev.data.push_str(v),
+                            _ => {}
+                        }
+                    }
+                }
+                return Some(ev);
+            }
+            match tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("no SSE data in time")
+            {
+                Some(Ok(chunk)) => self.buf.push_str(std::str::from_utf8(&chunk).unwrap()),
+                _ => return None,
+            }
+        }
+    }
+
+    /// The next event that is not a comment.
+    async fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            let e = self.next().await?;
+            if e.comment.is_none() || e.event.is_some() {
+                return Some(e);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_receive_exactly_what_replay_computes() {
+    let schemas = Schemas::load();
+    let mut server = Server::start(&["--user-rate", "0"]).await;
+    let expected = expected_by_user();
+
+    // alice: bearer header. bob: auth frame. carol: ticket. dave: header. frank: uploader.
+    let mut alice = connect(&server.ws_url("/ws"), Some(&token("alice"))).await;
+    ready(&mut alice, "alice").await;
+    let mut bob = connect(&server.ws_url("/ws"), None).await;
+    send(&mut bob, json!({"type": "auth", "token": token("bob")})).await;
+    ready(&mut bob, "bob").await;
+    let ticket: Value = reqwest::Client::new()
+        .post(server.url("/api/tickets"))
+        .bearer_auth(token("carol"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut carol = connect(
+        &server.ws_url(&format!(
+            "/ws?ticket={}",
+            ticket["ticket"].as_str().unwrap()
+        )),
+        None,
+    )
+    .await;
+    ready(&mut carol, "carol").await;
+    let mut dave = connect(&server.ws_url("/ws"), Some(&token("dave"))).await;
+    ready(&mut dave, "dave").await;
+    let mut frank = connect(&server.ws_url("/ws"), Some(&token("frank"))).await;
+    ready(&mut frank, "frank").await;
+    // erin and bob (a second connection) over SSE.
+    let mut erin_sse = Sse::new(Sse::open(&server.url("/sse"), Some(&token("erin"))).await);
+    assert_eq!(
+        erin_sse.next().await.unwrap().comment.as_deref(),
+        Some("ready erin")
+    );
+    let mut bob_sse = Sse::new(Sse::open(&server.url("/sse"), Some(&token("bob"))).await);
+    assert_eq!(
+        bob_sse.next().await.unwrap().comment.as_deref(),
+        Some("ready bob")
+    );
+
+    server.send_events(&demo_events()).await;
+
+    for (user, ws) in [
+        ("alice", &mut alice),
+        ("bob", &mut bob),
+        ("carol", &mut carol),
+        ("dave", &mut dave),
+    ] {
+        let want = &expected[user];
+        let mut got = Vec::new();
+        let mut ids = Vec::new();
+        while got.len() < want.len() {
+            let frame = next_json(ws).await.expect("connection stays open");
+            assert_valid(&schemas.server_frame, &frame, "server frame");
+            assert_eq!(frame["type"], "event", "{user}: {frame}");
+            ids.push(frame["id"].as_str().unwrap().parse::<u64>().unwrap());
+            got.push(frame["data"].clone());
+        }
+        assert_eq!(&got, want, "{user} receives what replay computes, in order");
+        assert_increasing(&ids, user);
+    }
+    for (user, sse) in [("erin", &mut erin_sse), ("bob", &mut bob_sse)] {
+        let want = &expected[user];
+        let mut ids = Vec::new();
+        for msg in want {
+            let ev = sse.next_event().await.expect("SSE stays open");
+            let data: Value = serde_json::from_str(&ev.data).unwrap();
+            assert_eq!(&data, msg, "{user} over SSE");
+            assert_eq!(
+                ev.event.as_deref(),
+                msg["type"].as_str(),
+                "event: is the message type"
+            );
+            ids.push(ev.id.unwrap().parse::<u64>().unwrap());
+        }
+        assert_increasing(&ids, user);
+    }
+    // frank (uploader) got nothing: the first frame after his ping is the pong.
+    assert!(
+        sync(&mut frank).await.is_empty(),
+        "an uploader receives nothing"
+    );
+    let stats = server.stats().await;
+    assert_eq!(stats["connections"], 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_failures_are_refused_clearly() {
+    let server = Server::start(&["--auth-timeout", "700ms"]).await;
+    let expect_error_and_close = |code: &'static str| async move {
+        move |frames: Vec<Option<Value>>| {
+            assert_eq!(frames[0].as_ref().unwrap()["type"], "error");
+            assert_eq!(frames[0].as_ref().unwrap()["code"], code, "{frames:?}");
+            assert!(frames[1].is_none(), "then the connection closes");
+        }
+    };
+    let bad = foldercast::gateway::auth::Authenticator::hs256(b"wrong")
+        .mint("alice", Duration::from_secs(60))
+        .unwrap();
+
+    let mut ws = connect(&server.ws_url("/ws"), Some(&bad)).await;
+    let frames = vec![next_json(&mut ws).await, next_json(&mut ws).await];
+    expect_error_and_close("invalid-token").await(frames);
+
+    let expired = foldercast::gateway::auth::Authenticator::hs256(common::SECRET.as_bytes())
+        .mint("alice", Duration::ZERO)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut ws = connect(&server.ws_url("/ws"), Some(&expired)).await;
+    let frames = vec![next_json(&mut ws).await, next_json(&mut ws).await];
+    expect_error_and_close("token-expired").await(frames);
+
+    let mut ws = connect(&server.ws_url("/ws"), None).await;
+    send(&mut ws, json!({"type": "auth", "token": "not-a-jwt"})).await;
+    let frames = vec![next_json(&mut ws).await, next_json(&mut ws).await];
+    expect_error_and_close("invalid-token").await(frames);
+
+    let mut ws = connect(&server.ws_url("/ws"), None).await;
+    let frames = vec![next_json(&mut ws).await, next_json(&mut ws).await];
+    expect_error_and_close("auth-timeout").await(frames);
+
+    // Before auth, other frames are answered with an error; the connection waits for auth.
+    let mut ws = connect(&server.ws_url("/ws"), None).await;
+    send(
+        &mut ws,
+        json!({"type": "watch", "space_id": "s-eng", "path": "/"}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await.unwrap()["code"], "unauthenticated");
+    send(&mut ws, json!({"type": "auth", "token": token("alice")})).await;
+    ready(&mut ws, "alice").await;
+
+    // A ticket works once.
+    let ticket: Value = reqwest::Client::new()
+        .post(server.url("/api/tickets"))
+        .bearer_auth(token("bob"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = server.ws_url(&format!(
+        "/ws?ticket={}",
+        ticket["ticket"].as_str().unwrap()
+    ));
+    let mut first = connect(&url, None).await;
+    ready(&mut first, "bob").await;
+    let mut second = connect(&url, None).await;
+    let frames = vec![next_json(&mut second).await, next_json(&mut second).await];
+    expect_error_and_close("invalid-ticket").await(frames);
+
+    // HTTP endpoints answer 401 with a JSON error.
+    let r = reqwest::Client::new()
+        .post(server.url("/api/tickets"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = Sse::open(&server.url("/sse"), None).await;
+    assert_eq!(r.status(), 401);
+    let r = Sse::open(&server.url("/sse"), Some(&bad)).await;
+    assert_eq!(r.status(), 401);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "invalid-token");
+    let r = Sse::open(&server.url("/sse?watch=nocolon"), Some(&token("bob"))).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        reqwest::get(server.url("/healthz")).await.unwrap().status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_client_frames_get_error_frames_and_the_connection_stays() {
+    let schemas = Schemas::load();
+    let server = Server::start(&[]).await;
+    let mut ws = connect(&server.ws_url("/ws"), Some(&token("alice"))).await;
+    ready(&mut ws, "alice").await;
+    let cases: [(Message, &str); 6] = [
+        (Message::Text("garbage".into()), "bad-frame"),
+        (Message::Text(r#"{"type":"dance"}"#.into()), "unknown-type"),
+        (
+            Message::Text(r#"{"type":"watch","space_id":"s-eng","path":"/a/../b"}"#.into()),
+            "invalid-path",
+        ),
+        (
+            Message::Text(r#"{"type":"watch","space_id":"s-eng"}"#.into()),
+            "bad-frame",
+        ),
+        (Message::Binary(vec![1, 2, 3].into()), "bad-frame"),
+        (
+            Message::Text(format!(r#"{{"type":"auth","token":"{}"}}"#, token("bob")).into()),
+            "user-mismatch",
+        ),
+    ];
+    for (frame, code) in cases {
+        ws.send(frame).await.unwrap();
+        let reply = next_json(&mut ws).await.expect("still open");
+        assert_valid(&schemas.server_frame, &reply, "error frame");
+        assert_eq!(reply["type"], "error");
+        assert_eq!(reply["code"], code);
+    }
+    send(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut ws).await.unwrap(), json!({"type": "pong"}));
+    for i in 0..64 {
+        send(
+            &mut ws,
+            json!({"type": "watch", "space_id": "s", "path": format!("/{i}")}),
+        )
+        .await;
+    }
+    send(
+        &mut ws,
+        json!({"type": "watch", "space_id": "s", "path": "/one-too-many"}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await.unwrap()["code"],
+        "too-many-watches"
+    );
+}
+
+fn watched(msg: &Value, space: &str, folder: &str) -> bool {
+    if msg.get("item").is_none() {
+        return true; // membership messages always pass
+    }
+    let within = |p: &Value| {
+        p.as_str()
+            .is_some_and(|p| p == folder || p.starts_with(&format!("{folder}/")))
+    };
+    msg["space_id"] == space && (within(&msg["item"]["path"]) || within(&msg["item"]["old_path"]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_filter_to_the_folder_on_screen() {
+    let mut server = Server::start(&["--user-rate", "0"]).await;
+    let folder = "/projects/apollo/specs/diagrams";
+    let want: Vec<Value> = expected_by_user()["alice"]
+        .iter()
+        .filter(|m| watched(m, "s-eng", folder))
+        .cloned()
+        .collect();
+    assert!(
+        want.len() >= 4 && want.len() < expected_by_user()["alice"].len(),
+        "the filter must matter"
+    );
+
+    let mut ws = connect(&server.ws_url("/ws"), Some(&token("alice"))).await;
+    ready(&mut ws, "alice").await;
+    send(
+        &mut ws,
+        json!({"type": "watch", "space_id": "s-eng", "path": format!("{folder}/")}),
+    )
+    .await;
+    assert!(sync(&mut ws).await.is_empty());
+    let mut sse = Sse::new(
+        Sse::open(
+            &server.url(&format!("/sse?watch=s-eng:{folder}")),
+            Some(&token("alice")),
+        )
+        .await,
+    );
+    sse.next().await.unwrap();
+
+    server.send_events(&demo_events()).await;
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        got.push(next_json(&mut ws).await.unwrap()["data"].clone());
+    }
+    assert_eq!(got, want);
+    let mut got_sse = Vec::new();
+    while got_sse.len() < want.len() {
+        got_sse.push(serde_json::from_str::<Value>(&sse.next_event().await.unwrap().data).unwrap());
+    }
+    assert_eq!(got_sse, want);
+    assert!(
+        sync(&mut ws).await.is_empty(),
+        "nothing outside the watch arrives"
+    );
+
+    // Without watches, everything arrives again.
+    send(&mut ws, json!({"type": "unwatch"})).await;
+    server
+        .send_events(r#"{"id":"late-1","type":"file-uploaded","time":"2026-11-22T11:00:00Z","data":{"space_id":"s-mkt","path":"/elsewhere.txt","kind":"file","size":1}}"#)
+        .await;
+    server.send_events("\n").await;
+    let f = next_json(&mut ws).await.unwrap();
+    assert_eq!(f["data"]["event_id"], "late-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_evicted_and_others_are_unharmed() {
+    let mut server = Server::start(&[
+        "--user-rate",
+        "0",
+        "--send-queue",
+        "64",
+        "--write-timeout",
+        "3s",
+    ])
+    .await;
+    // A client with a tiny receive window that stops reading after `ready`.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(server.addr.parse().unwrap()).await.unwrap();
+    let mut request = server.ws_url("/ws").into_client_request().unwrap();
+    request.headers_mut().insert(
+        "Authorization",
+        HeaderValue::from_str(&format!("Bearer {}", token("alice"))).unwrap(),
+    );
+    let (mut slow, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
+        .await
+        .unwrap();
+    ready(&mut slow, "alice").await;
+    let mut healthy = connect(&server.ws_url("/ws"), Some(&token("bob"))).await;
+    ready(&mut healthy, "bob").await;
+
+    // 400 events with deep, long paths (~70 KB per message, 28 MB in all), paced so a reading
+    // client keeps up while the other one's socket buffers and queue fill.
+    const EVENTS: usize = 400;
+    let deep: String = (0..60).map(|i| format!("/{}{i}", "d".repeat(38))).collect();
+    let events: Vec<String> = (0..EVENTS)
+        .map(|i| format!(r#"{{"id":"big-{i}","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{{"space_id":"s-eng","path":"{deep}/f{i}","kind":"file","size":1}}}}"#) + "\n")
+        .collect();
+    let reader = tokio::spawn(async move {
+        let mut n = 0;
+        while n < EVENTS {
+            let f = next_json(&mut healthy)
+                .await
+                .expect("the healthy client stays connected");
+            if f["type"] == "event" {
+                n += 1;
+            }
+        }
+        n
+    });
+    for chunk in events.chunks(10) {
+        server.send_events(&chunk.concat()).await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        reader.await.unwrap(),
+        EVENTS,
+        "a reading client gets everything"
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stats = server.stats().await;
+        if stats["evicted"].as_u64().unwrap() >= 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow client was never evicted: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The connection count drops once the evicted session is gone.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.stats().await["connections"] != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "evicted session still registered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(slow);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiring_tokens_close_the_connection_unless_refreshed() {
+    let server = Server::start(&[]).await;
+    let auth = foldercast::gateway::auth::Authenticator::hs256(common::SECRET.as_bytes());
+    let short = auth.mint("alice", Duration::from_secs(2)).unwrap();
+    let mut expiring = connect(&server.ws_url("/ws"), Some(&short)).await;
+    ready(&mut expiring, "alice").await;
+    let mut refreshed = connect(
+        &server.ws_url("/ws"),
+        Some(&auth.mint("bob", Duration::from_secs(2)).unwrap()),
+    )
+    .await;
+    ready(&mut refreshed, "bob").await;
+    send(
+        &mut refreshed,
+        json!({"type": "auth", "token": token("bob")}),
+    )
+    .await;
+    assert!(sync(&mut refreshed).await.is_empty(), "a refresh is silent");
+
+    let f = next_json(&mut expiring).await.expect("told before closing");
+    assert_eq!(f["code"], "token-expired");
+    assert!(next_json(&mut expiring).await.is_none());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        sync(&mut refreshed).await.is_empty(),
+        "the refreshed connection is still open"
+    );
+}
