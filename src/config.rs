@@ -114,15 +114,15 @@ pub struct ReplayArgs {
     pub membership: PathBuf,
 
     /// Print one JSON line per delivered message: {"user":…,"message":…}, in event order, users sorted.
-    #[arg(long)]
+    #[arg(long, env = "FOLDERCAST_PRINT")]
     pub print: bool,
 
     /// Apply the per-user rate limit and coalescing, with event time as the clock.
-    #[arg(long)]
+    #[arg(long, env = "FOLDERCAST_THROTTLE")]
     pub throttle: bool,
 
     /// Exit with status 1 if any event was rejected.
-    #[arg(long)]
+    #[arg(long, env = "FOLDERCAST_STRICT")]
     pub strict: bool,
 
     #[command(flatten)]
@@ -263,34 +263,40 @@ pub enum BenchCommand {
     Replay(BenchReplayArgs),
     /// Gateway resident memory per idle authenticated WebSocket connection.
     Idle(BenchIdleArgs),
+    /// The baseline `bench idle` compares with: a bare axum WebSocket loop (internal use).
+    #[command(hide = true)]
+    BareGateway {
+        #[arg(long, env = "FOLDERCAST_LISTEN", default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct BenchReplayArgs {
     /// Events in the generated trace.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, env = "FOLDERCAST_BENCH_EVENTS", default_value_t = 1_000_000)]
     pub events: u64,
     /// Members per space.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, env = "FOLDERCAST_BENCH_MEMBERS", default_value_t = 20)]
     pub members: usize,
     /// Folder depth of every path.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, env = "FOLDERCAST_BENCH_DEPTH", default_value_t = 8)]
     pub depth: usize,
     /// Spaces in the trace.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, env = "FOLDERCAST_BENCH_SPACES", default_value_t = 1000)]
     pub spaces: usize,
 }
 
 #[derive(Debug, Args)]
 pub struct BenchIdleArgs {
     /// Idle authenticated connections to open (the open-file limit is 20 000 per process).
-    #[arg(long, default_value_t = 19_000)]
+    #[arg(long, env = "FOLDERCAST_BENCH_CONNECTIONS", default_value_t = 19_000)]
     pub connections: usize,
     /// Distinct users the connections belong to.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, env = "FOLDERCAST_BENCH_USERS", default_value_t = 1000)]
     pub users: usize,
     /// The foldercast binary to start as the gateway under test (default: this one).
-    #[arg(long)]
+    #[arg(long, env = "FOLDERCAST_BENCH_BINARY")]
     pub binary: Option<PathBuf>,
 }
 
@@ -455,5 +461,29 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_reads_an_environment_variable() {
+        fn walk(cmd: &clap::Command, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.get_long().is_some()
+                    && !matches!(id, "help" | "version")
+                    && arg.get_env().is_none()
+                {
+                    missing.push(format!("{} --{id}", cmd.get_name()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), &mut missing);
+        assert!(
+            missing.is_empty(),
+            "flags without FOLDERCAST_ variables: {missing:?}"
+        );
     }
 }

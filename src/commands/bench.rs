@@ -167,3 +167,7 @@ async fn replay_async(args: BenchReplayArgs) -> anyhow::Result<ExitCode> {
 pub fn idle(args: BenchIdleArgs) -> anyhow::Result<ExitCode> {
     idle::run(args)
 }
+
+pub fn bare_gateway(listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+    idle::bare_gateway(listen)
+}

@@ -20,6 +20,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => replay::replay(args),
         Command::Bench(BenchCommand::Replay(args)) => bench::replay(args),
         Command::Bench(BenchCommand::Idle(args)) => bench::idle(args),
+        Command::Bench(BenchCommand::BareGateway { listen }) => bench::bare_gateway(listen),
     }
 }
 

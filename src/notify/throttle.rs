@@ -12,7 +12,7 @@
 //!
 //! The clock is a parameter so a replay can follow event time and stay deterministic.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +46,9 @@ pub struct Throttle<C: Clock> {
     /// How long an idle bucket takes to refill; a user idle that long can be forgotten.
     refill: Duration,
     users: HashMap<Arc<str>, UserState<C>>,
+    /// Users holding changes, sorted so flushes come out in a deterministic order.
+    waiting: BTreeSet<Arc<str>>,
+    last_prune: C::Instant,
 }
 
 struct UserState<C: Clock> {
@@ -82,12 +85,15 @@ impl<C: Clock + Clone> Throttle<C> {
         let period = Duration::from_secs_f64(1.0 / config.rate);
         let burst = NonZeroU32::new(config.burst.max(1)).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::with_period(period)?.allow_burst(burst);
+        let last_prune = clock.now();
         Some(Throttle {
             quota,
             clock,
             max_backlog: config.max_backlog.max(1),
             refill: period.saturating_mul(burst.get()),
             users: HashMap::new(),
+            waiting: BTreeSet::new(),
+            last_prune,
         })
     }
 
@@ -107,6 +113,9 @@ impl<C: Clock + Clone> Throttle<C> {
             if let Some(pending) = state.pending.shift_remove(space) {
                 state.emit(user, space, pending, out);
             }
+            if state.pending.is_empty() {
+                self.waiting.remove(user);
+            }
             out.push(Outgoing::new(user.clone(), msg.payload.clone()));
             return;
         }
@@ -116,36 +125,48 @@ impl<C: Clock + Clone> Throttle<C> {
         }
         state.hold(space, msg, self.max_backlog);
         state.flush_allowed(user, out);
+        if !state.pending.is_empty() {
+            self.waiting.insert(user.clone());
+        }
     }
 
-    /// Flushes every pending change the buckets now allow, and forgets idle users.
+    /// Flushes the pending changes the buckets now allow; now and then forgets idle users.
     pub fn flush_ready(&mut self, out: &mut Vec<Outgoing>) {
+        let waiting = std::mem::take(&mut self.waiting);
+        for user in waiting {
+            if let Some(state) = self.users.get_mut(&user) {
+                state.flush_allowed(&user, out);
+                if !state.pending.is_empty() {
+                    self.waiting.insert(user);
+                }
+            }
+        }
         let now = self.clock.now();
         let refill = self.refill;
-        self.users.retain(|user, state| {
-            state.flush_allowed(user, out);
-            let idle = Duration::from(now.duration_since(state.last_used));
-            !(state.pending.is_empty() && idle >= refill)
-        });
+        if Duration::from(now.duration_since(self.last_prune)) >= refill {
+            // A user idle for a whole refill period has a full bucket again: nothing to keep.
+            self.last_prune = now;
+            self.users.retain(|_, state| {
+                let idle = Duration::from(now.duration_since(state.last_used));
+                !(state.pending.is_empty() && idle >= refill)
+            });
+        }
     }
 
     /// Flushes everything regardless of the buckets (end of a replay).
     pub fn flush_all(&mut self, out: &mut Vec<Outgoing>) {
-        let mut users: Vec<_> = self.users.drain().collect();
-        users.sort_by(|a, b| a.0.cmp(&b.0));
-        for (user, mut state) in users {
-            while let Some((space, pending)) = state.pending.shift_remove_index(0) {
-                state.emit(&user, &space, pending, out);
+        for user in std::mem::take(&mut self.waiting) {
+            if let Some(state) = self.users.get_mut(&user) {
+                while let Some((space, pending)) = state.pending.shift_remove_index(0) {
+                    state.emit(&user, &space, pending, out);
+                }
             }
         }
     }
 
     /// Users with held changes.
     pub fn pending_users(&self) -> usize {
-        self.users
-            .values()
-            .filter(|s| !s.pending.is_empty())
-            .count()
+        self.waiting.len()
     }
 }
 
