@@ -48,12 +48,7 @@ pub fn route<C: Clock + Clone>(
                         t.admit(user, &fanout.message, out);
                     }
                 }
-                None => out.extend(
-                    fanout
-                        .recipients
-                        .iter()
-                        .map(|u| Outgoing::new(u.clone(), fanout.message.payload.clone())),
-                ),
+                None => out.extend(fanout.recipients.iter().map(|u| fanout.message.to(u))),
             }
             tracing::debug!(event_id = %fanout.event.id, recipients = fanout.recipients.len(), sent = out.len() - before, "event routed");
             Some(fanout)

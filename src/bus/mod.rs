@@ -7,6 +7,7 @@
 //! `UserMessage`), so a gateway never depends on how they were made.
 
 mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -14,17 +15,33 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use memory::MemoryBus;
+pub use redis::{RedisBus, RedisOptions, RedisTarget};
 
 /// One message for one user, on its way to the bus.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outgoing {
     pub user: Arc<str>,
     pub payload: Bytes,
+    /// The event this message reports (a coalesced one: its latest). A bus that is shared by
+    /// several consumers uses it to deliver each event to each user once.
+    pub event_id: Option<Arc<str>>,
 }
 
 impl Outgoing {
     pub fn new(user: Arc<str>, payload: Bytes) -> Self {
-        Outgoing { user, payload }
+        Outgoing {
+            user,
+            payload,
+            event_id: None,
+        }
+    }
+
+    pub fn for_event(user: Arc<str>, payload: Bytes, event_id: Option<Arc<str>>) -> Self {
+        Outgoing {
+            user,
+            payload,
+            event_id,
+        }
     }
 }
 
@@ -52,4 +69,8 @@ pub trait Bus: Send + Sync {
     async fn subscribe(&self, user: &Arc<str>) -> Result<(), BusError>;
     /// Stops delivering `user`'s messages.
     async fn unsubscribe(&self, user: &Arc<str>) -> Result<(), BusError>;
+    /// Whether the bus is reachable now (`/readyz`).
+    fn is_connected(&self) -> bool {
+        true
+    }
 }

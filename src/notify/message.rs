@@ -9,6 +9,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::ancestors::{FolderDelta, folder_deltas};
+use crate::bus::Outgoing;
 use crate::event::{EventBody, ItemChange, Member, MembershipChange, StorageEvent};
 use crate::path::SpacePath;
 
@@ -80,15 +81,23 @@ pub struct MemberInfo {
 pub struct Prepared {
     pub message: Arc<UserMessage>,
     pub payload: Bytes,
+    pub event_id: Option<Arc<str>>,
 }
 
 impl Prepared {
     pub fn new(message: UserMessage) -> Self {
         let payload = encode(&message);
+        let event_id = message.event_id.as_deref().map(Arc::from);
         Prepared {
             message: Arc::new(message),
             payload,
+            event_id,
         }
+    }
+
+    /// This message, addressed to `user`.
+    pub fn to(&self, user: &Arc<str>) -> Outgoing {
+        Outgoing::for_event(user.clone(), self.payload.clone(), self.event_id.clone())
     }
 }
 

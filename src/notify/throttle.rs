@@ -116,11 +116,11 @@ impl<C: Clock + Clone> Throttle<C> {
             if state.pending.is_empty() {
                 self.waiting.remove(user);
             }
-            out.push(Outgoing::new(user.clone(), msg.payload.clone()));
+            out.push(msg.to(user));
             return;
         }
         if state.pending.is_empty() && state.limiter.check().is_ok() {
-            out.push(Outgoing::new(user.clone(), msg.payload.clone()));
+            out.push(msg.to(user));
             return;
         }
         state.hold(space, msg, self.max_backlog);
@@ -217,19 +217,24 @@ impl<C: Clock> UserState<C> {
         pending: Pending,
         out: &mut Vec<Outgoing>,
     ) {
-        let payload = match pending {
-            Pending::Resync { time, skipped } => {
-                super::message::encode(&UserMessage::resync(space.clone(), time, skipped))
-            }
+        let message = match pending {
+            Pending::Resync { time, skipped } => Outgoing::new(
+                user.clone(),
+                super::message::encode(&UserMessage::resync(space.clone(), time, skipped)),
+            ),
             Pending::Coalescing(c) => {
                 self.backlog = self.backlog.saturating_sub(c.event_ids.len());
-                match c.single {
-                    Some(original) => original.payload,
-                    None => super::message::encode(&c.into_message(space.clone())),
+                match &c.single {
+                    Some(original) => original.to(user),
+                    None => {
+                        let latest = c.event_ids.last().map(|id| Arc::from(id.as_str()));
+                        let payload = super::message::encode(&c.into_message(space.clone()));
+                        Outgoing::for_event(user.clone(), payload, latest)
+                    }
                 }
             }
         };
-        out.push(Outgoing::new(user.clone(), payload));
+        out.push(message);
     }
 }
 

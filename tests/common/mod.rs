@@ -217,3 +217,114 @@ pub fn assert_valid(v: &jsonschema::Validator, instance: &Value, what: &str) {
         "{what} violates its schema: {errors:?}\n{instance}"
     );
 }
+
+/// The address of a server that `scripts/test.sh` started. A missing one fails the test: the
+/// suite never skips because a server is absent.
+pub fn server_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the suite with scripts/test.sh, which starts Redis, Redis Cluster and Kafka")
+    })
+}
+
+pub fn redis_url() -> String {
+    server_env("FOLDERCAST_TEST_REDIS")
+}
+
+pub fn redis_cluster_nodes() -> Vec<String> {
+    server_env("FOLDERCAST_TEST_REDIS_CLUSTER")
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
+pub fn kafka_brokers() -> String {
+    server_env("FOLDERCAST_TEST_KAFKA")
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A unique name for this run (topics, groups, users), so tests sharing servers never collide.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A private redis-server for tests that restart it; stopped on drop.
+pub struct PrivateRedis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    pub fn start() -> PrivateRedis {
+        let mut r = PrivateRedis {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test.sh installs it)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("private redis-server did not start");
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,469 @@
+//! The Redis bus: standalone Redis or Redis Cluster (sharded pub/sub), with a per-user history.
+//!
+//! Every key of a user carries the user id as a hash tag, so all of them live in one cluster slot:
+//! `fc:{alice}:live` (the pub/sub channel), `fc:{alice}:log` (a Redis Stream holding the user's
+//! recent messages) and `fc:{alice}:seen:<window>` (event ids already delivered to alice).
+//!
+//! One Lua script per message does, atomically: skip it if the event was already delivered to
+//! this user (so a partition replayed by another consumer after a crash or a rebalance reaches
+//! each user once, and a crash between two users loses nothing), append it to the stream
+//! (trimmed by length and age), and publish `<stream id>\n<payload>` on the channel. The stream
+//! entry id is the frame id clients see, so ids increase per user across gateways and restarts,
+//! and a subscriber never sees a message that is not in the stream.
+//!
+//! Publishing is pipelined: a batch goes out as one pipeline (standalone) or as one pipeline per
+//! user sent concurrently (cluster: a pipeline must stay within one slot). On a cluster the
+//! channel is published with `SPUBLISH` and subscribed with `SSUBSCRIBE`, so a message travels
+//! only within its shard.
+//!
+//! Subscribing uses one connection per Redis node (redis-rs multiplexes: the standalone
+//! `ConnectionManager` or the cluster connection's per-node connections). redis-rs reconnects
+//! with backoff and resubscribes after a restart, failover or slot move; a health loop pings the
+//! nodes so `/readyz` can tell whether the bus is connected.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::aio::{AsyncPushSender, ConnectionManager, ConnectionManagerConfig, SendError};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+use redis::{ErrorKind, PushInfo, PushKind, RedisError, ServerErrorKind, Value};
+use tokio::sync::mpsc;
+
+use super::{Bus, BusError, Delivery, Outgoing};
+
+/// Where Redis is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    Standalone(String),
+    /// Seed nodes of a Redis Cluster.
+    Cluster(Vec<String>),
+}
+
+/// History and de-duplication settings.
+#[derive(Debug, Clone, Copy)]
+pub struct RedisOptions {
+    /// Entries kept per user stream (approximate trimming).
+    pub stream_max_len: u64,
+    /// Age after which entries are trimmed and an idle user's stream expires.
+    pub stream_max_age: Duration,
+    /// How long an event id is remembered per user to drop repeats (two windows are checked).
+    pub dedup_window: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            stream_max_len: 1000,
+            stream_max_age: Duration::from_secs(3600),
+            dedup_window: Duration::from_secs(600),
+        }
+    }
+}
+
+const PUBLISH_SCRIPT: &str = r#"
+-- KEYS: 1 stream, 2 seen ids (current window), 3 seen ids (previous window), 4 channel
+-- ARGV: 1 payload, 2 event id ('' = not guarded), 3 max length, 4 max age ms, 5 window ms,
+--       6 PUBLISH or SPUBLISH
+if ARGV[2] ~= '' then
+  if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 or redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 1 then
+    return false
+  end
+  redis.call('SADD', KEYS[2], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], 2 * tonumber(ARGV[5]))
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'm', ARGV[1])
+local now = redis.call('TIME')
+local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[4])
+if oldest > 0 then
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', oldest)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call(ARGV[6], KEYS[4], id .. '\n' .. ARGV[1])
+return id
+"#;
+
+/// Key and channel names of a user.
+pub mod keys {
+    pub fn channel(user: &str) -> String {
+        format!("fc:{{{user}}}:live")
+    }
+
+    pub fn stream(user: &str) -> String {
+        format!("fc:{{{user}}}:log")
+    }
+
+    pub fn seen(user: &str, window: u64) -> String {
+        format!("fc:{{{user}}}:seen:{window}")
+    }
+
+    /// The user a channel belongs to.
+    pub fn user_of_channel(channel: &[u8]) -> Option<&str> {
+        let s = std::str::from_utf8(channel).ok()?;
+        s.strip_prefix("fc:{")?.strip_suffix("}:live")
+    }
+}
+
+#[derive(Clone)]
+enum Conn {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+pub struct RedisBus {
+    publisher: Conn,
+    subscriber: Option<Conn>,
+    script: redis::Script,
+    options: RedisOptions,
+    connected: Arc<AtomicBool>,
+    /// Deliveries dropped because the gateway's dispatcher was full.
+    pub dropped: Arc<AtomicU64>,
+}
+
+/// Turns pushed pub/sub messages into deliveries without blocking the connection.
+struct PushToDeliveries {
+    deliveries: mpsc::Sender<Delivery>,
+    connected: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl AsyncPushSender for PushToDeliveries {
+    fn send(&self, info: PushInfo) -> Result<(), SendError> {
+        match info.kind {
+            PushKind::Message | PushKind::SMessage => {
+                if let Some(delivery) = delivery_of(&info.data) {
+                    if self.deliveries.try_send(delivery).is_err() {
+                        self.dropped.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+            PushKind::Disconnection => {
+                self.connected.store(false, Relaxed);
+                tracing::warn!("redis subscription connection lost; reconnecting");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn delivery_of(data: &[Value]) -> Option<Delivery> {
+    let bytes = |v: &Value| match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        _ => None,
+    };
+    let channel = bytes(data.first()?)?;
+    let message = bytes(data.get(1)?)?;
+    let user = keys::user_of_channel(&channel)?;
+    let split = message.iter().position(|b| *b == b'\n')?;
+    let id = std::str::from_utf8(&message[..split]).ok()?;
+    Some(Delivery {
+        user: Arc::from(user),
+        id: Arc::from(id),
+        payload: Bytes::from(message).slice(split + 1..),
+    })
+}
+
+fn unavailable(e: RedisError) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+impl RedisBus {
+    /// Connects the publisher, and the subscriber when `deliveries` is given (gateways).
+    pub async fn connect(
+        target: &RedisTarget,
+        options: RedisOptions,
+        deliveries: Option<mpsc::Sender<Delivery>>,
+    ) -> Result<Arc<Self>, BusError> {
+        let connected = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let publisher = open(target, None).await?;
+        let subscriber = match deliveries {
+            Some(tx) => Some(
+                open(
+                    target,
+                    Some(PushToDeliveries {
+                        deliveries: tx,
+                        connected: connected.clone(),
+                        dropped: dropped.clone(),
+                    }),
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let bus = Arc::new(RedisBus {
+            publisher,
+            subscriber,
+            script: redis::Script::new(PUBLISH_SCRIPT),
+            options,
+            connected,
+            dropped,
+        });
+        bus.load_script().await?;
+        bus.connected.store(true, Relaxed);
+        Ok(bus)
+    }
+
+    /// Pings every node every `interval` and keeps the connected flag (for `/readyz`) current;
+    /// the pings also drive reconnection and resubscription. Runs until the bus is dropped.
+    pub fn spawn_health_check(self: &Arc<Self>, interval: Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(bus) = weak.upgrade() else { return };
+                let conn = bus
+                    .subscriber
+                    .clone()
+                    .unwrap_or_else(|| bus.publisher.clone());
+                let ok = tokio::time::timeout(interval.max(Duration::from_secs(1)), ping(conn))
+                    .await
+                    .map(|r| r.is_ok())
+                    .unwrap_or(false);
+                let was = bus.connected.swap(ok, Relaxed);
+                if ok && !was {
+                    tracing::info!("redis connection restored");
+                } else if !ok && was {
+                    tracing::warn!("redis unreachable; retrying");
+                }
+            }
+        });
+    }
+
+    async fn load_script(&self) -> Result<(), BusError> {
+        let mut load = redis::cmd("SCRIPT");
+        load.arg("LOAD").arg(PUBLISH_SCRIPT);
+        match self.publisher.clone() {
+            Conn::Standalone(mut c) => {
+                let _: String = load.query_async(&mut c).await.map_err(unavailable)?;
+            }
+            Conn::Cluster(mut c) => {
+                c.route_command(
+                    load,
+                    RoutingInfo::MultiNode((
+                        MultipleNodeRoutingInfo::AllMasters,
+                        Some(ResponsePolicy::AllSucceeded),
+                    )),
+                )
+                .await
+                .map_err(unavailable)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn invocation(&self, msg: &Outgoing, window: u64, sharded: bool) -> redis::Cmd {
+        let o = &self.options;
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash())
+            .arg(4)
+            .arg(keys::stream(&msg.user))
+            .arg(keys::seen(&msg.user, window))
+            .arg(keys::seen(&msg.user, window.saturating_sub(1)))
+            .arg(keys::channel(&msg.user))
+            .arg(&msg.payload[..])
+            .arg(msg.event_id.as_deref().unwrap_or(""))
+            .arg(o.stream_max_len)
+            .arg(o.stream_max_age.as_millis().max(1) as u64)
+            .arg(o.dedup_window.as_millis().max(1) as u64)
+            .arg(if sharded { "SPUBLISH" } else { "PUBLISH" });
+        cmd
+    }
+
+    async fn publish_once(&self, batch: &[Outgoing]) -> Result<(), RedisError> {
+        let window_ms = self.options.dedup_window.as_millis().max(1) as u64;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let window = now_ms / window_ms;
+        match self.publisher.clone() {
+            Conn::Standalone(mut c) => {
+                let mut pipe = redis::pipe();
+                for msg in batch {
+                    pipe.add_command(self.invocation(msg, window, false))
+                        .ignore();
+                }
+                pipe.exec_async(&mut c).await
+            }
+            Conn::Cluster(c) => {
+                // A pipeline must stay within one slot: one per user, all sent at once.
+                let mut per_user: HashMap<&str, redis::Pipeline> = HashMap::new();
+                for msg in batch {
+                    per_user
+                        .entry(&msg.user)
+                        .or_insert_with(redis::pipe)
+                        .add_command(self.invocation(msg, window, true))
+                        .ignore();
+                }
+                let sends = per_user.into_values().map(|pipe| {
+                    let mut c = c.clone();
+                    async move { pipe.exec_async(&mut c).await }
+                });
+                futures_util::future::try_join_all(sends).await.map(|_| ())
+            }
+        }
+    }
+}
+
+async fn open(target: &RedisTarget, push: Option<PushToDeliveries>) -> Result<Conn, BusError> {
+    match target {
+        RedisTarget::Standalone(url) => {
+            let client = redis::Client::open(resp3(url).as_str())
+                .map_err(|e| BusError::Unavailable(format!("invalid redis URL {url:?}: {e}")))?;
+            let mut config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_response_timeout(Some(Duration::from_secs(10)))
+                .set_max_delay(Duration::from_secs(5));
+            if let Some(push) = push {
+                config = config.set_push_sender(push).set_automatic_resubscription();
+            }
+            let manager = ConnectionManager::new_with_config(client, config)
+                .await
+                .map_err(|e| {
+                    BusError::Unavailable(format!("cannot connect to redis at {url}: {e}"))
+                })?;
+            Ok(Conn::Standalone(manager))
+        }
+        RedisTarget::Cluster(nodes) => {
+            let mut builder =
+                ClusterClientBuilder::new(nodes.iter().map(|n| resp3(n)).collect::<Vec<_>>())
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .connection_timeout(Duration::from_secs(5))
+                    .response_timeout(Duration::from_secs(10));
+            if let Some(push) = push {
+                builder = builder.push_sender(push);
+            }
+            let client = builder.build().map_err(|e| {
+                BusError::Unavailable(format!("invalid redis cluster nodes {nodes:?}: {e}"))
+            })?;
+            let conn = client.get_async_connection().await.map_err(|e| {
+                BusError::Unavailable(format!("cannot connect to redis cluster {nodes:?}: {e}"))
+            })?;
+            Ok(Conn::Cluster(conn))
+        }
+    }
+}
+
+/// Pub/sub pushes need RESP3.
+fn resp3(url: &str) -> String {
+    if url.contains("protocol=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&protocol=resp3")
+    } else {
+        format!("{url}?protocol=resp3")
+    }
+}
+
+async fn ping(conn: Conn) -> Result<(), RedisError> {
+    match conn {
+        Conn::Standalone(mut c) => redis::cmd("PING").query_async::<()>(&mut c).await,
+        Conn::Cluster(mut c) => c
+            .route_command(
+                redis::cmd("PING"),
+                RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::AllSucceeded),
+                )),
+            )
+            .await
+            .map(|_| ()),
+    }
+}
+
+#[async_trait]
+impl Bus for RedisBus {
+    async fn publish(&self, batch: &[Outgoing]) -> Result<(), BusError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        match self.publish_once(batch).await {
+            Ok(()) => Ok(()),
+            // A restarted Redis has forgotten the script: load it and try once more. Messages
+            // that did go out are not repeated: the per-user guard drops them.
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.load_script().await?;
+                self.publish_once(batch).await.map_err(unavailable)
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn subscribe(&self, user: &Arc<str>) -> Result<(), BusError> {
+        match self.subscriber.clone() {
+            Some(Conn::Standalone(mut c)) => {
+                c.subscribe(keys::channel(user)).await.map_err(unavailable)
+            }
+            Some(Conn::Cluster(mut c)) => {
+                c.ssubscribe(keys::channel(user)).await.map_err(unavailable)
+            }
+            None => Err(BusError::Unavailable(
+                "this bus was opened without a subscriber".into(),
+            )),
+        }
+    }
+
+    async fn unsubscribe(&self, user: &Arc<str>) -> Result<(), BusError> {
+        match self.subscriber.clone() {
+            Some(Conn::Standalone(mut c)) => c
+                .unsubscribe(keys::channel(user))
+                .await
+                .map_err(unavailable),
+            Some(Conn::Cluster(mut c)) => c
+                .sunsubscribe(keys::channel(user))
+                .await
+                .map_err(unavailable),
+            None => Ok(()),
+        }
+    }
+
+    fn is_connected(&self) -> bool {
+        self.connected.load(Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_a_hash_tag() {
+        assert_eq!(keys::channel("alice"), "fc:{alice}:live");
+        assert_eq!(keys::stream("alice"), "fc:{alice}:log");
+        assert_eq!(keys::seen("alice", 7), "fc:{alice}:seen:7");
+        assert_eq!(keys::user_of_channel(b"fc:{alice}:live"), Some("alice"));
+        assert_eq!(keys::user_of_channel(b"other"), None);
+    }
+
+    #[test]
+    fn pushed_messages_become_deliveries() {
+        let data = vec![
+            Value::BulkString(b"fc:{bob}:live".to_vec()),
+            Value::BulkString(b"1700000000000-0\n{\"a\":1}".to_vec()),
+        ];
+        let d = delivery_of(&data).unwrap();
+        assert_eq!(
+            (&*d.user, &*d.id, &d.payload[..]),
+            ("bob", "1700000000000-0", &b"{\"a\":1}"[..])
+        );
+        assert!(delivery_of(&[Value::BulkString(b"fc:{bob}:live".to_vec())]).is_none());
+    }
+
+    #[test]
+    fn resp3_is_requested() {
+        assert_eq!(resp3("redis://h:1"), "redis://h:1?protocol=resp3");
+        assert_eq!(
+            resp3("redis://h:1/?db=2"),
+            "redis://h:1/?db=2&protocol=resp3"
+        );
+        assert_eq!(resp3("redis://h:1?protocol=3"), "redis://h:1?protocol=3");
+    }
+}

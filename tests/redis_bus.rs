@@ -1,0 +1,278 @@
+//! The Redis bus against real servers: standalone Redis and a 3-node Redis Cluster.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{PrivateRedis, redis_cluster_nodes, redis_url, unique};
+use foldercast::bus::{Bus, Delivery, Outgoing, RedisBus, RedisOptions, RedisTarget};
+use redis::AsyncCommands;
+use tokio::sync::mpsc;
+
+fn msg(user: &Arc<str>, event: &str, body: &str) -> Outgoing {
+    Outgoing::for_event(
+        user.clone(),
+        Bytes::from(format!(r#"{{"event_id":"{event}","body":"{body}"}}"#)),
+        Some(Arc::from(event)),
+    )
+}
+
+async fn recv(rx: &mut mpsc::Receiver<Delivery>) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a delivery in time")
+        .expect("open")
+}
+
+async fn nothing_more(rx: &mut mpsc::Receiver<Delivery>) {
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "no further delivery"
+    );
+}
+
+fn stream_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').expect("a stream id");
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+async fn history(target: &RedisTarget, user: &str) -> Vec<(String, String)> {
+    let key = foldercast::bus::redis::keys::stream(user);
+    let reply: redis::streams::StreamRangeReply = match target {
+        RedisTarget::Standalone(url) => {
+            let mut c = redis::Client::open(url.as_str())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            c.xrange_all(&key).await.unwrap()
+        }
+        RedisTarget::Cluster(nodes) => {
+            let mut c = redis::cluster::ClusterClient::new(nodes.clone())
+                .unwrap()
+                .get_async_connection()
+                .await
+                .unwrap();
+            c.xrange_all(&key).await.unwrap()
+        }
+    };
+    reply
+        .ids
+        .into_iter()
+        .map(|e| {
+            let m: String = e.get("m").unwrap();
+            (e.id, m)
+        })
+        .collect()
+}
+
+async fn publishes_in_order_with_history_and_once_per_user(target: RedisTarget) {
+    let (tx, mut rx) = mpsc::channel(64);
+    let bus = RedisBus::connect(&target, RedisOptions::default(), Some(tx))
+        .await
+        .expect("connect");
+    let alice: Arc<str> = Arc::from(unique("alice"));
+    let bob: Arc<str> = Arc::from(unique("bob"));
+    let carol: Arc<str> = Arc::from(unique("carol"));
+    for u in [&alice, &bob] {
+        bus.subscribe(u).await.expect("subscribe");
+    }
+    let batch = vec![
+        msg(&alice, "e1", "a1"),
+        msg(&bob, "e1", "b1"),
+        msg(&carol, "e1", "c1"),
+        msg(&alice, "e2", "a2"),
+        msg(&bob, "e2", "b2"),
+    ];
+    bus.publish(&batch).await.expect("publish");
+    let mut got: Vec<Delivery> = Vec::new();
+    for _ in 0..4 {
+        got.push(recv(&mut rx).await);
+    }
+    nothing_more(&mut rx).await;
+    for user in [&alice, &bob] {
+        let mine: Vec<&Delivery> = got.iter().filter(|d| d.user == *user).collect();
+        assert_eq!(mine.len(), 2, "{user} gets its two messages");
+        assert!(
+            stream_id(&mine[0].id) < stream_id(&mine[1].id),
+            "ids increase per user"
+        );
+        assert!(
+            std::str::from_utf8(&mine[0].payload)
+                .unwrap()
+                .contains("\"e1\""),
+            "in order"
+        );
+        // What was delivered is exactly what the user's stream holds.
+        let log = history(&target, user).await;
+        let delivered: Vec<(String, String)> = mine
+            .iter()
+            .map(|d| {
+                (
+                    d.id.to_string(),
+                    String::from_utf8(d.payload.to_vec()).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(log, delivered);
+    }
+    assert_eq!(
+        history(&target, &carol).await.len(),
+        1,
+        "an unsubscribed user still gets history"
+    );
+
+    // The same event again (a replayed partition): nobody gets it twice; a new event goes through.
+    bus.publish(&[msg(&alice, "e2", "again"), msg(&bob, "e3", "b3")])
+        .await
+        .expect("publish");
+    let d = recv(&mut rx).await;
+    assert_eq!(
+        (
+            &*d.user,
+            std::str::from_utf8(&d.payload).unwrap().contains("e3")
+        ),
+        (&*bob, true)
+    );
+    nothing_more(&mut rx).await;
+    assert_eq!(history(&target, &alice).await.len(), 2);
+
+    // Unsubscribed users receive nothing more.
+    bus.unsubscribe(&alice).await.expect("unsubscribe");
+    bus.publish(&[msg(&alice, "e9", "late")])
+        .await
+        .expect("publish");
+    nothing_more(&mut rx).await;
+    assert!(bus.is_connected());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_bus() {
+    publishes_in_order_with_history_and_once_per_user(RedisTarget::Standalone(redis_url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_bus_uses_sharded_pubsub() {
+    let nodes = redis_cluster_nodes();
+    publishes_in_order_with_history_and_once_per_user(RedisTarget::Cluster(nodes.clone())).await;
+
+    // While a user is subscribed, its channel is a shard channel on exactly one node, and no
+    // classic channel exists anywhere.
+    let (tx, _rx) = mpsc::channel(8);
+    let bus = RedisBus::connect(
+        &RedisTarget::Cluster(nodes.clone()),
+        RedisOptions::default(),
+        Some(tx),
+    )
+    .await
+    .unwrap();
+    let user: Arc<str> = Arc::from(unique("dora"));
+    bus.subscribe(&user).await.unwrap();
+    let channel = foldercast::bus::redis::keys::channel(&user);
+    let (mut shard_nodes, mut classic) = (0, 0);
+    for node in &nodes {
+        let mut c = redis::Client::open(node.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let shard: Vec<String> = redis::cmd("PUBSUB")
+            .arg("SHARDCHANNELS")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let plain: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        shard_nodes += shard.iter().filter(|c| **c == channel).count();
+        classic += plain.iter().filter(|c| c.starts_with("fc:")).count();
+    }
+    assert_eq!(shard_nodes, 1, "the channel lives on one shard");
+    assert_eq!(classic, 0, "no classic pub/sub on a cluster");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscribes_after_a_redis_restart() {
+    let mut server = PrivateRedis::start();
+    let target = RedisTarget::Standalone(server.url());
+    let (tx, mut rx) = mpsc::channel(64);
+    let bus = RedisBus::connect(&target, RedisOptions::default(), Some(tx))
+        .await
+        .unwrap();
+    bus.spawn_health_check(Duration::from_millis(200));
+    let alice: Arc<str> = Arc::from("alice");
+    bus.subscribe(&alice).await.unwrap();
+    bus.publish(&[msg(&alice, "before", "x")]).await.unwrap();
+    recv(&mut rx).await;
+
+    server.stop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while bus.is_connected() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bus never noticed the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !bus.is_connected() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bus never reconnected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The restarted server forgot the script and the subscription: both come back by themselves.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let _ = bus.publish(&[msg(&alice, &unique("after"), "y")]).await;
+        if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+            assert!(std::str::from_utf8(&d.payload).unwrap().contains("after"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delivery after the restart"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_redis_is_a_clear_error_not_a_panic() {
+    let port = common::free_port();
+    let standalone = RedisBus::connect(
+        &RedisTarget::Standalone(format!("redis://127.0.0.1:{port}")),
+        RedisOptions::default(),
+        None,
+    )
+    .await;
+    let err = standalone.err().expect("no redis there").to_string();
+    assert!(err.contains("cannot connect to redis"), "{err}");
+    let cluster = RedisBus::connect(
+        &RedisTarget::Cluster(vec![format!("redis://127.0.0.1:{port}")]),
+        RedisOptions::default(),
+        None,
+    )
+    .await;
+    assert!(
+        cluster
+            .err()
+            .expect("no cluster there")
+            .to_string()
+            .contains("cannot connect to redis cluster")
+    );
+    let bad = RedisBus::connect(
+        &RedisTarget::Standalone("http://nope".into()),
+        RedisOptions::default(),
+        None,
+    )
+    .await;
+    assert!(bad.err().unwrap().to_string().contains("invalid redis URL"));
+}
