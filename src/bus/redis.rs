@@ -136,10 +136,11 @@ impl AsyncPushSender for PushToDeliveries {
     fn send(&self, info: PushInfo) -> Result<(), SendError> {
         match info.kind {
             PushKind::Message | PushKind::SMessage => {
-                if let Some(delivery) = delivery_of(&info.data) {
-                    if self.deliveries.try_send(delivery).is_err() {
-                        self.dropped.fetch_add(1, Relaxed);
-                    }
+                if let Some(delivery) = delivery_of(&info.data)
+                    && self.deliveries.try_send(delivery).is_err()
+                {
+                    self.dropped.fetch_add(1, Relaxed);
+                    tracing::warn!("gateway dispatcher full; a delivery was dropped");
                 }
             }
             PushKind::Disconnection => {
