@@ -52,8 +52,13 @@ pub enum Command {
     /// Run everything in one process on the embedded default: fixture events in a loop,
     /// fixture membership, in-process bus, gateway and demo page.
     Run(RunArgs),
-    /// Run the pipeline over a fixture file without a server and print what each user would receive.
+    /// Run the pipeline over a fixture file without a server and print what each user would
+    /// receive, or load the file into a Kafka topic (--to-kafka).
     Replay(ReplayArgs),
+    /// Consume storage events from Kafka (a consumer group) and publish per-user messages to Redis.
+    Consume(ConsumeArgs),
+    /// Serve WebSocket and SSE clients from Redis (run several behind a load balancer).
+    Gateway(GatewayCommandArgs),
     /// Measure throughput and memory (prints figures and the command that reproduces them).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -109,9 +114,41 @@ pub struct ReplayArgs {
     #[arg(long, env = "FOLDERCAST_EVENTS", value_name = "FILE")]
     pub events: PathBuf,
 
-    /// Membership fixture (users, groups, spaces and their members).
-    #[arg(long, env = "FOLDERCAST_MEMBERSHIP", value_name = "FILE")]
-    pub membership: PathBuf,
+    /// Membership fixture (users, groups, spaces and their members); not needed with --to-kafka.
+    #[arg(
+        long,
+        env = "FOLDERCAST_MEMBERSHIP",
+        value_name = "FILE",
+        required_unless_present = "to_kafka"
+    )]
+    pub membership: Option<PathBuf>,
+
+    /// Instead of running the pipeline, produce the file's events into a Kafka topic, keyed by
+    /// space id (so a space's events keep their order), bad lines included.
+    #[arg(long, env = "FOLDERCAST_TO_KAFKA", requires = "brokers")]
+    pub to_kafka: bool,
+
+    /// Kafka bootstrap servers for --to-kafka (host:port[,host:port…]).
+    #[arg(long, env = "FOLDERCAST_KAFKA_BROKERS", value_name = "HOSTS")]
+    pub brokers: Option<String>,
+
+    /// Topic for --to-kafka (created with --partitions if missing).
+    #[arg(
+        long,
+        env = "FOLDERCAST_KAFKA_TOPIC",
+        default_value = "storage-events",
+        value_name = "TOPIC"
+    )]
+    pub topic: String,
+
+    /// Partitions of a topic that --to-kafka creates.
+    #[arg(
+        long,
+        env = "FOLDERCAST_KAFKA_PARTITIONS",
+        default_value_t = 3,
+        value_name = "N"
+    )]
+    pub partitions: i32,
 
     /// Print one JSON line per delivered message: {"user":…,"message":…}, in event order, users sorted.
     #[arg(long, env = "FOLDERCAST_PRINT")]
@@ -127,6 +164,125 @@ pub struct ReplayArgs {
 
     #[command(flatten)]
     pub shaping: ShapingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// Kafka bootstrap servers (host:port[,host:port…]).
+    #[arg(long, env = "FOLDERCAST_KAFKA_BROKERS", value_name = "HOSTS")]
+    pub brokers: String,
+
+    /// Topic of storage events (keyed by space id).
+    #[arg(
+        long,
+        env = "FOLDERCAST_KAFKA_TOPIC",
+        default_value = "storage-events",
+        value_name = "TOPIC"
+    )]
+    pub topic: String,
+
+    /// Consumer group: consumers of one group share the topic's partitions.
+    #[arg(
+        long,
+        env = "FOLDERCAST_KAFKA_GROUP",
+        default_value = "foldercast",
+        value_name = "GROUP"
+    )]
+    pub group: String,
+
+    /// Where malformed events go, with headers naming the error and their origin.
+    #[arg(
+        long,
+        env = "FOLDERCAST_DEAD_LETTER_TOPIC",
+        default_value = "storage-events.dead-letter",
+        value_name = "TOPIC"
+    )]
+    pub dead_letter_topic: String,
+
+    /// Membership fixture (users, groups, spaces and their members).
+    #[arg(long, env = "FOLDERCAST_MEMBERSHIP", value_name = "FILE")]
+    pub membership: PathBuf,
+
+    /// Consumer session timeout: how soon a dead consumer's partitions move to another.
+    #[arg(long, env = "FOLDERCAST_KAFKA_SESSION_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub session_timeout: Duration,
+
+    /// Commit handled offsets at least this often.
+    #[arg(long, env = "FOLDERCAST_COMMIT_INTERVAL", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    pub commit_interval: Duration,
+
+    /// …or after this many handled events, whichever comes first.
+    #[arg(
+        long,
+        env = "FOLDERCAST_COMMIT_BATCH",
+        default_value_t = 1000,
+        value_name = "EVENTS"
+    )]
+    pub commit_batch: u64,
+
+    /// Extra librdkafka consumer property, `key=value` (repeatable).
+    #[arg(
+        long = "kafka-option",
+        env = "FOLDERCAST_KAFKA_OPTIONS",
+        value_delimiter = ';',
+        value_name = "KEY=VALUE"
+    )]
+    pub kafka_options: Vec<String>,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub shaping: ShapingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayCommandArgs {
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+/// Where Redis is, and how long it keeps each user's history.
+#[derive(Debug, Clone, Args)]
+pub struct RedisArgs {
+    /// Standalone Redis URL (redis://host:port).
+    #[arg(
+        long,
+        env = "FOLDERCAST_REDIS",
+        value_name = "URL",
+        required_unless_present = "redis_cluster",
+        conflicts_with = "redis_cluster"
+    )]
+    pub redis: Option<String>,
+
+    /// Redis Cluster seed nodes, comma-separated (redis://a:7000,redis://b:7000). Uses sharded pub/sub.
+    #[arg(
+        long,
+        env = "FOLDERCAST_REDIS_CLUSTER",
+        value_name = "URLS",
+        value_delimiter = ','
+    )]
+    pub redis_cluster: Option<Vec<String>>,
+
+    /// Messages kept per user in the Redis stream (approximately).
+    #[arg(
+        long,
+        env = "FOLDERCAST_STREAM_MAX_LEN",
+        default_value_t = 1000,
+        value_name = "N"
+    )]
+    pub stream_max_len: u64,
+
+    /// Age after which a user's stream entries are trimmed.
+    #[arg(long, env = "FOLDERCAST_STREAM_MAX_AGE", default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
+    pub stream_max_age: Duration,
+
+    /// How long Redis remembers which events each user already received (repeats are dropped).
+    #[arg(long, env = "FOLDERCAST_DELIVERY_DEDUP_WINDOW", default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
+    pub delivery_dedup_window: Duration,
 }
 
 /// How messages are shaped per user.

@@ -1,6 +1,8 @@
 //! One file per subcommand; each builds its runtime and wires the stages together.
 
 mod bench;
+mod consume;
+mod gateway;
 mod replay;
 mod run;
 
@@ -8,9 +10,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{BenchCommand, Cli, Command, GatewayArgs, ShapingArgs};
-use crate::gateway::GatewayConfig;
+use crate::bus::{Bus, Delivery, RedisOptions, RedisTarget};
+use crate::config::{BenchCommand, Cli, Command, GatewayArgs, RedisArgs, ShapingArgs};
+use crate::gateway::auth::Authenticator;
+use crate::gateway::hub::Hub;
+use crate::gateway::{self as gw, AppState, GatewayConfig};
 use crate::notify::dedup::Dedup;
 use crate::notify::throttle::ThrottleConfig;
 
@@ -18,6 +27,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Replay(args) => replay::replay(args),
+        Command::Consume(args) => consume::consume(args),
+        Command::Gateway(args) => gateway::gateway(args),
         Command::Bench(BenchCommand::Replay(args)) => bench::replay(args),
         Command::Bench(BenchCommand::Idle(args)) => bench::idle(args),
         Command::Bench(BenchCommand::BareGateway { listen }) => bench::bare_gateway(listen),
@@ -36,6 +47,23 @@ fn dedup(s: &ShapingArgs) -> Dedup {
     Dedup::new(s.dedup_capacity, s.dedup_ttl)
 }
 
+fn redis_target(r: &RedisArgs) -> RedisTarget {
+    match (&r.redis, &r.redis_cluster) {
+        (_, Some(nodes)) => RedisTarget::Cluster(nodes.clone()),
+        (Some(url), None) => RedisTarget::Standalone(url.clone()),
+        // clap requires one of the two.
+        (None, None) => RedisTarget::Standalone("redis://127.0.0.1:6379".into()),
+    }
+}
+
+fn redis_options(r: &RedisArgs) -> RedisOptions {
+    RedisOptions {
+        stream_max_len: r.stream_max_len,
+        stream_max_age: r.stream_max_age,
+        dedup_window: r.delivery_dedup_window,
+    }
+}
+
 fn gateway_config(g: &GatewayArgs) -> GatewayConfig {
     GatewayConfig {
         send_queue: g.send_queue,
@@ -48,6 +76,28 @@ fn gateway_config(g: &GatewayArgs) -> GatewayConfig {
         ticket_ttl: g.ticket_ttl,
         ..GatewayConfig::default()
     }
+}
+
+/// The gateway's router over `bus`, whose deliveries arrive on `deliveries`.
+fn gateway_app(
+    bus: Arc<dyn Bus>,
+    deliveries: mpsc::Receiver<Delivery>,
+    auth: Arc<Authenticator>,
+    g: &GatewayArgs,
+) -> Router {
+    let hub = Hub::new(bus, g.send_queue);
+    tokio::spawn(hub.clone().dispatch(deliveries));
+    gw::router(AppState::new(auth, hub, gateway_config(g)))
+}
+
+/// Binds `--listen` and announces the address on stdout (tests and scripts read it when the
+/// port is 0).
+async fn bind_and_announce(g: &GatewayArgs) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(g.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", g.listen))?;
+    println!("foldercast: serving on http://{}/", listener.local_addr()?);
+    Ok(listener)
 }
 
 /// The HS256 secret from the flag, the file, or (announced on stdout) a random one.
@@ -71,4 +121,27 @@ fn jwt_secret(g: &GatewayArgs) -> anyhow::Result<Arc<[u8]>> {
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     println!("foldercast: no --jwt-secret given; generated one for this run: {secret}");
     Ok(Arc::from(secret.into_bytes()))
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
 }

@@ -15,6 +15,7 @@ use crate::consumer::route;
 use crate::membership::FixtureResolver;
 use crate::notify::throttle::Throttle;
 use crate::notify::{Outcome, Pipeline};
+use crate::source::kafka::KafkaProducer;
 use crate::source::{EventSource, FixtureSource, Passes};
 use crate::telemetry::PipelineStats;
 
@@ -26,7 +27,14 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    let resolver = Arc::new(FixtureResolver::load(&args.membership)?);
+    if args.to_kafka {
+        return to_kafka(&args).await;
+    }
+    let membership = args
+        .membership
+        .as_deref()
+        .context("--membership is required")?;
+    let resolver = Arc::new(FixtureResolver::load(membership)?);
     let pipeline = Pipeline::new(super::dedup(&args.shaping), resolver);
     let mut source = FixtureSource::open(&args.events, Passes::Once).await?;
     // Event time drives the throttle's clock, so a throttled replay is deterministic.
@@ -106,6 +114,69 @@ async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `replay --to-kafka`: every line of the file (bad ones too: they are what the dead-letter
+/// path is for) produced to the topic, keyed by `data.space_id` so a space's events stay in
+/// order within one partition.
+async fn to_kafka(args: &ReplayArgs) -> anyhow::Result<ExitCode> {
+    let brokers = args
+        .brokers
+        .as_deref()
+        .context("--to-kafka needs --brokers")?;
+    let producer = KafkaProducer::connect(brokers, &args.topic, args.partitions).await?;
+    let mut source = FixtureSource::open(&args.events, Passes::Once).await?;
+    let progress = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {pos} events produced {per_sec}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    });
+    let mut batch = Vec::with_capacity(1000);
+    let mut produced = 0u64;
+    loop {
+        let next = source.next_event().await?;
+        let done = next.is_none();
+        if let Some(raw) = next {
+            batch.push((space_key(&raw.bytes), raw.bytes));
+        }
+        if batch.len() >= 1000 || (done && !batch.is_empty()) {
+            producer.send_all(&batch).await?;
+            produced += batch.len() as u64;
+            if let Some(bar) = &progress {
+                bar.inc(batch.len() as u64);
+            }
+            batch.clear();
+        }
+        if done {
+            break;
+        }
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    eprintln!(
+        "replay: produced {produced} events to {} at {brokers}",
+        args.topic
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn space_key(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Keyed {
+        data: KeyedData,
+    }
+    #[derive(serde::Deserialize)]
+    struct KeyedData {
+        space_id: String,
+    }
+    serde_json::from_slice::<Keyed>(bytes)
+        .ok()
+        .map(|k| k.data.space_id)
 }
 
 fn emit(

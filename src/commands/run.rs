@@ -6,9 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use governor::clock::DefaultClock;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -16,9 +14,8 @@ use crate::bus::{Bus, MemoryBus};
 use crate::config::RunArgs;
 use crate::consumer::{run_live, spawn_reader};
 use crate::demo::DemoState;
+use crate::gateway;
 use crate::gateway::auth::Authenticator;
-use crate::gateway::hub::Hub;
-use crate::gateway::{self, AppState};
 use crate::membership::{Directory, FixtureResolver, MembershipResolver};
 use crate::notify::Pipeline;
 use crate::notify::throttle::Throttle;
@@ -43,24 +40,20 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
 
     let (deliveries_tx, deliveries_rx) = mpsc::channel(4096);
     let bus = Arc::new(MemoryBus::new(deliveries_tx));
-    let hub = Hub::new(bus.clone() as Arc<dyn Bus>, args.gateway.send_queue);
-    tokio::spawn(hub.clone().dispatch(deliveries_rx));
-    let state = AppState::new(auth.clone(), hub, super::gateway_config(&args.gateway));
-    let mut app = gateway::router(state);
+    let mut app = super::gateway_app(
+        bus.clone() as Arc<dyn Bus>,
+        deliveries_rx,
+        auth.clone(),
+        &args.gateway,
+    );
     let demo = (!args.no_demo).then(|| DemoState::new(directory, resolver.clone(), auth.clone()));
     if let Some(demo) = &demo {
         app = app.merge(crate::demo::router(demo.clone()));
     }
-
-    let listener = TcpListener::bind(args.gateway.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.gateway.listen))?;
-    let addr = listener.local_addr()?;
-    // Tests and scripts read this line to find the port when --listen asks for port 0.
-    println!("foldercast: serving on http://{addr}/");
+    let listener = super::bind_and_announce(&args.gateway).await?;
 
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tokio::spawn(super::cancel_on_signal(shutdown.clone()));
     let server = tokio::spawn(gateway::serve(listener, app, shutdown.clone()));
 
     let passes = if args.events.as_os_str() == "-" {
@@ -105,28 +98,4 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // SSE responses can hold axum's graceful shutdown open: give it a moment, then leave.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     Ok(())
-}
-
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    shutdown.cancel();
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
-    shutdown.cancel();
 }

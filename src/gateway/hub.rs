@@ -52,6 +52,11 @@ impl Hub {
         })
     }
 
+    /// Whether the bus is reachable (`/readyz`).
+    pub fn bus_connected(&self) -> bool {
+        self.bus.is_connected()
+    }
+
     /// Connected users.
     pub fn users(&self) -> usize {
         self.sessions.lock().map(|s| s.len()).unwrap_or(0)

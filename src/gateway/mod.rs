@@ -83,6 +83,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/tickets", post(issue_ticket))
         .route("/api/stats", get(stats))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .with_state(state)
 }
 
@@ -128,6 +129,16 @@ async fn issue_ticket(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
         Json(serde_json::json!({"ticket": ticket, "expires_in": state.tickets.ttl().as_secs()})),
     )
         .into_response()
+}
+
+/// Ready only while the bus is connected: a load balancer then sends new clients elsewhere,
+/// while connected clients stay (the bus reconnects and resubscribes behind them).
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.hub.bus_connected() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "bus disconnected").into_response()
+    }
 }
 
 async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {

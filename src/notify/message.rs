@@ -82,6 +82,9 @@ pub struct Prepared {
     pub message: Arc<UserMessage>,
     pub payload: Bytes,
     pub event_id: Option<Arc<str>>,
+    /// Where the event was read (Kafka partition and offset), so a held message can keep its
+    /// offset from being committed.
+    pub origin: Option<(i32, i64)>,
 }
 
 impl Prepared {
@@ -92,6 +95,7 @@ impl Prepared {
             message: Arc::new(message),
             payload,
             event_id,
+            origin: None,
         }
     }
 

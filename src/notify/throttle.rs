@@ -62,7 +62,30 @@ struct UserState<C: Clock> {
 
 enum Pending {
     Coalescing(Box<Coalesced>),
-    Resync { time: Arc<str>, skipped: u64 },
+    Resync {
+        time: Arc<str>,
+        skipped: u64,
+        origins: Origins,
+    },
+}
+
+/// The oldest source offset held, per partition.
+type Origins = HashMap<i32, i64>;
+
+fn note_origin(origins: &mut Origins, origin: Option<(i32, i64)>) {
+    if let Some((partition, offset)) = origin {
+        let slot = origins.entry(partition).or_insert(offset);
+        *slot = (*slot).min(offset);
+    }
+}
+
+impl Pending {
+    fn origins(&self) -> &Origins {
+        match self {
+            Pending::Coalescing(c) => &c.origins,
+            Pending::Resync { origins, .. } => origins,
+        }
+    }
 }
 
 struct Coalesced {
@@ -74,6 +97,7 @@ struct Coalesced {
     folders: IndexMap<Arc<str>, (i64, Arc<str>)>,
     /// The original message while only one is held: flushed as-is, not as `coalesced`.
     single: Option<Prepared>,
+    origins: Origins,
 }
 
 impl<C: Clock + Clone> Throttle<C> {
@@ -168,15 +192,39 @@ impl<C: Clock + Clone> Throttle<C> {
     pub fn pending_users(&self) -> usize {
         self.waiting.len()
     }
+
+    /// Per source partition, the oldest offset whose messages are still held: offsets from there
+    /// on must not be committed yet.
+    pub fn held_floor(&self) -> Origins {
+        let mut floor = Origins::new();
+        for user in &self.waiting {
+            for pending in self
+                .users
+                .get(user)
+                .into_iter()
+                .flat_map(|s| s.pending.values())
+            {
+                for (&partition, &offset) in pending.origins() {
+                    note_origin(&mut floor, Some((partition, offset)));
+                }
+            }
+        }
+        floor
+    }
 }
 
 impl<C: Clock> UserState<C> {
     fn hold(&mut self, space: &Arc<str>, msg: &Prepared, max_backlog: usize) {
         let m = &msg.message;
         match self.pending.get_mut(space) {
-            Some(Pending::Resync { time, skipped }) => {
+            Some(Pending::Resync {
+                time,
+                skipped,
+                origins,
+            }) => {
                 *time = m.time.clone();
                 *skipped += 1;
+                note_origin(origins, msg.origin);
                 return;
             }
             Some(Pending::Coalescing(c)) => c.absorb(msg),
@@ -195,6 +243,7 @@ impl<C: Clock> UserState<C> {
                     *pending = Pending::Resync {
                         time: c.time.clone(),
                         skipped: c.event_ids.len() as u64,
+                        origins: std::mem::take(&mut c.origins),
                     };
                 }
             }
@@ -218,7 +267,7 @@ impl<C: Clock> UserState<C> {
         out: &mut Vec<Outgoing>,
     ) {
         let message = match pending {
-            Pending::Resync { time, skipped } => Outgoing::new(
+            Pending::Resync { time, skipped, .. } => Outgoing::new(
                 user.clone(),
                 super::message::encode(&UserMessage::resync(space.clone(), time, skipped)),
             ),
@@ -248,6 +297,7 @@ impl Coalesced {
             items: IndexMap::new(),
             folders: IndexMap::new(),
             single: None,
+            origins: Origins::new(),
         };
         c.absorb(msg);
         c.single = Some(msg.clone());
@@ -257,6 +307,7 @@ impl Coalesced {
     fn absorb(&mut self, msg: &Prepared) {
         let m = &msg.message;
         self.single = None;
+        note_origin(&mut self.origins, msg.origin);
         if let Some(ids) = &m.event_ids {
             self.event_ids.extend(ids.iter().cloned());
         } else if let Some(id) = &m.event_id {
@@ -486,6 +537,30 @@ mod tests {
         let mut rest = Vec::new();
         t.flush_all(&mut rest);
         assert_eq!(rest.len(), 3);
+    }
+
+    #[test]
+    fn held_messages_hold_back_their_offsets() {
+        let (mut t, clock) = throttle(1.0, 1, 100);
+        let bob: Arc<str> = Arc::from("bob");
+        let mut out = Vec::new();
+        let with_origin = |id: &str, p: i32, o: i64| {
+            let mut m = upload(id, "s", "/x", 1);
+            m.origin = Some((p, o));
+            m
+        };
+        t.admit(&bob, &with_origin("e1", 0, 10), &mut out);
+        assert!(t.held_floor().is_empty(), "sent at once: nothing held");
+        t.admit(&bob, &with_origin("e2", 0, 11), &mut out);
+        t.admit(&bob, &with_origin("e3", 1, 5), &mut out);
+        t.admit(&bob, &with_origin("e4", 0, 12), &mut out);
+        assert_eq!(t.held_floor(), HashMap::from([(0, 11), (1, 5)]));
+        clock.advance(Duration::from_secs(1));
+        t.flush_ready(&mut out);
+        assert!(
+            t.held_floor().is_empty(),
+            "flushed: the offsets may be committed"
+        );
     }
 
     #[test]

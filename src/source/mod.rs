@@ -5,6 +5,7 @@
 //! topic), which needs the original bytes.
 
 mod fixture;
+pub mod kafka;
 
 use async_trait::async_trait;
 
@@ -25,6 +26,8 @@ pub enum SourceError {
         path: String,
         source: std::io::Error,
     },
+    #[error("kafka: {0}")]
+    Kafka(String),
 }
 
 #[async_trait]

@@ -1,0 +1,250 @@
+//! `foldercast consume`: Kafka (consumer group) → pipeline → Redis, at least once.
+//!
+//! One task reads the assigned partitions and hands each record to its partition's worker over
+//! a bounded channel, so a partition's events keep their order while partitions proceed in
+//! parallel. A worker marks an offset handled only after Redis accepted every message of the
+//! event (or the event went to the dead-letter topic). Bus failures are retried with backoff,
+//! never skipped. Commits go out every `--commit-interval` or `--commit-batch` events, before a
+//! rebalance revokes partitions, and on SIGINT/SIGTERM after the pending messages are flushed.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::DefaultClock;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, Outgoing, RedisBus};
+use crate::config::ConsumeArgs;
+use crate::consumer::{process_with_retry, route};
+use crate::membership::FixtureResolver;
+use crate::notify::throttle::Throttle;
+use crate::notify::{Outcome, Pipeline};
+use crate::source::kafka::{CommitTracker, KafkaRecord, KafkaSettings, KafkaSource};
+use crate::telemetry::PipelineStats;
+
+type SharedThrottle = Arc<Mutex<Option<Throttle<DefaultClock>>>>;
+
+/// What every worker shares.
+struct Shared {
+    pipeline: Pipeline,
+    bus: Arc<RedisBus>,
+    source: Arc<KafkaSource>,
+    throttle: SharedThrottle,
+    stats: PipelineStats,
+    shutdown: CancellationToken,
+    since_commit: AtomicU64,
+    commit_batch: u64,
+    commit_now: Notify,
+}
+
+pub fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(consume_async(args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
+    let resolver = Arc::new(FixtureResolver::load(&args.membership)?);
+    let pipeline = Pipeline::new(super::dedup(&args.shaping), resolver);
+    let bus = RedisBus::connect(
+        &super::redis_target(&args.redis),
+        super::redis_options(&args.redis),
+        None,
+    )
+    .await?;
+    let throttle: SharedThrottle = Arc::new(Mutex::new(Throttle::new(
+        super::throttle_config(&args.shaping),
+        DefaultClock::default(),
+    )));
+    let floor = {
+        let throttle = throttle.clone();
+        Box::new(move || {
+            throttle
+                .lock()
+                .ok()
+                .and_then(|t| t.as_ref().map(|t| t.held_floor()))
+                .unwrap_or_default()
+        })
+    };
+    let tracker = Arc::new(CommitTracker::new(&args.topic, floor));
+    let options = args
+        .kafka_options
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| anyhow::anyhow!("--kafka-option {kv:?} is not key=value"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let settings = KafkaSettings {
+        brokers: args.brokers.clone(),
+        topic: args.topic.clone(),
+        group: args.group.clone(),
+        dead_letter_topic: args.dead_letter_topic.clone(),
+        session_timeout: args.session_timeout,
+        options,
+    };
+    let source = Arc::new(KafkaSource::connect(settings, tracker).await?);
+    tracing::info!(topic = %args.topic, group = %args.group, "consuming");
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(super::cancel_on_signal(shutdown.clone()));
+    let shared = Arc::new(Shared {
+        pipeline,
+        bus,
+        source: source.clone(),
+        throttle,
+        stats: PipelineStats::default(),
+        shutdown: shutdown.clone(),
+        since_commit: AtomicU64::new(0),
+        commit_batch: args.commit_batch.max(1),
+        commit_now: Notify::new(),
+    });
+    let flusher = tokio::spawn(flush_held(shared.clone()));
+    let committer = tokio::spawn(commit_periodically(shared.clone(), args.commit_interval));
+
+    let mut workers: HashMap<i32, (mpsc::Sender<KafkaRecord>, JoinHandle<()>)> = HashMap::new();
+    loop {
+        let record = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            record = source.recv() => record?,
+        };
+        let (tx, _) = workers.entry(record.partition).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(256);
+            (tx, tokio::spawn(partition_worker(rx, shared.clone())))
+        });
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            sent = tx.send(record) => if sent.is_err() { break },
+        }
+    }
+
+    // Graceful stop: let workers finish what they hold, flush held messages, commit.
+    for (_, (tx, handle)) in workers.drain() {
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+    }
+    flusher.abort();
+    committer.abort();
+    let mut out = Vec::new();
+    if let Ok(mut t) = shared.throttle.lock()
+        && let Some(t) = t.as_mut()
+    {
+        t.flush_all(&mut out);
+    }
+    if !out.is_empty() {
+        let _ = tokio::time::timeout(Duration::from_secs(10), shared.bus.publish(&out)).await;
+    }
+    tokio::task::block_in_place(|| source.commit(true));
+    tracing::info!(
+        events = shared.stats.events.load(Relaxed),
+        rejected = shared.stats.rejected.load(Relaxed),
+        messages = shared.stats.messages.load(Relaxed),
+        "stopped"
+    );
+    Ok(())
+}
+
+async fn partition_worker(mut records: mpsc::Receiver<KafkaRecord>, shared: Arc<Shared>) {
+    while let Some(record) = records.recv().await {
+        if !handle(&shared, record).await {
+            return;
+        }
+    }
+}
+
+/// Handles one record; false when shutting down before it was fully handled.
+async fn handle(shared: &Shared, record: KafkaRecord) -> bool {
+    let Some(mut outcome) =
+        process_with_retry(&shared.pipeline, &record.raw, &shared.shutdown).await
+    else {
+        return false;
+    };
+    match &mut outcome {
+        Outcome::Rejected(rejection) => shared.source.dead_letter(&record, rejection).await,
+        Outcome::Deliver(fanout) => fanout.message.origin = Some((record.partition, record.offset)),
+        Outcome::Duplicate { .. } => {}
+    }
+    let mut out = Vec::new();
+    {
+        let Ok(mut throttle) = shared.throttle.lock() else {
+            return false;
+        };
+        route(
+            outcome,
+            &record.raw.position,
+            throttle.as_mut(),
+            &shared.stats,
+            &mut out,
+        );
+    }
+    if !publish_with_retry(shared, &out).await {
+        return false;
+    }
+    shared
+        .source
+        .tracker
+        .handled(record.partition, record.offset);
+    if shared.since_commit.fetch_add(1, Relaxed) + 1 >= shared.commit_batch {
+        shared.commit_now.notify_one();
+    }
+    true
+}
+
+/// Publishes until Redis accepts; false if shutdown came first.
+async fn publish_with_retry(shared: &Shared, out: &[Outgoing]) -> bool {
+    if out.is_empty() {
+        return true;
+    }
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match shared.bus.publish(out).await {
+            Ok(()) => {
+                shared.stats.messages.fetch_add(out.len() as u64, Relaxed);
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "publish to redis failed; retrying");
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return false,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Sends what the rate limiter releases.
+async fn flush_held(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        let mut out = Vec::new();
+        if let Ok(mut t) = shared.throttle.lock()
+            && let Some(t) = t.as_mut()
+        {
+            t.flush_ready(&mut out);
+        }
+        publish_with_retry(&shared, &out).await;
+    }
+}
+
+async fn commit_periodically(shared: Arc<Shared>, interval: Duration) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shared.commit_now.notified() => {}
+        }
+        shared.since_commit.store(0, Relaxed);
+        let source = shared.source.clone();
+        let _ = tokio::task::spawn_blocking(move || source.commit(false)).await;
+    }
+}

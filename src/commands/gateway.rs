@@ -1,0 +1,40 @@
+//! `foldercast gateway`: serves WebSocket and SSE clients from Redis.
+//!
+//! Stateless but for its live sockets: run several behind a load balancer. `/readyz` is ready only
+//! while Redis is reachable; clients stay connected through a Redis restart while the bus
+//! reconnects and resubscribes.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, RedisBus};
+use crate::config::GatewayCommandArgs;
+use crate::gateway;
+use crate::gateway::auth::Authenticator;
+
+pub fn gateway(args: GatewayCommandArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let auth = Arc::new(Authenticator::hs256(&super::jwt_secret(&args.gateway)?));
+        let target = super::redis_target(&args.redis);
+        let (tx, rx) = mpsc::channel(16_384);
+        let bus = RedisBus::connect(&target, super::redis_options(&args.redis), Some(tx)).await?;
+        bus.spawn_health_check(Duration::from_secs(1));
+        let app = super::gateway_app(bus.clone() as Arc<dyn Bus>, rx, auth, &args.gateway);
+        let listener = super::bind_and_announce(&args.gateway).await?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(super::cancel_on_signal(shutdown.clone()));
+        let server = tokio::spawn(gateway::serve(listener, app, shutdown.clone()));
+        shutdown.cancelled().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        anyhow::Ok(())
+    })?;
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(ExitCode::SUCCESS)
+}
