@@ -40,6 +40,17 @@ if [ ! -x "$TANSU" ]; then
 fi
 FOLDERCAST_CHROMIUM="$(command -v chromium)"
 export FOLDERCAST_CHROMIUM
+# The Compose Specification's JSON Schema ships in Debian's docker-compose package: take the file,
+# install nothing.
+COMPOSE_SCHEMA="$CACHE/compose-spec/compose_spec.json"
+if [ ! -f "$COMPOSE_SCHEMA" ]; then
+  mkdir -p "$CACHE/compose-spec"
+  ( cd "$CACHE/compose-spec" && apt-get download docker-compose >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get download docker-compose >/dev/null; } )
+  dpkg-deb -x "$CACHE"/compose-spec/docker-compose_*.deb "$CACHE/compose-spec/pkg"
+  cp "$CACHE/compose-spec/pkg/usr/lib/python3/dist-packages/compose/config/compose_spec.json" "$COMPOSE_SCHEMA"
+fi
+export FOLDERCAST_COMPOSE_SCHEMA="$COMPOSE_SCHEMA"
 
 # --- servers -----------------------------------------------------------------------------
 WORK="$(mktemp -d -t foldercast-test.XXXXXX)"
