@@ -258,11 +258,18 @@ async fn kafka_to_clients_on_redis_cluster() {
     kafka_to_clients(Redis::Cluster(redis_cluster_nodes())).await;
 }
 
+/// The users of [`generated_membership`]; `run` keeps tests that share Redis apart.
+fn generated_users(run: &str, spaces: usize, members: usize) -> Vec<String> {
+    (0..spaces)
+        .flat_map(|s| (0..members).map(move |m| format!("{run}-u{s}-{m}")))
+        .collect()
+}
+
 /// `spaces` spaces, each with `members` viewers of its own; returns the membership file.
-fn generated_membership(dir: &Path, spaces: usize, members: usize) -> PathBuf {
+fn generated_membership(dir: &Path, run: &str, spaces: usize, members: usize) -> PathBuf {
     let dir_json = json!({
-        "users": (0..spaces).flat_map(|s| (0..members).map(move |m| json!({"id": format!("u{s}-{m}")}))).collect::<Vec<_>>(),
-        "spaces": (0..spaces).map(|s| json!({"id": format!("sp{s}"), "members": (0..members).map(|m| json!({"user": format!("u{s}-{m}"), "role": "viewer"})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+        "users": generated_users(run, spaces, members).into_iter().map(|u| json!({"id": u})).collect::<Vec<_>>(),
+        "spaces": (0..spaces).map(|s| json!({"id": format!("sp{s}"), "members": (0..members).map(|m| json!({"user": format!("{run}-u{s}-{m}"), "role": "viewer"})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
     });
     let path = dir.join("membership.json");
     std::fs::write(&path, dir_json.to_string()).unwrap();
@@ -328,16 +335,19 @@ fn check_exactly_once(results: Vec<(String, HashMap<String, usize>)>, per_user: 
 async fn two_consumers_share_the_partitions_and_deliver_each_event_once() {
     let dir = tempfile::tempdir().unwrap();
     let (spaces, members, count) = (6, 2, 3000);
-    let membership = generated_membership(dir.path(), spaces, members);
+    let run = unique("r");
+    let membership = generated_membership(dir.path(), &run, spaces, members);
     let events = generated_events(dir.path(), count, spaces, &unique("ev"));
     let redis = Redis::Standalone(redis_url());
     let server = gateway(&redis, &["--send-queue", "100000"]).await;
-    let users: Vec<String> = (0..spaces)
-        .flat_map(|s| (0..members).map(move |m| format!("u{s}-{m}")))
-        .collect();
+    let users = generated_users(&run, spaces, members);
     let tasks = watch_users(&server, &users).await;
 
     let t = topic();
+    // Create the (3-partition) topic first: partitions are assigned only once it exists.
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    produce(&t, &empty).await;
     let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
     let mut a = consume(&t, &membership, &redis, Some(&log_a));
     let mut b = consume(&t, &membership, &redis, Some(&log_b));
@@ -402,13 +412,12 @@ async fn two_consumers_share_the_partitions_and_deliver_each_event_once() {
 async fn a_consumer_killed_mid_stream_resumes_without_loss_or_repeats() {
     let dir = tempfile::tempdir().unwrap();
     let (spaces, members, count) = (10, 2, 20_000);
-    let membership = generated_membership(dir.path(), spaces, members);
+    let run = unique("r");
+    let membership = generated_membership(dir.path(), &run, spaces, members);
     let events = generated_events(dir.path(), count, spaces, &unique("k9"));
     let redis = Redis::Standalone(redis_url());
     let server = gateway(&redis, &["--send-queue", "100000"]).await;
-    let users: Vec<String> = (0..spaces)
-        .flat_map(|s| (0..members).map(move |m| format!("u{s}-{m}")))
-        .collect();
+    let users = generated_users(&run, spaces, members);
     let tasks = watch_users(&server, &users).await;
 
     let t = topic();
