@@ -1,8 +1,22 @@
 #!/usr/bin/env bash
-# Runs the benchmarks in docs/benchmarks.md; each prints its figures and the command that reproduces it.
+# Runs the benchmarks of docs/benchmarks.md. Each prints its figures and the command that
+# reproduces it. Usage: scripts/bench.sh [replay|idle|consume|fanout]… (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release
+BIN=./target/release/foldercast
+which=("$@")
+((${#which[@]})) || which=(replay idle consume fanout)
+needs_servers=0
+for b in "${which[@]}"; do case "$b" in consume|fanout) needs_servers=1 ;; esac; done
+if ((needs_servers)); then source scripts/servers.sh; fi
 ulimit -n 20000
-./target/release/foldercast bench replay --events 1000000 --members 20 --depth 8 --spaces 1000
-./target/release/foldercast bench idle --connections 19000 --users 1000
+for b in "${which[@]}"; do
+  case "$b" in
+    replay)  $BIN bench replay --events 1000000 --members 20 --depth 8 --spaces 1000 ;;
+    idle)    $BIN bench idle --connections 19000 --users 1000 ;;
+    consume) $BIN bench consume --brokers "$FOLDERCAST_TEST_KAFKA" --redis "$FOLDERCAST_TEST_REDIS" --events 100000 --members 20 --spaces 1000 ;;
+    fanout)  $BIN bench fanout --redis "$FOLDERCAST_TEST_REDIS" --connections 1000 --rate 1000 --seconds 10 ;;
+    *) echo "unknown benchmark $b" >&2; exit 2 ;;
+  esac
+done

@@ -419,6 +419,11 @@ pub enum BenchCommand {
     Replay(BenchReplayArgs),
     /// Gateway resident memory per idle authenticated WebSocket connection.
     Idle(BenchIdleArgs),
+    /// Kafka → `consume` → Redis throughput, next to redis-benchmark's limit on the same Redis.
+    Consume(BenchConsumeArgs),
+    /// Gateway fan-out from Redis to 1 000 WebSocket clients: throughput, latency, CPU, next to a
+    /// bare axum loop.
+    Fanout(BenchFanoutArgs),
     /// The baseline `bench idle` compares with: a bare axum WebSocket loop (internal use).
     #[command(hide = true)]
     BareGateway {
@@ -441,6 +446,47 @@ pub struct BenchReplayArgs {
     /// Spaces in the trace.
     #[arg(long, env = "FOLDERCAST_BENCH_SPACES", default_value_t = 1000)]
     pub spaces: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchConsumeArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "FOLDERCAST_KAFKA_BROKERS")]
+    pub brokers: String,
+    /// Standalone Redis URL (redis-benchmark runs against the same server).
+    #[arg(long, env = "FOLDERCAST_REDIS")]
+    pub redis: String,
+    /// Events in the trace.
+    #[arg(long, env = "FOLDERCAST_BENCH_EVENTS", default_value_t = 100_000)]
+    pub events: u64,
+    /// Members per space.
+    #[arg(long, env = "FOLDERCAST_BENCH_MEMBERS", default_value_t = 20)]
+    pub members: usize,
+    /// Spaces in the trace.
+    #[arg(long, env = "FOLDERCAST_BENCH_SPACES", default_value_t = 1000)]
+    pub spaces: usize,
+    /// The foldercast binary to run as the consumer (default: this one).
+    #[arg(long, env = "FOLDERCAST_BENCH_BINARY")]
+    pub binary: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchFanoutArgs {
+    /// Standalone Redis URL the gateway subscribes to.
+    #[arg(long, env = "FOLDERCAST_REDIS")]
+    pub redis: String,
+    /// WebSocket clients, one user each.
+    #[arg(long, env = "FOLDERCAST_BENCH_CONNECTIONS", default_value_t = 1000)]
+    pub connections: usize,
+    /// Messages per second in the latency phase.
+    #[arg(long, env = "FOLDERCAST_BENCH_RATE", default_value_t = 1000)]
+    pub rate: u64,
+    /// Seconds of each phase.
+    #[arg(long, env = "FOLDERCAST_BENCH_SECONDS", default_value_t = 10)]
+    pub seconds: u64,
+    /// The foldercast binary to run as the gateway (default: this one).
+    #[arg(long, env = "FOLDERCAST_BENCH_BINARY")]
+    pub binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -7,7 +7,8 @@
 //! One Lua script per message does, atomically: skip it if the event was already delivered to
 //! this user (so a partition replayed by another consumer after a crash or a rebalance reaches
 //! each user once, and a crash between two users loses nothing), append it to the stream
-//! (trimmed by length and age), and publish `<stream id>\n<payload>` on the channel. The stream
+//! (trimmed by length on every append, by age on about one append in 64, and expiring when idle
+//! for the maximum age), and publish `<stream id>\n<payload>` on the channel. The stream
 //! entry id is the frame id clients see, so ids increase per user across gateways and restarts,
 //! and a subscriber never sees a message that is not in the stream.
 //!
@@ -69,19 +70,16 @@ impl Default for RedisOptions {
 const PUBLISH_SCRIPT: &str = r#"
 -- KEYS: 1 stream, 2 seen ids (current window), 3 seen ids (previous window), 4 channel
 -- ARGV: 1 payload, 2 event id ('' = not guarded), 3 max length, 4 max age ms, 5 window ms,
---       6 PUBLISH or SPUBLISH
+--       6 PUBLISH or SPUBLISH, 7 oldest id to keep ('' = no age trim this time)
 if ARGV[2] ~= '' then
-  if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 or redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 1 then
+  if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 1 or redis.call('SADD', KEYS[2], ARGV[2]) == 0 then
     return false
   end
-  redis.call('SADD', KEYS[2], ARGV[2])
-  redis.call('PEXPIRE', KEYS[2], 2 * tonumber(ARGV[5]))
+  redis.call('PEXPIRE', KEYS[2], ARGV[5] * 2)
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'm', ARGV[1])
-local now = redis.call('TIME')
-local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[4])
-if oldest > 0 then
-  redis.call('XTRIM', KEYS[1], 'MINID', '~', oldest)
+if ARGV[7] ~= '' then
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[7])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call(ARGV[6], KEYS[4], id .. '\n' .. ARGV[1])
@@ -121,6 +119,7 @@ pub struct RedisBus {
     script: redis::Script,
     options: RedisOptions,
     connected: Arc<AtomicBool>,
+    trim_counter: AtomicU64,
     /// Deliveries dropped because the gateway's dispatcher was full.
     pub dropped: Arc<AtomicU64>,
 }
@@ -205,6 +204,7 @@ impl RedisBus {
             script: redis::Script::new(PUBLISH_SCRIPT),
             options,
             connected,
+            trim_counter: AtomicU64::new(0),
             dropped,
         });
         bus.load_script().await?;
@@ -260,7 +260,13 @@ impl RedisBus {
         Ok(())
     }
 
-    fn invocation(&self, msg: &Outgoing, window: u64, sharded: bool) -> redis::Cmd {
+    fn invocation(
+        &self,
+        msg: &Outgoing,
+        window: u64,
+        oldest: Option<u64>,
+        sharded: bool,
+    ) -> redis::Cmd {
         let o = &self.options;
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.script.get_hash())
@@ -274,7 +280,8 @@ impl RedisBus {
             .arg(o.stream_max_len)
             .arg(o.stream_max_age.as_millis().max(1) as u64)
             .arg(o.dedup_window.as_millis().max(1) as u64)
-            .arg(if sharded { "SPUBLISH" } else { "PUBLISH" });
+            .arg(if sharded { "SPUBLISH" } else { "PUBLISH" })
+            .arg(oldest.map(|ms| ms.to_string()).unwrap_or_default());
         cmd
     }
 
@@ -285,11 +292,18 @@ impl RedisBus {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let window = now_ms / window_ms;
+        // Trimming by age costs an XTRIM; length trimming (every XADD) and the key's expiry keep
+        // memory bounded in between, so about one message in 64 asks for it.
+        let age_ms = self.options.stream_max_age.as_millis() as u64;
+        let trim_every = || {
+            let n = self.trim_counter.fetch_add(1, Relaxed);
+            (n % 64 == 0).then(|| now_ms.saturating_sub(age_ms))
+        };
         match self.publisher.clone() {
             Conn::Standalone(mut c) => {
                 let mut pipe = redis::pipe();
                 for msg in batch {
-                    pipe.add_command(self.invocation(msg, window, false))
+                    pipe.add_command(self.invocation(msg, window, trim_every(), false))
                         .ignore();
                 }
                 pipe.exec_async(&mut c).await
@@ -301,7 +315,7 @@ impl RedisBus {
                     per_user
                         .entry(&msg.user)
                         .or_insert_with(redis::pipe)
-                        .add_command(self.invocation(msg, window, true))
+                        .add_command(self.invocation(msg, window, trim_every(), true))
                         .ignore();
                 }
                 let sends = per_user.into_values().map(|pipe| {

@@ -19,7 +19,10 @@ use crate::notify::Pipeline;
 use crate::notify::dedup::Dedup;
 use crate::telemetry::PipelineStats;
 
+mod consume;
+mod fanout;
 mod idle;
+mod proc;
 
 pub fn replay(args: BenchReplayArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -166,6 +169,14 @@ async fn replay_async(args: BenchReplayArgs) -> anyhow::Result<ExitCode> {
 
 pub fn idle(args: BenchIdleArgs) -> anyhow::Result<ExitCode> {
     idle::run(args)
+}
+
+pub fn consume(args: crate::config::BenchConsumeArgs) -> anyhow::Result<ExitCode> {
+    consume::run(args)
+}
+
+pub fn fanout(args: crate::config::BenchFanoutArgs) -> anyhow::Result<ExitCode> {
+    fanout::run(args)
 }
 
 pub fn bare_gateway(listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {

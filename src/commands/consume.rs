@@ -152,28 +152,44 @@ async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Events handled together: processed in order, published as one pipeline, then marked.
+const WORKER_BATCH: usize = 64;
+
 async fn partition_worker(mut records: mpsc::Receiver<KafkaRecord>, shared: Arc<Shared>) {
-    while let Some(record) = records.recv().await {
-        if !handle(&shared, record).await {
+    let mut batch = Vec::with_capacity(WORKER_BATCH);
+    while let Some(first) = records.recv().await {
+        batch.push(first);
+        // Take what is already queued (never wait for more): big pipelines keep Redis busy.
+        while batch.len() < WORKER_BATCH {
+            match records.try_recv() {
+                Ok(record) => batch.push(record),
+                Err(_) => break,
+            }
+        }
+        if !handle(&shared, &batch).await {
             return;
         }
+        batch.clear();
     }
 }
 
-/// Handles one record; false when shutting down before it was fully handled.
-async fn handle(shared: &Shared, record: KafkaRecord) -> bool {
-    let Some(mut outcome) =
-        process_with_retry(&shared.pipeline, &record.raw, &shared.shutdown).await
-    else {
-        return false;
-    };
-    match &mut outcome {
-        Outcome::Rejected(rejection) => shared.source.dead_letter(&record, rejection).await,
-        Outcome::Deliver(fanout) => fanout.message.origin = Some((record.partition, record.offset)),
-        Outcome::Duplicate { .. } => {}
-    }
+/// Handles records of one partition, in order; false when shutting down before they were fully
+/// handled (their offsets are then not marked, and a later consumer replays them).
+async fn handle(shared: &Shared, records: &[KafkaRecord]) -> bool {
     let mut out = Vec::new();
-    {
+    for record in records {
+        let Some(mut outcome) =
+            process_with_retry(&shared.pipeline, &record.raw, &shared.shutdown).await
+        else {
+            return false;
+        };
+        match &mut outcome {
+            Outcome::Rejected(rejection) => shared.source.dead_letter(record, rejection).await,
+            Outcome::Deliver(fanout) => {
+                fanout.message.origin = Some((record.partition, record.offset))
+            }
+            Outcome::Duplicate { .. } => {}
+        }
         let Ok(mut throttle) = shared.throttle.lock() else {
             return false;
         };
@@ -188,11 +204,15 @@ async fn handle(shared: &Shared, record: KafkaRecord) -> bool {
     if !publish_with_retry(shared, &out).await {
         return false;
     }
-    shared
-        .source
-        .tracker
-        .handled(record.partition, record.offset);
-    if shared.since_commit.fetch_add(1, Relaxed) + 1 >= shared.commit_batch {
+    for record in records {
+        shared
+            .source
+            .tracker
+            .handled(record.partition, record.offset);
+    }
+    if shared.since_commit.fetch_add(records.len() as u64, Relaxed) + records.len() as u64
+        >= shared.commit_batch
+    {
         shared.commit_now.notify_one();
     }
     true

@@ -31,6 +31,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Gateway(args) => gateway::gateway(args),
         Command::Bench(BenchCommand::Replay(args)) => bench::replay(args),
         Command::Bench(BenchCommand::Idle(args)) => bench::idle(args),
+        Command::Bench(BenchCommand::Consume(args)) => bench::consume(args),
+        Command::Bench(BenchCommand::Fanout(args)) => bench::fanout(args),
         Command::Bench(BenchCommand::BareGateway { listen }) => bench::bare_gateway(listen),
     }
 }

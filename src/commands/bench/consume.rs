@@ -1,0 +1,229 @@
+//! Kafka → `consume` → Redis throughput, and the Redis-bound limit measured in the same run.
+//!
+//! A generated trace (`spaces` spaces, `members` viewers each, depth-8 paths) is produced into a
+//! fresh topic; then `foldercast consume` runs as a child with rate limiting off. Progress is read
+//! from Redis itself (`INFO commandstats`: one script call per message), so the clock runs from
+//! the first message published to the last. Then `redis-benchmark -c 50 -P 64` measures XADD and
+//! PUBLISH with a payload of the same size on the same server: one message costs one of each, so
+//! 1 / (1/xadd + 1/publish) messages/s is the Redis-bound limit, ÷ members the event limit.
+
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::proc::{cpu_seconds, redis_benchmark, redis_cpu_seconds, redis_host_port, redis_info};
+use super::{generated_directory, generated_event};
+use crate::config::BenchConsumeArgs;
+use crate::source::kafka::KafkaProducer;
+
+pub fn run(args: BenchConsumeArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_async(args))
+}
+
+async fn evalsha_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let stats = redis_info(conn, "commandstats").await?;
+    Ok(stats
+        .get("cmdstat_evalsha")
+        .and_then(|v| v.split(',').find_map(|kv| kv.strip_prefix("calls=")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0))
+}
+
+async fn run_async(args: BenchConsumeArgs) -> anyhow::Result<ExitCode> {
+    let exe = match &args.binary {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?,
+    };
+    let dir = std::env::temp_dir().join(format!("foldercast-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let membership = dir.join("membership.json");
+    std::fs::write(
+        &membership,
+        serde_json::to_vec(&generated_directory(args.spaces, args.members))?,
+    )?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let topic = format!("bench-{nanos}");
+
+    eprintln!("producing {} events into {topic}…", args.events);
+    let producer = KafkaProducer::connect(&args.brokers, &topic, 3).await?;
+    let started = Instant::now();
+    let mut batch = Vec::with_capacity(5000);
+    let mut payload_sample = Vec::new();
+    for n in 0..args.events {
+        let line = generated_event(n, args.spaces, 8);
+        let key = format!("space-{}", n as usize % args.spaces);
+        batch.push((Some(key), line.into_bytes()));
+        if batch.len() == 5000 || n + 1 == args.events {
+            producer.send_all(&batch).await?;
+            batch.clear();
+        }
+    }
+    let produce_secs = started.elapsed().as_secs_f64();
+    if let Ok(crate::notify::Outcome::Deliver(f)) = async {
+        let resolver = std::sync::Arc::new(crate::membership::FixtureResolver::new(
+            &generated_directory(args.spaces, args.members),
+        ));
+        let p = crate::notify::Pipeline::new(
+            crate::notify::dedup::Dedup::new(10, Duration::from_secs(1)),
+            resolver,
+        );
+        p.process(generated_event(0, args.spaces, 8).as_bytes())
+            .await
+    }
+    .await
+    {
+        payload_sample = f.message.payload.to_vec();
+    }
+
+    let client = redis::Client::open(args.redis.as_str())?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .context("cannot reach redis")?;
+    // A saturated Redis answers INFO slowly, and flushing millions of entries takes a while.
+    conn.set_response_timeout(Duration::from_secs(60));
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await?;
+    let expected = args.events * args.members as u64;
+
+    let mut child = tokio::process::Command::new(&exe)
+        .args([
+            "consume",
+            "--brokers",
+            &args.brokers,
+            "--topic",
+            &topic,
+            "--group",
+            &format!("{topic}-group"),
+            "--redis",
+            &args.redis,
+        ])
+        .arg("--membership")
+        .arg(&membership)
+        .args([
+            "--user-rate",
+            "0",
+            "--log",
+            "warn",
+            "--dead-letter-topic",
+            &format!("{topic}-dlq"),
+        ])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("no pid")?;
+
+    // Wait for the first message, then time to the last.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while evalsha_calls(&mut conn).await? == 0 {
+        if Instant::now() > deadline {
+            bail!("the consumer published nothing in 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t0 = Instant::now();
+    let cpu0 = cpu_seconds(pid)?;
+    let redis_cpu0 = redis_cpu_seconds(&mut conn).await?;
+    let mut calls = 0;
+    while calls < expected {
+        calls = evalsha_calls(&mut conn).await?;
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("only {calls} of {expected} messages after 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let consume_cpu = cpu_seconds(pid)? - cpu0;
+    let redis_cpu = redis_cpu_seconds(&mut conn).await? - redis_cpu0;
+    let _ = child.kill().await;
+
+    let (host, port) = redis_host_port(&args.redis)?;
+    let payload = String::from_utf8_lossy(&payload_sample).replace(' ', "_");
+    // One stream and one channel per user, as foldercast writes them: keys spread over as many
+    // users as the trace has (-r), not one hot key.
+    let users = (args.spaces * args.members).to_string();
+    let xadd = redis_benchmark(
+        &host,
+        port,
+        500_000,
+        &[
+            "-r",
+            &users,
+            "XADD",
+            "bench:{u__rand_int__}:log",
+            "MAXLEN",
+            "~",
+            "1000",
+            "*",
+            "m",
+            &payload,
+        ],
+    )?;
+    let publish = redis_benchmark(
+        &host,
+        port,
+        1_000_000,
+        &[
+            "-r",
+            &users,
+            "PUBLISH",
+            "bench:{u__rand_int__}:live",
+            &payload,
+        ],
+    )?;
+    let _: () = redis::cmd("FLUSHDB")
+        .arg("ASYNC")
+        .query_async(&mut conn)
+        .await?;
+    let limit_messages = 1.0 / (1.0 / xadd + 1.0 / publish);
+    let limit_events = limit_messages / args.members as f64;
+    let events_per_sec = args.events as f64 / secs;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!(
+        "bench consume: {} events × {} members = {} messages ({} B each), {} spaces, 3 partitions",
+        args.events,
+        args.members,
+        expected,
+        payload_sample.len(),
+        args.spaces
+    );
+    println!(
+        "  produce into Kafka (not timed below): {:.0} events/s",
+        args.events as f64 / produce_secs
+    );
+    println!(
+        "  consume → Redis: {:.0} events/s, {:.0} messages/s ({:.2} s)",
+        events_per_sec,
+        expected as f64 / secs,
+        secs
+    );
+    println!(
+        "  CPU: consume {:.2} s ({:.1} µs/message), redis {:.2} s ({:.1} µs/message)",
+        consume_cpu,
+        consume_cpu * 1e6 / expected as f64,
+        redis_cpu,
+        redis_cpu * 1e6 / expected as f64
+    );
+    println!(
+        "  redis-benchmark -c 50 -P 64 -r {users} same server: XADD {:.0}/s, PUBLISH {:.0}/s → limit {:.0} messages/s = {:.0} events/s at {} members",
+        xadd, publish, limit_messages, limit_events, args.members
+    );
+    println!(
+        "  ratio: {:.0} % of the Redis-bound limit (target ≥ 60 %)",
+        100.0 * events_per_sec / limit_events
+    );
+    println!(
+        "  reproduce: scripts/bench.sh consume   (or: foldercast bench consume --brokers B --redis URL --events {} --members {} --spaces {})",
+        args.events, args.members, args.spaces
+    );
+    Ok(ExitCode::SUCCESS)
+}
