@@ -297,7 +297,7 @@ impl RedisBus {
         let age_ms = self.options.stream_max_age.as_millis() as u64;
         let trim_every = || {
             let n = self.trim_counter.fetch_add(1, Relaxed);
-            (n % 64 == 0).then(|| now_ms.saturating_sub(age_ms))
+            n.is_multiple_of(64).then(|| now_ms.saturating_sub(age_ms))
         };
         match self.publisher.clone() {
             Conn::Standalone(mut c) => {
