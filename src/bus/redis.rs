@@ -135,7 +135,7 @@ impl AsyncPushSender for PushToDeliveries {
     fn send(&self, info: PushInfo) -> Result<(), SendError> {
         match info.kind {
             PushKind::Message | PushKind::SMessage => {
-                if let Some(delivery) = delivery_of(&info.data)
+                if let Some(delivery) = delivery_of(info.data)
                     && self.deliveries.try_send(delivery).is_err()
                 {
                     self.dropped.fetch_add(1, Relaxed);
@@ -152,14 +152,17 @@ impl AsyncPushSender for PushToDeliveries {
     }
 }
 
-fn delivery_of(data: &[Value]) -> Option<Delivery> {
-    let bytes = |v: &Value| match v {
-        Value::BulkString(b) => Some(b.clone()),
-        Value::SimpleString(s) => Some(s.clone().into_bytes()),
+/// Takes the pushed `[channel, message]` by value: the payload bytes move into the delivery
+/// without a copy.
+fn delivery_of(data: Vec<Value>) -> Option<Delivery> {
+    let bytes = |v: Value| match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
         _ => None,
     };
-    let channel = bytes(data.first()?)?;
-    let message = bytes(data.get(1)?)?;
+    let mut data = data.into_iter();
+    let channel = bytes(data.next()?)?;
+    let message = bytes(data.next()?)?;
     let user = keys::user_of_channel(&channel)?;
     let split = message.iter().position(|b| *b == b'\n')?;
     let id = std::str::from_utf8(&message[..split]).ok()?;
@@ -464,12 +467,12 @@ mod tests {
             Value::BulkString(b"fc:{bob}:live".to_vec()),
             Value::BulkString(b"1700000000000-0\n{\"a\":1}".to_vec()),
         ];
-        let d = delivery_of(&data).unwrap();
+        let d = delivery_of(data).unwrap();
         assert_eq!(
             (&*d.user, &*d.id, &d.payload[..]),
             ("bob", "1700000000000-0", &b"{\"a\":1}"[..])
         );
-        assert!(delivery_of(&[Value::BulkString(b"fc:{bob}:live".to_vec())]).is_none());
+        assert!(delivery_of(vec![Value::BulkString(b"fc:{bob}:live".to_vec())]).is_none());
     }
 
     #[test]

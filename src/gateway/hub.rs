@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
 
-use super::protocol::{Route, server_frame};
+use super::protocol::{Route, message_type_of, server_frame};
 use super::session::{Frame, Push, SessionQueue};
 use crate::bus::{Bus, BusError, Delivery};
 
@@ -118,14 +118,23 @@ impl Hub {
     }
 
     fn deliver(&self, delivery: Delivery) {
-        let route = Route::of_payload(&delivery.payload);
-        let text = server_frame(&delivery.id, &route, &delivery.payload);
-        let frame = Arc::new(Frame {
-            id: delivery.id,
-            route,
-            payload: delivery.payload,
-            ws_text: Utf8Bytes::from(text),
-        });
+        // Only the type is needed for every delivery; a resync (rare) also needs its space.
+        let message_type: Box<str> = message_type_of(&delivery.payload)
+            .unwrap_or_default()
+            .into();
+        let resync = (&*message_type == "resync").then(|| Route::of_payload(&delivery.payload));
+        let text = server_frame(
+            &delivery.id,
+            &delivery.payload,
+            resync.as_ref().map(|r| r.space_id.as_str()),
+        );
+        let frame = Arc::new(Frame::new(
+            delivery.id,
+            message_type,
+            delivery.payload,
+            Utf8Bytes::from(text),
+            resync,
+        ));
         let Ok(sessions) = self.sessions.lock() else {
             return;
         };

@@ -179,13 +179,23 @@ impl Route {
     }
 }
 
-/// `{"type":"event","id":…,"data":…}` (or `resync`, with its `space_id` lifted to the top) built
-/// around the payload bytes without re-encoding them.
-pub fn server_frame(id: &str, route: &Route, payload: &[u8]) -> String {
+/// The top-level `type` of an encoded user message, found without parsing it: in the compact
+/// encoding the first `"type":"` is the top-level one (nested ones come later, and quotes inside
+/// strings are escaped). `None` if absent.
+pub fn message_type_of(payload: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let start = text.find("\"type\":\"")? + 8;
+    let len = text[start..].find('"')?;
+    Some(&text[start..start + len])
+}
+
+/// `{"type":"event","id":…,"data":…}` (or, for a resync of `resync_space`, `{"type":"resync",
+/// "id":…,"space_id":…,"data":…}`) built around the payload bytes without re-encoding them.
+pub fn server_frame(id: &str, payload: &[u8], resync_space: Option<&str>) -> String {
     let payload = std::str::from_utf8(payload).unwrap_or("null");
     let id = serde_json::to_string(id).unwrap_or_default();
-    if route.is_resync() {
-        let space = serde_json::to_string(&route.space_id).unwrap_or_default();
+    if let Some(space) = resync_space {
+        let space = serde_json::to_string(space).unwrap_or_default();
         format!(r#"{{"type":"resync","id":{id},"space_id":{space},"data":{payload}}}"#)
     } else {
         format!(r#"{{"type":"event","id":{id},"data":{payload}}}"#)
@@ -244,7 +254,8 @@ mod tests {
         let r = Route::of_payload(payload);
         assert_eq!(r.paths, ["/b", "/a"]);
         let frame: serde_json::Value =
-            serde_json::from_str(&server_frame("7", &r, payload)).unwrap();
+            serde_json::from_str(&server_frame("7", payload, None)).unwrap();
+        assert_eq!(message_type_of(payload), Some("item-moved"));
         assert_eq!(frame["type"], "event");
         assert_eq!(frame["id"], "7");
         assert_eq!(frame["data"]["event_id"], "e");
@@ -253,7 +264,11 @@ mod tests {
         let r = Route::of_payload(resync);
         assert!(r.ignores_watches());
         let frame: serde_json::Value =
-            serde_json::from_str(&server_frame("8", &r, resync)).unwrap();
+            serde_json::from_str(&server_frame("8", resync, Some(&r.space_id))).unwrap();
+        assert_eq!(message_type_of(resync), Some("resync"));
+        let tricky =
+            br#"{"event_id":"e\"type\":\"x","type":"coalesced","items":[{"type":"item-moved"}]}"#;
+        assert_eq!(message_type_of(tricky), Some("coalesced"));
         assert_eq!(frame["type"], "resync");
         assert_eq!(frame["space_id"], "s");
     }

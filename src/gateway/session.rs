@@ -7,7 +7,7 @@
 //! slow client costs at most `capacity` frames of memory.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
@@ -20,10 +20,44 @@ use crate::path::{SpacePath, is_within};
 #[derive(Debug)]
 pub struct Frame {
     pub id: Arc<str>,
-    pub route: Route,
+    /// The user message's `type` (the SSE `event:` name).
+    pub message_type: Box<str>,
     pub payload: Bytes,
     /// The WebSocket text frame, built once.
     pub ws_text: Utf8Bytes,
+    /// Parsed only when a connection with watches needs it.
+    route: OnceLock<Route>,
+}
+
+impl Frame {
+    pub fn new(
+        id: Arc<str>,
+        message_type: Box<str>,
+        payload: Bytes,
+        ws_text: Utf8Bytes,
+        route: Option<Route>,
+    ) -> Self {
+        let cell = OnceLock::new();
+        if let Some(r) = route {
+            let _ = cell.set(r);
+        }
+        Frame {
+            id,
+            message_type,
+            payload,
+            ws_text,
+            route: cell,
+        }
+    }
+
+    pub fn route(&self) -> &Route {
+        self.route.get_or_init(|| Route::of_payload(&self.payload))
+    }
+
+    /// Whether this frame reaches a connection with `watches`.
+    pub fn passes(&self, watches: &Watches) -> bool {
+        watches.is_empty() || watches.allows(self.route())
+    }
 }
 
 /// What became of a pushed frame.
@@ -163,12 +197,13 @@ mod tests {
     use super::*;
 
     fn frame(id: &str) -> Arc<Frame> {
-        Arc::new(Frame {
-            id: Arc::from(id),
-            route: Route::default(),
-            payload: Bytes::new(),
-            ws_text: Utf8Bytes::from_static("{}"),
-        })
+        Arc::new(Frame::new(
+            Arc::from(id),
+            "x".into(),
+            Bytes::new(),
+            Utf8Bytes::from_static("{}"),
+            None,
+        ))
     }
 
     #[tokio::test]

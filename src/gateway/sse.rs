@@ -127,7 +127,7 @@ fn events(
             }
             loop {
                 while let Some(frame) = feed.pending.pop_front() {
-                    if feed.watches.allows(&frame.route)
+                    if frame.passes(&feed.watches)
                         && let Some(event) = to_event(&frame)
                     {
                         return Some((Ok(event), feed));
@@ -160,13 +160,13 @@ fn events(
 
 fn to_event(frame: &Frame) -> Option<Event> {
     let data = std::str::from_utf8(&frame.payload).ok()?;
-    if data.contains(['\r', '\n']) || frame.route.message_type.contains(['\r', '\n']) {
+    if data.contains(['\r', '\n']) || frame.message_type.contains(['\r', '\n']) {
         return None; // not a compact JSON document; SSE framing would break
     }
     Some(
         Event::default()
             .id(&*frame.id)
-            .event(&frame.route.message_type)
+            .event(&*frame.message_type)
             .data(data),
     )
 }

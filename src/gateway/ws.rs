@@ -140,7 +140,7 @@ async fn session(
                 }
                 let write = async {
                     for frame in batch.drain(..) {
-                        if watches.allows(&frame.route) {
+                        if frame.passes(&watches) {
                             socket.feed(Message::Text(frame.ws_text.clone())).await?;
                         }
                     }

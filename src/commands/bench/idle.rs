@@ -188,7 +188,7 @@ async fn open(addr: &str, token: Option<&str>) -> anyhow::Result<ClientWs> {
     Ok(ws)
 }
 
-async fn listening_addr(child: &mut Child) -> anyhow::Result<String> {
+pub(super) async fn listening_addr(child: &mut Child) -> anyhow::Result<String> {
     let stdout = child.stdout.take().context("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let addr = tokio::time::timeout(Duration::from_secs(20), async {
@@ -221,20 +221,55 @@ fn open_file_limit() -> Option<u64> {
 }
 
 /// The baseline server: per connection one task selecting over a bounded channel and `recv`.
+/// `POST /drive?count=N&size=B` makes it send N messages of B bytes round-robin over its
+/// connections, one per connection at a time, for `bench fanout`.
 pub fn bare_gateway(listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+    type Registry = std::sync::Arc<std::sync::Mutex<Vec<tokio::sync::mpsc::Sender<Message>>>>;
+    #[derive(serde::Deserialize)]
+    struct Drive {
+        count: usize,
+        size: usize,
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let app = axum::Router::new().route(
-            "/ws",
-            get(|ws: WebSocketUpgrade| async move {
-                ws.read_buffer_size(1024)
-                    .write_buffer_size(1024)
-                    .max_write_buffer_size(64 * 1024)
-                    .on_upgrade(bare_session)
-            }),
-        );
+        let registry: Registry = Default::default();
+        let app = axum::Router::new()
+            .route(
+                "/ws",
+                get(|ws: WebSocketUpgrade, axum::extract::State(reg): axum::extract::State<Registry>| async move {
+                    ws.read_buffer_size(1024)
+                        .write_buffer_size(1024)
+                        .max_write_buffer_size(64 * 1024)
+                        .on_upgrade(move |socket| {
+                            let (tx, rx) = tokio::sync::mpsc::channel::<Message>(32);
+                            if let Ok(mut r) = reg.lock() {
+                                r.push(tx);
+                            }
+                            bare_session(socket, rx)
+                        })
+                }),
+            )
+            .route(
+                "/drive",
+                axum::routing::post(
+                    |axum::extract::State(reg): axum::extract::State<Registry>, axum::extract::Query(d): axum::extract::Query<Drive>| async move {
+                        let senders = reg.lock().map(|r| r.clone()).unwrap_or_default();
+                        let text = axum::extract::ws::Utf8Bytes::from("x".repeat(d.size));
+                        tokio::spawn(async move {
+                            if senders.is_empty() {
+                                return;
+                            }
+                            for i in 0..d.count {
+                                let _ = senders[i % senders.len()].send(Message::Text(text.clone())).await;
+                            }
+                        });
+                        "driving"
+                    },
+                ),
+            )
+            .with_state(registry);
         let listener = tokio::net::TcpListener::bind(listen).await?;
         println!("foldercast: serving on http://{}/", listener.local_addr()?);
         axum::serve(listener, app).await?;
@@ -243,8 +278,7 @@ pub fn bare_gateway(listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn bare_session(mut socket: WebSocket) {
-    let (_tx, mut rx) = tokio::sync::mpsc::channel::<Message>(32);
+async fn bare_session(mut socket: WebSocket, mut rx: tokio::sync::mpsc::Receiver<Message>) {
     loop {
         tokio::select! {
             msg = socket.recv() => if !matches!(msg, Some(Ok(_))) { break },
