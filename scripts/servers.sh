@@ -84,22 +84,38 @@ wait_for() { # description, command…
   return 1
 }
 
-start_redis() { # port, extra args…
+start_redis_on() { # port, extra args…
   local port=$1; shift
   local dir="$WORK/redis-$port"
   mkdir -p "$dir"
   redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no --dir "$dir" \
-    --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" "$@"
-  wait_for "redis on $port" redis-cli -p "$port" ping
+    --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" "$@" || return 1
+  for _ in $(seq 1 50); do
+    redis-cli -p "$port" ping >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  log "redis on $port did not come up; its log:"
+  tail -n 5 "$dir/redis.log" >&2 || true
+  return 1
 }
 
-REDIS_PORT=$(free_port)
-start_redis "$REDIS_PORT"
+# Starts redis on a free port (another one if that fails) and prints the port.
+start_redis() { # extra args…
+  local port
+  for _ in 1 2 3; do
+    port=$(free_port)
+    if start_redis_on "$port" "$@" >&2; then echo "$port"; return 0; fi
+  done
+  log "could not start redis-server"
+  return 1
+}
+
+REDIS_PORT=$(start_redis)
 export FOLDERCAST_TEST_REDIS="redis://127.0.0.1:$REDIS_PORT"
 
-CLUSTER_PORTS=("$(free_port)" "$(free_port)" "$(free_port)")
-for p in "${CLUSTER_PORTS[@]}"; do
-  start_redis "$p" --cluster-enabled yes --cluster-config-file "$WORK/redis-$p/nodes.conf" --cluster-node-timeout 5000
+CLUSTER_PORTS=()
+for _ in 1 2 3; do
+  CLUSTER_PORTS+=("$(start_redis --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 5000)")
 done
 redis-cli --cluster create "${CLUSTER_PORTS[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes >/dev/null
 cluster_ok() { for p in "${CLUSTER_PORTS[@]}"; do redis-cli -p "$p" cluster info | grep -q 'cluster_state:ok' || return 1; done; }

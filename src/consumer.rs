@@ -11,6 +11,7 @@ use std::time::Duration;
 use governor::clock::Clock;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::bus::{Bus, BusError, Outgoing};
 use crate::notify::throttle::Throttle;
@@ -65,7 +66,8 @@ pub async fn process_with_retry(
 ) -> Option<Outcome> {
     let mut delay = Duration::from_millis(100);
     loop {
-        match pipeline.process(&raw.bytes).await {
+        let span = tracing::debug_span!("event", position = %raw.position);
+        match pipeline.process(&raw.bytes).instrument(span).await {
             Ok(outcome) => return Some(outcome),
             Err(MembershipUnavailable(reason)) => {
                 tracing::warn!(position = %raw.position, %reason, retry_in = ?delay, "membership unavailable; holding event");
