@@ -49,15 +49,7 @@ async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let mut printer = args
         .print
         .then(|| std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock()));
-    let progress = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {pos} events {per_sec} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-        );
-        bar.enable_steady_tick(Duration::from_millis(120));
-        bar
-    });
+    let progress = progress_spinner("{spinner} {pos} events {per_sec} {msg}");
     let mut out: Vec<Outgoing> = Vec::new();
     let mut users = std::collections::HashSet::new();
 
@@ -116,6 +108,19 @@ async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// A progress spinner on stderr, only when stderr is a terminal.
+fn progress_spinner(template: &str) -> Option<indicatif::ProgressBar> {
+    std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    })
+}
+
 /// `replay --to-kafka`: every line of the file (bad ones too: they are what the dead-letter
 /// path is for) produced to the topic, keyed by `data.space_id` so a space's events stay in
 /// order within one partition.
@@ -126,15 +131,7 @@ async fn to_kafka(args: &ReplayArgs) -> anyhow::Result<ExitCode> {
         .context("--to-kafka needs --brokers")?;
     let producer = KafkaProducer::connect(brokers, &args.topic, args.partitions).await?;
     let mut source = FixtureSource::open(&args.events, Passes::Once).await?;
-    let progress = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {pos} events produced {per_sec}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-        );
-        bar.enable_steady_tick(Duration::from_millis(120));
-        bar
-    });
+    let progress = progress_spinner("{spinner} {pos} events produced {per_sec}");
     let mut batch = Vec::with_capacity(1000);
     let mut produced = 0u64;
     loop {
