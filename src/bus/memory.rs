@@ -3,14 +3,12 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use super::{Bus, BusError, Delivery, DeliverySink, Outgoing};
 use async_trait::async_trait;
-use tokio::sync::mpsc;
-
-use super::{Bus, BusError, Delivery, Outgoing};
 
 pub struct MemoryBus {
     state: Mutex<State>,
-    deliveries: mpsc::Sender<Delivery>,
+    deliveries: Arc<dyn DeliverySink>,
 }
 
 #[derive(Default)]
@@ -21,8 +19,8 @@ struct State {
 }
 
 impl MemoryBus {
-    /// A bus that delivers into `deliveries` (bounded: a slow gateway slows the publisher).
-    pub fn new(deliveries: mpsc::Sender<Delivery>) -> Self {
+    /// A bus that delivers into `deliveries`.
+    pub fn new(deliveries: Arc<dyn DeliverySink>) -> Self {
         MemoryBus {
             state: Mutex::new(State::default()),
             deliveries,
@@ -51,10 +49,8 @@ impl Bus for MemoryBus {
             ready
         };
         for delivery in ready {
-            self.deliveries
-                .send(delivery)
-                .await
-                .map_err(|_| BusError::Closed)?;
+            // The hub never blocks: a connection that cannot keep up is evicted there.
+            self.deliveries.deliver(delivery);
         }
         Ok(())
     }
@@ -79,8 +75,8 @@ mod tests {
 
     #[tokio::test]
     async fn delivers_only_to_subscribed_users_with_increasing_ids() {
-        let (tx, mut rx) = mpsc::channel(16);
-        let bus = MemoryBus::new(tx);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let bus = MemoryBus::new(Arc::new(tx));
         let alice: Arc<str> = Arc::from("alice");
         let bob: Arc<str> = Arc::from("bob");
         bus.subscribe(&alice).await.unwrap();

@@ -53,6 +53,40 @@ pub struct Delivery {
     pub payload: Bytes,
 }
 
+/// Where a bus hands deliveries: called on the bus's own task, so it must never block.
+/// Returns false if the delivery was dropped (a full or closed receiver).
+pub trait DeliverySink: Send + Sync + 'static {
+    fn deliver(&self, delivery: Delivery) -> bool;
+}
+
+impl DeliverySink for tokio::sync::mpsc::Sender<Delivery> {
+    fn deliver(&self, delivery: Delivery) -> bool {
+        self.try_send(delivery).is_ok()
+    }
+}
+
+/// A sink bound after the bus is built: the gateway's hub needs the bus (to subscribe) before it
+/// can receive from it. Holds the target weakly, so neither keeps the other alive.
+#[derive(Default)]
+pub struct LateSink {
+    target: std::sync::OnceLock<std::sync::Weak<dyn DeliverySink>>,
+}
+
+impl LateSink {
+    pub fn bind(&self, target: &Arc<dyn DeliverySink>) {
+        let _ = self.target.set(Arc::downgrade(target));
+    }
+}
+
+impl DeliverySink for LateSink {
+    fn deliver(&self, delivery: Delivery) -> bool {
+        match self.target.get().and_then(std::sync::Weak::upgrade) {
+            Some(target) => target.deliver(delivery),
+            None => false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("bus closed")]

@@ -36,7 +36,7 @@ use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInf
 use redis::{ErrorKind, PushInfo, PushKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::mpsc;
 
-use super::{Bus, BusError, Delivery, Outgoing};
+use super::{Bus, BusError, Delivery, DeliverySink, Outgoing};
 
 /// Where Redis is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,7 +126,7 @@ pub struct RedisBus {
 
 /// Turns pushed pub/sub messages into deliveries without blocking the connection.
 struct PushToDeliveries {
-    deliveries: mpsc::Sender<Delivery>,
+    deliveries: Arc<dyn DeliverySink>,
     connected: Arc<AtomicBool>,
     dropped: Arc<AtomicU64>,
 }
@@ -136,7 +136,7 @@ impl AsyncPushSender for PushToDeliveries {
         match info.kind {
             PushKind::Message | PushKind::SMessage => {
                 if let Some(delivery) = delivery_of(info.data)
-                    && self.deliveries.try_send(delivery).is_err()
+                    && !self.deliveries.deliver(delivery)
                 {
                     self.dropped.fetch_add(1, Relaxed);
                     tracing::warn!("gateway dispatcher full; a delivery was dropped");
@@ -178,11 +178,21 @@ fn unavailable(e: RedisError) -> BusError {
 }
 
 impl RedisBus {
-    /// Connects the publisher, and the subscriber when `deliveries` is given (gateways).
+    /// Connects the publisher, and the subscriber when `deliveries` is given (tests, tools).
     pub async fn connect(
         target: &RedisTarget,
         options: RedisOptions,
         deliveries: Option<mpsc::Sender<Delivery>>,
+    ) -> Result<Arc<Self>, BusError> {
+        let sink = deliveries.map(|tx| Arc::new(tx) as Arc<dyn DeliverySink>);
+        Self::connect_with_sink(target, options, sink).await
+    }
+
+    /// Connects the publisher, and the subscriber when `deliveries` is given (gateways: the hub).
+    pub async fn connect_with_sink(
+        target: &RedisTarget,
+        options: RedisOptions,
+        deliveries: Option<Arc<dyn DeliverySink>>,
     ) -> Result<Arc<Self>, BusError> {
         let connected = Arc::new(AtomicBool::new(false));
         let dropped = Arc::new(AtomicU64::new(0));

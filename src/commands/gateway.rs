@@ -8,10 +8,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, RedisBus};
+use crate::bus::{Bus, LateSink, RedisBus};
 use crate::config::GatewayCommandArgs;
 use crate::gateway;
 use crate::gateway::auth::Authenticator;
@@ -23,10 +22,13 @@ pub fn gateway(args: GatewayCommandArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let auth = Arc::new(Authenticator::hs256(&super::jwt_secret(&args.gateway)?));
         let target = super::redis_target(&args.redis);
-        let (tx, rx) = mpsc::channel(16_384);
-        let bus = RedisBus::connect(&target, super::redis_options(&args.redis), Some(tx)).await?;
+        let sink = Arc::new(LateSink::default());
+        let sink_dyn: Arc<dyn crate::bus::DeliverySink> = sink.clone();
+        let bus =
+            RedisBus::connect_with_sink(&target, super::redis_options(&args.redis), Some(sink_dyn))
+                .await?;
         bus.spawn_health_check(Duration::from_secs(1));
-        let app = super::gateway_app(bus.clone() as Arc<dyn Bus>, rx, auth, &args.gateway);
+        let app = super::gateway_app(bus.clone() as Arc<dyn Bus>, &sink, auth, &args.gateway);
         let listener = super::bind_and_announce(&args.gateway).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(super::cancel_on_signal(shutdown.clone()));

@@ -12,10 +12,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::Router;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, Delivery, RedisOptions, RedisTarget};
+use crate::bus::{Bus, DeliverySink, LateSink, RedisOptions, RedisTarget};
 use crate::config::{BenchCommand, Cli, Command, GatewayArgs, RedisArgs, ShapingArgs};
 use crate::gateway::auth::Authenticator;
 use crate::gateway::hub::Hub;
@@ -80,15 +79,15 @@ fn gateway_config(g: &GatewayArgs) -> GatewayConfig {
     }
 }
 
-/// The gateway's router over `bus`, whose deliveries arrive on `deliveries`.
+/// The gateway's router over `bus`, whose deliveries go to `sink` (bound here to the hub).
 fn gateway_app(
     bus: Arc<dyn Bus>,
-    deliveries: mpsc::Receiver<Delivery>,
+    sink: &LateSink,
     auth: Arc<Authenticator>,
     g: &GatewayArgs,
 ) -> Router {
     let hub = Hub::new(bus, g.send_queue);
-    tokio::spawn(hub.clone().dispatch(deliveries));
+    sink.bind(&(hub.clone() as Arc<dyn DeliverySink>));
     gw::router(AppState::new(auth, hub, gateway_config(g)))
 }
 

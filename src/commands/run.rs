@@ -7,10 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use governor::clock::DefaultClock;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, MemoryBus};
+use crate::bus::{Bus, LateSink, MemoryBus};
 use crate::config::RunArgs;
 use crate::consumer::{run_live, spawn_reader};
 use crate::demo::DemoState;
@@ -38,11 +37,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let secret = super::jwt_secret(&args.gateway)?;
     let auth = Arc::new(Authenticator::hs256(&secret));
 
-    let (deliveries_tx, deliveries_rx) = mpsc::channel(4096);
-    let bus = Arc::new(MemoryBus::new(deliveries_tx));
+    let sink = Arc::new(LateSink::default());
+    let bus = Arc::new(MemoryBus::new(sink.clone()));
     let mut app = super::gateway_app(
         bus.clone() as Arc<dyn Bus>,
-        deliveries_rx,
+        &sink,
         auth.clone(),
         &args.gateway,
     );

@@ -2,19 +2,19 @@
 //!
 //! A user's bus subscription exists while at least one of their connections is open on this
 //! gateway: the first connection subscribes, the last one to leave unsubscribes. Those changes
-//! are serialised by one async lock so a quick reconnect can never end unsubscribed. The
-//! dispatcher never waits on a client: a full queue evicts that session instead.
+//! are serialised by one async lock so a quick reconnect can never end unsubscribed. The bus
+//! hands deliveries straight to the hub (no channel, no extra task hop), and the hub never waits
+//! on a client: a full queue evicts that session instead.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc;
 
 use super::protocol::{Route, message_type_of, server_frame};
 use super::session::{Frame, Push, SessionQueue};
-use crate::bus::{Bus, BusError, Delivery};
+use crate::bus::{Bus, BusError, Delivery, DeliverySink};
 
 /// Gateway counters, served at `/api/stats`.
 #[derive(Default, Debug)]
@@ -110,14 +110,7 @@ impl Hub {
         }
     }
 
-    /// Feeds deliveries to sessions until the bus closes the channel.
-    pub async fn dispatch(self: Arc<Self>, mut deliveries: mpsc::Receiver<Delivery>) {
-        while let Some(delivery) = deliveries.recv().await {
-            self.deliver(delivery);
-        }
-    }
-
-    fn deliver(&self, delivery: Delivery) {
+    fn deliver_to_sessions(&self, delivery: Delivery) {
         // Only the type is needed for every delivery; a resync (rare) also needs its space.
         let message_type: Box<str> = message_type_of(&delivery.payload)
             .unwrap_or_default()
@@ -145,6 +138,15 @@ impl Hub {
                 Push::Gone => 0,
             };
         }
+    }
+}
+
+/// The bus calls this on its own task (the Redis push callback, or the in-process publisher):
+/// it only queues frames, never waits on a client.
+impl DeliverySink for Hub {
+    fn deliver(&self, delivery: Delivery) -> bool {
+        self.deliver_to_sessions(delivery);
+        true
     }
 }
 
