@@ -4,7 +4,7 @@
 //! `fc:{alice}:live` (the pub/sub channel), `fc:{alice}:log` (a Redis Stream holding the user's
 //! recent messages) and `fc:{alice}:seen:<window>` (event ids already delivered to alice).
 //!
-//! One Lua script per message does, atomically: skip it if the event was already delivered to
+//! A Lua script does, for each message and atomically: skip it if the event was already delivered to
 //! this user (so a partition replayed by another consumer after a crash or a rebalance reaches
 //! each user once, and a crash between two users loses nothing), append it to the stream
 //! (trimmed by length on every append, by age on about one append in 64, and expiring when idle
@@ -12,8 +12,9 @@
 //! entry id is the frame id clients see, so ids increase per user across gateways and restarts,
 //! and a subscriber never sees a message that is not in the stream.
 //!
-//! Publishing is pipelined: a batch goes out as one pipeline (standalone) or as one pipeline per
-//! user sent concurrently (cluster: a pipeline must stay within one slot). On a cluster the
+//! Publishing is batched: on standalone Redis one script call covers up to 256 messages (a call's
+//! fixed cost is about as large as its commands'), in one pipeline; on a cluster one call per user
+//! (a call must stay within one slot), all sent concurrently. On a cluster the
 //! channel is published with `SPUBLISH` and subscribed with `SSUBSCRIBE`, so a message travels
 //! only within its shard.
 //!
@@ -68,23 +69,39 @@ impl Default for RedisOptions {
 }
 
 const PUBLISH_SCRIPT: &str = r#"
--- KEYS: 1 stream, 2 seen ids (current window), 3 seen ids (previous window), 4 channel
--- ARGV: 1 payload, 2 event id ('' = not guarded), 3 max length, 4 max age ms, 5 window ms,
---       6 PUBLISH or SPUBLISH, 7 oldest id to keep ('' = no age trim this time)
-if ARGV[2] ~= '' then
-  if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 1 or redis.call('SADD', KEYS[2], ARGV[2]) == 0 then
-    return false
+-- Publishes messages in order. Per message 4 KEYS: stream, seen ids (current window), seen ids
+-- (previous window), channel; 3 ARGV after the 4 shared ones: payload, event id ('' = not
+-- guarded), oldest id to keep ('' = no age trim this time).
+-- Shared ARGV: 1 max length, 2 max age ms, 3 window ms, 4 PUBLISH or SPUBLISH.
+local maxlen, age, window, publish = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local published = 0
+for i = 0, #KEYS / 4 - 1 do
+  local k, a = i * 4, 4 + i * 3
+  local payload, event, oldest = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local fresh = true
+  if event ~= '' then
+    if redis.call('SISMEMBER', KEYS[k + 3], event) == 1 or redis.call('SADD', KEYS[k + 2], event) == 0 then
+      fresh = false
+    else
+      redis.call('PEXPIRE', KEYS[k + 2], window * 2)
+    end
   end
-  redis.call('PEXPIRE', KEYS[2], ARGV[5] * 2)
+  if fresh then
+    local id = redis.call('XADD', KEYS[k + 1], 'MAXLEN', '~', maxlen, '*', 'm', payload)
+    if oldest ~= '' then
+      redis.call('XTRIM', KEYS[k + 1], 'MINID', '~', oldest)
+    end
+    redis.call('PEXPIRE', KEYS[k + 1], age)
+    redis.call(publish, KEYS[k + 4], id .. '\n' .. payload)
+    published = published + 1
+  end
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'm', ARGV[1])
-if ARGV[7] ~= '' then
-  redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[7])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call(ARGV[6], KEYS[4], id .. '\n' .. ARGV[1])
-return id
+return published
 "#;
+
+/// Messages per script call on standalone Redis: enough to spread the call's fixed cost, few
+/// enough that one call never blocks Redis for long.
+const MESSAGES_PER_CALL: usize = 256;
 
 /// Key and channel names of a user.
 pub mod keys {
@@ -273,28 +290,32 @@ impl RedisBus {
         Ok(())
     }
 
+    /// One script call publishing `messages` in order.
     fn invocation(
         &self,
-        msg: &Outgoing,
+        messages: &[&Outgoing],
         window: u64,
-        oldest: Option<u64>,
+        oldest: &mut impl FnMut() -> Option<u64>,
         sharded: bool,
     ) -> redis::Cmd {
         let o = &self.options;
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash())
-            .arg(4)
-            .arg(keys::stream(&msg.user))
-            .arg(keys::seen(&msg.user, window))
-            .arg(keys::seen(&msg.user, window.saturating_sub(1)))
-            .arg(keys::channel(&msg.user))
-            .arg(&msg.payload[..])
-            .arg(msg.event_id.as_deref().unwrap_or(""))
-            .arg(o.stream_max_len)
+        cmd.arg(self.script.get_hash()).arg(messages.len() * 4);
+        for msg in messages {
+            cmd.arg(keys::stream(&msg.user))
+                .arg(keys::seen(&msg.user, window))
+                .arg(keys::seen(&msg.user, window.saturating_sub(1)))
+                .arg(keys::channel(&msg.user));
+        }
+        cmd.arg(o.stream_max_len)
             .arg(o.stream_max_age.as_millis().max(1) as u64)
             .arg(o.dedup_window.as_millis().max(1) as u64)
-            .arg(if sharded { "SPUBLISH" } else { "PUBLISH" })
-            .arg(oldest.map(|ms| ms.to_string()).unwrap_or_default());
+            .arg(if sharded { "SPUBLISH" } else { "PUBLISH" });
+        for msg in messages {
+            cmd.arg(&msg.payload[..])
+                .arg(msg.event_id.as_deref().unwrap_or(""))
+                .arg(oldest().map(|ms| ms.to_string()).unwrap_or_default());
+        }
         cmd
     }
 
@@ -308,32 +329,34 @@ impl RedisBus {
         // Trimming by age costs an XTRIM; length trimming (every XADD) and the key's expiry keep
         // memory bounded in between, so about one message in 64 asks for it.
         let age_ms = self.options.stream_max_age.as_millis() as u64;
-        let trim_every = || {
+        let mut trim_every = || {
             let n = self.trim_counter.fetch_add(1, Relaxed);
             n.is_multiple_of(64).then(|| now_ms.saturating_sub(age_ms))
         };
         match self.publisher.clone() {
             Conn::Standalone(mut c) => {
+                let all: Vec<&Outgoing> = batch.iter().collect();
                 let mut pipe = redis::pipe();
-                for msg in batch {
-                    pipe.add_command(self.invocation(msg, window, trim_every(), false))
+                for chunk in all.chunks(MESSAGES_PER_CALL) {
+                    pipe.add_command(self.invocation(chunk, window, &mut trim_every, false))
                         .ignore();
                 }
                 pipe.exec_async(&mut c).await
             }
             Conn::Cluster(c) => {
-                // A pipeline must stay within one slot: one per user, all sent at once.
-                let mut per_user: HashMap<&str, redis::Pipeline> = HashMap::new();
+                // A script call must stay within one slot: one call per user (its keys share a
+                // hash tag), all sent at once.
+                let mut per_user: HashMap<&str, Vec<&Outgoing>> = HashMap::new();
                 for msg in batch {
-                    per_user
-                        .entry(&msg.user)
-                        .or_insert_with(redis::pipe)
-                        .add_command(self.invocation(msg, window, trim_every(), true))
-                        .ignore();
+                    per_user.entry(&msg.user).or_default().push(msg);
                 }
-                let sends = per_user.into_values().map(|pipe| {
+                let calls: Vec<redis::Cmd> = per_user
+                    .into_values()
+                    .map(|msgs| self.invocation(&msgs, window, &mut trim_every, true))
+                    .collect();
+                let sends = calls.into_iter().map(|cmd| {
                     let mut c = c.clone();
-                    async move { pipe.exec_async(&mut c).await }
+                    async move { cmd.query_async::<()>(&mut c).await }
                 });
                 futures_util::future::try_join_all(sends).await.map(|_| ())
             }

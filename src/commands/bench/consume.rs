@@ -2,7 +2,7 @@
 //!
 //! A generated trace (`spaces` spaces, `members` viewers each, depth-8 paths) is produced into a
 //! fresh topic; then `foldercast consume` runs as a child with rate limiting off. Progress is read
-//! from Redis itself (`INFO commandstats`: one script call per message), so the clock runs from
+//! from Redis itself (`INFO commandstats`: one XADD per message, counted inside scripts too), so the clock runs from
 //! the first message published to the last. Then `redis-benchmark -c 50 -P 64` measures XADD and
 //! PUBLISH with a payload of the same size on the same server: one message costs one of each, so
 //! 1 / (1/xadd + 1/publish) messages/s is the Redis-bound limit, ÷ members the event limit.
@@ -24,10 +24,11 @@ pub fn run(args: BenchConsumeArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(run_async(args))
 }
 
-async fn evalsha_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+/// Messages appended so far: Redis counts commands run inside scripts too.
+async fn xadd_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
     let stats = redis_info(conn, "commandstats").await?;
     Ok(stats
-        .get("cmdstat_evalsha")
+        .get("cmdstat_xadd")
         .and_then(|v| v.split(',').find_map(|kv| kv.strip_prefix("calls=")))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0))
@@ -123,7 +124,7 @@ async fn run_async(args: BenchConsumeArgs) -> anyhow::Result<ExitCode> {
 
     // Wait for the first message, then time to the last.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while evalsha_calls(&mut conn).await? == 0 {
+    while xadd_calls(&mut conn).await? == 0 {
         if Instant::now() > deadline {
             bail!("the consumer published nothing in 120 s");
         }
@@ -134,7 +135,7 @@ async fn run_async(args: BenchConsumeArgs) -> anyhow::Result<ExitCode> {
     let redis_cpu0 = redis_cpu_seconds(&mut conn).await?;
     let mut calls = 0;
     while calls < expected {
-        calls = evalsha_calls(&mut conn).await?;
+        calls = xadd_calls(&mut conn).await?;
         if t0.elapsed() > Duration::from_secs(600) {
             bail!("only {calls} of {expected} messages after 600 s");
         }
