@@ -4,7 +4,6 @@
 //! (backpressure) and a waiting reader never blocks the throttle's flushes. Events are processed
 //! strictly in order: a space's changes reach each user in the order they happened.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -169,6 +168,3 @@ pub async fn run_live<C: Clock + Clone>(
     }
     Ok(())
 }
-
-/// Shared handle type for a bus.
-pub type SharedBus = Arc<dyn Bus>;

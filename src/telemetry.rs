@@ -43,8 +43,4 @@ impl PipelineStats {
             .map(|m| m.clone())
             .unwrap_or_default()
     }
-
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Relaxed)
-    }
 }

@@ -137,15 +137,12 @@ pub struct RedisBus {
     options: RedisOptions,
     connected: Arc<AtomicBool>,
     trim_counter: AtomicU64,
-    /// Deliveries dropped because the gateway's dispatcher was full.
-    pub dropped: Arc<AtomicU64>,
 }
 
 /// Turns pushed pub/sub messages into deliveries without blocking the connection.
 struct PushToDeliveries {
     deliveries: Arc<dyn DeliverySink>,
     connected: Arc<AtomicBool>,
-    dropped: Arc<AtomicU64>,
 }
 
 impl AsyncPushSender for PushToDeliveries {
@@ -155,8 +152,7 @@ impl AsyncPushSender for PushToDeliveries {
                 if let Some(delivery) = delivery_of(info.data)
                     && !self.deliveries.deliver(delivery)
                 {
-                    self.dropped.fetch_add(1, Relaxed);
-                    tracing::warn!("gateway dispatcher full; a delivery was dropped");
+                    tracing::warn!("delivery dropped: no receiver ready for it");
                 }
             }
             PushKind::Disconnection => {
@@ -212,7 +208,6 @@ impl RedisBus {
         deliveries: Option<Arc<dyn DeliverySink>>,
     ) -> Result<Arc<Self>, BusError> {
         let connected = Arc::new(AtomicBool::new(false));
-        let dropped = Arc::new(AtomicU64::new(0));
         let publisher = open(target, None).await?;
         let subscriber = match deliveries {
             Some(tx) => Some(
@@ -221,7 +216,6 @@ impl RedisBus {
                     Some(PushToDeliveries {
                         deliveries: tx,
                         connected: connected.clone(),
-                        dropped: dropped.clone(),
                     }),
                 )
                 .await?,
@@ -235,7 +229,6 @@ impl RedisBus {
             options,
             connected,
             trim_counter: AtomicU64::new(0),
-            dropped,
         });
         bus.load_script().await?;
         bus.connected.store(true, Relaxed);

@@ -169,10 +169,6 @@ impl Route {
         }
     }
 
-    pub fn is_resync(&self) -> bool {
-        self.message_type == "resync"
-    }
-
     /// Messages that reach every connection of a user, whatever it watches.
     pub fn ignores_watches(&self) -> bool {
         self.paths.is_empty()
