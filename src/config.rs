@@ -75,14 +75,8 @@ pub struct RunArgs {
     )]
     pub events: PathBuf,
 
-    /// Membership fixture (users, groups, spaces and their members).
-    #[arg(
-        long,
-        env = "FOLDERCAST_MEMBERSHIP",
-        default_value = "fixtures/demo/membership.json",
-        value_name = "FILE"
-    )]
-    pub membership: PathBuf,
+    #[command(flatten)]
+    pub membership: MembershipArgs,
 
     /// Events per second to replay (0 = as fast as possible). The default is a pace a person can follow.
     #[arg(
@@ -106,6 +100,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub gateway: GatewayArgs,
+
+    #[command(flatten)]
+    pub oidc: OidcArgs,
 }
 
 #[derive(Debug, Args)]
@@ -114,14 +111,9 @@ pub struct ReplayArgs {
     #[arg(long, env = "FOLDERCAST_EVENTS", value_name = "FILE")]
     pub events: PathBuf,
 
-    /// Membership fixture (users, groups, spaces and their members); not needed with --to-kafka.
-    #[arg(
-        long,
-        env = "FOLDERCAST_MEMBERSHIP",
-        value_name = "FILE",
-        required_unless_present = "to_kafka"
-    )]
-    pub membership: Option<PathBuf>,
+    /// Where membership comes from (--membership FILE or --ocis-url); not needed with --to-kafka.
+    #[command(flatten)]
+    pub membership: MembershipArgs,
 
     /// Instead of running the pipeline, produce the file's events into a Kafka topic, keyed by
     /// space id (so a space's events keep their order), bad lines included.
@@ -199,9 +191,8 @@ pub struct ConsumeArgs {
     )]
     pub dead_letter_topic: String,
 
-    /// Membership fixture (users, groups, spaces and their members).
-    #[arg(long, env = "FOLDERCAST_MEMBERSHIP", value_name = "FILE")]
-    pub membership: PathBuf,
+    #[command(flatten)]
+    pub membership: MembershipArgs,
 
     /// Consumer session timeout: how soon a dead consumer's partitions move to another.
     #[arg(long, env = "FOLDERCAST_KAFKA_SESSION_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
@@ -243,6 +234,115 @@ pub struct GatewayCommandArgs {
 
     #[command(flatten)]
     pub gateway: GatewayArgs,
+    #[command(flatten)]
+    pub oidc: OidcArgs,
+}
+
+/// Where space membership comes from: a fixture file, or oCIS's LibreGraph API behind a cache.
+///
+/// Credentials for oCIS never come from flags (flags show in process listings): set
+/// FOLDERCAST_OCIS_TOKEN (a bearer token), FOLDERCAST_OCIS_BASIC (`user:password` or
+/// `user:app-token`, development setups) or FOLDERCAST_OCIS_CLIENT_SECRET (with
+/// --ocis-client-id, the OIDC client-credentials flow), or point the matching *-file flag at a
+/// file holding the secret.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Membership")]
+pub struct MembershipArgs {
+    /// Membership fixture (users, groups, spaces and their members). `run` defaults to
+    /// fixtures/demo/membership.json when neither this nor --ocis-url is given.
+    #[arg(
+        long,
+        env = "FOLDERCAST_MEMBERSHIP",
+        value_name = "FILE",
+        conflicts_with = "ocis_url"
+    )]
+    pub membership: Option<PathBuf>,
+
+    /// Resolve space members from oCIS at this base URL (e.g. https://cloud.example.com):
+    /// GET /graph/v1beta1/drives/{id}/root/permissions, groups expanded with
+    /// /graph/v1.0/groups/{id}/members (needs an admin identity).
+    #[arg(long, env = "FOLDERCAST_OCIS_URL", value_name = "URL")]
+    pub ocis_url: Option<String>,
+
+    /// File holding a bearer token for oCIS (re-read after a 401). Or set FOLDERCAST_OCIS_TOKEN.
+    #[arg(long, env = "FOLDERCAST_OCIS_TOKEN_FILE", value_name = "FILE")]
+    pub ocis_token_file: Option<PathBuf>,
+
+    /// File holding `user:secret` for HTTP basic auth to oCIS (password or app token; development
+    /// setups). Or set FOLDERCAST_OCIS_BASIC.
+    #[arg(long, env = "FOLDERCAST_OCIS_BASIC_FILE", value_name = "FILE")]
+    pub ocis_basic_file: Option<PathBuf>,
+
+    /// OIDC client id for the client-credentials flow (secret from FOLDERCAST_OCIS_CLIENT_SECRET
+    /// or --ocis-client-secret-file).
+    #[arg(long, env = "FOLDERCAST_OCIS_CLIENT_ID", value_name = "ID")]
+    pub ocis_client_id: Option<String>,
+
+    /// File holding the OIDC client secret.
+    #[arg(long, env = "FOLDERCAST_OCIS_CLIENT_SECRET_FILE", value_name = "FILE")]
+    pub ocis_client_secret_file: Option<PathBuf>,
+
+    /// Issuer whose token endpoint issues the client-credentials token (default: --ocis-url,
+    /// where oCIS's built-in IdP lives).
+    #[arg(long, env = "FOLDERCAST_OCIS_TOKEN_ISSUER", value_name = "URL")]
+    pub ocis_token_issuer: Option<String>,
+
+    /// Scope to request with the client-credentials token.
+    #[arg(long, env = "FOLDERCAST_OCIS_SCOPE", value_name = "SCOPE")]
+    pub ocis_scope: Option<String>,
+
+    /// How long a space's members are cached (±10 % jitter) before oCIS is asked again.
+    #[arg(long, env = "FOLDERCAST_MEMBERSHIP_TTL", default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub membership_ttl: Duration,
+
+    /// While oCIS is unreachable, keep serving a space's last known members this long after they
+    /// were fetched; after that the space's events wait (and are retried), never dropped.
+    #[arg(long, env = "FOLDERCAST_MEMBERSHIP_MAX_STALE", default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
+    pub membership_max_stale: Duration,
+
+    /// Spaces (and groups) whose members are cached.
+    #[arg(
+        long,
+        env = "FOLDERCAST_MEMBERSHIP_CACHE_CAPACITY",
+        default_value_t = 100_000,
+        value_name = "N"
+    )]
+    pub membership_cache_capacity: u64,
+
+    /// Timeout of each request to oCIS (5xx and timeouts are retried with jittered backoff).
+    #[arg(long, env = "FOLDERCAST_OCIS_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub ocis_timeout: Duration,
+}
+
+/// Sign-in with an OIDC issuer instead of the HS256 shared secret.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "OIDC sign-in")]
+pub struct OidcArgs {
+    /// Verify client tokens against this OIDC issuer (discovery + JWKS; RS256/ES256/EdDSA).
+    /// Replaces --jwt-secret.
+    #[arg(long, env = "FOLDERCAST_OIDC_ISSUER", value_name = "URL")]
+    pub oidc_issuer: Option<String>,
+
+    /// Required token audience (`aud`); without it the audience is not checked.
+    #[arg(long, env = "FOLDERCAST_OIDC_AUDIENCE", value_name = "AUD")]
+    pub oidc_audience: Option<String>,
+
+    /// Claim holding the user id (oCIS setups often use `preferred_username` or a custom claim).
+    #[arg(
+        long,
+        env = "FOLDERCAST_OIDC_USER_CLAIM",
+        default_value = "sub",
+        value_name = "CLAIM"
+    )]
+    pub oidc_user_claim: String,
+
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[arg(long, env = "FOLDERCAST_OIDC_LEEWAY", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub oidc_leeway: Duration,
+
+    /// Least time between two JWKS refetches caused by unknown key ids.
+    #[arg(long, env = "FOLDERCAST_OIDC_JWKS_MIN_REFRESH", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub oidc_jwks_min_refresh: Duration,
 }
 
 /// Where Redis is, and how long it keeps each user's history.

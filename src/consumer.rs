@@ -39,6 +39,10 @@ pub fn route<C: Clock + Clone>(
             tracing::debug!(%position, %event_id, "duplicate event dropped");
             None
         }
+        Outcome::Applied { event_id } => {
+            tracing::debug!(%position, %event_id, "group change applied");
+            None
+        }
         Outcome::Deliver(fanout) => {
             stats.delivered_events.fetch_add(1, Relaxed);
             let before = out.len();

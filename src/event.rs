@@ -25,10 +25,12 @@ pub enum EventType {
     ItemMoved,
     SpaceMemberAdded,
     SpaceMemberRemoved,
+    GroupMemberAdded,
+    GroupMemberRemoved,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 8] = [
+    pub const ALL: [EventType; 10] = [
         EventType::FileUploaded,
         EventType::FileTouched,
         EventType::FolderCreated,
@@ -37,6 +39,8 @@ impl EventType {
         EventType::ItemMoved,
         EventType::SpaceMemberAdded,
         EventType::SpaceMemberRemoved,
+        EventType::GroupMemberAdded,
+        EventType::GroupMemberRemoved,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +53,8 @@ impl EventType {
             EventType::ItemMoved => "item-moved",
             EventType::SpaceMemberAdded => "space-member-added",
             EventType::SpaceMemberRemoved => "space-member-removed",
+            EventType::GroupMemberAdded => "group-member-added",
+            EventType::GroupMemberRemoved => "group-member-removed",
         }
     }
 
@@ -60,6 +66,14 @@ impl EventType {
         matches!(
             self,
             EventType::SpaceMemberAdded | EventType::SpaceMemberRemoved
+        )
+    }
+
+    /// A user joining or leaving a group: it concerns every space that grants the group.
+    pub fn is_group(self) -> bool {
+        matches!(
+            self,
+            EventType::GroupMemberAdded | EventType::GroupMemberRemoved
         )
     }
 }
@@ -95,6 +109,7 @@ pub struct StorageEvent {
     pub time: Arc<str>,
     /// `time` as milliseconds since the Unix epoch, for clocks that follow event time.
     pub time_millis: i64,
+    /// The space the event is about; empty for group events, which concern no single space.
     pub space_id: String,
     pub actor: Option<String>,
     pub body: EventBody,
@@ -104,6 +119,14 @@ pub struct StorageEvent {
 pub enum EventBody {
     Item(ItemChange),
     Membership(MembershipChange),
+    Group(GroupChange),
+}
+
+/// A user joining (`group-member-added`) or leaving (`-removed`) a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupChange {
+    pub group: String,
+    pub user: String,
 }
 
 /// A change to a file or folder.
@@ -138,7 +161,8 @@ pub enum Member {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     /// Stable, countable category: `invalid-json`, `missing-field`, `invalid-field`,
-    /// `unknown-type`, `invalid-path`, `unsupported-specversion`, `unknown-space`.
+    /// `unknown-type`, `invalid-path`, `unsupported-specversion`, `unknown-space`,
+    /// `space-refused` (the directory refuses to answer for the space).
     pub code: &'static str,
     pub reason: String,
 }
@@ -221,6 +245,19 @@ pub fn decode(bytes: &[u8]) -> Result<StorageEvent, Rejection> {
     let data = wire
         .data
         .ok_or_else(|| Rejection::new("missing-field", "missing required field data"))?;
+    if event_type.is_group() {
+        let group = required(data.group, "data.group")?;
+        let user = required(data.user, "data.user")?;
+        return Ok(StorageEvent {
+            id,
+            event_type,
+            time: time.into(),
+            time_millis,
+            space_id: String::new(),
+            actor: data.actor,
+            body: EventBody::Group(GroupChange { group, user }),
+        });
+    }
     let space_id = required(data.space_id, "data.space_id")?;
 
     let body = if event_type.is_membership() {

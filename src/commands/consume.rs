@@ -21,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Bus, Outgoing, RedisBus};
 use crate::config::ConsumeArgs;
 use crate::consumer::{process_with_retry, route};
-use crate::membership::FixtureResolver;
 use crate::notify::throttle::Throttle;
 use crate::notify::{Outcome, Pipeline};
 use crate::source::kafka::{CommitTracker, KafkaRecord, KafkaSettings, KafkaSource};
@@ -51,7 +50,7 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
-    let resolver = Arc::new(FixtureResolver::load(&args.membership)?);
+    let resolver = super::setup::resolver(&args.membership, None)?;
     let pipeline = Pipeline::new(super::dedup(&args.shaping), resolver);
     let bus = RedisBus::connect(
         &super::redis_target(&args.redis),
@@ -188,7 +187,7 @@ async fn handle(shared: &Shared, records: &[KafkaRecord]) -> bool {
             Outcome::Deliver(fanout) => {
                 fanout.message.origin = Some((record.partition, record.offset))
             }
-            Outcome::Duplicate { .. } => {}
+            Outcome::Duplicate { .. } | Outcome::Applied { .. } => {}
         }
         let Ok(mut throttle) = shared.throttle.lock() else {
             return false;

@@ -13,14 +13,13 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Bus, LateSink, RedisBus};
 use crate::config::GatewayCommandArgs;
 use crate::gateway;
-use crate::gateway::auth::Authenticator;
 
 pub fn gateway(args: GatewayCommandArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let auth = Arc::new(Authenticator::hs256(&super::jwt_secret(&args.gateway)?));
+        let auth = super::setup::authenticator(&args.gateway, &args.oidc).await?;
         let target = super::redis_target(&args.redis);
         let sink = Arc::new(LateSink::default());
         let sink_dyn: Arc<dyn crate::bus::DeliverySink> = sink.clone();

@@ -5,6 +5,7 @@ mod consume;
 mod gateway;
 mod replay;
 mod run;
+mod setup;
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -11,8 +11,7 @@ use governor::clock::FakeRelativeClock;
 
 use crate::bus::Outgoing;
 use crate::config::ReplayArgs;
-use crate::consumer::route;
-use crate::membership::FixtureResolver;
+use crate::consumer::{process_with_retry, route};
 use crate::notify::throttle::Throttle;
 use crate::notify::{Outcome, Pipeline};
 use crate::source::kafka::KafkaProducer;
@@ -30,11 +29,9 @@ async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     if args.to_kafka {
         return to_kafka(&args).await;
     }
-    let membership = args
-        .membership
-        .as_deref()
-        .context("--membership is required")?;
-    let resolver = Arc::new(FixtureResolver::load(membership)?);
+    let resolver = super::setup::resolver(&args.membership, None)?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(super::cancel_on_signal(shutdown.clone()));
     let pipeline = Pipeline::new(super::dedup(&args.shaping), resolver);
     let mut source = FixtureSource::open(&args.events, Passes::Once).await?;
     // Event time drives the throttle's clock, so a throttled replay is deterministic.
@@ -54,10 +51,10 @@ async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let mut users = std::collections::HashSet::new();
 
     while let Some(raw) = source.next_event().await? {
-        let outcome = pipeline
-            .process(&raw.bytes)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e} at {}", raw.position))?;
+        // Membership that cannot be resolved now (oCIS down) makes the event wait, not vanish.
+        let Some(outcome) = process_with_retry(&pipeline, &raw, &shutdown).await else {
+            anyhow::bail!("interrupted at {}", raw.position);
+        };
         if let (Some(t), Outcome::Deliver(f)) = (throttle.as_mut(), &outcome) {
             if let Some(step) = event_clock.advance_to(f.event.time_millis) {
                 clock.advance(step);

@@ -2,6 +2,7 @@
 //!
 //! Fixture events (looped, paced) → pipeline → in-process bus → gateway, plus the demo page.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +15,7 @@ use crate::config::RunArgs;
 use crate::consumer::{run_live, spawn_reader};
 use crate::demo::DemoState;
 use crate::gateway;
-use crate::gateway::auth::Authenticator;
-use crate::membership::{Directory, FixtureResolver, MembershipResolver};
+use crate::membership::Directory;
 use crate::notify::Pipeline;
 use crate::notify::throttle::Throttle;
 use crate::source::{FixtureSource, Passes};
@@ -31,11 +31,26 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The embedded default's membership when neither --membership nor --ocis-url is given.
+const DEMO_MEMBERSHIP: &str = "fixtures/demo/membership.json";
+
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
-    let directory = Directory::load(&args.membership)?;
-    let resolver: Arc<dyn MembershipResolver> = Arc::new(FixtureResolver::new(&directory));
-    let secret = super::jwt_secret(&args.gateway)?;
-    let auth = Arc::new(Authenticator::hs256(&secret));
+    let resolver = super::setup::resolver(&args.membership, Some(Path::new(DEMO_MEMBERSHIP)))?;
+    let auth = super::setup::authenticator(&args.gateway, &args.oidc).await?;
+    // The demo page lists the fixture's users and mints their tokens: it needs both.
+    let demo_directory = match (&args.membership.ocis_url, auth.can_mint(), args.no_demo) {
+        (None, true, false) => Some(Directory::load(
+            args.membership
+                .membership
+                .as_deref()
+                .unwrap_or(Path::new(DEMO_MEMBERSHIP)),
+        )?),
+        (_, _, true) => None,
+        _ => {
+            tracing::info!("demo page off: it needs fixture membership and --jwt-secret tokens");
+            None
+        }
+    };
 
     let sink = Arc::new(LateSink::default());
     let bus = Arc::new(MemoryBus::new(sink.clone()));
@@ -45,7 +60,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         auth.clone(),
         &args.gateway,
     );
-    let demo = (!args.no_demo).then(|| DemoState::new(directory, resolver.clone(), auth.clone()));
+    let demo = demo_directory.map(|d| DemoState::new(d, resolver.clone(), auth.clone()));
     if let Some(demo) = &demo {
         app = app.merge(crate::demo::router(demo.clone()));
     }

@@ -121,7 +121,11 @@ async fn listing(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer);
-    let identity = match token.map(|t| state.auth.verify(t)) {
+    let verified = match token {
+        Some(t) => Some(state.auth.verify(t).await),
+        None => None,
+    };
+    let identity = match verified {
         Some(Ok(identity)) => identity,
         Some(Err(e)) => return error_response(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
         None => {

@@ -91,7 +91,10 @@ impl DemoTree {
                     tree.touch_ancestors(old, time);
                 }
             }
-            EventType::SpaceMemberAdded | EventType::SpaceMemberRemoved => {}
+            EventType::SpaceMemberAdded
+            | EventType::SpaceMemberRemoved
+            | EventType::GroupMemberAdded
+            | EventType::GroupMemberRemoved => {}
         }
         tree.touch_ancestors(&item.path, time);
     }

@@ -100,19 +100,23 @@ pub async fn serve(
 }
 
 /// Credentials of a request: the bearer header wins over a ticket; `None` if neither is given.
-fn credentials(
+async fn credentials(
     state: &AppState,
     headers: &HeaderMap,
     ticket: Option<&str>,
 ) -> Option<Result<Identity, AuthError>> {
     if let Some(token) = ws::header_token(headers) {
-        return Some(state.auth.verify(token));
+        return Some(state.auth.verify(token).await);
     }
     ticket.map(|t| state.tickets.redeem(t))
 }
 
 async fn issue_ticket(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let identity = match ws::header_token(&headers).map(|t| state.auth.verify(t)) {
+    let verified = match ws::header_token(&headers) {
+        Some(token) => Some(state.auth.verify(token).await),
+        None => None,
+    };
+    let identity = match verified {
         Some(Ok(identity)) => identity,
         Some(Err(e)) => return error_response(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
         None => {

@@ -40,7 +40,7 @@ pub async fn handler(
             _ => {}
         }
     }
-    let identity = match super::credentials(&state, &headers, ticket.as_deref()) {
+    let identity = match super::credentials(&state, &headers, ticket.as_deref()).await {
         Some(Ok(identity)) => identity,
         Some(Err(e)) => {
             state

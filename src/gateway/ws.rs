@@ -39,7 +39,7 @@ pub async fn handler(
     headers: HeaderMap,
     Query(query): Query<WsQuery>,
 ) -> Response {
-    let pre_auth = super::credentials(&state, &headers, query.ticket.as_deref());
+    let pre_auth = super::credentials(&state, &headers, query.ticket.as_deref()).await;
     let cfg = &state.config;
     ws.read_buffer_size(cfg.ws_read_buffer)
         .write_buffer_size(cfg.ws_write_buffer)
@@ -111,7 +111,7 @@ async fn session(
                         watches.remove(space_id.as_deref(), path.as_ref());
                         None
                     }
-                    Ok(ClientFrame::Auth { token }) => match state.auth.verify(&token) {
+                    Ok(ClientFrame::Auth { token }) => match state.auth.verify(&token).await {
                         // A fresh token for the same user extends the connection's life.
                         Ok(fresh) if fresh.user == identity.user => {
                             expiry = fresh.remaining().map(|d| Instant::now() + d);
@@ -185,7 +185,7 @@ async fn await_auth_frame(socket: &mut WebSocket, state: &AppState) -> Option<Id
                     Some(Ok(_)) => continue,
                 };
                 let reply = match parse_client_frame(&text) {
-                    Ok(ClientFrame::Auth { token }) => match state.auth.verify(&token) {
+                    Ok(ClientFrame::Auth { token }) => match state.auth.verify(&token).await {
                         Ok(identity) => return Some(identity),
                         Err(e) => {
                             state.hub.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -236,6 +236,18 @@ impl MembershipResolver for FixtureResolver {
         state.listers.remove(space_id);
         Ok(affected.into_iter().map(Arc::from).collect())
     }
+
+    async fn apply_group(&self, group: &str, user: &str, added: bool) -> Result<(), ResolveError> {
+        let mut state = self.state.write().map_err(|_| poisoned())?;
+        let members = state.groups.entry(group.to_owned()).or_default();
+        members.retain(|m| m != user);
+        if added {
+            members.push(user.to_owned());
+        }
+        // Any space may grant the group: forget every memoised answer.
+        state.listers.clear();
+        Ok(())
+    }
 }
 
 fn poisoned() -> ResolveError {

@@ -2,9 +2,10 @@
 //!
 //! The pipeline asks one question per event, "who may list this space?", and tells the resolver
 //! about membership events so later answers reflect them. Everything behind that question
-//! (a fixture file here, the oCIS LibreGraph API later) stays behind [`MembershipResolver`].
+//! (a fixture file, or the oCIS LibreGraph API behind a cache) stays behind [`MembershipResolver`].
 
 mod fixture;
+pub mod ocis;
 
 use std::sync::Arc;
 
@@ -61,6 +62,10 @@ pub enum ResolveError {
     /// The space does not exist (any more): its events are rejected.
     #[error("unknown space {0:?}")]
     UnknownSpace(String),
+    /// The directory refuses to answer for this space (a malformed id, an unsupported space
+    /// type): its events are rejected with the reason.
+    #[error("space refused: {0}")]
+    Refused(String),
     /// The directory cannot answer now; the event must wait, not be dropped.
     #[error("membership unavailable: {0}")]
     Unavailable(String),
@@ -80,4 +85,8 @@ pub trait MembershipResolver: Send + Sync {
         change: &MembershipChange,
         added: bool,
     ) -> Result<UserList, ResolveError>;
+
+    /// Applies a `group-member-added` (`added = true`) or `-removed` event: `user` joined or
+    /// left `group`, which changes the members of every space that grants the group.
+    async fn apply_group(&self, group: &str, user: &str, added: bool) -> Result<(), ResolveError>;
 }

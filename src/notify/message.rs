@@ -133,6 +133,8 @@ impl UserMessage {
                 msg.item = Some(Item::from_change(change));
             }
             EventBody::Membership(change) => msg.member = Some(MemberInfo::from_change(change)),
+            // Group changes reach no user directly (the pipeline never builds a message for them).
+            EventBody::Group(_) => {}
         }
         msg
     }

@@ -26,6 +26,10 @@ pub enum Outcome {
         event_id: String,
     },
     Rejected(Rejection),
+    /// A group membership change: applied to the resolver, nothing to deliver.
+    Applied {
+        event_id: String,
+    },
 }
 
 #[derive(Debug)]
@@ -60,6 +64,24 @@ impl Pipeline {
         if self.dedup.is_duplicate(&event.id) {
             return Ok(Outcome::Duplicate { event_id: event.id });
         }
+        if let EventBody::Group(change) = &event.body {
+            let added = event.event_type == EventType::GroupMemberAdded;
+            return match self
+                .resolver
+                .apply_group(&change.group, &change.user, added)
+                .await
+            {
+                Ok(()) => {
+                    self.dedup.remember(&event.id);
+                    Ok(Outcome::Applied { event_id: event.id })
+                }
+                Err(ResolveError::Unavailable(reason)) => Err(MembershipUnavailable(reason)),
+                Err(other) => Ok(Outcome::Rejected(Rejection::new(
+                    "space-refused",
+                    other.to_string(),
+                ))),
+            };
+        }
         let recipients = match self.recipients(&event).await {
             Ok(r) => r,
             Err(ResolveError::UnknownSpace(space)) => {
@@ -67,6 +89,9 @@ impl Pipeline {
                     "unknown-space",
                     format!("space {space:?} does not exist"),
                 )));
+            }
+            Err(ResolveError::Refused(reason)) => {
+                return Ok(Outcome::Rejected(Rejection::new("space-refused", reason)));
             }
             Err(ResolveError::Unavailable(reason)) => return Err(MembershipUnavailable(reason)),
         };
@@ -83,6 +108,7 @@ impl Pipeline {
         let change = match &event.body {
             EventBody::Item(_) => return self.resolver.listers(&event.space_id).await,
             EventBody::Membership(change) => change,
+            EventBody::Group(_) => return Ok(UserList::from(Vec::new())),
         };
         let space = &event.space_id;
         let before = or_empty(self.resolver.listers(space).await)?;

@@ -4,6 +4,11 @@
 //! the bearer header a client may authenticate with a first `auth` frame, or trade its bearer
 //! token for a short-lived single-use ticket (`POST /api/tickets`) and pass it as `?ticket=`,
 //! keeping the long-lived token out of URLs and access logs.
+//!
+//! Tokens are either HS256 with a shared secret (`--jwt-secret`: the embedded default and tests)
+//! or signed by an OIDC issuer (`--oidc-issuer`: production, see [`oidc`]).
+
+pub mod oidc;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,6 +17,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, erro
 use moka::sync::Cache;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
+
+pub use oidc::{OidcError, OidcSettings, OidcVerifier};
 
 /// An authenticated user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,11 +67,19 @@ struct Claims {
     exp: u64,
 }
 
-/// Verifies HS256 tokens signed with a shared secret (the embedded default and tests).
+/// Verifies the tokens clients present: HS256 with a shared secret (the embedded default and
+/// tests), or the OIDC issuer's signed tokens ([`oidc`]).
 pub struct Authenticator {
-    decoding: DecodingKey,
-    encoding: EncodingKey,
-    validation: Validation,
+    verifier: Verifier,
+}
+
+enum Verifier {
+    Shared {
+        decoding: DecodingKey,
+        encoding: EncodingKey,
+        validation: Validation,
+    },
+    Oidc(OidcVerifier),
 }
 
 impl Authenticator {
@@ -73,36 +88,70 @@ impl Authenticator {
         validation.leeway = 0;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Authenticator {
-            decoding: DecodingKey::from_secret(secret),
-            encoding: EncodingKey::from_secret(secret),
-            validation,
+            verifier: Verifier::Shared {
+                decoding: DecodingKey::from_secret(secret),
+                encoding: EncodingKey::from_secret(secret),
+                validation,
+            },
         }
     }
 
-    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                other => AuthError::Invalid(format!("{other:?}")),
-            })?;
-        if data.claims.sub.is_empty() {
-            return Err(AuthError::Invalid("empty sub claim".into()));
+    pub fn oidc(verifier: OidcVerifier) -> Self {
+        Authenticator {
+            verifier: Verifier::Oidc(verifier),
         }
-        Ok(Identity {
-            user: Arc::from(data.claims.sub),
-            expires_at: Some(data.claims.exp),
-        })
+    }
+
+    /// Whether this authenticator can sign tokens itself (shared secret only).
+    pub fn can_mint(&self) -> bool {
+        matches!(self.verifier, Verifier::Shared { .. })
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        match &self.verifier {
+            Verifier::Shared {
+                decoding,
+                validation,
+                ..
+            } => verify_shared(token, decoding, validation),
+            Verifier::Oidc(oidc) => oidc.verify(token).await,
+        }
     }
 
     /// Signs a token for `user` valid for `ttl` (demo mode, tests, benchmarks).
     pub fn mint(&self, user: &str, ttl: Duration) -> Result<String, AuthError> {
+        let Verifier::Shared { encoding, .. } = &self.verifier else {
+            return Err(AuthError::Invalid(
+                "tokens come from the OIDC issuer; foldercast does not sign any".into(),
+            ));
+        };
         let claims = Claims {
             sub: user.to_owned(),
             exp: now_secs() + ttl.as_secs(),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, encoding)
             .map_err(|e| AuthError::Invalid(e.to_string()))
     }
+}
+
+fn verify_shared(
+    token: &str,
+    decoding: &DecodingKey,
+    validation: &Validation,
+) -> Result<Identity, AuthError> {
+    let data = jsonwebtoken::decode::<Claims>(token, decoding, validation).map_err(|e| {
+        match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            other => AuthError::Invalid(format!("{other:?}")),
+        }
+    })?;
+    if data.claims.sub.is_empty() {
+        return Err(AuthError::Invalid("empty sub claim".into()));
+    }
+    Ok(Identity {
+        user: Arc::from(data.claims.sub),
+        expires_at: Some(data.claims.exp),
+    })
 }
 
 /// Single-use connection tickets, each valid for a short time.
@@ -144,7 +193,7 @@ impl TicketStore {
     }
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -164,14 +213,14 @@ pub fn bearer(header: &str) -> Option<&str> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn verifies_and_refuses() {
+    #[tokio::test]
+    async fn verifies_and_refuses() {
         let auth = Authenticator::hs256(b"secret");
         let token = auth.mint("alice", Duration::from_secs(60)).unwrap();
-        assert_eq!(&*auth.verify(&token).unwrap().user, "alice");
+        assert_eq!(&*auth.verify(&token).await.unwrap().user, "alice");
         let other = Authenticator::hs256(b"other");
-        assert!(matches!(other.verify(&token), Err(AuthError::Invalid(_))));
-        assert!(matches!(auth.verify("garbage"), Err(AuthError::Invalid(_))));
+        assert!(matches!(other.verify(&token).await, Err(AuthError::Invalid(_))));
+        assert!(matches!(auth.verify("garbage").await, Err(AuthError::Invalid(_))));
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &Claims {
@@ -181,7 +230,7 @@ mod tests {
             &EncodingKey::from_secret(b"secret"),
         )
         .unwrap();
-        assert_eq!(auth.verify(&expired), Err(AuthError::Expired));
+        assert_eq!(auth.verify(&expired).await, Err(AuthError::Expired));
     }
 
     #[test]

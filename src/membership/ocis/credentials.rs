@@ -1,0 +1,260 @@
+//! How foldercast authenticates to oCIS, and how secrets stay secret.
+//!
+//! Three ways, in the order production prefers them: an OIDC client-credentials token (fetched
+//! from the issuer's token endpoint and renewed before it expires), a fixed bearer token, or HTTP
+//! basic auth with a user and password or app token (development setups). Secrets come from the
+//! environment or a file, never from a flag (flags show in process listings), and [`Secret`]
+//! never prints its value. A file is read again when oCIS answers 401, so rotating it works
+//! without a restart.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use reqwest::header::HeaderValue;
+use serde::Deserialize;
+
+use super::graph::GraphError;
+
+/// A secret string: `Debug` and `Display` show `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Where a secret comes from.
+#[derive(Debug, Clone)]
+pub enum SecretSource {
+    /// Read once from an environment variable.
+    Value(Secret),
+    /// Read from a file (trailing newline stripped) at start and again after a 401.
+    File(PathBuf),
+}
+
+impl SecretSource {
+    pub fn load(&self) -> Result<Secret, String> {
+        match self {
+            SecretSource::Value(s) => Ok(s.clone()),
+            SecretSource::File(path) => std::fs::read_to_string(path)
+                .map(|s| Secret::new(s.trim_end_matches(['\r', '\n'])))
+                .map_err(|e| format!("cannot read secret file {}: {e}", path.display())),
+        }
+    }
+}
+
+/// OIDC client-credentials settings.
+#[derive(Debug, Clone)]
+pub struct ClientCredentialsConfig {
+    /// The issuer whose discovery document names the token endpoint.
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: SecretSource,
+    pub scope: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum CredentialsConfig {
+    None,
+    Bearer(SecretSource),
+    /// `user:secret`.
+    Basic(SecretSource),
+    ClientCredentials(ClientCredentialsConfig),
+}
+
+/// Live credentials: the current `Authorization` value, renewed when needed.
+pub struct Credentials {
+    config: CredentialsConfig,
+    http: reqwest::Client,
+    current: Mutex<Option<Current>>,
+}
+
+struct Current {
+    header: HeaderValue,
+    /// When to fetch a new one (client credentials only).
+    renew_at: Option<Instant>,
+}
+
+impl Credentials {
+    pub fn new(config: CredentialsConfig, http: reqwest::Client) -> Self {
+        Credentials {
+            config,
+            http,
+            current: Mutex::new(None),
+        }
+    }
+
+    /// Forgets the current value: the next request loads or fetches a new one.
+    pub fn refresh(&self) {
+        if let Ok(mut current) = self.current.lock() {
+            *current = None;
+        }
+    }
+
+    /// The `Authorization` header to send, or `None` when no credentials are configured.
+    pub async fn authorization(&self) -> Result<Option<HeaderValue>, GraphError> {
+        if let Ok(current) = self.current.lock()
+            && let Some(c) = current.as_ref()
+            && c.renew_at.is_none_or(|at| Instant::now() < at)
+        {
+            return Ok(Some(c.header.clone()));
+        }
+        let (value, renew_at) = match &self.config {
+            CredentialsConfig::None => return Ok(None),
+            CredentialsConfig::Bearer(source) => {
+                let token = source.load().map_err(GraphError::Unauthorized)?;
+                (format!("Bearer {}", token.expose()), None)
+            }
+            CredentialsConfig::Basic(source) => {
+                let pair = source.load().map_err(GraphError::Unauthorized)?;
+                if !pair.expose().contains(':') {
+                    return Err(GraphError::Unauthorized(
+                        "basic credentials must be user:secret".into(),
+                    ));
+                }
+                (format!("Basic {}", base64(pair.expose().as_bytes())), None)
+            }
+            CredentialsConfig::ClientCredentials(config) => {
+                let (token, lifetime) = self.client_credentials(config).await?;
+                // Renew when 80 % of the lifetime has passed, and at least 10 s before expiry.
+                let renew_in = lifetime
+                    .mul_f64(0.8)
+                    .min(lifetime.saturating_sub(Duration::from_secs(10)));
+                (
+                    format!("Bearer {}", token.expose()),
+                    Some(Instant::now() + renew_in),
+                )
+            }
+        };
+        let mut header = HeaderValue::from_str(&value).map_err(|_| {
+            GraphError::Unauthorized("credentials contain characters not allowed in a header".into())
+        })?;
+        header.set_sensitive(true);
+        if let Ok(mut current) = self.current.lock() {
+            *current = Some(Current {
+                header: header.clone(),
+                renew_at,
+            });
+        }
+        Ok(Some(header))
+    }
+
+    async fn client_credentials(
+        &self,
+        config: &ClientCredentialsConfig,
+    ) -> Result<(Secret, Duration), GraphError> {
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+            GraphError::Unavailable(format!("OIDC client credentials: {what}: {e}"))
+        };
+        let discovery_url = format!(
+            "{}/.well-known/openid-configuration",
+            config.issuer.trim_end_matches('/')
+        );
+        #[derive(Deserialize)]
+        struct Discovery {
+            token_endpoint: String,
+        }
+        let discovery: Discovery = self
+            .http
+            .get(&discovery_url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| unavailable(&discovery_url, &e))?
+            .json()
+            .await
+            .map_err(|e| unavailable(&discovery_url, &e))?;
+        let secret = config
+            .client_secret
+            .load()
+            .map_err(GraphError::Unauthorized)?;
+        let mut form = vec![("grant_type", "client_credentials")];
+        if let Some(scope) = &config.scope {
+            form.push(("scope", scope.as_str()));
+        }
+        let response = self
+            .http
+            .post(&discovery.token_endpoint)
+            .basic_auth(&config.client_id, Some(secret.expose()))
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| unavailable(&discovery.token_endpoint, &e))?;
+        let status = response.status();
+        if status.is_client_error() {
+            return Err(GraphError::Unauthorized(format!(
+                "token endpoint {} answered {status} for client {}",
+                discovery.token_endpoint, config.client_id
+            )));
+        }
+        if !status.is_success() {
+            return Err(unavailable(&discovery.token_endpoint, &status));
+        }
+        #[derive(Deserialize)]
+        struct TokenResponse {
+            access_token: String,
+            expires_in: Option<u64>,
+        }
+        let token: TokenResponse = response
+            .json()
+            .await
+            .map_err(|e| unavailable(&discovery.token_endpoint, &e))?;
+        tracing::info!(client_id = %config.client_id, expires_in = ?token.expires_in, "obtained an oCIS access token");
+        Ok((
+            Secret::new(token.access_token),
+            Duration::from_secs(token.expires_in.unwrap_or(300)),
+        ))
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?} {s}"), "[redacted] [redacted]");
+        let source = SecretSource::Value(s);
+        assert!(!format!("{source:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn basic_auth_encoding() {
+        assert_eq!(base64(b"einstein:relativity"), "ZWluc3RlaW46cmVsYXRpdml0eQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(base64(b"abc"), "YWJj");
+    }
+
+    #[test]
+    fn secret_files_lose_their_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "abc\n").unwrap();
+        assert_eq!(SecretSource::File(path).load().unwrap().expose(), "abc");
+    }
+}
