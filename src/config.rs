@@ -480,6 +480,11 @@ pub struct GatewayArgs {
     #[arg(long, env = "FOLDERCAST_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub write_timeout: Duration,
 
+    /// After a WebSocket's token expires it is told (`token-expired`) and may send a fresh `auth`
+    /// frame within this time; otherwise it is closed. Deliveries pause meanwhile.
+    #[arg(long, env = "FOLDERCAST_TOKEN_GRACE", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub token_grace: Duration,
+
     /// Lifetime of a single-use connection ticket from POST /api/tickets.
     #[arg(long, env = "FOLDERCAST_TICKET_TTL", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub ticket_ttl: Duration,

@@ -76,6 +76,7 @@ fn gateway_config(g: &GatewayArgs) -> GatewayConfig {
         ws_write_buffer: g.ws_write_buffer,
         ws_max_write_buffer: g.ws_max_write_buffer,
         ticket_ttl: g.ticket_ttl,
+        token_grace: g.token_grace,
         ..GatewayConfig::default()
     }
 }

@@ -39,6 +39,9 @@ pub struct GatewayConfig {
     pub ws_max_write_buffer: usize,
     pub max_client_frame: usize,
     pub ticket_ttl: Duration,
+    /// After a WebSocket's token expires, how long it may send a fresh `auth` frame before it is
+    /// closed (deliveries pause meanwhile).
+    pub token_grace: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -53,6 +56,7 @@ impl Default for GatewayConfig {
             ws_max_write_buffer: 16 << 20,
             max_client_frame: 16 * 1024,
             ticket_ttl: Duration::from_secs(30),
+            token_grace: Duration::from_secs(5),
         }
     }
 }

@@ -87,6 +87,8 @@ async fn session(
     let write_timeout = state.config.write_timeout;
     let mut identity = identity;
     let mut expiry = identity.remaining().map(|d| Instant::now() + d);
+    // Set once the token expired: deliveries pause until a fresh auth frame or the deadline.
+    let mut expired = false;
     let mut watches = Watches::default();
     let mut batch = Vec::new();
     loop {
@@ -116,6 +118,7 @@ async fn session(
                         Ok(fresh) if fresh.user == identity.user => {
                             expiry = fresh.remaining().map(|d| Instant::now() + d);
                             identity = fresh;
+                            expired = false;
                             None
                         }
                         Ok(_) => Some(error_frame("user-mismatch", "a connection cannot change its user")),
@@ -129,7 +132,7 @@ async fn session(
                     break;
                 }
             }
-            alive = registration.queue.next_batch(&mut batch) => {
+            alive = registration.queue.next_batch(&mut batch), if !expired => {
                 if !alive {
                     tracing::info!(user = %identity.user, "slow client evicted");
                     let _ = tokio::time::timeout(
@@ -159,8 +162,25 @@ async fn session(
                 }
             }
             _ = sleep_until(expiry.unwrap_or_else(far_future)), if expiry.is_some() => {
-                close_with(&mut socket, "token-expired", "the token expired; reconnect with a fresh one", CLOSE_POLICY).await;
-                break;
+                if expired {
+                    let _ = socket.send(Message::Close(Some(CloseFrame {
+                        code: CLOSE_POLICY,
+                        reason: Utf8Bytes::from_static("token-expired"),
+                    }))).await;
+                    break;
+                }
+                // Told, not yet dropped: a fresh auth frame within the grace keeps the connection
+                // (and the messages queued meanwhile).
+                expired = true;
+                let grace = state.config.token_grace;
+                expiry = Some(Instant::now() + grace);
+                let message = format!(
+                    "the token expired; send a fresh auth frame within {}s or the connection closes",
+                    grace.as_secs_f32()
+                );
+                if send_text(&mut socket, error_frame("token-expired", &message)).await.is_err() {
+                    break;
+                }
             }
         }
     }

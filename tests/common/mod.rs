@@ -1,6 +1,9 @@
 //! Shared helpers for the integration tests: the real binary, tokens, clients and schemas.
 #![allow(dead_code)] // each test crate uses a different subset
 
+pub mod libregraph;
+pub mod oidc;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
