@@ -57,7 +57,7 @@ fn event(id: &str, space: &str, body: &str) -> RawEvent {
         r#"{{"specversion":"1.0","id":"{id}","type":"file-uploaded","time":"2026-11-25T10:00:00Z","data":{{"space_id":"{space}",{body}}}}}"#
     );
     RawEvent {
-        bytes: json.into_bytes().into(),
+        bytes: json.into_bytes(),
         position: format!("test:{id}"),
     }
 }
@@ -75,7 +75,7 @@ fn membership_event(id: &str, kind: &str, space: &str, member: &str) -> RawEvent
         r#"{{"id":"{id}","type":"{kind}","time":"2026-11-25T10:00:01Z","data":{{"space_id":"{space}",{member}}}}}"#
     );
     RawEvent {
-        bytes: json.into_bytes().into(),
+        bytes: json.into_bytes(),
         position: format!("test:{id}"),
     }
 }
@@ -127,17 +127,35 @@ async fn real_shapes_links_expiry_roles_and_groups() {
         ["alice", "bob", "carol", "dan", "temp"],
         "links, expired grants, uploaders (direct or by group) are not listers"
     );
-    assert_eq!(graph.calls("members:drop-box"), 0, "an uploader group is never expanded");
-    assert!(listers(&r, "empty-space").await.is_empty(), "{{}} is an empty list");
-    assert_eq!(listers(&r, "personal-frank").await, ["frank"], "the owner of a personal space");
+    assert_eq!(
+        graph.calls("members:drop-box"),
+        0,
+        "an uploader group is never expanded"
+    );
+    assert!(
+        listers(&r, "empty-space").await.is_empty(),
+        "{{}} is an empty list"
+    );
+    assert_eq!(
+        listers(&r, "personal-frank").await,
+        ["frank"],
+        "the owner of a personal space"
+    );
     assert_eq!(
         listers(&r, "legacy-space").await,
         ["alice", "carol", "dan", "gina"],
         "v1.0 legacy role names; the synthetic project owner is ignored"
     );
-    assert_eq!(listers(&r, "paged-space").await, ["u1", "u2", "u3", "u4", "u5"]);
+    assert_eq!(
+        listers(&r, "paged-space").await,
+        ["u1", "u2", "u3", "u4", "u5"]
+    );
     assert_eq!(graph.calls("members:big"), 3, "@odata.nextLink followed");
-    assert_eq!(graph.calls("members:eng"), 1, "a group is fetched once for all its spaces");
+    assert_eq!(
+        graph.calls("members:eng"),
+        1,
+        "a group is fetched once for all its spaces"
+    );
 }
 
 #[tokio::test]
@@ -170,7 +188,10 @@ async fn ttl_expiry_serves_stale_once_while_refreshing() {
 
     graph.project(
         SPACE,
-        vec![user_grant("alice", SPACE_VIEWER), user_grant("bob", SPACE_VIEWER)],
+        vec![
+            user_grant("alice", SPACE_VIEWER),
+            user_grant("bob", SPACE_VIEWER),
+        ],
     );
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
@@ -179,7 +200,11 @@ async fn ttl_expiry_serves_stale_once_while_refreshing() {
         "stale-while-revalidate: the old answer, at once"
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(listers(&r, SPACE).await, ["alice", "bob"], "refreshed behind it");
+    assert_eq!(
+        listers(&r, SPACE).await,
+        ["alice", "bob"],
+        "refreshed behind it"
+    );
     assert_eq!(graph.calls(&key), 2);
 }
 
@@ -188,7 +213,10 @@ async fn membership_events_invalidate_the_space_and_group_events_its_spaces() {
     let graph = LibreGraph::start().await;
     graph.project(
         SPACE,
-        vec![user_grant("alice", MANAGER), group_grant("eng", SPACE_VIEWER)],
+        vec![
+            user_grant("alice", MANAGER),
+            group_grant("eng", SPACE_VIEWER),
+        ],
     );
     graph.group("eng", &["carol"]);
     let r = resolver(&graph, Duration::from_secs(3600), Duration::from_secs(3600));
@@ -199,7 +227,10 @@ async fn membership_events_invalidate_the_space_and_group_events_its_spaces() {
         let shutdown = &shutdown;
         async move { process_with_retry(p, &e, shutdown).await.unwrap() }
     };
-    assert_eq!(recipients(run(upload("e1", SPACE)).await), ["alice", "carol"]);
+    assert_eq!(
+        recipients(run(upload("e1", SPACE)).await),
+        ["alice", "carol"]
+    );
 
     // oCIS adds bob, then the event tells us: the new member hears of it at once.
     graph.project(
@@ -210,28 +241,52 @@ async fn membership_events_invalidate_the_space_and_group_events_its_spaces() {
             user_grant("bob", SPACE_EDITOR),
         ],
     );
-    let added = run(membership_event("m1", "space-member-added", SPACE, r#""user":"bob","role":"editor""#)).await;
+    let added = run(membership_event(
+        "m1",
+        "space-member-added",
+        SPACE,
+        r#""user":"bob","role":"editor""#,
+    ))
+    .await;
     assert_eq!(recipients(added), ["alice", "bob", "carol"]);
-    assert_eq!(recipients(run(upload("e2", SPACE)).await), ["alice", "bob", "carol"]);
+    assert_eq!(
+        recipients(run(upload("e2", SPACE)).await),
+        ["alice", "bob", "carol"]
+    );
     assert_eq!(graph.calls(&format!("permissions:{SPACE}")), 2);
 
     // Removal: the removed member gets this last message, then nothing.
     graph.project(
         SPACE,
-        vec![user_grant("alice", MANAGER), group_grant("eng", SPACE_VIEWER)],
+        vec![
+            user_grant("alice", MANAGER),
+            group_grant("eng", SPACE_VIEWER),
+        ],
     );
-    let removed = run(membership_event("m2", "space-member-removed", SPACE, r#""user":"bob""#)).await;
+    let removed = run(membership_event(
+        "m2",
+        "space-member-removed",
+        SPACE,
+        r#""user":"bob""#,
+    ))
+    .await;
     assert_eq!(recipients(removed), ["alice", "bob", "carol"]);
-    assert_eq!(recipients(run(upload("e3", SPACE)).await), ["alice", "carol"]);
+    assert_eq!(
+        recipients(run(upload("e3", SPACE)).await),
+        ["alice", "carol"]
+    );
 
     // A user joins the group: every space granting it learns it.
     graph.group("eng", &["carol", "dan"]);
     let joined = RawEvent {
-        bytes: br#"{"id":"g1","type":"group-member-added","time":"2026-11-25T10:00:02Z","data":{"group":"eng","user":"dan"}}"#.to_vec().into(),
+        bytes: br#"{"id":"g1","type":"group-member-added","time":"2026-11-25T10:00:02Z","data":{"group":"eng","user":"dan"}}"#.to_vec(),
         position: "test:g1".into(),
     };
     assert!(matches!(run(joined).await, Outcome::Applied { .. }));
-    assert_eq!(recipients(run(upload("e4", SPACE)).await), ["alice", "carol", "dan"]);
+    assert_eq!(
+        recipients(run(upload("e4", SPACE)).await),
+        ["alice", "carol", "dan"]
+    );
     assert_eq!(graph.calls("members:eng"), 2);
 }
 
@@ -239,17 +294,35 @@ async fn membership_events_invalidate_the_space_and_group_events_its_spaces() {
 async fn an_outage_serves_last_known_members_until_max_stale_then_events_wait() {
     let graph = LibreGraph::start().await;
     graph.project(SPACE, vec![user_grant("alice", SPACE_VIEWER)]);
-    let r = resolver(&graph, Duration::from_millis(200), Duration::from_millis(1500));
+    let r = resolver(
+        &graph,
+        Duration::from_millis(200),
+        Duration::from_millis(1500),
+    );
     assert_eq!(listers(&r, SPACE).await, ["alice"]);
 
     graph.fail_with(Some(503));
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(listers(&r, SPACE).await, ["alice"], "stale within --membership-max-stale");
+    assert_eq!(
+        listers(&r, SPACE).await,
+        ["alice"],
+        "stale within --membership-max-stale"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(listers(&r, SPACE).await, ["alice"]);
     let stats = r.stats();
-    assert!(stats.stale_served.load(std::sync::atomic::Ordering::Relaxed) >= 2);
-    assert!(stats.fetch_failures.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert!(
+        stats
+            .stale_served
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+    assert!(
+        stats
+            .fetch_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
 
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(
@@ -262,9 +335,7 @@ async fn an_outage_serves_last_known_members_until_max_stale_then_events_wait() 
     let shutdown = CancellationToken::new();
     let held = {
         let (p, shutdown) = (p.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            process_with_retry(&p, &upload("late", SPACE), &shutdown).await
-        })
+        tokio::spawn(async move { process_with_retry(&p, &upload("late", SPACE), &shutdown).await })
     };
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(!held.is_finished(), "the event waits while oCIS is down");
@@ -281,23 +352,41 @@ async fn an_outage_serves_last_known_members_until_max_stale_then_events_wait() 
 async fn a_deleted_space_rejects_its_events_and_bad_ids_are_refused() {
     let graph = LibreGraph::start().await;
     graph.project(SPACE, vec![user_grant("alice", SPACE_VIEWER)]);
-    let r = resolver(&graph, Duration::from_millis(100), Duration::from_millis(100));
+    let r = resolver(
+        &graph,
+        Duration::from_millis(100),
+        Duration::from_millis(100),
+    );
     let p = pipeline(r.clone());
     let shutdown = CancellationToken::new();
     assert_eq!(
-        recipients(process_with_retry(&p, &upload("a", SPACE), &shutdown).await.unwrap()),
+        recipients(
+            process_with_retry(&p, &upload("a", SPACE), &shutdown)
+                .await
+                .unwrap()
+        ),
         ["alice"]
     );
     graph.delete_space(SPACE);
     tokio::time::sleep(Duration::from_millis(250)).await;
-    match process_with_retry(&p, &upload("b", SPACE), &shutdown).await.unwrap() {
+    match process_with_retry(&p, &upload("b", SPACE), &shutdown)
+        .await
+        .unwrap()
+    {
         Outcome::Rejected(rejection) => {
             assert_eq!(rejection.code, "unknown-space");
-            assert!(rejection.reason.contains("itemNotFound"), "{}", rejection.reason);
+            assert!(
+                rejection.reason.contains("itemNotFound"),
+                "{}",
+                rejection.reason
+            );
         }
         other => panic!("expected a rejection, got {other:?}"),
     }
-    match process_with_retry(&p, &upload("c", "malformed-id"), &shutdown).await.unwrap() {
+    match process_with_retry(&p, &upload("c", "malformed-id"), &shutdown)
+        .await
+        .unwrap()
+    {
         Outcome::Rejected(rejection) => {
             assert_eq!(rejection.code, "space-refused");
             assert!(rejection.reason.contains("422"), "{}", rejection.reason);
@@ -313,7 +402,11 @@ async fn server_errors_are_retried_with_backoff() {
     let r = resolver(&graph, Duration::from_secs(60), Duration::from_secs(60));
     graph.fail_next(1);
     assert_eq!(listers(&r, SPACE).await, ["alice"]);
-    assert_eq!(graph.calls(&format!("permissions:{SPACE}")), 2, "one 500, one retry");
+    assert_eq!(
+        graph.calls(&format!("permissions:{SPACE}")),
+        2,
+        "one 500, one retry"
+    );
 }
 
 #[tokio::test]

@@ -64,12 +64,17 @@ fn ocis_credentials(m: &MembershipArgs, url: &str) -> anyhow::Result<Credentials
             let client_secret = client_secret.context(
                 "--ocis-client-id needs FOLDERCAST_OCIS_CLIENT_SECRET or --ocis-client-secret-file",
             )?;
-            Some(CredentialsConfig::ClientCredentials(ClientCredentialsConfig {
-                issuer: m.ocis_token_issuer.clone().unwrap_or_else(|| url.to_owned()),
-                client_id: client_id.clone(),
-                client_secret,
-                scope: m.ocis_scope.clone(),
-            }))
+            Some(CredentialsConfig::ClientCredentials(
+                ClientCredentialsConfig {
+                    issuer: m
+                        .ocis_token_issuer
+                        .clone()
+                        .unwrap_or_else(|| url.to_owned()),
+                    client_id: client_id.clone(),
+                    client_secret,
+                    scope: m.ocis_scope.clone(),
+                },
+            ))
         }
         None => None,
     };
@@ -86,7 +91,10 @@ fn ocis_credentials(m: &MembershipArgs, url: &str) -> anyhow::Result<Credentials
             tracing::warn!("no credentials for oCIS configured; its API will likely answer 401");
             Ok(CredentialsConfig::None)
         }
-        1 => Ok(configured.into_iter().next().unwrap_or(CredentialsConfig::None)),
+        1 => Ok(configured
+            .into_iter()
+            .next()
+            .unwrap_or(CredentialsConfig::None)),
         _ => anyhow::bail!(
             "choose one way to sign in to oCIS: an OIDC client (--ocis-client-id), a bearer token \
              (FOLDERCAST_OCIS_TOKEN / --ocis-token-file) or basic auth (FOLDERCAST_OCIS_BASIC / \
@@ -124,7 +132,9 @@ pub async fn authenticator(g: &GatewayArgs, o: &OidcArgs) -> anyhow::Result<Arc<
     })
     .await?;
     if o.oidc_audience.is_none() {
-        tracing::warn!("no --oidc-audience: tokens issued to any client of the issuer are accepted");
+        tracing::warn!(
+            "no --oidc-audience: tokens issued to any client of the issuer are accepted"
+        );
     }
     Ok(Arc::new(Authenticator::oidc(verifier)))
 }

@@ -31,8 +31,13 @@ pub const UPLOADER: &str = "1c996275-f1c9-4e71-abdf-a42f6495e960";
 enum Space {
     /// v1beta1 permission entries; the v1.0 drive shows the same members with legacy names
     /// unless `v1_only` (then v1beta1 answers `{}` and only the v1.0 drive knows them).
-    Project { entries: Vec<Value>, v1_only: bool },
-    Personal { owner: String },
+    Project {
+        entries: Vec<Value>,
+        v1_only: bool,
+    },
+    Personal {
+        owner: String,
+    },
 }
 
 #[derive(Default)]
@@ -155,16 +160,20 @@ impl LibreGraph {
 
     pub fn group(&self, id: &str, members: &[&str]) {
         self.with(|g| {
-            g.groups
-                .insert(id.into(), (members.iter().map(|m| m.to_string()).collect(), false))
+            g.groups.insert(
+                id.into(),
+                (members.iter().map(|m| m.to_string()).collect(), false),
+            )
         });
     }
 
     /// A group whose members come in `{"value"}` pages linked by `@odata.nextLink`.
     pub fn paged_group(&self, id: &str, members: &[&str]) {
         self.with(|g| {
-            g.groups
-                .insert(id.into(), (members.iter().map(|m| m.to_string()).collect(), true))
+            g.groups.insert(
+                id.into(),
+                (members.iter().map(|m| m.to_string()).collect(), true),
+            )
         });
     }
 
@@ -242,7 +251,11 @@ async fn gate(state: &Arc<Mutex<Graph>>, key: String, headers: &HeaderMap) -> Op
     match fail {
         None => None,
         Some(401) => Some(unauthorized()),
-        Some(404) => Some(odata(StatusCode::NOT_FOUND, "itemNotFound", "drive not found")),
+        Some(404) => Some(odata(
+            StatusCode::NOT_FOUND,
+            "itemNotFound",
+            "drive not found",
+        )),
         Some(code) => Some(odata(
             StatusCode::from_u16(code).unwrap(),
             "generalException",

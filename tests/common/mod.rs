@@ -60,8 +60,17 @@ impl Server {
     }
 
     pub async fn spawn(args: &[String], piped_stdin: bool) -> Server {
+        Self::spawn_with_env(args, &[], piped_stdin).await
+    }
+
+    pub async fn spawn_with_env(
+        args: &[String],
+        env: &[(&str, &str)],
+        piped_stdin: bool,
+    ) -> Server {
         let mut child = Command::new(bin())
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(root())
             .env(
                 "FOLDERCAST_LOG",

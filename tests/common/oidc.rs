@@ -43,10 +43,8 @@ fn ec_key(kid: &str) -> Key {
     use p256::pkcs8::EncodePrivateKey;
     let secret = p256::SecretKey::random(&mut rand_core06::OsRng);
     let der = secret.to_pkcs8_der().unwrap();
-    let point = p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(
-        &secret.public_key(),
-        false,
-    );
+    let point =
+        p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&secret.public_key(), false);
     Key {
         kid: kid.into(),
         alg: Algorithm::ES256,
@@ -208,7 +206,10 @@ async fn token(
         .and_then(|v| v.strip_prefix("Basic "))
         .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
         .and_then(|b| String::from_utf8(b).ok());
-    let expected = s.client.as_ref().map(|(id, secret)| format!("{id}:{secret}"));
+    let expected = s
+        .client
+        .as_ref()
+        .map(|(id, secret)| format!("{id}:{secret}"));
     if basic.is_none() || basic != expected || !body.contains("grant_type=client_credentials") {
         return (
             StatusCode::UNAUTHORIZED,
@@ -218,6 +219,8 @@ async fn token(
     }
     let access = format!("access-{}", s.token_requests);
     s.issued.push(access.clone());
-    axum::Json(json!({"access_token": access, "token_type": "Bearer", "expires_in": s.token_lifetime}))
-        .into_response()
+    axum::Json(
+        json!({"access_token": access, "token_type": "Bearer", "expires_in": s.token_lifetime}),
+    )
+    .into_response()
 }

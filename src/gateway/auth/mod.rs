@@ -139,11 +139,11 @@ fn verify_shared(
     decoding: &DecodingKey,
     validation: &Validation,
 ) -> Result<Identity, AuthError> {
-    let data = jsonwebtoken::decode::<Claims>(token, decoding, validation).map_err(|e| {
-        match e.kind() {
-            ErrorKind::ExpiredSignature => AuthError::Expired,
-            other => AuthError::Invalid(format!("{other:?}")),
-        }
+    let data = jsonwebtoken::decode::<Claims>(token, decoding, validation).map_err(|e| match e
+        .kind()
+    {
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        other => AuthError::Invalid(format!("{other:?}")),
     })?;
     if data.claims.sub.is_empty() {
         return Err(AuthError::Invalid("empty sub claim".into()));
@@ -219,8 +219,14 @@ mod tests {
         let token = auth.mint("alice", Duration::from_secs(60)).unwrap();
         assert_eq!(&*auth.verify(&token).await.unwrap().user, "alice");
         let other = Authenticator::hs256(b"other");
-        assert!(matches!(other.verify(&token).await, Err(AuthError::Invalid(_))));
-        assert!(matches!(auth.verify("garbage").await, Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            other.verify(&token).await,
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(matches!(
+            auth.verify("garbage").await,
+            Err(AuthError::Invalid(_))
+        ));
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &Claims {

@@ -40,7 +40,9 @@ pub struct OidcSettings {
 pub enum OidcError {
     #[error("OIDC discovery at {url} failed: {reason}")]
     Discovery { url: String, reason: String },
-    #[error("OIDC issuer mismatch: configured {configured:?}, discovery document says {announced:?}")]
+    #[error(
+        "OIDC issuer mismatch: configured {configured:?}, discovery document says {announced:?}"
+    )]
     IssuerMismatch {
         configured: String,
         announced: String,
@@ -85,12 +87,13 @@ impl OidcVerifier {
             issuer: String,
             jwks_uri: String,
         }
-        let discovery: Discovery = fetch_json(&http, &url)
-            .await
-            .map_err(|reason| OidcError::Discovery {
-                url: url.clone(),
-                reason,
-            })?;
+        let discovery: Discovery =
+            fetch_json(&http, &url)
+                .await
+                .map_err(|reason| OidcError::Discovery {
+                    url: url.clone(),
+                    reason,
+                })?;
         if discovery.issuer.trim_end_matches('/') != settings.issuer.trim_end_matches('/') {
             return Err(OidcError::IssuerMismatch {
                 configured: settings.issuer,
@@ -142,9 +145,12 @@ impl OidcVerifier {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
-        let data =
-            jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key.decoding, &validation)
-                .map_err(|e| refusal(e.kind()))?;
+        let data = jsonwebtoken::decode::<serde_json::Map<String, Value>>(
+            token,
+            &key.decoding,
+            &validation,
+        )
+        .map_err(|e| refusal(e.kind()))?;
         let claims = data.claims;
         let user = match claims.get(&self.settings.user_claim) {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
@@ -214,7 +220,8 @@ impl TokenHeader {
             alg: Option<String>,
             kid: Option<String>,
         }
-        let raw: Raw = serde_json::from_slice(&bytes).map_err(|_| malformed("header is not JSON"))?;
+        let raw: Raw =
+            serde_json::from_slice(&bytes).map_err(|_| malformed("header is not JSON"))?;
         Ok(TokenHeader {
             alg: raw.alg.ok_or_else(|| malformed("no alg"))?,
             kid: raw.kid,
@@ -295,10 +302,12 @@ async fn fetch_keys(
     struct RawSet {
         keys: Vec<Value>,
     }
-    let set: RawSet = fetch_json(http, url).await.map_err(|reason| OidcError::Jwks {
-        url: url.to_owned(),
-        reason,
-    })?;
+    let set: RawSet = fetch_json(http, url)
+        .await
+        .map_err(|reason| OidcError::Jwks {
+            url: url.to_owned(),
+            reason,
+        })?;
     let mut keys = HashMap::new();
     for (i, raw) in set.keys.into_iter().enumerate() {
         let jwk: Jwk = match serde_json::from_value(raw) {

@@ -196,7 +196,9 @@ impl<D: Directory> Inner<D> {
                 }
             })
             .await
-            .map_err(|e: Arc<GraphError>| ResolveError::Unavailable(format!("group {group_id}: {e}")))
+            .map_err(|e: Arc<GraphError>| {
+                ResolveError::Unavailable(format!("group {group_id}: {e}"))
+            })
     }
 
     /// Starts (or joins) the one fetch of `space_id`.
@@ -358,9 +360,7 @@ impl<D: Directory> MembershipResolver for CachedResolver<D> {
         match inner.flight(space_id).await {
             Ok(entry) => Ok(entry.listers.clone()),
             Err(ResolveError::Unavailable(reason)) => match cached {
-                Some(entry)
-                    if now.duration_since(entry.fetched_at) <= inner.settings.max_stale =>
-                {
+                Some(entry) if now.duration_since(entry.fetched_at) <= inner.settings.max_stale => {
                     inner.stats.stale_served.fetch_add(1, Relaxed);
                     tracing::warn!(space = space_id, %reason, "oCIS unreachable; serving the last known members");
                     Ok(entry.listers.clone())
@@ -388,7 +388,12 @@ impl<D: Directory> MembershipResolver for CachedResolver<D> {
         }
     }
 
-    async fn apply_group(&self, group: &str, _user: &str, _added: bool) -> Result<(), ResolveError> {
+    async fn apply_group(
+        &self,
+        group: &str,
+        _user: &str,
+        _added: bool,
+    ) -> Result<(), ResolveError> {
         self.invalidate_group(group);
         Ok(())
     }

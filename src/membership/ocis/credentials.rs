@@ -146,7 +146,9 @@ impl Credentials {
             }
         };
         let mut header = HeaderValue::from_str(&value).map_err(|_| {
-            GraphError::Unauthorized("credentials contain characters not allowed in a header".into())
+            GraphError::Unauthorized(
+                "credentials contain characters not allowed in a header".into(),
+            )
         })?;
         header.set_sensitive(true);
         if let Ok(mut current) = self.current.lock() {
@@ -245,7 +247,10 @@ mod tests {
 
     #[test]
     fn basic_auth_encoding() {
-        assert_eq!(base64(b"einstein:relativity"), "ZWluc3RlaW46cmVsYXRpdml0eQ==");
+        assert_eq!(
+            base64(b"einstein:relativity"),
+            "ZWluc3RlaW46cmVsYXRpdml0eQ=="
+        );
         assert_eq!(base64(b"ab"), "YWI=");
         assert_eq!(base64(b"abc"), "YWJj");
     }

@@ -508,7 +508,10 @@ mod tests {
         let g = grants_from(drive.root.unwrap().permissions.unwrap(), SystemTime::now());
         assert_eq!(
             users(&g),
-            vec![("u:admin".into(), Role::Manager), ("g:eng".into(), Role::Viewer)]
+            vec![
+                ("u:admin".into(), Role::Manager),
+                ("g:eng".into(), Role::Viewer)
+            ]
         );
     }
 
@@ -522,9 +525,10 @@ mod tests {
 
     #[test]
     fn group_member_pages_in_both_forms() {
-        let bare: MemberPage =
-            serde_json::from_str(r#"[{"id":"a","displayName":"A","onPremisesSamAccountName":"a"}]"#)
-                .unwrap();
+        let bare: MemberPage = serde_json::from_str(
+            r#"[{"id":"a","displayName":"A","onPremisesSamAccountName":"a"}]"#,
+        )
+        .unwrap();
         assert!(matches!(bare, MemberPage::Bare(ref v) if v.len() == 1));
         let odata: MemberPage =
             serde_json::from_str(r#"{"value":[{"id":"a"}],"@odata.nextLink":"http://x/next"}"#)

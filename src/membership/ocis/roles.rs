@@ -24,12 +24,15 @@ pub fn from_graph_role(role: &str) -> Option<Role> {
         "fb6c3e19-e378-47e5-b277-9732f9de6e21" => Role::Editor,  // Editor
         "2d00ce52-1fc2-4dbc-8b95-a73b73395f5a" => Role::Editor,  // File Editor
         "b1e2218d-eef8-4d4c-b82d-0f1a1b48f3b5" => Role::Viewer,  // Viewer
-        "aa97fe03-7980-45ac-9e50-b325749fd7e6" => Role::Viewer,  // Secure Viewer (can list, not download)
+        "aa97fe03-7980-45ac-9e50-b325749fd7e6" => Role::Viewer, // Secure Viewer (can list, not download)
         "1c996275-f1c9-4e71-abdf-a42f6495e960" => Role::Uploader, // Editor Lite / Uploader (file drop)
-        "63e64e19-8d43-42ec-a738-2b6af2610efa" => return None,  // Denied
+        "63e64e19-8d43-42ec-a738-2b6af2610efa" => return None,    // Denied
         // Legacy names (v1.0 drives, reva's conversions).
         "manager" | "coowner" => Role::Manager,
-        "editor" | "spaceeditor" | "spaceeditor-without-versions" | "file-editor"
+        "editor"
+        | "spaceeditor"
+        | "spaceeditor-without-versions"
+        | "file-editor"
         | "fileeditor" => Role::Editor,
         "viewer" | "spaceviewer" | "secure-viewer" | "secureviewer" => Role::Viewer,
         "uploader" | "editor-lite" | "editorlite" | "file-drop" => Role::Uploader,
@@ -105,7 +108,10 @@ mod tests {
 
     #[test]
     fn denied_grants_nothing() {
-        assert_eq!(from_graph_role("63e64e19-8d43-42ec-a738-2b6af2610efa"), None);
+        assert_eq!(
+            from_graph_role("63e64e19-8d43-42ec-a738-2b6af2610efa"),
+            None
+        );
         assert!(is_denied("63e64e19-8d43-42ec-a738-2b6af2610efa"));
         assert!(!is_denied("viewer"));
     }
