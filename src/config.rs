@@ -529,6 +529,9 @@ pub enum BenchCommand {
     /// Gateway fan-out from Redis to 1 000 WebSocket clients: throughput, latency, CPU, next to a
     /// bare axum loop.
     Fanout(BenchFanoutArgs),
+    /// The oCIS membership resolver: warm-cache throughput next to the fixture resolver, and
+    /// requests to oCIS per space per TTL under paced load.
+    Membership(BenchMembershipArgs),
     /// The baseline `bench idle` compares with: a bare axum WebSocket loop (internal use).
     #[command(hide = true)]
     BareGateway {
@@ -551,6 +554,28 @@ pub struct BenchReplayArgs {
     /// Spaces in the trace.
     #[arg(long, env = "FOLDERCAST_BENCH_SPACES", default_value_t = 1000)]
     pub spaces: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchMembershipArgs {
+    /// Events in the warm-cache throughput trace.
+    #[arg(long, env = "FOLDERCAST_BENCH_EVENTS", default_value_t = 500_000)]
+    pub events: u64,
+    /// Spaces (each a project space in the bench's LibreGraph server).
+    #[arg(long, env = "FOLDERCAST_BENCH_SPACES", default_value_t = 1000)]
+    pub spaces: usize,
+    /// Members per space.
+    #[arg(long, env = "FOLDERCAST_BENCH_MEMBERS", default_value_t = 20)]
+    pub members: usize,
+    /// Events paced across --paced-seconds for the request count.
+    #[arg(long, env = "FOLDERCAST_BENCH_PACED_EVENTS", default_value_t = 100_000)]
+    pub paced_events: u64,
+    /// Length of the paced run, seconds.
+    #[arg(long, env = "FOLDERCAST_BENCH_PACED_SECONDS", default_value_t = 10)]
+    pub paced_seconds: u64,
+    /// The short TTL of the second paced run.
+    #[arg(long, env = "FOLDERCAST_BENCH_SHORT_TTL", default_value = "2s", value_parser = parse_duration)]
+    pub short_ttl: Duration,
 }
 
 #[derive(Debug, Args)]

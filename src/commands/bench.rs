@@ -22,6 +22,7 @@ use crate::telemetry::PipelineStats;
 mod consume;
 mod fanout;
 mod idle;
+mod membership;
 mod proc;
 
 pub fn replay(args: BenchReplayArgs) -> anyhow::Result<ExitCode> {
@@ -177,6 +178,10 @@ pub fn consume(args: crate::config::BenchConsumeArgs) -> anyhow::Result<ExitCode
 
 pub fn fanout(args: crate::config::BenchFanoutArgs) -> anyhow::Result<ExitCode> {
     fanout::run(args)
+}
+
+pub fn membership(args: crate::config::BenchMembershipArgs) -> anyhow::Result<ExitCode> {
+    membership::run(args)
 }
 
 pub fn bare_gateway(listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {

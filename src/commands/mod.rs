@@ -33,6 +33,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Idle(args)) => bench::idle(args),
         Command::Bench(BenchCommand::Consume(args)) => bench::consume(args),
         Command::Bench(BenchCommand::Fanout(args)) => bench::fanout(args),
+        Command::Bench(BenchCommand::Membership(args)) => bench::membership(args),
         Command::Bench(BenchCommand::BareGateway { listen }) => bench::bare_gateway(listen),
     }
 }
