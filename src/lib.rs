@@ -3,12 +3,12 @@
 //! # Layout
 //! The modules follow the data, one stage or one external system each:
 //!
-//! - [`source`]: where raw events come from (fixture JSONL here; Kafka later), with positions.
+//! - [`source`]: where raw events come from (fixture JSONL or Kafka), with positions.
 //! - [`event`] and [`path`]: the input contract, decoded and validated once.
-//! - [`membership`]: who may see a space (resolver seam; fixture file here; oCIS later).
+//! - [`membership`]: who may see a space (resolver seam; a fixture file, or oCIS behind a cache).
 //! - [`notify`]: dedup, recipients, ancestor folder deltas, the per-user message, and the
 //!   throttle that rate-limits and coalesces per user.
-//! - [`bus`]: hands per-user messages from the pipeline to gateways (in-process here; Redis later).
+//! - [`bus`]: hands per-user messages from the pipeline to gateways (in-process, or Redis).
 //! - [`consumer`]: the driver that runs source → notify → throttle → bus.
 //! - [`gateway`]: WebSocket and SSE delivery to authenticated users; never imports the pipeline.
 //! - [`demo`]: the embedded default's demo page and its simulated folder tree.

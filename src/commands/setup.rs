@@ -22,9 +22,10 @@ pub fn resolver(
     default_fixture: Option<&Path>,
 ) -> anyhow::Result<Arc<dyn MembershipResolver>> {
     if let Some(url) = &m.ocis_url {
-        let resolver = OcisResolver::from_settings(ocis_settings(m, url)?)?;
+        let resolver = Arc::new(OcisResolver::from_settings(ocis_settings(m, url)?)?);
         tracing::info!(%url, ttl = ?m.membership_ttl, max_stale = ?m.membership_max_stale, "membership from oCIS");
-        return Ok(Arc::new(resolver));
+        tokio::spawn(log_cache_stats(Arc::downgrade(&resolver)));
+        return Ok(resolver);
     }
     let path = m
         .membership
@@ -32,6 +33,39 @@ pub fn resolver(
         .or(default_fixture)
         .context("give --membership FILE or --ocis-url URL")?;
     Ok(Arc::new(FixtureResolver::load(path)?))
+}
+
+/// Logs the cache's counters once a minute while they change, and while the resolver lives.
+async fn log_cache_stats(resolver: std::sync::Weak<OcisResolver>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.tick().await;
+    let mut last = [0u64; 5];
+    loop {
+        tick.tick().await;
+        let Some(resolver) = resolver.upgrade() else {
+            return;
+        };
+        let s = resolver.stats();
+        let now = [
+            s.fresh_hits.load(Relaxed),
+            s.stale_served.load(Relaxed),
+            s.space_fetches.load(Relaxed),
+            s.group_fetches.load(Relaxed),
+            s.fetch_failures.load(Relaxed),
+        ];
+        if now != last {
+            tracing::info!(
+                fresh_hits = now[0],
+                stale_served = now[1],
+                space_fetches = now[2],
+                group_fetches = now[3],
+                fetch_failures = now[4],
+                "membership cache"
+            );
+            last = now;
+        }
+    }
 }
 
 fn ocis_settings(m: &MembershipArgs, url: &str) -> anyhow::Result<OcisSettings> {

@@ -21,8 +21,7 @@ use axum::routing::get;
 use crate::config::BenchMembershipArgs;
 use crate::consumer::route;
 use crate::membership::ocis::{
-    CacheSettings, CredentialsConfig, OcisResolver, OcisSettings, RetryPolicy, Secret,
-    SecretSource,
+    CacheSettings, CredentialsConfig, OcisResolver, OcisSettings, RetryPolicy, Secret, SecretSource,
 };
 use crate::membership::{FixtureResolver, MembershipResolver};
 use crate::notify::Pipeline;
@@ -231,7 +230,9 @@ async fn measure(
 
     for ttl in [Duration::from_secs(60), args.short_ttl] {
         let made = paced_calls(&url, &calls, ttl, &args).await?;
-        let per_space = (args.paced_seconds as f64 / ttl.as_secs_f64()).ceil().max(1.0);
+        let per_space = (args.paced_seconds as f64 / ttl.as_secs_f64())
+            .ceil()
+            .max(1.0);
         let expected = args.spaces as f64 * per_space;
         println!(
             "  {} events over {} spaces in {} s, TTL {:?}: {} oCIS requests (one per space per TTL = {:.0}; ratio {:.3})",

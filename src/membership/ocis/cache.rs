@@ -201,10 +201,7 @@ impl<D: Directory> CachedResolver<D> {
     /// Forgets a group's members and invalidates every cached space that grants the group.
     pub fn invalidate_group(&self, group_id: &str) {
         self.inner.groups.invalidate(group_id).now_or_never();
-        let affected: Vec<Arc<str>> = self
-            .inner
-            .spaces
-            .granting(group_id);
+        let affected: Vec<Arc<str>> = self.inner.spaces.granting(group_id);
         for space in affected {
             self.inner.invalidate_space(&space);
         }
