@@ -75,9 +75,6 @@ pub struct RunArgs {
     )]
     pub events: PathBuf,
 
-    #[command(flatten)]
-    pub membership: MembershipArgs,
-
     /// Events per second to replay (0 = as fast as possible). The default is a pace a person can follow.
     #[arg(
         long,
@@ -101,6 +98,10 @@ pub struct RunArgs {
     #[command(flatten)]
     pub gateway: GatewayArgs,
 
+    // Last: their help headings apply to every flag after them.
+    #[command(flatten)]
+    pub membership: MembershipArgs,
+
     #[command(flatten)]
     pub oidc: OidcArgs,
 }
@@ -110,10 +111,6 @@ pub struct ReplayArgs {
     /// Events to process, one JSON event per line (`-` for standard input).
     #[arg(long, env = "FOLDERCAST_EVENTS", value_name = "FILE")]
     pub events: PathBuf,
-
-    /// Where membership comes from (--membership FILE or --ocis-url); not needed with --to-kafka.
-    #[command(flatten)]
-    pub membership: MembershipArgs,
 
     /// Instead of running the pipeline, produce the file's events into a Kafka topic, keyed by
     /// space id (so a space's events keep their order), bad lines included.
@@ -156,6 +153,11 @@ pub struct ReplayArgs {
 
     #[command(flatten)]
     pub shaping: ShapingArgs,
+
+    /// Where membership comes from (--membership FILE or --ocis-url); not needed with --to-kafka.
+    /// Last: its help heading applies to every flag after it.
+    #[command(flatten)]
+    pub membership: MembershipArgs,
 }
 
 #[derive(Debug, Args)]
@@ -191,9 +193,6 @@ pub struct ConsumeArgs {
     )]
     pub dead_letter_topic: String,
 
-    #[command(flatten)]
-    pub membership: MembershipArgs,
-
     /// Consumer session timeout: how soon a dead consumer's partitions move to another.
     #[arg(long, env = "FOLDERCAST_KAFKA_SESSION_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub session_timeout: Duration,
@@ -225,6 +224,10 @@ pub struct ConsumeArgs {
 
     #[command(flatten)]
     pub shaping: ShapingArgs,
+
+    // Last: its help heading applies to every flag after it.
+    #[command(flatten)]
+    pub membership: MembershipArgs,
 }
 
 #[derive(Debug, Args)]

@@ -282,14 +282,24 @@ async fn fetch_json<T: serde::de::DeserializeOwned>(
     http: &reqwest::Client,
     url: &str,
 ) -> Result<T, String> {
+    let chain = |e: reqwest::Error| {
+        let mut out = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            out.push_str(": ");
+            out.push_str(&s.to_string());
+            source = s.source();
+        }
+        out
+    };
     http.get(url)
         .send()
         .await
         .and_then(|r| r.error_for_status())
-        .map_err(|e| e.to_string())?
+        .map_err(chain)?
         .json()
         .await
-        .map_err(|e| e.to_string())
+        .map_err(chain)
 }
 
 /// The signing keys of a JWKS by `kid`. Keys that cannot be used (encryption keys, symmetric
