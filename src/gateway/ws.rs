@@ -165,7 +165,7 @@ async fn session(
                 if expired {
                     let _ = socket.send(Message::Close(Some(CloseFrame {
                         code: CLOSE_POLICY,
-                        reason: Utf8Bytes::from_static("token-expired"),
+                        reason: Utf8Bytes::from(close_reason("token-expired", "no fresh auth frame in time")),
                     }))).await;
                     break;
                 }
@@ -234,9 +234,22 @@ async fn close_with(socket: &mut WebSocket, code: &str, message: &str, close_cod
     let _ = socket
         .send(Message::Close(Some(CloseFrame {
             code: close_code,
-            reason: Utf8Bytes::from(code.to_owned()),
+            reason: Utf8Bytes::from(close_reason(code, message)),
         })))
         .await;
+}
+
+/// `code: message`, cut to the 123 bytes a close frame's reason may hold.
+fn close_reason(code: &str, message: &str) -> String {
+    let mut reason = format!("{code}: {message}");
+    if reason.len() > 123 {
+        let mut end = 123;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
 }
 
 fn far_future() -> Instant {
@@ -249,4 +262,19 @@ pub fn header_token(headers: &HeaderMap) -> Option<&str> {
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::close_reason;
+
+    #[test]
+    fn close_reasons_fit_a_close_frame() {
+        assert_eq!(
+            close_reason("invalid-token", "wrong audience"),
+            "invalid-token: wrong audience"
+        );
+        let long = close_reason("invalid-token", &"é".repeat(200));
+        assert!(long.len() <= 123 && long.starts_with("invalid-token: é"));
+    }
 }
