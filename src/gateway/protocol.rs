@@ -189,18 +189,51 @@ pub fn message_type_of(payload: &[u8]) -> Option<&str> {
 /// "id":…,"space_id":…,"data":…}`) built around the payload bytes without re-encoding them.
 pub fn server_frame(id: &str, payload: &[u8], resync_space: Option<&str>) -> String {
     let payload = std::str::from_utf8(payload).unwrap_or("null");
-    let id = serde_json::to_string(id).unwrap_or_default();
+    // Sized once: this runs for every delivered message.
+    let mut out = String::with_capacity(payload.len() + id.len() + 64);
+    let quoted = |out: &mut String, s: &str| {
+        if s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
+            out.push('"');
+            out.push_str(s);
+            out.push('"');
+        } else {
+            out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+        }
+    };
     if let Some(space) = resync_space {
-        let space = serde_json::to_string(space).unwrap_or_default();
-        format!(r#"{{"type":"resync","id":{id},"space_id":{space},"data":{payload}}}"#)
+        out.push_str(r#"{"type":"resync","id":"#);
+        quoted(&mut out, id);
+        out.push_str(r#","space_id":"#);
+        quoted(&mut out, space);
     } else {
-        format!(r#"{{"type":"event","id":{id},"data":{payload}}}"#)
+        out.push_str(r#"{"type":"event","id":"#);
+        quoted(&mut out, id);
     }
+    out.push_str(r#","data":"#);
+    out.push_str(payload);
+    out.push('}');
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_frames_are_json_whatever_the_ids() {
+        for (id, space) in [("17", None), ("1-0", Some("s\"1")), ("a\\b\u{1}é", Some("spa ce"))] {
+            let frame = server_frame(id, br#"{"type":"x"}"#, space);
+            let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
+            assert_eq!(v["id"], id);
+            assert_eq!(v["data"]["type"], "x");
+            if let Some(space) = space {
+                assert_eq!(v["space_id"], space);
+                assert_eq!(v["type"], "resync");
+            } else {
+                assert_eq!(v["type"], "event");
+            }
+        }
+    }
 
     #[test]
     fn parses_client_frames() {

@@ -149,7 +149,7 @@ async fn session(
                     }
                     socket.flush().await
                 };
-                match tokio::time::timeout(write_timeout, write).await {
+                match write_within(write_timeout, write).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         tracing::debug!(user = %identity.user, error = %e, "write failed; closing");
@@ -237,6 +237,21 @@ async fn close_with(socket: &mut WebSocket, code: &str, message: &str, close_cod
             reason: Utf8Bytes::from(close_reason(code, message)),
         })))
         .await;
+}
+
+/// Runs `write`, failing it after `limit`. Almost every write completes at its first poll (the
+/// kernel takes the bytes), so the timer, which costs a timer-wheel entry per batch, is only
+/// armed for a write that has to wait.
+async fn write_within<F: std::future::Future>(
+    limit: Duration,
+    write: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut write = std::pin::pin!(write);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
+    match first {
+        std::task::Poll::Ready(output) => Ok(output),
+        std::task::Poll::Pending => tokio::time::timeout(limit, write).await,
+    }
 }
 
 /// `code: message`, cut to the 123 bytes a close frame's reason may hold.
