@@ -276,3 +276,144 @@ async fn unreachable_redis_is_a_clear_error_not_a_panic() {
     .await;
     assert!(bad.err().unwrap().to_string().contains("invalid redis URL"));
 }
+
+/// A node-local connection to one cluster node.
+async fn node_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// `(node id, url)` of every master, read from `CLUSTER NODES`.
+async fn cluster_masters(nodes: &[String]) -> Vec<(String, String)> {
+    let mut c = node_conn(&nodes[0]).await;
+    let text: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.contains("master"))
+        .map(|l| {
+            let mut parts = l.split_whitespace();
+            let id = parts.next().unwrap().to_owned();
+            let addr = parts.next().unwrap().split('@').next().unwrap().to_owned();
+            (id, format!("redis://{addr}"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscribes_after_its_slot_moves_to_another_node() {
+    let nodes = redis_cluster_nodes();
+    let (tx, mut rx) = mpsc::channel(64);
+    let target = RedisTarget::Cluster(nodes.clone());
+    let bus = RedisBus::connect(&target, RedisOptions::default(), Some(tx))
+        .await
+        .unwrap();
+    let user: Arc<str> = Arc::from(unique("mover"));
+    bus.subscribe(&user).await.unwrap();
+    bus.publish(&[msg(&user, "before", "a")]).await.unwrap();
+    assert!(!recv(&mut rx).await.id.is_empty());
+
+    // Move the user's slot, with its keys, to another master: the real resharding steps.
+    let channel = foldercast::bus::redis::keys::channel(&user);
+    let mut any = node_conn(&nodes[0]).await;
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&channel)
+        .query_async(&mut any)
+        .await
+        .unwrap();
+    let masters = cluster_masters(&nodes).await;
+    let mut owner = None;
+    for (id, url) in &masters {
+        let mut c = node_conn(url).await;
+        let n: i64 = redis::cmd("CLUSTER")
+            .arg("COUNTKEYSINSLOT")
+            .arg(slot)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let shard: Vec<String> = redis::cmd("PUBSUB")
+            .arg("SHARDCHANNELS")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if n > 0 || shard.contains(&channel) {
+            owner = Some((id.clone(), url.clone()));
+        }
+    }
+    let (src_id, src_url) = owner.expect("the slot's owner");
+    let (dst_id, dst_url) = masters
+        .iter()
+        .find(|(id, _)| *id != src_id)
+        .cloned()
+        .unwrap();
+    let mut src = node_conn(&src_url).await;
+    let mut dst = node_conn(&dst_url).await;
+    let setslot = |state: &str, node: &str| {
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SETSLOT").arg(slot).arg(state).arg(node);
+        cmd
+    };
+    let _: () = setslot("IMPORTING", &src_id)
+        .query_async(&mut dst)
+        .await
+        .unwrap();
+    let _: () = setslot("MIGRATING", &dst_id)
+        .query_async(&mut src)
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("CLUSTER")
+        .arg("GETKEYSINSLOT")
+        .arg(slot)
+        .arg(1000)
+        .query_async(&mut src)
+        .await
+        .unwrap();
+    let dst_addr = dst_url.trim_start_matches("redis://");
+    let (host, port) = dst_addr.rsplit_once(':').unwrap();
+    if !keys.is_empty() {
+        let _: redis::Value = redis::cmd("MIGRATE")
+            .arg(host)
+            .arg(port)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query_async(&mut src)
+            .await
+            .unwrap();
+    }
+    for (_, url) in &masters {
+        let mut c = node_conn(url).await;
+        let _: () = setslot("NODE", &dst_id).query_async(&mut c).await.unwrap();
+    }
+
+    // The gateway side must follow: later messages arrive, from the new owner.
+    let mut delivered = None;
+    for attempt in 0..50 {
+        if bus
+            .publish(&[msg(&user, &format!("after-{attempt}"), "b")])
+            .await
+            .is_ok()
+            && let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
+        {
+            delivered = Some(d);
+            break;
+        }
+    }
+    let d = delivered.expect("a delivery after the slot moved");
+    assert!(String::from_utf8_lossy(&d.payload).contains("after-"));
+    let mut c = node_conn(&dst_url).await;
+    let shard: Vec<String> = redis::cmd("PUBSUB")
+        .arg("SHARDCHANNELS")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(shard.contains(&channel), "resubscribed on the new owner");
+}

@@ -24,8 +24,8 @@
 //! nodes so `/readyz` can tell whether the bus is connected.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -133,16 +133,69 @@ enum Conn {
 pub struct RedisBus {
     publisher: Conn,
     subscriber: Option<Conn>,
+    /// Users whose channel this gateway wants, and the ones Redis dropped behind its back.
+    subscriptions: Arc<Subscriptions>,
     script: redis::Script,
     options: RedisOptions,
     connected: Arc<AtomicBool>,
     trim_counter: AtomicU64,
 }
 
+/// The channels a gateway wants, and those Redis has dropped behind its back.
+///
+/// When a cluster slot moves to another node, the old owner sends `sunsubscribe` for every shard
+/// channel of the slot, and redis-rs forgets those subscriptions (it cannot tell this from an
+/// unsubscribe we asked for). We can: a dropped channel of a user we still serve is queued here
+/// and subscribed again, on whichever node owns the slot now.
+#[derive(Default)]
+struct Subscriptions {
+    wanted: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
+    dropped: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Subscriptions {
+    fn want(&self, user: &Arc<str>, wanted: bool) {
+        if let Ok(mut w) = self.wanted.lock() {
+            if wanted {
+                w.insert(user.clone());
+            } else {
+                w.remove(user);
+            }
+        }
+    }
+
+    fn is_wanted(&self, user: &str) -> bool {
+        self.wanted
+            .lock()
+            .map(|w| w.contains(user))
+            .unwrap_or(false)
+    }
+
+    /// Called from the push callback: must not block.
+    fn server_dropped(&self, user: &str) {
+        if !self.is_wanted(user) {
+            return; // our own unsubscribe, confirmed
+        }
+        if let Ok(mut d) = self.dropped.lock() {
+            d.insert(Arc::from(user));
+        }
+        self.wake.notify_one();
+    }
+
+    fn take_dropped(&self) -> Vec<Arc<str>> {
+        self.dropped
+            .lock()
+            .map(|mut d| d.drain().collect())
+            .unwrap_or_default()
+    }
+}
+
 /// Turns pushed pub/sub messages into deliveries without blocking the connection.
 struct PushToDeliveries {
     deliveries: Arc<dyn DeliverySink>,
     connected: Arc<AtomicBool>,
+    subscriptions: Arc<Subscriptions>,
 }
 
 impl AsyncPushSender for PushToDeliveries {
@@ -158,6 +211,15 @@ impl AsyncPushSender for PushToDeliveries {
             PushKind::Disconnection => {
                 self.connected.store(false, Relaxed);
                 tracing::warn!("redis subscription connection lost; reconnecting");
+            }
+            PushKind::SUnsubscribe => {
+                let channel = match info.data.first() {
+                    Some(Value::BulkString(b)) => b.as_slice(),
+                    _ => return Ok(()),
+                };
+                if let Some(user) = keys::user_of_channel(channel) {
+                    self.subscriptions.server_dropped(user);
+                }
             }
             _ => {}
         }
@@ -208,6 +270,7 @@ impl RedisBus {
         deliveries: Option<Arc<dyn DeliverySink>>,
     ) -> Result<Arc<Self>, BusError> {
         let connected = Arc::new(AtomicBool::new(false));
+        let subscriptions = Arc::new(Subscriptions::default());
         let publisher = open(target, None).await?;
         let subscriber = match deliveries {
             Some(tx) => Some(
@@ -216,15 +279,23 @@ impl RedisBus {
                     Some(PushToDeliveries {
                         deliveries: tx,
                         connected: connected.clone(),
+                        subscriptions: subscriptions.clone(),
                     }),
                 )
                 .await?,
             ),
             None => None,
         };
+        if let Some(Conn::Cluster(conn)) = &subscriber {
+            tokio::spawn(resubscribe_dropped(
+                conn.clone(),
+                Arc::downgrade(&subscriptions),
+            ));
+        }
         let bus = Arc::new(RedisBus {
             publisher,
             subscriber,
+            subscriptions,
             script: redis::Script::new(PUBLISH_SCRIPT),
             options,
             connected,
@@ -357,6 +428,46 @@ impl RedisBus {
     }
 }
 
+/// Subscribes again, with backoff, the channels a slot move dropped. Ends with the bus.
+async fn resubscribe_dropped(mut conn: ClusterConnection, subscriptions: Weak<Subscriptions>) {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let Some(subs) = subscriptions.upgrade() else {
+            return;
+        };
+        // Woken by a drop, or retrying after a failure.
+        let _ = tokio::time::timeout(Duration::from_secs(5), subs.wake.notified()).await;
+        let dropped = subs.take_dropped();
+        if dropped.is_empty() {
+            continue;
+        }
+        // The slot is moving: give the new owner a moment to be announced.
+        tokio::time::sleep(delay).await;
+        let mut failed = Vec::new();
+        for user in dropped {
+            if !subs.is_wanted(&user) {
+                continue;
+            }
+            match conn.ssubscribe(keys::channel(&user)).await {
+                Ok(()) => tracing::info!(%user, "resubscribed after the cluster moved its slot"),
+                Err(e) => {
+                    tracing::warn!(%user, error = %e, retry_in = ?delay, "resubscription failed");
+                    failed.push(user);
+                }
+            }
+        }
+        if failed.is_empty() {
+            delay = Duration::from_millis(50);
+        } else {
+            if let Ok(mut d) = subs.dropped.lock() {
+                d.extend(failed);
+            }
+            subs.wake.notify_one();
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
 async fn open(target: &RedisTarget, push: Option<PushToDeliveries>) -> Result<Conn, BusError> {
     match target {
         RedisTarget::Standalone(url) => {
@@ -442,7 +553,8 @@ impl Bus for RedisBus {
     }
 
     async fn subscribe(&self, user: &Arc<str>) -> Result<(), BusError> {
-        match self.subscriber.clone() {
+        self.subscriptions.want(user, true);
+        let result = match self.subscriber.clone() {
             Some(Conn::Standalone(mut c)) => {
                 c.subscribe(keys::channel(user)).await.map_err(unavailable)
             }
@@ -452,10 +564,15 @@ impl Bus for RedisBus {
             None => Err(BusError::Unavailable(
                 "this bus was opened without a subscriber".into(),
             )),
+        };
+        if result.is_err() {
+            self.subscriptions.want(user, false);
         }
+        result
     }
 
     async fn unsubscribe(&self, user: &Arc<str>) -> Result<(), BusError> {
+        self.subscriptions.want(user, false);
         match self.subscriber.clone() {
             Some(Conn::Standalone(mut c)) => c
                 .unsubscribe(keys::channel(user))

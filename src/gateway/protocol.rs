@@ -192,7 +192,9 @@ pub fn server_frame(id: &str, payload: &[u8], resync_space: Option<&str>) -> Str
     // Sized once: this runs for every delivered message.
     let mut out = String::with_capacity(payload.len() + id.len() + 64);
     let quoted = |out: &mut String, s: &str| {
-        if s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
+        if s.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        {
             out.push('"');
             out.push_str(s);
             out.push('"');
@@ -221,7 +223,11 @@ mod tests {
 
     #[test]
     fn server_frames_are_json_whatever_the_ids() {
-        for (id, space) in [("17", None), ("1-0", Some("s\"1")), ("a\\b\u{1}é", Some("spa ce"))] {
+        for (id, space) in [
+            ("17", None),
+            ("1-0", Some("s\"1")),
+            ("a\\b\u{1}é", Some("spa ce")),
+        ] {
             let frame = server_frame(id, br#"{"type":"x"}"#, space);
             let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
             assert_eq!(v["id"], id);
