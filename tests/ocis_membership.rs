@@ -453,3 +453,16 @@ async fn client_credentials_come_from_the_token_endpoint_and_are_reused() {
     assert_eq!(listers(&r, "other").await, ["bob"]);
     assert_eq!(issuer.token_requests(), 1, "one token serves many requests");
 }
+
+#[tokio::test]
+async fn basic_auth_for_development_setups() {
+    let graph = LibreGraph::start().await;
+    graph.project(SPACE, vec![user_grant("alice", SPACE_VIEWER)]);
+    // einstein:relativity, as the proxy expects it with PROXY_ENABLE_BASIC_AUTH.
+    graph.require_authorization(Some("Basic ZWluc3RlaW46cmVsYXRpdml0eQ=="));
+    let mut s = settings(&graph, Duration::from_secs(60), Duration::from_secs(60));
+    s.credentials =
+        CredentialsConfig::Basic(SecretSource::Value(Secret::new("einstein:relativity")));
+    let r = OcisResolver::from_settings(s).unwrap();
+    assert_eq!(listers(&r, SPACE).await, ["alice"]);
+}
