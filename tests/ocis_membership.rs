@@ -448,7 +448,23 @@ async fn client_credentials_come_from_the_token_endpoint_and_are_reused() {
         client_secret: SecretSource::Value(Secret::new("s3cret")),
         scope: None,
     });
-    let r = OcisResolver::from_settings(s).unwrap();
+    for n in 0..50 {
+        graph.project(
+            &format!("space-{n}"),
+            vec![user_grant("carol", SPACE_VIEWER)],
+        );
+    }
+    let r = Arc::new(OcisResolver::from_settings(s).unwrap());
+    // Fifty spaces asked at once: one token request, not fifty.
+    let tasks: Vec<_> = (0..50)
+        .map(|n| {
+            let r = r.clone();
+            tokio::spawn(async move { r.listers(&format!("space-{n}")).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(names(&t.await.unwrap().unwrap()), ["carol"]);
+    }
     assert_eq!(listers(&r, SPACE).await, ["alice"]);
     assert_eq!(listers(&r, "other").await, ["bob"]);
     assert_eq!(issuer.token_requests(), 1, "one token serves many requests");

@@ -86,6 +86,8 @@ pub struct Credentials {
     config: CredentialsConfig,
     http: reqwest::Client,
     current: Mutex<Option<Current>>,
+    /// One renewal at a time: concurrent requests wait for it instead of each asking the IdP.
+    renewing: tokio::sync::Mutex<()>,
 }
 
 struct Current {
@@ -100,7 +102,16 @@ impl Credentials {
             config,
             http,
             current: Mutex::new(None),
+            renewing: tokio::sync::Mutex::new(()),
         }
+    }
+
+    fn cached(&self) -> Option<HeaderValue> {
+        let current = self.current.lock().ok()?;
+        let c = current.as_ref()?;
+        c.renew_at
+            .is_none_or(|at| Instant::now() < at)
+            .then(|| c.header.clone())
     }
 
     /// Forgets the current value: the next request loads or fetches a new one.
@@ -112,11 +123,12 @@ impl Credentials {
 
     /// The `Authorization` header to send, or `None` when no credentials are configured.
     pub async fn authorization(&self) -> Result<Option<HeaderValue>, GraphError> {
-        if let Ok(current) = self.current.lock()
-            && let Some(c) = current.as_ref()
-            && c.renew_at.is_none_or(|at| Instant::now() < at)
-        {
-            return Ok(Some(c.header.clone()));
+        if let Some(header) = self.cached() {
+            return Ok(Some(header));
+        }
+        let _renewing = self.renewing.lock().await;
+        if let Some(header) = self.cached() {
+            return Ok(Some(header)); // renewed by whoever held the lock before us
         }
         let (value, renew_at) = match &self.config {
             CredentialsConfig::None => return Ok(None),
