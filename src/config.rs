@@ -488,6 +488,11 @@ pub struct GatewayArgs {
     #[arg(long, env = "FOLDERCAST_TOKEN_GRACE", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub token_grace: Duration,
 
+    /// How often WebSocket clients are pinged; one that answers nothing for two intervals is
+    /// closed (1001, `ping-timeout`). `0s` turns pings off.
+    #[arg(long, env = "FOLDERCAST_WS_PING_INTERVAL", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub ws_ping_interval: Duration,
+
     /// Lifetime of a single-use connection ticket from POST /api/tickets.
     #[arg(long, env = "FOLDERCAST_TICKET_TTL", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub ticket_ttl: Duration,

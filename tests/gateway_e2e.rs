@@ -580,3 +580,44 @@ async fn expiring_tokens_close_the_connection_unless_refreshed() {
         "the refreshed connection is still open"
     );
 }
+
+#[tokio::test]
+async fn clients_that_answer_no_pings_are_closed_and_live_ones_stay() {
+    let server = Server::start(&["--ws-ping-interval", "300ms"]).await;
+    // A vanished client: it never reads again, so it never answers a ping.
+    let mut gone = connect(&server.ws_url("/ws"), Some(&token("alice"))).await;
+    ready(&mut gone, "alice").await;
+    let mut live = connect(&server.ws_url("/ws"), Some(&token("bob"))).await;
+    ready(&mut live, "bob").await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // Reading (here: a ping/pong round trip) answers the server's pings.
+        assert!(sync(&mut live).await.is_empty());
+        let stats = server.stats().await;
+        if stats["connections"] == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the silent client was not closed: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A client that keeps reading stays, well past two ping intervals.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            sync(&mut live).await.is_empty(),
+            "the live client is still served"
+        );
+    }
+    assert_eq!(server.stats().await["connections"], 1);
+    // What the silent client finds when it looks again: pings, then the close.
+    loop {
+        match next_json(&mut gone).await {
+            None => break,
+            Some(f) => assert_eq!(f["code"], "ping-timeout", "{f}"),
+        }
+    }
+}

@@ -78,6 +78,7 @@ fn gateway_config(g: &GatewayArgs) -> GatewayConfig {
         ws_max_write_buffer: g.ws_max_write_buffer,
         ticket_ttl: g.ticket_ttl,
         token_grace: g.token_grace,
+        ping_interval: g.ws_ping_interval,
         ..GatewayConfig::default()
     }
 }

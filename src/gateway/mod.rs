@@ -42,6 +42,9 @@ pub struct GatewayConfig {
     /// After a WebSocket's token expires, how long it may send a fresh `auth` frame before it is
     /// closed (deliveries pause meanwhile).
     pub token_grace: Duration,
+    /// How often WebSocket clients are pinged; one that answers nothing (no pong, no frame) for
+    /// two intervals is closed. Zero turns pings off.
+    pub ping_interval: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -57,6 +60,7 @@ impl Default for GatewayConfig {
             max_client_frame: 16 * 1024,
             ticket_ttl: Duration::from_secs(30),
             token_grace: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(30),
         }
     }
 }
@@ -66,16 +70,40 @@ pub struct AppState {
     pub tickets: TicketStore,
     pub hub: Arc<Hub>,
     pub config: GatewayConfig,
+    /// Ticks every `ping_interval`. One shared clock instead of a timer per connection keeps
+    /// idle connections cheap.
+    pub heartbeat: tokio::sync::watch::Sender<u64>,
 }
 
 impl AppState {
     pub fn new(auth: Arc<Authenticator>, hub: Arc<Hub>, config: GatewayConfig) -> Arc<Self> {
-        Arc::new(AppState {
+        let interval = config.ping_interval;
+        let state = Arc::new(AppState {
             auth,
             tickets: TicketStore::new(config.ticket_ttl, 100_000),
             hub,
             config,
-        })
+            heartbeat: tokio::sync::watch::Sender::new(0),
+        });
+        if !interval.is_zero()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(beat(Arc::downgrade(&state), interval));
+        }
+        state
+    }
+}
+
+/// Advances the heartbeat until the state is dropped.
+async fn beat(state: std::sync::Weak<AppState>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        state.heartbeat.send_modify(|n| *n += 1);
     }
 }
 

@@ -23,7 +23,9 @@ use super::protocol::{
 };
 use super::session::Watches;
 
-/// Close codes: 1008 policy violation (auth), 1011 server error, 1013 try again later (evicted).
+/// Close codes: 1001 going away (no answer to pings), 1008 policy violation (auth), 1011 server
+/// error, 1013 try again later (evicted).
+const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_POLICY: u16 = 1008;
 const CLOSE_ERROR: u16 = 1011;
 const CLOSE_TRY_LATER: u16 = 1013;
@@ -89,11 +91,15 @@ async fn session(
     let mut expiry = identity.remaining().map(|d| Instant::now() + d);
     // Set once the token expired: deliveries pause until a fresh auth frame or the deadline.
     let mut expired = false;
+    let mut heartbeat = state.heartbeat.subscribe();
+    let pings = !state.config.ping_interval.is_zero();
+    let mut last_heard = Instant::now();
     let mut watches = Watches::default();
     let mut batch = Vec::new();
     loop {
         tokio::select! {
             incoming = socket.recv() => {
+                last_heard = Instant::now();
                 let text = match incoming {
                     Some(Ok(Message::Text(text))) => text,
                     Some(Ok(Message::Binary(_))) => {
@@ -159,6 +165,22 @@ async fn session(
                         tracing::info!(user = %identity.user, timeout = ?write_timeout, "write timed out; closing");
                         break;
                     }
+                }
+            }
+            Ok(()) = heartbeat.changed(), if pings => {
+                // Silent for two intervals: a vanished client (a dropped mobile link leaves
+                // the TCP connection half-open), not a slow one.
+                if last_heard.elapsed() > state.config.ping_interval * 2 {
+                    tracing::info!(user = %identity.user, "no answer to pings; closing");
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        close_with(&mut socket, "ping-timeout", "no answer to pings", CLOSE_GOING_AWAY),
+                    ).await;
+                    break;
+                }
+                let ping = write_within(write_timeout, socket.send(Message::Ping(Default::default())));
+                if !matches!(ping.await, Ok(Ok(()))) {
+                    break;
                 }
             }
             _ = sleep_until(expiry.unwrap_or_else(far_future)), if expiry.is_some() => {
