@@ -351,3 +351,76 @@ async fn run_with_ocis_and_oidc_delivers_to_the_right_users_only() {
     assert_eq!(graph.calls(&format!("permissions:{SPACE}")), 1);
     assert_eq!(graph.calls("members:eng"), 1);
 }
+
+#[tokio::test]
+async fn replay_resolves_from_ocis_too() {
+    let graph = LibreGraph::start().await;
+    graph.require_authorization(Some("Bearer admin-token"));
+    graph.project(
+        SPACE,
+        vec![
+            user_grant("alice", MANAGER),
+            group_grant("eng", SPACE_VIEWER),
+        ],
+    );
+    graph.group("eng", &["bob", "carol"]);
+    graph.personal("personal-dan", "dan");
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let line = |id: &str, space: &str| {
+        json!({"specversion": "1.0", "id": id, "type": "folder-created", "time": "2026-11-25T10:00:00Z",
+               "data": {"space_id": space, "path": "/new", "kind": "folder"}})
+        .to_string()
+    };
+    std::fs::write(
+        &events,
+        [
+            line("r1", SPACE),
+            line("r2", "personal-dan"),
+            line("r3", "gone-space"),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let graph_url = graph.url.clone();
+    let events_path = events.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(common::bin())
+            .args(["replay", "--print", "--ocis-url", &graph_url, "--events"])
+            .arg(&events_path)
+            .env("FOLDERCAST_OCIS_TOKEN", "admin-token")
+            .env("FOLDERCAST_LOG", "warn")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let delivered: Vec<(String, String)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["user"].as_str().unwrap().to_owned(),
+                v["message"]["event_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expect = |u: &str, e: &str| (u.to_owned(), e.to_owned());
+    assert_eq!(
+        delivered,
+        [
+            expect("alice", "r1"),
+            expect("bob", "r1"),
+            expect("carol", "r1"),
+            expect("dan", "r2")
+        ]
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown-space"), "{stderr}");
+}
