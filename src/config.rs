@@ -343,7 +343,7 @@ pub struct OidcArgs {
     #[arg(long, env = "FOLDERCAST_OIDC_LEEWAY", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub oidc_leeway: Duration,
 
-    /// Least time between two JWKS refetches caused by unknown key ids.
+    /// Bounds JWKS refetches caused by unknown key ids: a burst of 5, then one per this ÷ 5.
     #[arg(long, env = "FOLDERCAST_OIDC_JWKS_MIN_REFRESH", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub oidc_jwks_min_refresh: Duration,
 }

@@ -96,8 +96,6 @@ async fn start(issuer: &Issuer, graph: Option<&LibreGraph>, extra: &[&str]) -> S
         &issuer.url,
         "--oidc-audience",
         "foldercast",
-        "--oidc-jwks-min-refresh",
-        "0s",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -249,6 +247,21 @@ async fn oidc_tokens_are_verified_and_forgeries_refused_with_clear_reasons() {
         fetches + 1,
         "one refetch picked up the rotation"
     );
+
+    // A flood of forged key ids cannot make the gateway hammer the issuer.
+    let before = issuer.jwks_fetches();
+    for n in 0..20 {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(format!("forged-{n}"));
+        let forged = encode(
+            &serde_json::to_value(&header).unwrap(),
+            &issuer.claims("mallory"),
+            b"sig",
+        );
+        refused(&server, &forged, "invalid-token", "unknown signing key").await;
+    }
+    let spent = issuer.jwks_fetches() - before;
+    assert!(spent <= 5, "{spent} refetches for 20 forged kids");
 
     // A tampered signature.
     let good = issuer.token("alice");

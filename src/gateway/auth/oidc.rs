@@ -1,9 +1,11 @@
 //! Verifying tokens signed by an OIDC issuer (oCIS's IdP, Keycloak, …).
 //!
 //! At start the issuer's discovery document names its JWKS; the keys are fetched and kept by
-//! `kid`. A token signed with a key we do not know triggers one JWKS refetch (at most one per
-//! `jwks_min_refresh`, so a stream of forged `kid`s cannot make us hammer the issuer), which is
-//! how key rotation is picked up.
+//! `kid`. A token signed with a key we do not know triggers a JWKS refetch, which is how key
+//! rotation is picked up. Refetches share a bucket of 5 that refills one per
+//! `jwks_min_refresh / 5`, so a stream of forged `kid`s cannot make us hammer the issuer, while a
+//! real rotation (even one a client races, presenting the new `kid` before it is published) is
+//! picked up at once.
 //!
 //! Only asymmetric algorithms are accepted (RS*, PS*, ES256/384, EdDSA). `alg: none` and HS*
 //! are refused before any key is looked at: an HS256 token "signed" with the issuer's *public*
@@ -12,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
@@ -63,8 +65,12 @@ pub struct OidcVerifier {
     http: reqwest::Client,
     jwks_uri: String,
     keys: RwLock<Arc<HashMap<String, Arc<Key>>>>,
-    /// Serialises refetches and remembers when the last one happened.
-    last_fetch: tokio::sync::Mutex<Instant>,
+    /// The issuer as the discovery document spells it (may differ by a trailing slash).
+    announced_issuer: String,
+    /// Serialises refetches.
+    fetching: tokio::sync::Mutex<()>,
+    /// Bounds refetches across all `kid`s; `None` when `jwks_min_refresh` is zero.
+    refetch_budget: Option<governor::DefaultDirectRateLimiter>,
 }
 
 impl OidcVerifier {
@@ -102,12 +108,21 @@ impl OidcVerifier {
         }
         let keys = fetch_keys(&http, &discovery.jwks_uri).await?;
         tracing::info!(issuer = %settings.issuer, keys = keys.len(), "OIDC issuer discovered");
+        let min = settings.jwks_min_refresh;
+        let refetch_budget = governor::Quota::with_period(min / 5).map(|quota| {
+            governor::RateLimiter::direct(
+                quota
+                    .allow_burst(std::num::NonZeroU32::new(5).unwrap_or(std::num::NonZeroU32::MIN)),
+            )
+        });
         Ok(OidcVerifier {
+            jwks_uri: discovery.jwks_uri,
+            announced_issuer: discovery.issuer,
+            keys: RwLock::new(Arc::new(keys)),
+            fetching: tokio::sync::Mutex::new(()),
+            refetch_budget,
             settings,
             http,
-            jwks_uri: discovery.jwks_uri,
-            keys: RwLock::new(Arc::new(keys)),
-            last_fetch: tokio::sync::Mutex::new(Instant::now()),
         })
     }
 
@@ -117,7 +132,7 @@ impl OidcVerifier {
         let key = match self.key(header.kid.as_deref(), alg) {
             Some(key) => key,
             None => {
-                self.refetch().await;
+                self.refetch(header.kid.as_deref(), alg).await;
                 self.key(header.kid.as_deref(), alg).ok_or_else(|| {
                     AuthError::Invalid(match &header.kid {
                         Some(kid) => format!("unknown signing key {kid:?}"),
@@ -135,7 +150,10 @@ impl OidcVerifier {
         let mut validation = Validation::new(alg);
         validation.leeway = self.settings.leeway.as_secs();
         validation.validate_nbf = true;
-        validation.set_issuer(&[self.settings.issuer.as_str()]);
+        validation.set_issuer(&[
+            self.settings.issuer.as_str(),
+            self.announced_issuer.as_str(),
+        ]);
         let mut required = vec!["exp", "iss"];
         match &self.settings.audience {
             Some(aud) => {
@@ -183,13 +201,18 @@ impl OidcVerifier {
         }
     }
 
-    /// Fetches the JWKS again, unless that happened less than `jwks_min_refresh` ago.
-    async fn refetch(&self) {
-        let mut last = self.last_fetch.lock().await;
-        if last.elapsed() < self.settings.jwks_min_refresh {
+    /// Fetches the JWKS again for an unknown `kid`, within the refetch bounds.
+    async fn refetch(&self, kid: Option<&str>, alg: Algorithm) {
+        let _one_at_a_time = self.fetching.lock().await;
+        if self.key(kid, alg).is_some() {
+            return; // fetched by whoever held the lock before us
+        }
+        if let Some(budget) = &self.refetch_budget
+            && budget.check().is_err()
+        {
+            tracing::debug!("JWKS refetch skipped: refetch budget spent");
             return;
         }
-        *last = Instant::now();
         match fetch_keys(&self.http, &self.jwks_uri).await {
             Ok(keys) => {
                 tracing::info!(keys = keys.len(), "JWKS refreshed");
