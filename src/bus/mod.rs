@@ -57,6 +57,16 @@ pub struct Delivery {
 /// Returns false if the delivery was dropped (a full or closed receiver).
 pub trait DeliverySink: Send + Sync + 'static {
     fn deliver(&self, delivery: Delivery) -> bool;
+
+    /// The same from borrowed parts, for a bus that decodes them from its own buffers: a sink
+    /// that only looks the user up (the hub) saves allocating it per message.
+    fn deliver_parts(&self, user: &str, id: &str, payload: Bytes) -> bool {
+        self.deliver(Delivery {
+            user: Arc::from(user),
+            id: Arc::from(id),
+            payload,
+        })
+    }
 }
 
 impl DeliverySink for tokio::sync::mpsc::Sender<Delivery> {
@@ -82,6 +92,13 @@ impl DeliverySink for LateSink {
     fn deliver(&self, delivery: Delivery) -> bool {
         match self.target.get().and_then(std::sync::Weak::upgrade) {
             Some(target) => target.deliver(delivery),
+            None => false,
+        }
+    }
+
+    fn deliver_parts(&self, user: &str, id: &str, payload: Bytes) -> bool {
+        match self.target.get().and_then(std::sync::Weak::upgrade) {
+            Some(target) => target.deliver_parts(user, id, payload),
             None => false,
         }
     }

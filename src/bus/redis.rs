@@ -202,9 +202,8 @@ impl AsyncPushSender for PushToDeliveries {
     fn send(&self, info: PushInfo) -> Result<(), SendError> {
         match info.kind {
             PushKind::Message | PushKind::SMessage => {
-                if let Some(delivery) = delivery_of(info.data)
-                    && !self.deliveries.deliver(delivery)
-                {
+                let delivered = delivery_of(info.data, &*self.deliveries);
+                if delivered == Some(false) {
                     tracing::warn!("delivery dropped: no receiver ready for it");
                 }
             }
@@ -227,9 +226,11 @@ impl AsyncPushSender for PushToDeliveries {
     }
 }
 
-/// Takes the pushed `[channel, message]` by value: the payload bytes move into the delivery
-/// without a copy.
-fn delivery_of(data: Vec<Value>) -> Option<Delivery> {
+/// Hands the pushed `[channel, "id\npayload"]` to `sink`; `None` if it is not such a message.
+/// The payload bytes move into the delivery without a copy (and, advancing rather than slicing,
+/// without allocating a shared header).
+fn delivery_of(data: Vec<Value>, sink: &dyn DeliverySink) -> Option<bool> {
+    use bytes::Buf;
     let bytes = |v: Value| match v {
         Value::BulkString(b) => Some(b),
         Value::SimpleString(s) => Some(s.into_bytes()),
@@ -240,12 +241,20 @@ fn delivery_of(data: Vec<Value>) -> Option<Delivery> {
     let message = bytes(data.next()?)?;
     let user = keys::user_of_channel(&channel)?;
     let split = message.iter().position(|b| *b == b'\n')?;
-    let id = std::str::from_utf8(&message[..split]).ok()?;
-    Some(Delivery {
-        user: Arc::from(user),
-        id: Arc::from(id),
-        payload: Bytes::from(message).slice(split + 1..),
-    })
+    // The id (a stream id, `<ms>-<seq>`) is copied out before the buffer moves into the payload:
+    // onto the stack when it fits, as it always does for stream ids.
+    let mut stack = [0u8; 48];
+    let heap;
+    let id = if split <= stack.len() {
+        stack[..split].copy_from_slice(&message[..split]);
+        std::str::from_utf8(&stack[..split]).ok()?
+    } else {
+        heap = std::str::from_utf8(&message[..split]).ok()?.to_owned();
+        heap.as_str()
+    };
+    let mut payload = Bytes::from(message);
+    payload.advance(split + 1);
+    Some(sink.deliver_parts(user, id, payload))
 }
 
 fn unavailable(e: RedisError) -> BusError {
@@ -606,16 +615,25 @@ mod tests {
 
     #[test]
     fn pushed_messages_become_deliveries() {
+        let (tx, mut rx) = mpsc::channel(4);
         let data = vec![
             Value::BulkString(b"fc:{bob}:live".to_vec()),
             Value::BulkString(b"1700000000000-0\n{\"a\":1}".to_vec()),
         ];
-        let d = delivery_of(data).unwrap();
+        assert_eq!(delivery_of(data, &tx), Some(true));
+        let d = rx.try_recv().unwrap();
         assert_eq!(
             (&*d.user, &*d.id, &d.payload[..]),
             ("bob", "1700000000000-0", &b"{\"a\":1}"[..])
         );
-        assert!(delivery_of(vec![Value::BulkString(b"fc:{bob}:live".to_vec())]).is_none());
+        let long_id = format!("{}\n{{}}", "9".repeat(60));
+        let data = vec![
+            Value::BulkString(b"fc:{bob}:live".to_vec()),
+            Value::BulkString(long_id.into_bytes()),
+        ];
+        assert_eq!(delivery_of(data, &tx), Some(true));
+        assert_eq!(rx.try_recv().unwrap().id.len(), 60);
+        assert!(delivery_of(vec![Value::BulkString(b"fc:{bob}:live".to_vec())], &tx).is_none());
     }
 
     #[test]

@@ -6,11 +6,13 @@
 //! hands deliveries straight to the hub (no channel, no extra task hop), and the hub never waits
 //! on a client: a full queue evicts that session instead.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 
 use super::protocol::{Route, message_type_of, server_frame};
 use super::session::{Frame, Push, SessionQueue};
@@ -110,28 +112,22 @@ impl Hub {
         }
     }
 
-    fn deliver_to_sessions(&self, delivery: Delivery) {
+    fn deliver_to_sessions(&self, user: &str, id: &str, payload: Bytes) {
         // Only the type is needed for every delivery; a resync (rare) also needs its space.
-        let message_type: Box<str> = message_type_of(&delivery.payload)
-            .unwrap_or_default()
-            .into();
-        let resync = (&*message_type == "resync").then(|| Route::of_payload(&delivery.payload));
-        let text = server_frame(
-            &delivery.id,
-            &delivery.payload,
-            resync.as_ref().map(|r| r.space_id.as_str()),
-        );
+        let message_type = intern_type(message_type_of(&payload).unwrap_or_default());
+        let resync = (message_type == "resync").then(|| Route::of_payload(&payload));
+        let text = server_frame(id, &payload, resync.as_ref().map(|r| r.space_id.as_str()));
         let frame = Arc::new(Frame::new(
-            delivery.id,
+            Arc::from(id),
             message_type,
-            delivery.payload,
+            payload,
             Utf8Bytes::from(text),
             resync,
         ));
         let Ok(sessions) = self.sessions.lock() else {
             return;
         };
-        for queue in sessions.get(&delivery.user).into_iter().flatten() {
+        for queue in sessions.get(user).into_iter().flatten() {
             match queue.push(frame.clone()) {
                 Push::Queued => self.stats.delivered.fetch_add(1, Relaxed),
                 Push::Evicted => self.stats.evicted.fetch_add(1, Relaxed),
@@ -145,8 +141,35 @@ impl Hub {
 /// it only queues frames, never waits on a client.
 impl DeliverySink for Hub {
     fn deliver(&self, delivery: Delivery) -> bool {
-        self.deliver_to_sessions(delivery);
+        self.deliver_to_sessions(&delivery.user, &delivery.id, delivery.payload);
         true
+    }
+
+    fn deliver_parts(&self, user: &str, id: &str, payload: Bytes) -> bool {
+        self.deliver_to_sessions(user, id, payload);
+        true
+    }
+}
+
+/// The message types foldercast sends, as `'static` strings: no allocation per delivery.
+fn intern_type(t: &str) -> Cow<'static, str> {
+    const KNOWN: [&str; 12] = [
+        "file-uploaded",
+        "file-touched",
+        "folder-created",
+        "item-trashed",
+        "item-restored",
+        "item-moved",
+        "space-member-added",
+        "space-member-removed",
+        "coalesced",
+        "resync",
+        "notice",
+        "event",
+    ];
+    match KNOWN.iter().find(|k| **k == t) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(t.to_owned()),
     }
 }
 

@@ -21,7 +21,7 @@ use crate::path::{SpacePath, is_within};
 pub struct Frame {
     pub id: Arc<str>,
     /// The user message's `type` (the SSE `event:` name).
-    pub message_type: Box<str>,
+    pub message_type: std::borrow::Cow<'static, str>,
     pub payload: Bytes,
     /// The WebSocket text frame, built once.
     pub ws_text: Utf8Bytes,
@@ -32,7 +32,7 @@ pub struct Frame {
 impl Frame {
     pub fn new(
         id: Arc<str>,
-        message_type: Box<str>,
+        message_type: std::borrow::Cow<'static, str>,
         payload: Bytes,
         ws_text: Utf8Bytes,
         route: Option<Route>,
