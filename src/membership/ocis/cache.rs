@@ -271,8 +271,16 @@ impl<D: Directory> Inner<D> {
         let this = self.clone();
         // Spawned so it completes (and fills the cache) even if every asker gives up.
         let task = tokio::spawn(this.fetch(space.clone(), id));
+        let (this, key) = (self.clone(), space.clone());
         let result = async move {
             task.await.unwrap_or_else(|e| {
+                // The fetch died without clearing its flight: clear it, or the space would
+                // answer this error forever.
+                if let Ok(mut flights) = this.flights.lock()
+                    && flights.get(&key).is_some_and(|f| f.id == id)
+                {
+                    flights.remove(&key);
+                }
                 Err(ResolveError::Unavailable(format!(
                     "membership fetch failed: {e}"
                 )))
