@@ -87,6 +87,9 @@ struct Entry {
 
 type FetchResult = Result<Arc<Entry>, ResolveError>;
 
+/// The longest pause between background refreshes of a space while oCIS is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
 /// The spaces' answers: moka owns them (capacity and age bounds, eviction), and a plain map
 /// mirrors what moka holds so the hot path, one lookup per event, is a read lock and a hash
 /// (about 50 ns) rather than moka's bookkeeping of every read (about 500 ns: `bench membership`).
@@ -160,6 +163,10 @@ struct Inner<D> {
     groups: moka::future::Cache<Arc<str>, UserList>,
     flights: Mutex<HashMap<Arc<str>, Flight>>,
     next_flight: AtomicU64,
+    /// Spaces whose last fetch failed because oCIS was unreachable: no background refresh before
+    /// the instant, and the backoff that led to it (1 s doubling to 30 s). Without it, a busy
+    /// space served stale during an outage would start a new refresh on every event.
+    backoff: Mutex<HashMap<Arc<str>, (Instant, Duration)>>,
     stats: CacheStats,
 }
 
@@ -184,6 +191,7 @@ impl<D: Directory> CachedResolver<D> {
                 groups,
                 flights: Mutex::new(HashMap::new()),
                 next_flight: AtomicU64::new(0),
+                backoff: Mutex::new(HashMap::new()),
                 stats: CacheStats::default(),
             }),
         }
@@ -313,7 +321,29 @@ impl<D: Directory> Inner<D> {
                 self.spaces.insert(space.clone(), entry.clone());
             }
         }
+        drop(flights);
+        if let Ok(mut backoff) = self.backoff.lock() {
+            match &result {
+                Err(ResolveError::Unavailable(_)) => {
+                    let wait = backoff
+                        .get(&space)
+                        .map_or(Duration::from_secs(1), |(_, w)| (*w * 2).min(MAX_BACKOFF));
+                    backoff.insert(space, (Instant::now() + wait, wait));
+                }
+                _ => {
+                    backoff.remove(&space);
+                }
+            }
+        }
         result
+    }
+
+    /// Whether a background refresh of `space` may start now.
+    fn may_refresh(&self, space: &str) -> bool {
+        self.backoff
+            .lock()
+            .map(|b| b.get(space).is_none_or(|(at, _)| Instant::now() >= *at))
+            .unwrap_or(true)
     }
 
     async fn load(self: &Arc<Self>, space: &str) -> FetchResult {
@@ -413,7 +443,9 @@ impl<D: Directory> MembershipResolver for CachedResolver<D> {
             if within_limit && !entry.invalidated {
                 // Stale while revalidating: answer now, refresh behind the asker's back.
                 inner.stats.stale_served.fetch_add(1, Relaxed);
-                drop(inner.flight(space_id));
+                if inner.may_refresh(space_id) {
+                    drop(inner.flight(space_id));
+                }
                 return Ok(entry.listers.clone());
             }
         }
