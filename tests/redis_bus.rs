@@ -417,3 +417,50 @@ async fn resubscribes_after_its_slot_moves_to_another_node() {
         .unwrap();
     assert!(shard.contains(&channel), "resubscribed on the new owner");
 }
+
+#[tokio::test]
+async fn a_users_keys_expire_when_idle_and_live_while_used() {
+    let url = redis_url();
+    let options = RedisOptions {
+        stream_max_age: Duration::from_secs(60),
+        dedup_window: Duration::from_secs(30),
+        ..RedisOptions::default()
+    };
+    let bus = RedisBus::connect(&RedisTarget::Standalone(url.clone()), options, None)
+        .await
+        .unwrap();
+    let user: Arc<str> = Arc::from(unique("idle"));
+    let mut c = node_conn(&url).await;
+    let stream = foldercast::bus::redis::keys::stream(&user);
+    for n in 0..3 {
+        bus.publish(&[msg(&user, &format!("e{n}"), "x")])
+            .await
+            .unwrap();
+        // The newest entry is kept at least the max age, and the key never outlives twice that.
+        let ttl: i64 = c.pttl(&stream).await.unwrap();
+        assert!((59_000..=120_000).contains(&ttl), "stream TTL {ttl} ms");
+    }
+    let window = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        / 30_000;
+    let mut seen_ttls = Vec::new();
+    for w in [window, window.saturating_sub(1)] {
+        let ttl: i64 = c
+            .pttl(foldercast::bus::redis::keys::seen(&user, w))
+            .await
+            .unwrap();
+        seen_ttls.push(ttl);
+    }
+    // The set the messages went to (this window, or the previous one at a boundary) expires
+    // after the next window ends; no set lives without a TTL.
+    assert!(
+        seen_ttls.iter().any(|t| (1..=60_000).contains(t)),
+        "seen-set TTLs {seen_ttls:?}"
+    );
+    assert!(
+        !seen_ttls.contains(&-1),
+        "a seen set without a TTL: {seen_ttls:?}"
+    );
+}

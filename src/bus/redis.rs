@@ -7,8 +7,10 @@
 //! A Lua script does, for each message and atomically: skip it if the event was already delivered to
 //! this user (so a partition replayed by another consumer after a crash or a rebalance reaches
 //! each user once, and a crash between two users loses nothing), append it to the stream
-//! (trimmed by length on every append, by age on about one append in 64, and expiring when idle
-//! for the maximum age), and publish `<stream id>\n<payload>` on the channel. The stream
+//! (trimmed by length on every append, by age on about one append in 64, and expiring when idle:
+//! between the maximum age and twice it after the last append, because the TTL is only rewritten
+//! once less than the maximum age is left, so most appends read it rather than write it), and
+//! publish `<stream id>\n<payload>` on the channel. The stream
 //! entry id is the frame id clients see, so ids increase per user across gateways and restarts,
 //! and a subscriber never sees a message that is not in the stream.
 //!
@@ -52,7 +54,8 @@ pub enum RedisTarget {
 pub struct RedisOptions {
     /// Entries kept per user stream (approximate trimming).
     pub stream_max_len: u64,
-    /// Age after which entries are trimmed and an idle user's stream expires.
+    /// Age after which entries are trimmed; an idle user's stream expires between this and twice
+    /// this after its last message.
     pub stream_max_age: Duration,
     /// How long an event id is remembered per user to drop repeats (two windows are checked).
     pub dedup_window: Duration,
@@ -74,6 +77,7 @@ const PUBLISH_SCRIPT: &str = r#"
 -- guarded), oldest id to keep ('' = no age trim this time).
 -- Shared ARGV: 1 max length, 2 max age ms, 3 window ms, 4 PUBLISH or SPUBLISH.
 local maxlen, age, window, publish = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local maxage = tonumber(age)
 local published = 0
 for i = 0, #KEYS / 4 - 1 do
   local k, a = i * 4, 4 + i * 3
@@ -82,7 +86,9 @@ for i = 0, #KEYS / 4 - 1 do
   if event ~= '' then
     if redis.call('SISMEMBER', KEYS[k + 3], event) == 1 or redis.call('SADD', KEYS[k + 2], event) == 0 then
       fresh = false
-    else
+    elseif redis.call('PTTL', KEYS[k + 2]) < 0 then
+      -- A new window's set: it must outlive the next window. PTTL is a read; a PEXPIRE per
+      -- message would be a write (and replicated).
       redis.call('PEXPIRE', KEYS[k + 2], window * 2)
     end
   end
@@ -91,7 +97,11 @@ for i = 0, #KEYS / 4 - 1 do
     if oldest ~= '' then
       redis.call('XTRIM', KEYS[k + 1], 'MINID', '~', oldest)
     end
-    redis.call('PEXPIRE', KEYS[k + 1], age)
+    -- Keep the key for at least `age` after this entry: refresh (to 2 x age) only once less
+    -- than `age` is left, so most messages read the TTL instead of writing it.
+    if redis.call('PTTL', KEYS[k + 1]) < maxage then
+      redis.call('PEXPIRE', KEYS[k + 1], maxage * 2)
+    end
     redis.call(publish, KEYS[k + 4], id .. '\n' .. payload)
     published = published + 1
   end
