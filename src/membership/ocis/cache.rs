@@ -207,8 +207,8 @@ impl<D: Directory> CachedResolver<D> {
     }
 
     /// Forgets a group's members and invalidates every cached space that grants the group.
-    pub fn invalidate_group(&self, group_id: &str) {
-        self.inner.groups.invalidate(group_id).now_or_never();
+    pub async fn invalidate_group(&self, group_id: &str) {
+        self.inner.groups.invalidate(group_id).await;
         let affected: Vec<Arc<str>> = self.inner.spaces.granting(group_id);
         for space in affected {
             self.inner.invalidate_space(&space);
@@ -486,7 +486,7 @@ impl<D: Directory> MembershipResolver for CachedResolver<D> {
         _user: &str,
         _added: bool,
     ) -> Result<(), ResolveError> {
-        self.invalidate_group(group);
+        self.invalidate_group(group).await;
         Ok(())
     }
 }
