@@ -128,10 +128,11 @@ impl SpaceCache {
             return Some(e.clone());
         }
         let entry = self.owner.get(space)?;
-        if let Ok(mut m) = self.mirror.write() {
-            m.insert(Arc::from(space), entry.clone());
+        match self.mirror.write() {
+            // If an insert raced ahead of us, its (newer) answer wins.
+            Ok(mut m) => Some(m.entry(Arc::from(space)).or_insert(entry).clone()),
+            Err(_) => Some(entry),
         }
-        Some(entry)
     }
 
     fn insert(&self, space: Arc<str>, entry: Arc<Entry>) {
