@@ -698,3 +698,128 @@ async fn wrong_addresses_are_clear_errors_not_panics() {
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     }
 }
+
+/// Produces `count` events of `space` into `partition` of `topic`, directly with rdkafka (so the
+/// test, not the partitioner, decides where they land).
+async fn produce_to_partition(
+    topic: &str,
+    partition: i32,
+    space: &str,
+    prefix: &str,
+    count: usize,
+) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("broker.address.family", "v4")
+        .create()
+        .unwrap();
+    for n in 0..count {
+        let event = json!({"specversion": "1.0", "id": format!("{prefix}-{n}"), "type": "file-uploaded",
+            "time": "2026-11-25T10:00:00Z",
+            "data": {"space_id": space, "path": format!("/f/{prefix}-{n}"), "kind": "file", "size": 1}})
+        .to_string();
+        producer
+            .send(
+                FutureRecord::to(topic)
+                    .partition(partition)
+                    .key(space)
+                    .payload(&event),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_waiting_for_membership_does_not_stall_the_others() {
+    use common::libregraph::{LibreGraph, SPACE_VIEWER, user_grant};
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+
+    let graph = LibreGraph::start().await;
+    let run = unique("stall");
+    let (stuck_space, free_space) = (format!("{run}-stuck"), format!("{run}-free"));
+    let (stuck_user, free_user) = (format!("{run}-s"), format!("{run}-f"));
+    graph.project(&stuck_space, vec![user_grant(&stuck_user, SPACE_VIEWER)]);
+    graph.project(&free_space, vec![user_grant(&free_user, SPACE_VIEWER)]);
+    graph.fail_space(&stuck_space, true);
+
+    let t = topic();
+    let admin: AdminClient<_> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("broker.address.family", "v4")
+        .create()
+        .unwrap();
+    admin
+        .create_topics(
+            &[NewTopic::new(&t.name, 2, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+
+    let redis = Redis::Standalone(redis_url());
+    let server = gateway(&redis, &[]).await;
+    let mut stuck_ws = connect(&server, &stuck_user).await;
+    let mut free_ws = connect(&server, &free_user).await;
+    let mut consumer = Command::new(common::bin())
+        .args([
+            "consume",
+            "--brokers",
+            &kafka_brokers(),
+            "--topic",
+            &t.name,
+            "--group",
+            &t.group,
+        ])
+        .args([
+            "--dead-letter-topic",
+            &t.dead_letter,
+            "--ocis-url",
+            &graph.url,
+        ])
+        .args([
+            "--membership-max-stale",
+            "0s",
+            "--user-rate",
+            "0",
+            "--session-timeout",
+            "6s",
+        ])
+        .args(["--commit-interval", "200ms"])
+        .args(redis.args())
+        .env("FOLDERCAST_OCIS_TOKEN", "admin-token")
+        .env("FOLDERCAST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    // More events of the stuck space than its worker can queue, then time for them to pile up.
+    produce_to_partition(&t.name, 0, &stuck_space, "stuck", 1000).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    produce_to_partition(&t.name, 1, &free_space, "free", 20).await;
+    let got = collect(&mut free_ws, 20, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 20, "the other partition keeps flowing");
+    assert!(
+        next_frame(&mut stuck_ws, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "the stuck space's events wait"
+    );
+
+    // oCIS is back: every waiting event arrives, in order, none lost.
+    graph.fail_space(&stuck_space, false);
+    let got = collect(&mut stuck_ws, 1000, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1000, "all held events delivered after recovery");
+    let ids: Vec<String> = got
+        .iter()
+        .map(|(_, m)| m["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: Vec<String> = (0..1000).map(|n| format!("stuck-{n}")).collect();
+    assert_eq!(ids, expected, "in partition order");
+    let _ = consumer.kill().await;
+}

@@ -119,9 +119,15 @@ async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
             let (tx, rx) = mpsc::channel(256);
             (tx, tokio::spawn(partition_worker(rx, shared.clone())))
         });
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            sent = tx.send(record) => if sent.is_err() { break },
+        match tx.try_send(record) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(record)) => {
+                // This partition's worker is behind, typically because its events wait for
+                // membership (oCIS down). Waiting here would stall every partition and, past
+                // max.poll.interval.ms, make us leave the group: pause just this one instead.
+                hold_partition(record, tx.clone(), source.clone(), shutdown.clone());
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => break,
         }
     }
 
@@ -149,6 +155,34 @@ async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
         "stopped"
     );
     Ok(())
+}
+
+/// Pauses `record`'s partition, hands the record to its worker once there is room, then resumes
+/// fetching. No other record of the partition arrives while it is paused, so order is kept.
+fn hold_partition(
+    record: KafkaRecord,
+    tx: mpsc::Sender<KafkaRecord>,
+    source: Arc<KafkaSource>,
+    shutdown: CancellationToken,
+) {
+    let partition = record.partition;
+    match source.pause(partition) {
+        Ok(()) => tracing::info!(partition, "partition paused: its worker is full"),
+        Err(e) => tracing::warn!(partition, error = %e, "could not pause a full partition"),
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            sent = tx.send(record) => {
+                if sent.is_ok() {
+                    match source.resume(partition) {
+                        Ok(()) => tracing::info!(partition, "partition resumed"),
+                        Err(e) => tracing::warn!(partition, error = %e, "could not resume a partition"),
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Events handled together: processed in order, published as one pipeline, then marked.

@@ -230,6 +230,25 @@ impl KafkaSource {
         }
     }
 
+    /// Stops fetching `partition`. librdkafka drops what it prefetched for it and, on
+    /// [`resume`](Self::resume), fetches again from the record after the last one `recv` returned,
+    /// so nothing is skipped and order is kept.
+    pub fn pause(&self, partition: i32) -> Result<(), SourceError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.settings.topic, partition);
+        self.consumer
+            .pause(&tpl)
+            .map_err(|e| SourceError::Kafka(format!("pausing partition {partition}: {e}")))
+    }
+
+    pub fn resume(&self, partition: i32) -> Result<(), SourceError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.settings.topic, partition);
+        self.consumer
+            .resume(&tpl)
+            .map_err(|e| SourceError::Kafka(format!("resuming partition {partition}: {e}")))
+    }
+
     /// Commits what is committable (asynchronously; `sync` on shutdown).
     pub fn commit(&self, sync: bool) {
         let tpl = self.tracker.committable();

@@ -51,6 +51,8 @@ struct Graph {
     latency: Duration,
     /// The exact `Authorization` header required, if any.
     authorization: Option<String>,
+    /// Spaces whose permission requests answer 503 (an outage seen by some spaces only).
+    failing_spaces: std::collections::HashSet<String>,
     calls: HashMap<String, u64>,
 }
 
@@ -185,6 +187,17 @@ impl LibreGraph {
         self.with(|g| g.fail_next = n);
     }
 
+    /// Makes `space`'s permission requests answer 503 (`false` heals it).
+    pub fn fail_space(&self, space: &str, failing: bool) {
+        self.with(|g| {
+            if failing {
+                g.failing_spaces.insert(space.to_owned());
+            } else {
+                g.failing_spaces.remove(space);
+            }
+        });
+    }
+
     pub fn latency(&self, d: Duration) {
         self.with(|g| g.latency = d);
     }
@@ -279,6 +292,13 @@ async fn permissions(
 ) -> Response {
     if let Some(r) = gate(&state, format!("permissions:{id}"), &headers).await {
         return r;
+    }
+    if state.lock().unwrap().failing_spaces.contains(&id) {
+        return odata(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "serviceNotAvailable",
+            "injected outage",
+        );
     }
     if id.contains("malformed") {
         return odata(
