@@ -491,3 +491,32 @@ async fn basic_auth_for_development_setups() {
     let r = OcisResolver::from_settings(s).unwrap();
     assert_eq!(listers(&r, SPACE).await, ["alice"]);
 }
+
+#[tokio::test]
+async fn client_credentials_by_post_when_the_issuer_wants_it() {
+    for announce in [true, false] {
+        let graph = LibreGraph::start().await;
+        let issuer = common::oidc::Issuer::start().await;
+        issuer.allow_client("foldercast", "s3cret");
+        issuer.post_only(announce);
+        graph.project(SPACE, vec![user_grant("alice", SPACE_VIEWER)]);
+        let mut s = settings(&graph, Duration::from_secs(60), Duration::from_secs(60));
+        s.credentials = CredentialsConfig::ClientCredentials(ClientCredentialsConfig {
+            issuer: issuer.url.clone(),
+            client_id: "foldercast".into(),
+            client_secret: SecretSource::Value(Secret::new("s3cret")),
+            scope: None,
+        });
+        graph.require_authorization(Some("Bearer access-1"));
+        let r = OcisResolver::from_settings(s).unwrap();
+        // Announced: straight to client_secret_post. Not announced: basic is refused, then post.
+        let expected_token = if announce {
+            "Bearer access-1"
+        } else {
+            "Bearer access-2"
+        };
+        graph.require_authorization(Some(expected_token));
+        assert_eq!(listers(&r, SPACE).await, ["alice"], "announce={announce}");
+        assert_eq!(issuer.token_requests(), if announce { 1 } else { 2 });
+    }
+}

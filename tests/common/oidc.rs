@@ -77,6 +77,8 @@ struct IssuerState {
     /// Access tokens handed out, newest last.
     issued: Vec<String>,
     token_lifetime: u64,
+    /// The token endpoint accepts only client_secret_post; `announce` says so in discovery.
+    post_only: Option<bool>,
 }
 
 #[derive(Clone)]
@@ -112,6 +114,7 @@ impl Issuer {
             client: None,
             issued: Vec::new(),
             token_lifetime: 300,
+            post_only: None,
         }));
         let app = Router::new()
             .route("/.well-known/openid-configuration", get(discovery))
@@ -144,6 +147,12 @@ impl Issuer {
         self.state.lock().unwrap().client = Some((id.into(), secret.into()));
     }
 
+    /// Makes the token endpoint accept client_secret_post only; `announce` lists just that
+    /// method in discovery (otherwise discovery says nothing and the client must find out).
+    pub fn post_only(&self, announce: bool) {
+        self.state.lock().unwrap().post_only = Some(announce);
+    }
+
     pub fn token_requests(&self) -> u64 {
         self.state.lock().unwrap().token_requests
     }
@@ -172,16 +181,26 @@ impl Issuer {
 }
 
 async fn discovery(State(state): State<Arc<Mutex<IssuerState>>>) -> Response {
-    let issuer = state.lock().unwrap().issuer.clone();
-    axum::Json(json!({
+    let (issuer, post_only) = {
+        let s = state.lock().unwrap();
+        (s.issuer.clone(), s.post_only)
+    };
+    let methods = match post_only {
+        Some(true) => json!(["client_secret_post"]),
+        Some(false) => Value::Null,
+        None => json!(["client_secret_basic"]),
+    };
+    let mut doc = json!({
         "issuer": issuer,
         "jwks_uri": format!("{issuer}/jwks"),
         "token_endpoint": format!("{issuer}/token"),
         "authorization_endpoint": format!("{issuer}/authorize"),
-        "id_token_signing_alg_values_supported": ["RS256", "ES256", "EdDSA"],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic"]
-    }))
-    .into_response()
+        "id_token_signing_alg_values_supported": ["RS256", "ES256", "EdDSA"]
+    });
+    if !methods.is_null() {
+        doc["token_endpoint_auth_methods_supported"] = methods;
+    }
+    axum::Json(doc).into_response()
 }
 
 async fn jwks(State(state): State<Arc<Mutex<IssuerState>>>) -> Response {
@@ -210,7 +229,19 @@ async fn token(
         .client
         .as_ref()
         .map(|(id, secret)| format!("{id}:{secret}"));
-    if basic.is_none() || basic != expected || !body.contains("grant_type=client_credentials") {
+    let form: std::collections::HashMap<String, String> = form_urlencoded::parse(body.as_bytes())
+        .into_owned()
+        .collect();
+    let posted = match (form.get("client_id"), form.get("client_secret")) {
+        (Some(id), Some(secret)) => Some(format!("{id}:{secret}")),
+        _ => None,
+    };
+    // One authentication method per request, the one this endpoint accepts.
+    let authenticated = match s.post_only {
+        Some(_) => basic.is_none() && posted.is_some() && posted == expected,
+        None => posted.is_none() && basic.is_some() && basic == expected,
+    };
+    if !authenticated || form.get("grant_type").map(String::as_str) != Some("client_credentials") {
         return (
             StatusCode::UNAUTHORIZED,
             axum::Json(json!({"error": "invalid_client"})),

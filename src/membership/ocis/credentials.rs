@@ -186,6 +186,8 @@ impl Credentials {
         #[derive(Deserialize)]
         struct Discovery {
             token_endpoint: String,
+            #[serde(default)]
+            token_endpoint_auth_methods_supported: Vec<String>,
         }
         let discovery: Discovery = self
             .http
@@ -201,27 +203,49 @@ impl Credentials {
             .client_secret
             .load()
             .map_err(GraphError::Unauthorized)?;
-        let mut form = vec![("grant_type", "client_credentials")];
-        if let Some(scope) = &config.scope {
-            form.push(("scope", scope.as_str()));
+        // client_secret_basic is the default (RFC 8414); a server announcing only
+        // client_secret_post gets that. A refusal with one method is retried once with the other,
+        // never both in one request (servers may refuse two methods at once).
+        let methods = &discovery.token_endpoint_auth_methods_supported;
+        let has = |m: &str| methods.iter().any(|x| x == m);
+        let post_first = has("client_secret_post") && !has("client_secret_basic");
+        let endpoint = &discovery.token_endpoint;
+        let mut response = None;
+        for use_post in [post_first, !post_first] {
+            let mut form = vec![("grant_type", "client_credentials")];
+            if let Some(scope) = &config.scope {
+                form.push(("scope", scope.as_str()));
+            }
+            let mut request = self.http.post(endpoint);
+            if use_post {
+                form.push(("client_id", config.client_id.as_str()));
+                form.push(("client_secret", secret.expose()));
+            } else {
+                request = request.basic_auth(&config.client_id, Some(secret.expose()));
+            }
+            let answer = request
+                .form(&form)
+                .send()
+                .await
+                .map_err(|e| unavailable(endpoint, &e))?;
+            let refused = matches!(answer.status().as_u16(), 400 | 401);
+            response = Some(answer);
+            if !refused {
+                break;
+            }
         }
-        let response = self
-            .http
-            .post(&discovery.token_endpoint)
-            .basic_auth(&config.client_id, Some(secret.expose()))
-            .form(&form)
-            .send()
-            .await
-            .map_err(|e| unavailable(&discovery.token_endpoint, &e))?;
+        let Some(response) = response else {
+            return Err(unavailable(endpoint, &"no answer"));
+        };
         let status = response.status();
         if status.is_client_error() {
             return Err(GraphError::Unauthorized(format!(
-                "token endpoint {} answered {status} for client {}",
-                discovery.token_endpoint, config.client_id
+                "token endpoint {endpoint} answered {status} for client {}",
+                config.client_id
             )));
         }
         if !status.is_success() {
-            return Err(unavailable(&discovery.token_endpoint, &status));
+            return Err(unavailable(endpoint, &status));
         }
         #[derive(Deserialize)]
         struct TokenResponse {
