@@ -485,7 +485,7 @@ pub struct GatewayArgs {
 
     /// After a WebSocket's token expires it is told (`token-expired`) and may send a fresh `auth`
     /// frame within this time; otherwise it is closed. Deliveries pause meanwhile.
-    #[arg(long, env = "FOLDERCAST_TOKEN_GRACE", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "FOLDERCAST_TOKEN_GRACE", default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
     pub token_grace: Duration,
 
     /// How often WebSocket clients are pinged; one that answers nothing for two intervals is

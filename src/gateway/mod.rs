@@ -59,7 +59,7 @@ impl Default for GatewayConfig {
             ws_max_write_buffer: 16 << 20,
             max_client_frame: 16 * 1024,
             ticket_ttl: Duration::from_secs(30),
-            token_grace: Duration::from_secs(5),
+            token_grace: Duration::from_secs(2),
             ping_interval: Duration::from_secs(30),
         }
     }
