@@ -70,40 +70,16 @@ pub struct AppState {
     pub tickets: TicketStore,
     pub hub: Arc<Hub>,
     pub config: GatewayConfig,
-    /// Ticks every `ping_interval`. One shared clock instead of a timer per connection keeps
-    /// idle connections cheap.
-    pub heartbeat: tokio::sync::watch::Sender<u64>,
 }
 
 impl AppState {
     pub fn new(auth: Arc<Authenticator>, hub: Arc<Hub>, config: GatewayConfig) -> Arc<Self> {
-        let interval = config.ping_interval;
-        let state = Arc::new(AppState {
+        Arc::new(AppState {
             auth,
             tickets: TicketStore::new(config.ticket_ttl, 100_000),
             hub,
             config,
-            heartbeat: tokio::sync::watch::Sender::new(0),
-        });
-        if !interval.is_zero()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(beat(Arc::downgrade(&state), interval));
-        }
-        state
-    }
-}
-
-/// Advances the heartbeat until the state is dropped.
-async fn beat(state: std::sync::Weak<AppState>, interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        let Some(state) = state.upgrade() else {
-            return;
-        };
-        state.heartbeat.send_modify(|n| *n += 1);
+        })
     }
 }
 

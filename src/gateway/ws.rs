@@ -91,9 +91,14 @@ async fn session(
     let mut expiry = identity.remaining().map(|d| Instant::now() + d);
     // Set once the token expired: deliveries pause until a fresh auth frame or the deadline.
     let mut expired = false;
-    let mut heartbeat = state.heartbeat.subscribe();
-    let pings = !state.config.ping_interval.is_zero();
+    let ping_every = state.config.ping_interval;
+    let mut next_ping = (!ping_every.is_zero()).then(|| Instant::now() + ping_every);
     let mut last_heard = Instant::now();
+    // One timer for the token's expiry and the next ping, kept registered across iterations and
+    // reset only when either moves: the loop runs once per delivered batch, and re-arming a
+    // timer (or a wait-list entry) on every iteration would cost every message.
+    let deadline = sleep_until(next_deadline(expiry, next_ping));
+    tokio::pin!(deadline);
     let mut watches = Watches::default();
     let mut batch = Vec::new();
     loop {
@@ -125,6 +130,7 @@ async fn session(
                             expiry = fresh.remaining().map(|d| Instant::now() + d);
                             identity = fresh;
                             expired = false;
+                            deadline.as_mut().reset(next_deadline(expiry, next_ping));
                             None
                         }
                         Ok(_) => Some(error_frame("user-mismatch", "a connection cannot change its user")),
@@ -167,42 +173,47 @@ async fn session(
                     }
                 }
             }
-            Ok(()) = heartbeat.changed(), if pings => {
-                // Silent for two intervals: a vanished client (a dropped mobile link leaves
-                // the TCP connection half-open), not a slow one.
-                if last_heard.elapsed() > state.config.ping_interval * 2 {
-                    tracing::info!(user = %identity.user, "no answer to pings; closing");
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        close_with(&mut socket, "ping-timeout", "no answer to pings", CLOSE_GOING_AWAY),
-                    ).await;
-                    break;
+            () = &mut deadline => {
+                let now = Instant::now();
+                if expiry.is_some_and(|at| now >= at) {
+                    if expired {
+                        let _ = socket.send(Message::Close(Some(CloseFrame {
+                            code: CLOSE_POLICY,
+                            reason: Utf8Bytes::from(close_reason("token-expired", "no fresh auth frame in time")),
+                        }))).await;
+                        break;
+                    }
+                    // Told, not yet dropped: a fresh auth frame within the grace keeps the
+                    // connection (and the messages queued meanwhile).
+                    expired = true;
+                    let grace = state.config.token_grace;
+                    expiry = Some(now + grace);
+                    let message = format!(
+                        "the token expired; send a fresh auth frame within {}s or the connection closes",
+                        grace.as_secs_f32()
+                    );
+                    if send_text(&mut socket, error_frame("token-expired", &message)).await.is_err() {
+                        break;
+                    }
                 }
-                let ping = write_within(write_timeout, socket.send(Message::Ping(Default::default())));
-                if !matches!(ping.await, Ok(Ok(()))) {
-                    break;
+                if next_ping.is_some_and(|at| now >= at) {
+                    // Silent for two intervals: a vanished client (a dropped mobile link leaves
+                    // the TCP connection half-open), not a slow one.
+                    if last_heard.elapsed() > ping_every * 2 {
+                        tracing::info!(user = %identity.user, "no answer to pings; closing");
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            close_with(&mut socket, "ping-timeout", "no answer to pings", CLOSE_GOING_AWAY),
+                        ).await;
+                        break;
+                    }
+                    let ping = write_within(write_timeout, socket.send(Message::Ping(Default::default())));
+                    if !matches!(ping.await, Ok(Ok(()))) {
+                        break;
+                    }
+                    next_ping = Some(now + ping_every);
                 }
-            }
-            _ = sleep_until(expiry.unwrap_or_else(far_future)), if expiry.is_some() => {
-                if expired {
-                    let _ = socket.send(Message::Close(Some(CloseFrame {
-                        code: CLOSE_POLICY,
-                        reason: Utf8Bytes::from(close_reason("token-expired", "no fresh auth frame in time")),
-                    }))).await;
-                    break;
-                }
-                // Told, not yet dropped: a fresh auth frame within the grace keeps the connection
-                // (and the messages queued meanwhile).
-                expired = true;
-                let grace = state.config.token_grace;
-                expiry = Some(Instant::now() + grace);
-                let message = format!(
-                    "the token expired; send a fresh auth frame within {}s or the connection closes",
-                    grace.as_secs_f32()
-                );
-                if send_text(&mut socket, error_frame("token-expired", &message)).await.is_err() {
-                    break;
-                }
+                deadline.as_mut().reset(next_deadline(expiry, next_ping));
             }
         }
     }
@@ -287,6 +298,15 @@ fn close_reason(code: &str, message: &str) -> String {
         reason.truncate(end);
     }
     reason
+}
+
+/// The earlier of the token's expiry and the next ping (far away if neither).
+fn next_deadline(expiry: Option<Instant>, next_ping: Option<Instant>) -> Instant {
+    match (expiry, next_ping) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => far_future(),
+    }
 }
 
 fn far_future() -> Instant {
