@@ -13,6 +13,7 @@
 //! - [`gateway`]: WebSocket and SSE delivery to authenticated users; never imports the pipeline.
 //! - [`demo`]: the embedded default's demo page and its simulated folder tree.
 //! - [`config`] and [`commands`]: the command line, one file per subcommand.
+//! - [`http`]: the HTTP client plumbing shared by the oCIS resolver and OIDC sign-in.
 
 pub mod bus;
 pub mod commands;
@@ -21,6 +22,7 @@ pub mod consumer;
 pub mod demo;
 pub mod event;
 pub mod gateway;
+pub mod http;
 pub mod membership;
 pub mod notify;
 pub mod path;

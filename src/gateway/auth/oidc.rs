@@ -40,8 +40,8 @@ pub struct OidcSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OidcError {
-    #[error("OIDC discovery at {url} failed: {reason}")]
-    Discovery { url: String, reason: String },
+    #[error("{0}")]
+    Discovery(String),
     #[error(
         "OIDC issuer mismatch: configured {configured:?}, discovery document says {announced:?}"
     )]
@@ -76,37 +76,23 @@ pub struct OidcVerifier {
 impl OidcVerifier {
     /// Discovers the issuer and fetches its keys; fails with a clear error if either is wrong.
     pub async fn discover(settings: OidcSettings) -> Result<Self, OidcError> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("foldercast/", env!("CARGO_PKG_VERSION")))
+        let http = crate::http::client_builder()
             .timeout(Duration::from_secs(10))
             .build()
-            .map_err(|e| OidcError::Discovery {
-                url: settings.issuer.clone(),
-                reason: e.to_string(),
-            })?;
-        let url = format!(
-            "{}/.well-known/openid-configuration",
-            settings.issuer.trim_end_matches('/')
-        );
-        #[derive(Deserialize)]
-        struct Discovery {
-            issuer: String,
-            jwks_uri: String,
-        }
-        let discovery: Discovery =
-            fetch_json(&http, &url)
-                .await
-                .map_err(|reason| OidcError::Discovery {
-                    url: url.clone(),
-                    reason,
-                })?;
+            .map_err(|e| OidcError::Discovery(e.to_string()))?;
+        let discovery = crate::http::discover(&http, &settings.issuer)
+            .await
+            .map_err(OidcError::Discovery)?;
+        let jwks_uri = discovery.jwks_uri.ok_or_else(|| {
+            OidcError::Discovery(format!("{} announces no jwks_uri", settings.issuer))
+        })?;
         if discovery.issuer.trim_end_matches('/') != settings.issuer.trim_end_matches('/') {
             return Err(OidcError::IssuerMismatch {
                 configured: settings.issuer,
                 announced: discovery.issuer,
             });
         }
-        let keys = fetch_keys(&http, &discovery.jwks_uri).await?;
+        let keys = fetch_keys(&http, &jwks_uri).await?;
         tracing::info!(issuer = %settings.issuer, keys = keys.len(), "OIDC issuer discovered");
         let min = settings.jwks_min_refresh;
         let refetch_budget = governor::Quota::with_period(min / 5).map(|quota| {
@@ -116,7 +102,7 @@ impl OidcVerifier {
             )
         });
         Ok(OidcVerifier {
-            jwks_uri: discovery.jwks_uri,
+            jwks_uri,
             announced_issuer: discovery.issuer,
             keys: RwLock::new(Arc::new(keys)),
             fetching: tokio::sync::Mutex::new(()),
@@ -301,30 +287,6 @@ fn same_family(key: &DecodingKey, alg: Algorithm) -> bool {
     key.family() == family
 }
 
-async fn fetch_json<T: serde::de::DeserializeOwned>(
-    http: &reqwest::Client,
-    url: &str,
-) -> Result<T, String> {
-    let chain = |e: reqwest::Error| {
-        let mut out = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            out.push_str(": ");
-            out.push_str(&s.to_string());
-            source = s.source();
-        }
-        out
-    };
-    http.get(url)
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .map_err(chain)?
-        .json()
-        .await
-        .map_err(chain)
-}
-
 /// The signing keys of a JWKS by `kid`. Keys that cannot be used (encryption keys, symmetric
 /// keys, unknown types) are skipped one by one rather than failing the whole set.
 async fn fetch_keys(
@@ -335,7 +297,7 @@ async fn fetch_keys(
     struct RawSet {
         keys: Vec<Value>,
     }
-    let set: RawSet = fetch_json(http, url)
+    let set: RawSet = crate::http::get_json(http, url)
         .await
         .map_err(|reason| OidcError::Jwks {
             url: url.to_owned(),

@@ -179,26 +179,15 @@ impl Credentials {
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
             GraphError::Unavailable(format!("OIDC client credentials: {what}: {e}"))
         };
-        let discovery_url = format!(
-            "{}/.well-known/openid-configuration",
-            config.issuer.trim_end_matches('/')
-        );
-        #[derive(Deserialize)]
-        struct Discovery {
-            token_endpoint: String,
-            #[serde(default)]
-            token_endpoint_auth_methods_supported: Vec<String>,
-        }
-        let discovery: Discovery = self
-            .http
-            .get(&discovery_url)
-            .send()
+        let discovery = crate::http::discover(&self.http, &config.issuer)
             .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| unavailable(&discovery_url, &e))?
-            .json()
-            .await
-            .map_err(|e| unavailable(&discovery_url, &e))?;
+            .map_err(GraphError::Unavailable)?;
+        let endpoint = discovery.token_endpoint.as_deref().ok_or_else(|| {
+            unavailable(
+                &config.issuer,
+                &"the discovery document names no token_endpoint",
+            )
+        })?;
         let secret = config
             .client_secret
             .load()
@@ -209,7 +198,6 @@ impl Credentials {
         let methods = &discovery.token_endpoint_auth_methods_supported;
         let has = |m: &str| methods.iter().any(|x| x == m);
         let post_first = has("client_secret_post") && !has("client_secret_basic");
-        let endpoint = &discovery.token_endpoint;
         let mut response = None;
         for use_post in [post_first, !post_first] {
             let mut form = vec![("grant_type", "client_credentials")];
@@ -255,7 +243,7 @@ impl Credentials {
         let token: TokenResponse = response
             .json()
             .await
-            .map_err(|e| unavailable(&discovery.token_endpoint, &e))?;
+            .map_err(|e| unavailable(endpoint, &e))?;
         tracing::info!(client_id = %config.client_id, expires_in = ?token.expires_in, "obtained an oCIS access token");
         Ok((
             Secret::new(token.access_token),

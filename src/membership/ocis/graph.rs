@@ -217,7 +217,7 @@ impl GraphClient {
                         detail
                     }
                 }
-                Err(e) => format!("{url}: {}", error_chain(&e)),
+                Err(e) => format!("{url}: {}", crate::http::error_chain(&e)),
             };
             if attempt >= self.retry.attempts.max(1) {
                 return Err(GraphError::Unavailable(failure));
@@ -316,17 +316,6 @@ fn odata_detail(body: &[u8]) -> String {
         ),
         _ => String::new(),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn jittered(d: Duration) -> Duration {

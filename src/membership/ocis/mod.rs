@@ -43,8 +43,7 @@ impl OcisResolver {
         if !(settings.url.starts_with("http://") || settings.url.starts_with("https://")) {
             return Err(OcisError::BadUrl { url: settings.url });
         }
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("foldercast/", env!("CARGO_PKG_VERSION")))
+        let http = crate::http::client_builder()
             .connect_timeout(settings.retry.timeout)
             .build()?;
         let credentials = credentials::Credentials::new(settings.credentials, http.clone());
