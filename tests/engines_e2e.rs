@@ -65,6 +65,19 @@ fn topic() -> Topic {
 
 /// Starts `foldercast consume`; its stderr goes to `log` when given.
 fn consume(t: &Topic, membership: &Path, redis: &Redis, log: Option<&Path>) -> Child {
+    let membership = ["--membership".to_owned(), membership.display().to_string()];
+    consume_with(t, &membership, &[], redis, log)
+}
+
+/// `consume` with its membership flags (`--membership F` or `--ocis-url U …`) and extra
+/// environment given.
+fn consume_with(
+    t: &Topic,
+    membership: &[String],
+    env: &[(&str, &str)],
+    redis: &Redis,
+    log: Option<&Path>,
+) -> Child {
     let mut cmd = Command::new(common::bin());
     cmd.args([
         "consume",
@@ -77,8 +90,7 @@ fn consume(t: &Topic, membership: &Path, redis: &Redis, log: Option<&Path>) -> C
         "--dead-letter-topic",
         &t.dead_letter,
     ])
-    .arg("--membership")
-    .arg(membership)
+    .args(membership)
     .args(redis.args())
     .args([
         "--user-rate",
@@ -89,6 +101,7 @@ fn consume(t: &Topic, membership: &Path, redis: &Redis, log: Option<&Path>) -> C
         "200ms",
     ])
     .env("FOLDERCAST_LOG", "info")
+    .envs(env.iter().copied())
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .kill_on_drop(true);
@@ -764,39 +777,19 @@ async fn a_partition_waiting_for_membership_does_not_stall_the_others() {
     let server = gateway(&redis, &[]).await;
     let mut stuck_ws = connect(&server, &stuck_user).await;
     let mut free_ws = connect(&server, &free_user).await;
-    let mut consumer = Command::new(common::bin())
-        .args([
-            "consume",
-            "--brokers",
-            &kafka_brokers(),
-            "--topic",
-            &t.name,
-            "--group",
-            &t.group,
-        ])
-        .args([
-            "--dead-letter-topic",
-            &t.dead_letter,
-            "--ocis-url",
-            &graph.url,
-        ])
-        .args([
-            "--membership-max-stale",
-            "0s",
-            "--user-rate",
-            "0",
-            "--session-timeout",
-            "6s",
-        ])
-        .args(["--commit-interval", "200ms"])
-        .args(redis.args())
-        .env("FOLDERCAST_OCIS_TOKEN", "admin-token")
-        .env("FOLDERCAST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let membership = [
+        "--ocis-url".to_owned(),
+        graph.url.clone(),
+        "--membership-max-stale".to_owned(),
+        "0s".to_owned(),
+    ];
+    let mut consumer = consume_with(
+        &t,
+        &membership,
+        &[("FOLDERCAST_OCIS_TOKEN", "admin-token")],
+        &redis,
+        None,
+    );
 
     // More events of the stuck space than its worker can queue, then time for them to pile up.
     produce_to_partition(&t.name, 0, &stuck_space, "stuck", 1000).await;

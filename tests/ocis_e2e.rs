@@ -166,55 +166,48 @@ async fn oidc_tokens_are_verified_and_forgeries_refused_with_clear_reasons() {
         json!({"type": "ready", "user": "bob"})
     );
 
-    let mut claims = issuer.claims("alice");
-    claims["exp"] = json!(now() - 3600);
-    refused(
-        &server,
-        &issuer.sign("rsa-1", &claims),
-        "token-expired",
-        "expired",
-    )
-    .await;
-
-    let mut claims = issuer.claims("alice");
-    claims["nbf"] = json!(now() + 3600);
-    refused(
-        &server,
-        &issuer.sign("rsa-1", &claims),
-        "invalid-token",
-        "not yet valid",
-    )
-    .await;
-
-    let mut claims = issuer.claims("alice");
-    claims["aud"] = json!("some-other-client");
-    refused(
-        &server,
-        &issuer.sign("ec-1", &claims),
-        "invalid-token",
-        "wrong audience",
-    )
-    .await;
-
-    let mut claims = issuer.claims("alice");
-    claims["iss"] = json!("https://evil.example");
-    refused(
-        &server,
-        &issuer.sign("ed-1", &claims),
-        "invalid-token",
-        "wrong issuer",
-    )
-    .await;
-
-    let mut claims = issuer.claims("alice");
-    claims.as_object_mut().unwrap().remove("sub");
-    refused(
-        &server,
-        &issuer.sign("rsa-1", &claims),
-        "invalid-token",
-        "\"sub\" claim",
-    )
-    .await;
+    // (signing key, claim, its new value or None to drop it, refusal code, what the reason says)
+    let cases = [
+        (
+            "rsa-1",
+            "exp",
+            Some(json!(now() - 3600)),
+            "token-expired",
+            "expired",
+        ),
+        (
+            "rsa-1",
+            "nbf",
+            Some(json!(now() + 3600)),
+            "invalid-token",
+            "not yet valid",
+        ),
+        (
+            "ec-1",
+            "aud",
+            Some(json!("some-other-client")),
+            "invalid-token",
+            "wrong audience",
+        ),
+        (
+            "ed-1",
+            "iss",
+            Some(json!("https://evil.example")),
+            "invalid-token",
+            "wrong issuer",
+        ),
+        ("rsa-1", "sub", None, "invalid-token", "\"sub\" claim"),
+    ];
+    for (kid, claim, value, code, why) in cases {
+        let mut claims = issuer.claims("alice");
+        match value {
+            Some(v) => claims[claim] = v,
+            None => {
+                claims.as_object_mut().unwrap().remove(claim);
+            }
+        }
+        refused(&server, &issuer.sign(kid, &claims), code, why).await;
+    }
 
     let none = encode(
         &json!({"alg": "none", "typ": "JWT", "kid": "rsa-1"}),

@@ -40,6 +40,16 @@ fn settings(graph: &LibreGraph, ttl: Duration, max_stale: Duration) -> OcisSetti
     }
 }
 
+/// Signing in as the client the test issuer knows (`foldercast` / `s3cret`).
+fn client_credentials(issuer: &common::oidc::Issuer) -> CredentialsConfig {
+    CredentialsConfig::ClientCredentials(ClientCredentialsConfig {
+        issuer: issuer.url.clone(),
+        client_id: "foldercast".into(),
+        client_secret: SecretSource::Value(Secret::new("s3cret")),
+        scope: None,
+    })
+}
+
 fn resolver(graph: &LibreGraph, ttl: Duration, max_stale: Duration) -> Arc<OcisResolver> {
     Arc::new(OcisResolver::from_settings(settings(graph, ttl, max_stale)).unwrap())
 }
@@ -451,12 +461,7 @@ async fn client_credentials_come_from_the_token_endpoint_and_are_reused() {
     graph.project("other", vec![user_grant("bob", SPACE_VIEWER)]);
     graph.require_authorization(Some("Bearer access-1"));
     let mut s = settings(&graph, Duration::from_secs(60), Duration::from_secs(60));
-    s.credentials = CredentialsConfig::ClientCredentials(ClientCredentialsConfig {
-        issuer: issuer.url.clone(),
-        client_id: "foldercast".into(),
-        client_secret: SecretSource::Value(Secret::new("s3cret")),
-        scope: None,
-    });
+    s.credentials = client_credentials(&issuer);
     for n in 0..50 {
         graph.project(
             &format!("space-{n}"),
@@ -501,12 +506,7 @@ async fn client_credentials_by_post_when_the_issuer_wants_it() {
         issuer.post_only(announce);
         graph.project(SPACE, vec![user_grant("alice", SPACE_VIEWER)]);
         let mut s = settings(&graph, Duration::from_secs(60), Duration::from_secs(60));
-        s.credentials = CredentialsConfig::ClientCredentials(ClientCredentialsConfig {
-            issuer: issuer.url.clone(),
-            client_id: "foldercast".into(),
-            client_secret: SecretSource::Value(Secret::new("s3cret")),
-            scope: None,
-        });
+        s.credentials = client_credentials(&issuer);
         graph.require_authorization(Some("Bearer access-1"));
         let r = OcisResolver::from_settings(s).unwrap();
         // Announced: straight to client_secret_post. Not announced: basic is refused, then post.

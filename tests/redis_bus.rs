@@ -180,11 +180,7 @@ async fn cluster_bus_uses_sharded_pubsub() {
             .get_multiplexed_async_connection()
             .await
             .unwrap();
-        let shard: Vec<String> = redis::cmd("PUBSUB")
-            .arg("SHARDCHANNELS")
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        let shard = shard_channels(&mut c).await;
         let plain: Vec<String> = redis::cmd("PUBSUB")
             .arg("CHANNELS")
             .query_async(&mut c)
@@ -277,6 +273,15 @@ async fn unreachable_redis_is_a_clear_error_not_a_panic() {
     assert!(bad.err().unwrap().to_string().contains("invalid redis URL"));
 }
 
+/// The shard channels a node serves subscribers of.
+async fn shard_channels(c: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    redis::cmd("PUBSUB")
+        .arg("SHARDCHANNELS")
+        .query_async(c)
+        .await
+        .unwrap()
+}
+
 /// A node-local connection to one cluster node.
 async fn node_conn(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
@@ -337,11 +342,7 @@ async fn resubscribes_after_its_slot_moves_to_another_node() {
             .query_async(&mut c)
             .await
             .unwrap();
-        let shard: Vec<String> = redis::cmd("PUBSUB")
-            .arg("SHARDCHANNELS")
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        let shard = shard_channels(&mut c).await;
         if n > 0 || shard.contains(&channel) {
             owner = Some((id.clone(), url.clone()));
         }
@@ -410,11 +411,7 @@ async fn resubscribes_after_its_slot_moves_to_another_node() {
     let d = delivered.expect("a delivery after the slot moved");
     assert!(String::from_utf8_lossy(&d.payload).contains("after-"));
     let mut c = node_conn(&dst_url).await;
-    let shard: Vec<String> = redis::cmd("PUBSUB")
-        .arg("SHARDCHANNELS")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let shard = shard_channels(&mut c).await;
     assert!(shard.contains(&channel), "resubscribed on the new owner");
 }
 
