@@ -506,11 +506,13 @@ pub struct GatewayArgs {
     )]
     pub ws_read_buffer: usize,
 
-    /// WebSocket write buffer per connection, bytes.
+    /// WebSocket write buffer per connection, bytes: frames queued together go out in one write
+    /// up to this size. It is allocated when first used, not per idle connection, and stays at
+    /// its high-water mark (a connection that received a burst keeps up to this much).
     #[arg(
         long,
         env = "FOLDERCAST_WS_WRITE_BUFFER",
-        default_value_t = 1024,
+        default_value_t = 8192,
         value_name = "BYTES"
     )]
     pub ws_write_buffer: usize,
@@ -545,6 +547,9 @@ pub enum BenchCommand {
     BareGateway {
         #[arg(long, env = "FOLDERCAST_LISTEN", default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+        /// WebSocket write buffer per connection, bytes (the gateway's `--ws-write-buffer`).
+        #[arg(long, env = "FOLDERCAST_WS_WRITE_BUFFER", default_value_t = 8192)]
+        write_buffer: usize,
     },
 }
 
@@ -619,9 +624,19 @@ pub struct BenchFanoutArgs {
     /// Messages per second in the latency phase.
     #[arg(long, env = "FOLDERCAST_BENCH_RATE", default_value_t = 1000)]
     pub rate: u64,
-    /// Seconds of each phase.
+    /// Seconds of each paced phase.
     #[arg(long, env = "FOLDERCAST_BENCH_SECONDS", default_value_t = 10)]
     pub seconds: u64,
+    /// Messages per second in the cost phases that compare the gateway with the bare loop at
+    /// the same rate (below what either saturates at).
+    #[arg(long, env = "FOLDERCAST_BENCH_PACED_RATE", default_value_t = 20_000)]
+    pub paced_rate: u64,
+    /// Messages in a row to one connection in the burst phase.
+    #[arg(long, env = "FOLDERCAST_BENCH_BURST", default_value_t = 16)]
+    pub burst: usize,
+    /// WebSocket write buffer per connection for both servers, bytes (default: the gateway's).
+    #[arg(long, env = "FOLDERCAST_WS_WRITE_BUFFER")]
+    pub ws_write_buffer: Option<usize>,
     /// The foldercast binary to run as the gateway (default: this one).
     #[arg(long, env = "FOLDERCAST_BENCH_BINARY")]
     pub binary: Option<PathBuf>,

@@ -19,6 +19,7 @@ use crate::notify::Pipeline;
 use crate::notify::dedup::Dedup;
 use crate::telemetry::PipelineStats;
 
+mod bare;
 mod consume;
 mod fanout;
 mod idle;
@@ -184,6 +185,6 @@ pub fn membership(args: crate::config::BenchMembershipArgs) -> anyhow::Result<Ex
     membership::run(args)
 }
 
-pub fn bare_gateway(listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
-    idle::bare_gateway(listen)
+pub fn bare_gateway(listen: std::net::SocketAddr, write_buffer: usize) -> anyhow::Result<ExitCode> {
+    bare::serve(listen, write_buffer)
 }

@@ -34,7 +34,10 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Consume(args)) => bench::consume(args),
         Command::Bench(BenchCommand::Fanout(args)) => bench::fanout(args),
         Command::Bench(BenchCommand::Membership(args)) => bench::membership(args),
-        Command::Bench(BenchCommand::BareGateway { listen }) => bench::bare_gateway(listen),
+        Command::Bench(BenchCommand::BareGateway {
+            listen,
+            write_buffer,
+        }) => bench::bare_gateway(listen, write_buffer),
     }
 }
 

@@ -4,7 +4,8 @@
 //! gateway: the first connection subscribes, the last one to leave unsubscribes. Those changes
 //! are serialised by one async lock so a quick reconnect can never end unsubscribed. The bus
 //! hands deliveries straight to the hub (no channel, no extra task hop), and the hub never waits
-//! on a client: a full queue evicts that session instead.
+//! on a client: a full queue evicts that session instead. Sessions are woken once per batch of
+//! arrivals, not per message (`wakeups.rs`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use bytes::Bytes;
 
 use super::protocol::{Route, message_type_of, server_frame};
 use super::session::{Frame, Push, SessionQueue};
+use super::wakeups::Wakeups;
 use crate::bus::{Bus, BusError, Delivery, DeliverySink};
 
 /// Gateway counters, served at `/api/stats`.
@@ -33,6 +35,7 @@ pub struct Hub {
     subscription_order: tokio::sync::Mutex<()>,
     bus: Arc<dyn Bus>,
     queue_capacity: usize,
+    wakeups: Arc<Wakeups>,
     pub stats: GatewayStats,
 }
 
@@ -50,6 +53,7 @@ impl Hub {
             subscription_order: tokio::sync::Mutex::new(()),
             bus,
             queue_capacity,
+            wakeups: Wakeups::start(),
             stats: GatewayStats::default(),
         })
     }
@@ -128,7 +132,7 @@ impl Hub {
             return;
         };
         for queue in sessions.get(user).into_iter().flatten() {
-            match queue.push(frame.clone()) {
+            match queue.push_deferred(frame.clone(), &self.wakeups) {
                 Push::Queued => self.stats.delivered.fetch_add(1, Relaxed),
                 Push::Evicted => self.stats.evicted.fetch_add(1, Relaxed),
                 Push::Gone => 0,
@@ -170,6 +174,12 @@ fn intern_type(t: &str) -> Cow<'static, str> {
     match KNOWN.iter().find(|k| **k == t) {
         Some(k) => Cow::Borrowed(k),
         None => Cow::Owned(t.to_owned()),
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.wakeups.close();
     }
 }
 

@@ -9,6 +9,7 @@ pub mod hub;
 pub mod protocol;
 pub mod session;
 mod sse;
+pub mod wakeups;
 mod ws;
 
 use std::sync::Arc;
@@ -55,7 +56,7 @@ impl Default for GatewayConfig {
             sse_keepalive: Duration::from_secs(15),
             write_timeout: Duration::from_secs(10),
             ws_read_buffer: 512,
-            ws_write_buffer: 1024,
+            ws_write_buffer: 8192,
             ws_max_write_buffer: 16 << 20,
             max_client_frame: 16 * 1024,
             ticket_ttl: Duration::from_secs(30),

@@ -7,6 +7,7 @@
 //! slow client costs at most `capacity` frames of memory.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
@@ -14,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::protocol::{FrameError, Route};
+use super::wakeups::Wakeups;
 use crate::path::{SpacePath, is_within};
 
 /// One delivered message, shared by every connection of its user.
@@ -73,6 +75,8 @@ pub enum Push {
 pub struct SessionQueue {
     state: Mutex<QueueState>,
     notify: Notify,
+    /// Set while a wake-up is pending in [`Wakeups`], so a burst marks the session once.
+    marked: AtomicBool,
     capacity: usize,
 }
 
@@ -89,12 +93,38 @@ impl SessionQueue {
                 evicted: false,
             }),
             notify: Notify::new(),
+            marked: AtomicBool::new(false),
             capacity: capacity.max(1),
         }
     }
 
-    /// Queues `frame`, or evicts the session if its queue is full.
+    /// Queues `frame` and wakes the session now, or evicts the session if its queue is full.
     pub fn push(&self, frame: Arc<Frame>) -> Push {
+        let pushed = self.enqueue(frame);
+        if pushed == Push::Queued {
+            self.notify.notify_one();
+        }
+        pushed
+    }
+
+    /// Queues `frame` and leaves the wake-up to `wakeups`, at the end of the batch being
+    /// delivered; an eviction still wakes the session at once.
+    pub fn push_deferred(self: &Arc<Self>, frame: Arc<Frame>, wakeups: &Wakeups) -> Push {
+        let pushed = self.enqueue(frame);
+        if pushed == Push::Queued && !self.marked.swap(true, Ordering::AcqRel) {
+            wakeups.mark(self);
+        }
+        pushed
+    }
+
+    /// Wakes the session for what was queued; clears the mark first, so a frame queued during
+    /// the wake-up marks the session again rather than being left unannounced.
+    pub fn wake(&self) {
+        self.marked.store(false, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    fn enqueue(&self, frame: Arc<Frame>) -> Push {
         let Ok(mut state) = self.state.lock() else {
             return Push::Gone;
         };
@@ -109,8 +139,6 @@ impl SessionQueue {
             return Push::Evicted;
         }
         state.frames.push_back(frame);
-        drop(state);
-        self.notify.notify_one();
         Push::Queued
     }
 

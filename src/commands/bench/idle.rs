@@ -11,8 +11,6 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::routing::get;
 use futures_util::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -218,74 +216,4 @@ fn open_file_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
-}
-
-/// The baseline server: per connection one task selecting over a bounded channel and `recv`.
-/// `POST /drive?count=N&size=B` makes it send N messages of B bytes round-robin over its
-/// connections, one per connection at a time, for `bench fanout`.
-pub fn bare_gateway(listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
-    type Registry = std::sync::Arc<std::sync::Mutex<Vec<tokio::sync::mpsc::Sender<Message>>>>;
-    #[derive(serde::Deserialize)]
-    struct Drive {
-        count: usize,
-        size: usize,
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let registry: Registry = Default::default();
-        let app = axum::Router::new()
-            .route(
-                "/ws",
-                get(|ws: WebSocketUpgrade, axum::extract::State(reg): axum::extract::State<Registry>| async move {
-                    ws.read_buffer_size(1024)
-                        .write_buffer_size(1024)
-                        .max_write_buffer_size(64 * 1024)
-                        .on_upgrade(move |socket| {
-                            let (tx, rx) = tokio::sync::mpsc::channel::<Message>(32);
-                            if let Ok(mut r) = reg.lock() {
-                                r.push(tx);
-                            }
-                            bare_session(socket, rx)
-                        })
-                }),
-            )
-            .route(
-                "/drive",
-                axum::routing::post(
-                    |axum::extract::State(reg): axum::extract::State<Registry>, axum::extract::Query(d): axum::extract::Query<Drive>| async move {
-                        let senders = reg.lock().map(|r| r.clone()).unwrap_or_default();
-                        let text = axum::extract::ws::Utf8Bytes::from("x".repeat(d.size));
-                        tokio::spawn(async move {
-                            if senders.is_empty() {
-                                return;
-                            }
-                            for i in 0..d.count {
-                                let _ = senders[i % senders.len()].send(Message::Text(text.clone())).await;
-                            }
-                        });
-                        "driving"
-                    },
-                ),
-            )
-            .with_state(registry);
-        let listener = tokio::net::TcpListener::bind(listen).await?;
-        println!("foldercast: serving on http://{}/", listener.local_addr()?);
-        axum::serve(listener, app).await?;
-        anyhow::Ok(())
-    })?;
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn bare_session(mut socket: WebSocket, mut rx: tokio::sync::mpsc::Receiver<Message>) {
-    loop {
-        tokio::select! {
-            msg = socket.recv() => if !matches!(msg, Some(Ok(_))) { break },
-            out = rx.recv() => match out {
-                Some(m) => if socket.send(m).await.is_err() { break },
-                None => break,
-            },
-        }
-    }
 }
