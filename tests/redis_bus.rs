@@ -155,6 +155,60 @@ async fn standalone_bus() {
     publishes_in_order_with_history_and_once_per_user(RedisTarget::Standalone(redis_url())).await;
 }
 
+/// The channel format other tools may read: a user's messages of one script call are one channel
+/// message, each entry `<stream id> <payload bytes>\n<payload>`, in order, with the stream's ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_burst_is_one_channel_message() {
+    use futures_util::StreamExt;
+    let target = RedisTarget::Standalone(redis_url());
+    let bus = RedisBus::connect(&target, RedisOptions::default(), None)
+        .await
+        .expect("connect");
+    let alice: Arc<str> = Arc::from(unique("alice"));
+    let bob: Arc<str> = Arc::from(unique("bob"));
+    let mut watcher = redis::Client::open(redis_url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    watcher
+        .subscribe(foldercast::bus::redis::keys::channel(&alice))
+        .await
+        .unwrap();
+    let batch: Vec<Outgoing> = (0..3)
+        .flat_map(|i| {
+            [
+                msg(&alice, &format!("e{i}"), &format!("line one\\nline {i}")),
+                msg(&bob, &format!("e{i}"), "b"),
+            ]
+        })
+        .collect();
+    bus.publish(&batch).await.expect("publish");
+    let mut messages = watcher.on_message();
+    let first = tokio::time::timeout(Duration::from_secs(10), messages.next())
+        .await
+        .expect("a channel message in time")
+        .expect("open");
+    let body: Vec<u8> = first.get_payload_bytes().to_vec();
+    let log = history(&target, &alice).await;
+    let expected: Vec<u8> = log
+        .iter()
+        .flat_map(|(id, m)| format!("{id} {}\n{m}", m.len()).into_bytes())
+        .collect();
+    assert_eq!(log.len(), 3);
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        String::from_utf8_lossy(&expected),
+        "all three of alice's messages, in order, in one channel message"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), messages.next())
+            .await
+            .is_err(),
+        "and no second channel message"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_bus_uses_sharded_pubsub() {
     let nodes = redis_cluster_nodes();
