@@ -67,6 +67,14 @@ pub trait DeliverySink: Send + Sync + 'static {
             payload,
         })
     }
+
+    /// A user's messages decoded together (one channel message), in order: the hub looks the
+    /// user up and locks each of their queues once for all of them.
+    fn deliver_all(&self, user: &str, messages: &[(&str, Bytes)]) -> bool {
+        messages.iter().fold(true, |ok, (id, payload)| {
+            self.deliver_parts(user, id, payload.clone()) && ok
+        })
+    }
 }
 
 impl DeliverySink for tokio::sync::mpsc::Sender<Delivery> {
@@ -99,6 +107,13 @@ impl DeliverySink for LateSink {
     fn deliver_parts(&self, user: &str, id: &str, payload: Bytes) -> bool {
         match self.target.get().and_then(std::sync::Weak::upgrade) {
             Some(target) => target.deliver_parts(user, id, payload),
+            None => false,
+        }
+    }
+
+    fn deliver_all(&self, user: &str, messages: &[(&str, Bytes)]) -> bool {
+        match self.target.get().and_then(std::sync::Weak::upgrade) {
+            Some(target) => target.deliver_all(user, messages),
             None => false,
         }
     }

@@ -116,24 +116,19 @@ impl Hub {
         }
     }
 
-    fn deliver_to_sessions(&self, user: &str, id: &str, payload: Bytes) {
-        // Only the type is needed for every delivery; a resync (rare) also needs its space.
-        let message_type = intern_type(message_type_of(&payload).unwrap_or_default());
-        let resync = (message_type == "resync").then(|| Route::of_payload(&payload));
-        let text = server_frame(id, &payload, resync.as_ref().map(|r| r.space_id.as_str()));
-        let frame = Arc::new(Frame::new(
-            Arc::from(id),
-            message_type,
-            payload,
-            Utf8Bytes::from(text),
-            resync,
-        ));
+    /// Queues `messages` (a user's, in order) on every connection of the user: one lookup,
+    /// and one lock per connection, for all of them.
+    fn deliver_to_sessions(&self, user: &str, messages: &[(&str, Bytes)]) {
+        let frames: Vec<Arc<Frame>> = messages
+            .iter()
+            .map(|(id, payload)| frame_of(id, payload.clone()))
+            .collect();
         let Ok(sessions) = self.sessions.lock() else {
             return;
         };
         for queue in sessions.get(user).into_iter().flatten() {
-            match queue.push_deferred(frame.clone(), &self.wakeups) {
-                Push::Queued => self.stats.delivered.fetch_add(1, Relaxed),
+            match queue.push_all_deferred(&frames, &self.wakeups) {
+                Push::Queued => self.stats.delivered.fetch_add(frames.len() as u64, Relaxed),
                 Push::Evicted => self.stats.evicted.fetch_add(1, Relaxed),
                 Push::Gone => 0,
             };
@@ -141,16 +136,36 @@ impl Hub {
     }
 }
 
+/// The frame every connection of the user is sent, built once.
+fn frame_of(id: &str, payload: Bytes) -> Arc<Frame> {
+    // Only the type is needed for every delivery; a resync (rare) also needs its space.
+    let message_type = intern_type(message_type_of(&payload).unwrap_or_default());
+    let resync = (message_type == "resync").then(|| Route::of_payload(&payload));
+    let text = server_frame(id, &payload, resync.as_ref().map(|r| r.space_id.as_str()));
+    Arc::new(Frame::new(
+        Arc::from(id),
+        message_type,
+        payload,
+        Utf8Bytes::from(text),
+        resync,
+    ))
+}
+
 /// The bus calls this on its own task (the Redis push callback, or the in-process publisher):
 /// it only queues frames, never waits on a client.
 impl DeliverySink for Hub {
     fn deliver(&self, delivery: Delivery) -> bool {
-        self.deliver_to_sessions(&delivery.user, &delivery.id, delivery.payload);
+        self.deliver_to_sessions(&delivery.user, &[(&delivery.id, delivery.payload)]);
         true
     }
 
     fn deliver_parts(&self, user: &str, id: &str, payload: Bytes) -> bool {
-        self.deliver_to_sessions(user, id, payload);
+        self.deliver_to_sessions(user, &[(id, payload)]);
+        true
+    }
+
+    fn deliver_all(&self, user: &str, messages: &[(&str, Bytes)]) -> bool {
+        self.deliver_to_sessions(user, messages);
         true
     }
 }

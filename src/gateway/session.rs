@@ -100,17 +100,17 @@ impl SessionQueue {
 
     /// Queues `frame` and wakes the session now, or evicts the session if its queue is full.
     pub fn push(&self, frame: Arc<Frame>) -> Push {
-        let pushed = self.enqueue(frame);
+        let pushed = self.enqueue(std::slice::from_ref(&frame));
         if pushed == Push::Queued {
             self.notify.notify_one();
         }
         pushed
     }
 
-    /// Queues `frame` and leaves the wake-up to `wakeups`, at the end of the batch being
+    /// Queues `frames` and leaves the wake-up to `wakeups`, at the end of the batch being
     /// delivered; an eviction still wakes the session at once.
-    pub fn push_deferred(self: &Arc<Self>, frame: Arc<Frame>, wakeups: &Wakeups) -> Push {
-        let pushed = self.enqueue(frame);
+    pub fn push_all_deferred(self: &Arc<Self>, frames: &[Arc<Frame>], wakeups: &Wakeups) -> Push {
+        let pushed = self.enqueue(frames);
         if pushed == Push::Queued && !self.marked.swap(true, Ordering::AcqRel) {
             wakeups.mark(self);
         }
@@ -124,21 +124,21 @@ impl SessionQueue {
         self.notify.notify_one();
     }
 
-    fn enqueue(&self, frame: Arc<Frame>) -> Push {
+    fn enqueue(&self, frames: &[Arc<Frame>]) -> Push {
         let Ok(mut state) = self.state.lock() else {
             return Push::Gone;
         };
         if state.evicted {
             return Push::Gone;
         }
-        if state.frames.len() >= self.capacity {
+        if state.frames.len() + frames.len() > self.capacity {
             state.evicted = true;
             state.frames = VecDeque::new();
             drop(state);
             self.notify.notify_one();
             return Push::Evicted;
         }
-        state.frames.push_back(frame);
+        state.frames.extend(frames.iter().cloned());
         Push::Queued
     }
 
@@ -254,6 +254,22 @@ mod tests {
         out.clear();
         assert!(!q.next_batch(&mut out).await);
         assert!(out.is_empty(), "an evicted queue holds nothing");
+    }
+
+    #[test]
+    fn a_batch_that_overflows_the_queue_evicts() {
+        let wakeups = Wakeups::start();
+        let q = Arc::new(SessionQueue::new(3));
+        assert_eq!(
+            q.push_all_deferred(&[frame("1"), frame("2")], &wakeups),
+            Push::Queued
+        );
+        assert_eq!(
+            q.push_all_deferred(&[frame("3"), frame("4")], &wakeups),
+            Push::Evicted,
+            "two more do not fit in three"
+        );
+        assert_eq!(q.push(frame("5")), Push::Gone);
     }
 
     #[tokio::test]
