@@ -634,6 +634,10 @@ pub struct BenchFanoutArgs {
     /// Messages in a row to one connection in the burst phase.
     #[arg(long, env = "FOLDERCAST_BENCH_BURST", default_value_t = 16)]
     pub burst: usize,
+    /// Rounds of the cost phases; each round runs every pattern on the bare loop, then on the
+    /// gateway, and the medians are reported.
+    #[arg(long, env = "FOLDERCAST_BENCH_ROUNDS", default_value_t = 3)]
+    pub rounds: usize,
     /// WebSocket write buffer per connection for both servers, bytes (default: the gateway's).
     #[arg(long, env = "FOLDERCAST_WS_WRITE_BUFFER")]
     pub ws_write_buffer: Option<usize>,

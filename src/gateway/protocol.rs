@@ -179,42 +179,52 @@ impl Route {
 /// encoding the first `"type":"` is the top-level one (nested ones come later, and quotes inside
 /// strings are escaped). `None` if absent.
 pub fn message_type_of(payload: &[u8]) -> Option<&str> {
-    let text = std::str::from_utf8(payload).ok()?;
-    let start = text.find("\"type\":\"")? + 8;
-    let len = text[start..].find('"')?;
-    Some(&text[start..start + len])
+    // Bytes, not a `str`: this runs per delivery, and only the type needs to be valid UTF-8.
+    const KEY: &[u8] = b"\"type\":\"";
+    let start = payload.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let len = payload[start..].iter().position(|b| *b == b'"')?;
+    std::str::from_utf8(&payload[start..start + len]).ok()
 }
 
 /// `{"type":"event","id":…,"data":…}` (or, for a resync of `resync_space`, `{"type":"resync",
 /// "id":…,"space_id":…,"data":…}`) built around the payload bytes without re-encoding them.
+/// A payload that is not UTF-8 (never one foldercast wrote) becomes `null`.
 pub fn server_frame(id: &str, payload: &[u8], resync_space: Option<&str>) -> String {
     let payload = std::str::from_utf8(payload).unwrap_or("null");
-    // Sized once: this runs for every delivered message.
-    let mut out = String::with_capacity(payload.len() + id.len() + 64);
-    let quoted = |out: &mut String, s: &str| {
+    let mut out = Vec::with_capacity(payload.len() + id.len() + 64);
+    write_server_frame(&mut out, id, payload.as_bytes(), resync_space);
+    // Every part written is UTF-8.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends [`server_frame`]'s bytes to `out`, with the payload's bytes as they are: the caller
+/// checks the result is UTF-8 (the gateway builds a batch of frames in one buffer and checks
+/// each frame once).
+pub fn write_server_frame(out: &mut Vec<u8>, id: &str, payload: &[u8], resync_space: Option<&str>) {
+    let quoted = |out: &mut Vec<u8>, s: &str| {
         if s.bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
         {
-            out.push('"');
-            out.push_str(s);
-            out.push('"');
+            out.push(b'"');
+            out.extend_from_slice(s.as_bytes());
+            out.push(b'"');
         } else {
-            out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+            let escaped = serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+            out.extend_from_slice(escaped.as_bytes());
         }
     };
     if let Some(space) = resync_space {
-        out.push_str(r#"{"type":"resync","id":"#);
-        quoted(&mut out, id);
-        out.push_str(r#","space_id":"#);
-        quoted(&mut out, space);
+        out.extend_from_slice(br#"{"type":"resync","id":"#);
+        quoted(out, id);
+        out.extend_from_slice(br#","space_id":"#);
+        quoted(out, space);
     } else {
-        out.push_str(r#"{"type":"event","id":"#);
-        quoted(&mut out, id);
+        out.extend_from_slice(br#"{"type":"event","id":"#);
+        quoted(out, id);
     }
-    out.push_str(r#","data":"#);
-    out.push_str(payload);
-    out.push('}');
-    out
+    out.extend_from_slice(br#","data":"#);
+    out.extend_from_slice(payload);
+    out.push(b'}');
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use crate::path::{SpacePath, is_within};
 /// One delivered message, shared by every connection of its user.
 #[derive(Debug)]
 pub struct Frame {
-    pub id: Arc<str>,
+    pub id: Utf8Bytes,
     /// The user message's `type` (the SSE `event:` name).
     pub message_type: std::borrow::Cow<'static, str>,
     pub payload: Bytes,
@@ -33,7 +33,7 @@ pub struct Frame {
 
 impl Frame {
     pub fn new(
-        id: Arc<str>,
+        id: Utf8Bytes,
         message_type: std::borrow::Cow<'static, str>,
         payload: Bytes,
         ws_text: Utf8Bytes,
@@ -226,7 +226,7 @@ mod tests {
 
     fn frame(id: &str) -> Arc<Frame> {
         Arc::new(Frame::new(
-            Arc::from(id),
+            Utf8Bytes::from(id),
             "x".into(),
             Bytes::new(),
             Utf8Bytes::from_static("{}"),

@@ -99,7 +99,7 @@ mod tests {
 
     fn frame() -> Arc<Frame> {
         Arc::new(Frame::new(
-            Arc::from("1"),
+            Utf8Bytes::from_static("1"),
             "x".into(),
             bytes::Bytes::new(),
             Utf8Bytes::from_static("{}"),

@@ -6,7 +6,8 @@
 //! - latency: `rate` messages/s (each to the next user) for `seconds`; produce → frame p50/p99;
 //! - cost: the same three patterns on both servers: one message per connection at a time at
 //!   `paced_rate`, bursts of `burst` to one connection at `paced_rate`, and one per connection as
-//!   fast as they go. CPU per delivered message is compared pattern by pattern, at the same rate.
+//!   fast as they go. CPU per delivered message is compared pattern by pattern, at the same rate,
+//!   the two servers taking turns phase by phase for `rounds` rounds (medians reported).
 //!   A server's CPU per message falls as its rate rises (more messages per wake-up, Nagle joins
 //!   writes), so a gateway at 80 000 msg/s next to a bare loop at 300 000 msg/s compares two
 //!   different workloads; the paced phases are the like-for-like figures.
@@ -244,15 +245,17 @@ async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
         Pattern { rate: 0, burst: 1 },
     ];
     let count = |p: &Pattern| match p.rate {
-        0 => (n as u64 * 200).max(100_000),
+        0 => (n as u64 * 100).max(100_000),
         r => r * args.seconds,
     };
-
-    // --- baseline: the bare axum loop -------------------------------------------------------
     let write_buffer = args
         .ws_write_buffer
         .unwrap_or_else(|| crate::gateway::GatewayConfig::default().ws_write_buffer)
         .to_string();
+
+    // Both servers run side by side, each with its own clients, and take turns phase by phase:
+    // this machine's speed drifts by tens of percent over minutes, and a ratio of two phases
+    // measured seconds apart is steadier than one of two phases a minute apart.
     let mut bare = tokio::process::Command::new(&exe)
         .args(["bench", "bare-gateway", "--listen", "127.0.0.1:0"])
         .args(["--write-buffer", &write_buffer])
@@ -261,22 +264,8 @@ async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
         .spawn()?;
     let bare_addr = listening_addr(&mut bare).await?;
     let bare_pid = bare.id().context("no pid")?;
-    let clients = open_clients(&bare_addr, n, None).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut bare_costs = Vec::new();
-    for p in &patterns {
-        let url = format!(
-            "http://{bare_addr}/drive?count={}&size={PAYLOAD_BYTES}&rate={}&burst={}",
-            count(p),
-            p.rate,
-            p.burst
-        );
-        bare_costs.push(measure(bare_pid, &clients, count(p), reqwest_post(&url)).await?);
-    }
-    let _ = bare.kill().await;
-    drop(clients);
+    let bare_clients = open_clients(&bare_addr, n, None).await?;
 
-    // --- foldercast gateway over Redis ------------------------------------------------------
     let mut gateway = tokio::process::Command::new(&exe)
         .args([
             "gateway",
@@ -342,12 +331,25 @@ async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
             / 1e6
     };
 
-    let mut gateway_costs = Vec::new();
-    for p in &patterns {
-        let phase = publish(&bus, &users, count(p), *p, false);
-        gateway_costs.push(measure(pid, &clients, count(p), phase).await?);
+    // Rounds: per pattern, the bare loop then the gateway.
+    let rounds = args.rounds.max(1);
+    let mut costs: Vec<Vec<(Cost, Cost)>> = patterns.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (k, p) in patterns.iter().enumerate() {
+            let url = format!(
+                "http://{bare_addr}/drive?count={}&size={PAYLOAD_BYTES}&rate={}&burst={}",
+                count(p),
+                p.rate,
+                p.burst
+            );
+            let bare_cost = measure(bare_pid, &bare_clients, count(p), reqwest_post(&url)).await?;
+            let phase = publish(&bus, &users, count(p), *p, false);
+            let gateway_cost = measure(pid, &clients, count(p), phase).await?;
+            costs[k].push((gateway_cost, bare_cost));
+        }
     }
     let _ = gateway.kill().await;
+    let _ = bare.kill().await;
 
     println!(
         "bench fanout: {n} WebSocket clients (one user each), {PAYLOAD_BYTES} B payloads, {write_buffer} B write buffers"
@@ -362,25 +364,35 @@ async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
         pct(1.0)
     );
     println!(
-        "  CPU per delivered message, gateway (over Redis) next to the bare axum loop (same run, same pattern):"
+        "  CPU per delivered message, gateway (over Redis) next to the bare axum loop, same pattern, measured in turns ({rounds} rounds; medians, ratios per round):"
     );
-    for ((p, gw), bare) in patterns.iter().zip(&gateway_costs).zip(&bare_costs) {
+    for (p, rounds) in patterns.iter().zip(&costs) {
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
+        };
+        let ratios: Vec<f64> = rounds
+            .iter()
+            .map(|(gw, bare)| gw.server_us / bare.server_us)
+            .collect();
+        let listed: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
         println!(
-            "    {:<44} gateway {:>6.2} µs ({:>7.0} msg/s; load generator {:.2} µs)   bare {:>5.2} µs ({:>7.0} msg/s)   ratio {:.2}x",
+            "    {:<44} gateway {:>6.2} µs ({:>7.0} msg/s; load generator {:.2} µs)   bare {:>5.2} µs ({:>7.0} msg/s)   ratio {:.2}x (rounds: {})",
             p.describe(),
-            gw.server_us,
-            gw.rate(),
-            gw.load_us,
-            bare.server_us,
-            bare.rate(),
-            gw.server_us / bare.server_us
+            median(rounds.iter().map(|(gw, _)| gw.server_us).collect()),
+            median(rounds.iter().map(|(gw, _)| gw.rate()).collect()),
+            median(rounds.iter().map(|(gw, _)| gw.load_us).collect()),
+            median(rounds.iter().map(|(_, bare)| bare.server_us).collect()),
+            median(rounds.iter().map(|(_, bare)| bare.rate()).collect()),
+            median(ratios),
+            listed.join(", ")
         );
     }
     println!(
         "  target: ratio ≤ 1.3x; compare at equal rates (CPU per message falls as the rate rises)"
     );
     println!(
-        "  reproduce: scripts/bench.sh fanout   (or: foldercast bench fanout --redis URL --connections {n} --rate {} --seconds {} --paced-rate {} --burst {})",
+        "  reproduce: scripts/bench.sh fanout   (or: foldercast bench fanout --redis URL --connections {n} --rate {} --seconds {} --paced-rate {} --burst {} --rounds {rounds})",
         args.rate, args.seconds, args.paced_rate, args.burst
     );
     Ok(ExitCode::SUCCESS)
