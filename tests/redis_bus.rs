@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{PrivateRedis, redis_cluster_nodes, redis_url, unique};
+use common::{PrivateCluster, PrivateRedis, redis_cluster_nodes, redis_url, unique};
 use foldercast::bus::{Bus, Delivery, Outgoing, RedisBus, RedisOptions, RedisTarget};
 use redis::AsyncCommands;
 use tokio::sync::mpsc;
@@ -291,6 +291,57 @@ async fn resubscribes_after_a_redis_restart() {
             tokio::time::Instant::now() < deadline,
             "no delivery after the restart"
         );
+    }
+}
+
+/// A cluster node restarts while one of its slots holds a subscribed user: the subscription
+/// comes back by itself and later messages arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscribes_after_a_cluster_node_restart() {
+    let mut cluster = PrivateCluster::start();
+    let target = RedisTarget::Cluster(cluster.urls());
+    let (tx, mut rx) = mpsc::channel(64);
+    let bus = RedisBus::connect(&target, RedisOptions::default(), Some(tx))
+        .await
+        .unwrap();
+    bus.spawn_health_check(Duration::from_millis(200));
+    let alice: Arc<str> = Arc::from("alice");
+    bus.subscribe(&alice).await.unwrap();
+    bus.publish(&[msg(&alice, "before", "x")]).await.unwrap();
+    recv(&mut rx).await;
+
+    let node = cluster.node_of(&foldercast::bus::redis::keys::channel(&alice));
+    cluster.nodes[node].stop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while bus.is_connected() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bus never noticed the node going away"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.nodes[node].restart();
+    cluster.wait_until_ok();
+    // The restarted node forgot the script, the keys and the shard subscription.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let _ = bus.publish(&[msg(&alice, &unique("after"), "y")]).await;
+        if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+            assert!(std::str::from_utf8(&d.payload).unwrap().contains("after"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delivery after the node restart"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !bus.is_connected() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bus never reported itself connected again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
