@@ -247,12 +247,12 @@ async fn cluster_bus_uses_sharded_pubsub() {
     assert_eq!(classic, 0, "no classic pub/sub on a cluster");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resubscribes_after_a_redis_restart() {
-    let mut server = PrivateRedis::start();
-    let target = RedisTarget::Standalone(server.url());
+/// A bus with a health loop, alice subscribed, and one message delivered to her.
+async fn alice_subscribed(
+    target: &RedisTarget,
+) -> (Arc<RedisBus>, mpsc::Receiver<Delivery>, Arc<str>) {
     let (tx, mut rx) = mpsc::channel(64);
-    let bus = RedisBus::connect(&target, RedisOptions::default(), Some(tx))
+    let bus = RedisBus::connect(target, RedisOptions::default(), Some(tx))
         .await
         .unwrap();
     bus.spawn_health_check(Duration::from_millis(200));
@@ -260,32 +260,27 @@ async fn resubscribes_after_a_redis_restart() {
     bus.subscribe(&alice).await.unwrap();
     bus.publish(&[msg(&alice, "before", "x")]).await.unwrap();
     recv(&mut rx).await;
+    (bus, rx, alice)
+}
 
-    server.stop();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while bus.is_connected() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the bus never noticed the outage"
-        );
+/// Waits until the bus reports `connected` (the health loop's flag behind `/readyz`).
+async fn wait_connected(bus: &RedisBus, connected: bool, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while bus.is_connected() != connected {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    server.restart();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !bus.is_connected() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the bus never reconnected"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // The restarted server forgot the script and the subscription: both come back by themselves.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+}
+
+/// Publishes to `user` until a delivery arrives: after an outage the script and the
+/// subscription come back by themselves, in their own time.
+async fn delivers_again(bus: &RedisBus, rx: &mut mpsc::Receiver<Delivery>, user: &Arc<str>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let _ = bus.publish(&[msg(&alice, &unique("after"), "y")]).await;
+        let _ = bus.publish(&[msg(user, &unique("after"), "y")]).await;
         if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
             assert!(std::str::from_utf8(&d.payload).unwrap().contains("after"));
-            break;
+            return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -294,55 +289,36 @@ async fn resubscribes_after_a_redis_restart() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscribes_after_a_redis_restart() {
+    let mut server = PrivateRedis::start();
+    let target = RedisTarget::Standalone(server.url());
+    let (bus, mut rx, alice) = alice_subscribed(&target).await;
+
+    server.stop();
+    wait_connected(&bus, false, "the bus never noticed the outage").await;
+    server.restart();
+    wait_connected(&bus, true, "the bus never reconnected").await;
+    // The restarted server forgot the script and the subscription: both come back by themselves.
+    delivers_again(&bus, &mut rx, &alice).await;
+}
+
 /// A cluster node restarts while one of its slots holds a subscribed user: the subscription
 /// comes back by itself and later messages arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resubscribes_after_a_cluster_node_restart() {
     let mut cluster = PrivateCluster::start();
     let target = RedisTarget::Cluster(cluster.urls());
-    let (tx, mut rx) = mpsc::channel(64);
-    let bus = RedisBus::connect(&target, RedisOptions::default(), Some(tx))
-        .await
-        .unwrap();
-    bus.spawn_health_check(Duration::from_millis(200));
-    let alice: Arc<str> = Arc::from("alice");
-    bus.subscribe(&alice).await.unwrap();
-    bus.publish(&[msg(&alice, "before", "x")]).await.unwrap();
-    recv(&mut rx).await;
+    let (bus, mut rx, alice) = alice_subscribed(&target).await;
 
     let node = cluster.node_of(&foldercast::bus::redis::keys::channel(&alice));
     cluster.nodes[node].stop();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while bus.is_connected() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the bus never noticed the node going away"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_connected(&bus, false, "the bus never noticed the node going away").await;
     cluster.nodes[node].restart();
     cluster.wait_until_ok();
     // The restarted node forgot the script, the keys and the shard subscription.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let _ = bus.publish(&[msg(&alice, &unique("after"), "y")]).await;
-        if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
-            assert!(std::str::from_utf8(&d.payload).unwrap().contains("after"));
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no delivery after the node restart"
-        );
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !bus.is_connected() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the bus never reported itself connected again"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    delivers_again(&bus, &mut rx, &alice).await;
+    wait_connected(&bus, true, "the bus never reported itself connected again").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
