@@ -39,7 +39,8 @@ const PAYLOAD_BYTES: usize = 300;
 struct Clients {
     received: Arc<AtomicU64>,
     recording: Arc<AtomicBool>,
-    latencies: Arc<std::sync::Mutex<Vec<u64>>>,
+    /// (sent_ns, arrived_ns) of each frame received while recording.
+    latencies: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
 }
 
 fn now_ns() -> u64 {
@@ -83,14 +84,10 @@ async fn open_clients(addr: &str, n: usize, tokens: Option<&[String]>) -> anyhow
                 received.fetch_add(1, Relaxed);
                 if recording.load(Relaxed)
                     && let Ok(text) = msg.to_text()
-                    && let Some(sent) = text
-                        .split("\"sent_ns\":")
-                        .nth(1)
-                        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-                        .and_then(|d| d.parse::<u64>().ok())
+                    && let Some(sent) = sent_ns_in(text.as_bytes())
                     && let Ok(mut all) = latencies.lock()
                 {
-                    all.push(now_ns().saturating_sub(sent));
+                    all.push((sent, now_ns()));
                 }
             }
         });
@@ -110,6 +107,46 @@ async fn wait_for(counter: &AtomicU64, target: u64, limit: Duration) -> anyhow::
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(())
+}
+
+/// The `sent_ns` stamp of a latency-phase payload, in a frame or a channel message.
+fn sent_ns_in(text: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"sent_ns\":";
+    let at = text.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = text[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&text[at..at + digits]).ok()?.parse().ok()
+}
+
+/// Subscribes to every user's channel on a connection of its own and notes when each stamped
+/// message leaves Redis (as seen by a subscriber next to the gateway), so Redis → frame can be
+/// told apart from produce → frame, which also holds the producer's script call.
+async fn tap_redis(
+    redis: &str,
+    users: &[Arc<str>],
+) -> anyhow::Result<(
+    tokio::task::JoinHandle<()>,
+    Arc<std::sync::Mutex<std::collections::HashMap<u64, u64>>>,
+)> {
+    let mut pubsub = redis::Client::open(redis)?.get_async_pubsub().await?;
+    let channels: Vec<String> = users
+        .iter()
+        .map(|u| crate::bus::redis::keys::channel(u))
+        .collect();
+    pubsub.subscribe(channels).await?;
+    let seen = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let noted = seen.clone();
+    let task = tokio::spawn(async move {
+        let mut messages = pubsub.into_on_message();
+        while let Some(m) = messages.next().await {
+            let at = now_ns();
+            if let Some(sent) = sent_ns_in(m.get_payload_bytes())
+                && let Ok(mut all) = noted.lock()
+            {
+                all.insert(sent, at);
+            }
+        }
+    });
+    Ok((task, seen))
 }
 
 fn payload(sent_ns: u64) -> Bytes {
@@ -304,6 +341,7 @@ async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Latency at `rate` messages/s, each message to the next user.
+    let (tap, left_redis) = tap_redis(&args.redis, &users).await?;
     clients.recording.store(true, Relaxed);
     let latency_pattern = Pattern {
         rate: args.rate,
@@ -318,14 +356,26 @@ async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
     )
     .await?;
     clients.recording.store(false, Relaxed);
-    let mut lat = clients
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tap.abort();
+    let frames = clients
         .latencies
         .lock()
         .map(|l| l.clone())
         .unwrap_or_default();
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+    let left_redis = left_redis.lock().map(|m| m.clone()).unwrap_or_default();
+    let mut produce_to_frame: Vec<u64> = frames
+        .iter()
+        .map(|(sent, arrived)| arrived.saturating_sub(*sent))
+        .collect();
+    let mut redis_to_frame: Vec<u64> = frames
+        .iter()
+        .filter_map(|(sent, arrived)| Some(arrived.saturating_sub(*left_redis.get(sent)?)))
+        .collect();
+    produce_to_frame.sort_unstable();
+    redis_to_frame.sort_unstable();
+    let pct = |v: &[u64], p: f64| {
+        v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
             .copied()
             .unwrap_or(0) as f64
             / 1e6
@@ -355,13 +405,20 @@ async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
         "bench fanout: {n} WebSocket clients (one user each), {PAYLOAD_BYTES} B payloads, {write_buffer} B write buffers"
     );
     println!(
-        "  latency, produce → frame at {} msg/s for {} s ({} samples): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "  latency at {} msg/s for {} s, produce → frame ({} samples): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         args.rate,
         args.seconds,
-        lat.len(),
-        pct(0.50),
-        pct(0.99),
-        pct(1.0)
+        produce_to_frame.len(),
+        pct(&produce_to_frame, 0.50),
+        pct(&produce_to_frame, 0.99),
+        pct(&produce_to_frame, 1.0)
+    );
+    println!(
+        "  latency, Redis → frame (from a subscriber next to the gateway; {} samples): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        redis_to_frame.len(),
+        pct(&redis_to_frame, 0.50),
+        pct(&redis_to_frame, 0.99),
+        pct(&redis_to_frame, 1.0)
     );
     println!(
         "  CPU per delivered message, gateway (over Redis) next to the bare axum loop, same pattern, measured in turns ({rounds} rounds; medians, ratios per round):"
