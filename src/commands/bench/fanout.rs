@@ -114,7 +114,10 @@ fn sent_ns_in(text: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"sent_ns\":";
     let at = text.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
     let digits = text[at..].iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&text[at..at + digits]).ok()?.parse().ok()
+    std::str::from_utf8(&text[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Subscribes to every user's channel on a connection of its own and notes when each stamped
