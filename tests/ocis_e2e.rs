@@ -311,20 +311,25 @@ async fn the_user_id_claim_is_configurable_and_tokens_refresh_over_the_open_sock
     }
 }
 
+/// A LibreGraph server that wants the admin token, with `SPACE` managed by alice and viewed by
+/// the group `eng` (of `eng`), plus `more` grants.
+async fn graph_with_space(eng: &[&str], more: &[serde_json::Value]) -> LibreGraph {
+    let graph = LibreGraph::start().await;
+    graph.require_authorization(Some("Bearer admin-token"));
+    let mut grants = vec![
+        user_grant("alice", MANAGER),
+        group_grant("eng", SPACE_VIEWER),
+    ];
+    grants.extend_from_slice(more);
+    graph.project(SPACE, grants);
+    graph.group("eng", eng);
+    graph
+}
+
 #[tokio::test]
 async fn run_with_ocis_and_oidc_delivers_to_the_right_users_only() {
     let issuer = Issuer::start().await;
-    let graph = LibreGraph::start().await;
-    graph.require_authorization(Some("Bearer admin-token"));
-    graph.project(
-        SPACE,
-        vec![
-            user_grant("alice", MANAGER),
-            group_grant("eng", SPACE_VIEWER),
-            user_grant("dropper", UPLOADER),
-        ],
-    );
-    graph.group("eng", &["bob"]);
+    let graph = graph_with_space(&["bob"], &[user_grant("dropper", UPLOADER)]).await;
     let mut server = start(&issuer, Some(&graph), &[]).await;
 
     let mut sockets = Vec::new();
@@ -360,16 +365,7 @@ async fn run_with_ocis_and_oidc_delivers_to_the_right_users_only() {
 
 #[tokio::test]
 async fn replay_resolves_from_ocis_too() {
-    let graph = LibreGraph::start().await;
-    graph.require_authorization(Some("Bearer admin-token"));
-    graph.project(
-        SPACE,
-        vec![
-            user_grant("alice", MANAGER),
-            group_grant("eng", SPACE_VIEWER),
-        ],
-    );
-    graph.group("eng", &["bob", "carol"]);
+    let graph = graph_with_space(&["bob", "carol"], &[]).await;
     graph.personal("personal-dan", "dan");
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");

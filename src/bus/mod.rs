@@ -58,21 +58,16 @@ pub struct Delivery {
 pub trait DeliverySink: Send + Sync + 'static {
     fn deliver(&self, delivery: Delivery) -> bool;
 
-    /// The same from borrowed parts, for a bus that decodes them from its own buffers: a sink
-    /// that only looks the user up (the hub) saves allocating it per message.
-    fn deliver_parts(&self, user: &str, id: &str, payload: Bytes) -> bool {
-        self.deliver(Delivery {
-            user: Arc::from(user),
-            id: Arc::from(id),
-            payload,
-        })
-    }
-
-    /// A user's messages decoded together (one channel message), in order: the hub looks the
-    /// user up and locks each of their queues once for all of them.
+    /// A user's messages decoded together from the bus's own buffers (one channel message), in
+    /// order. The hub overrides it: it looks the user up and locks each of their queues once for
+    /// all of them, and never allocates the borrowed names.
     fn deliver_all(&self, user: &str, messages: &[(&str, Bytes)]) -> bool {
         messages.iter().fold(true, |ok, (id, payload)| {
-            self.deliver_parts(user, id, payload.clone()) && ok
+            self.deliver(Delivery {
+                user: Arc::from(user),
+                id: Arc::from(*id),
+                payload: payload.clone(),
+            }) && ok
         })
     }
 }
@@ -100,13 +95,6 @@ impl DeliverySink for LateSink {
     fn deliver(&self, delivery: Delivery) -> bool {
         match self.target.get().and_then(std::sync::Weak::upgrade) {
             Some(target) => target.deliver(delivery),
-            None => false,
-        }
-    }
-
-    fn deliver_parts(&self, user: &str, id: &str, payload: Bytes) -> bool {
-        match self.target.get().and_then(std::sync::Weak::upgrade) {
-            Some(target) => target.deliver_parts(user, id, payload),
             None => false,
         }
     }

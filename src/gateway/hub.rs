@@ -124,7 +124,7 @@ impl Hub {
             return;
         };
         for queue in sessions.get(user).into_iter().flatten() {
-            match queue.push_all_deferred(&frames, &self.wakeups) {
+            match queue.push(&frames, &self.wakeups) {
                 Push::Queued => self.stats.delivered.fetch_add(frames.len() as u64, Relaxed),
                 Push::Evicted => self.stats.evicted.fetch_add(1, Relaxed),
                 Push::Gone => 0,
@@ -197,11 +197,6 @@ fn frames_of(messages: &[(&str, Bytes)]) -> Vec<Arc<Frame>> {
 impl DeliverySink for Hub {
     fn deliver(&self, delivery: Delivery) -> bool {
         self.deliver_to_sessions(&delivery.user, &[(&delivery.id, delivery.payload)]);
-        true
-    }
-
-    fn deliver_parts(&self, user: &str, id: &str, payload: Bytes) -> bool {
-        self.deliver_to_sessions(user, &[(id, payload)]);
         true
     }
 

@@ -98,18 +98,9 @@ impl SessionQueue {
         }
     }
 
-    /// Queues `frame` and wakes the session now, or evicts the session if its queue is full.
-    pub fn push(&self, frame: Arc<Frame>) -> Push {
-        let pushed = self.enqueue(std::slice::from_ref(&frame));
-        if pushed == Push::Queued {
-            self.notify.notify_one();
-        }
-        pushed
-    }
-
-    /// Queues `frames` and leaves the wake-up to `wakeups`, at the end of the batch being
-    /// delivered; an eviction still wakes the session at once.
-    pub fn push_all_deferred(self: &Arc<Self>, frames: &[Arc<Frame>], wakeups: &Wakeups) -> Push {
+    /// Queues `frames`, or evicts the session if they do not fit. The wake-up is left to
+    /// `wakeups`, at the end of the batch being delivered; an eviction wakes the session at once.
+    pub fn push(self: &Arc<Self>, frames: &[Arc<Frame>], wakeups: &Wakeups) -> Push {
         let pushed = self.enqueue(frames);
         if pushed == Push::Queued && !self.marked.swap(true, Ordering::AcqRel) {
             wakeups.mark(self);
@@ -234,23 +225,28 @@ mod tests {
         ))
     }
 
+    fn push(q: &Arc<SessionQueue>, frame: Arc<Frame>, wakeups: &Wakeups) -> Push {
+        q.push(&[frame], wakeups)
+    }
+
     #[tokio::test]
     async fn queue_batches_and_evicts_when_full() {
-        let q = SessionQueue::new(3);
-        assert_eq!(q.push(frame("1")), Push::Queued);
-        assert_eq!(q.push(frame("2")), Push::Queued);
+        let w = Wakeups::start();
+        let q = Arc::new(SessionQueue::new(3));
+        assert_eq!(push(&q, frame("1"), &w), Push::Queued);
+        assert_eq!(push(&q, frame("2"), &w), Push::Queued);
         let mut out = Vec::new();
         assert!(q.next_batch(&mut out).await);
         assert_eq!(out.len(), 2);
         for i in 0..3 {
-            assert_eq!(q.push(frame(&i.to_string())), Push::Queued);
+            assert_eq!(push(&q, frame(&i.to_string()), &w), Push::Queued);
         }
         assert_eq!(
-            q.push(frame("overflow")),
+            push(&q, frame("overflow"), &w),
             Push::Evicted,
             "the fourth frame evicts"
         );
-        assert_eq!(q.push(frame("later")), Push::Gone);
+        assert_eq!(push(&q, frame("later"), &w), Push::Gone);
         out.clear();
         assert!(!q.next_batch(&mut out).await);
         assert!(out.is_empty(), "an evicted queue holds nothing");
@@ -260,20 +256,18 @@ mod tests {
     fn a_batch_that_overflows_the_queue_evicts() {
         let wakeups = Wakeups::start();
         let q = Arc::new(SessionQueue::new(3));
+        assert_eq!(q.push(&[frame("1"), frame("2")], &wakeups), Push::Queued);
         assert_eq!(
-            q.push_all_deferred(&[frame("1"), frame("2")], &wakeups),
-            Push::Queued
-        );
-        assert_eq!(
-            q.push_all_deferred(&[frame("3"), frame("4")], &wakeups),
+            q.push(&[frame("3"), frame("4")], &wakeups),
             Push::Evicted,
             "two more do not fit in three"
         );
-        assert_eq!(q.push(frame("5")), Push::Gone);
+        assert_eq!(push(&q, frame("5"), &wakeups), Push::Gone);
     }
 
     #[tokio::test]
     async fn queue_wakes_a_waiting_reader() {
+        let w = Wakeups::start();
         let q = Arc::new(SessionQueue::new(8));
         let reader = {
             let q = q.clone();
@@ -284,7 +278,7 @@ mod tests {
             })
         };
         tokio::task::yield_now().await;
-        q.push(frame("1"));
+        push(&q, frame("1"), &w);
         assert_eq!(reader.await.unwrap(), 1);
     }
 

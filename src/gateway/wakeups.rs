@@ -113,17 +113,17 @@ mod tests {
         let queue = Arc::new(SessionQueue::new(32));
         // Queued from one task without yielding, as the Redis reader does.
         for _ in 0..8 {
-            assert_eq!(queue.push_all_deferred(&[frame()], &wakeups), Push::Queued);
+            assert_eq!(queue.push(&[frame()], &wakeups), Push::Queued);
         }
         let two = [frame(), frame()];
         for _ in 0..4 {
-            assert_eq!(queue.push_all_deferred(&two, &wakeups), Push::Queued);
+            assert_eq!(queue.push(&two, &wakeups), Push::Queued);
         }
         let mut out = Vec::new();
         assert!(queue.next_batch(&mut out).await);
         assert_eq!(out.len(), 16, "the whole burst in one batch");
         // A later frame wakes the session again.
-        assert_eq!(queue.push_all_deferred(&[frame()], &wakeups), Push::Queued);
+        assert_eq!(queue.push(&[frame()], &wakeups), Push::Queued);
         out.clear();
         let next = tokio::time::timeout(
             std::time::Duration::from_secs(5),
@@ -138,7 +138,7 @@ mod tests {
     fn without_a_runtime_frames_wake_at_once() {
         let wakeups = Wakeups::start();
         let queue = Arc::new(SessionQueue::new(4));
-        assert_eq!(queue.push_all_deferred(&[frame()], &wakeups), Push::Queued);
+        assert_eq!(queue.push(&[frame()], &wakeups), Push::Queued);
         let mut out = Vec::new();
         let ready = futures_util::FutureExt::now_or_never(queue.next_batch(&mut out));
         assert_eq!(ready, Some(true));

@@ -147,10 +147,7 @@ async fn session(
             alive = registration.queue.next_batch(&mut batch), if !expired => {
                 if !alive {
                     tracing::info!(user = %identity.user, "slow client evicted");
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        close_with(&mut socket, "slow-consumer", "the client did not read fast enough", CLOSE_TRY_LATER),
-                    ).await;
+                    close_with(&mut socket, "slow-consumer", "the client did not read fast enough", CLOSE_TRY_LATER).await;
                     break;
                 }
                 let write = async {
@@ -201,10 +198,7 @@ async fn session(
                     // the TCP connection half-open), not a slow one.
                     if last_heard.elapsed() > ping_every * 2 {
                         tracing::info!(user = %identity.user, "no answer to pings; closing");
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(1),
-                            close_with(&mut socket, "ping-timeout", "no answer to pings", CLOSE_GOING_AWAY),
-                        ).await;
+                        close_with(&mut socket, "ping-timeout", "no answer to pings", CLOSE_GOING_AWAY).await;
                         break;
                     }
                     let ping = write_within(write_timeout, socket.send(Message::Ping(Default::default())));
@@ -262,14 +256,19 @@ async fn send_text(socket: &mut WebSocket, text: String) -> Result<(), axum::Err
     socket.send(Message::Text(Utf8Bytes::from(text))).await
 }
 
+/// Sends the error frame and the close frame, giving up after a second: the client may be the
+/// reason for closing (not reading, gone), and must not hold the task.
 async fn close_with(socket: &mut WebSocket, code: &str, message: &str, close_code: u16) {
-    let _ = send_text(socket, error_frame(code, message)).await;
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code: close_code,
-            reason: Utf8Bytes::from(close_reason(code, message)),
-        })))
-        .await;
+    let close = async {
+        send_text(socket, error_frame(code, message)).await?;
+        socket
+            .send(Message::Close(Some(CloseFrame {
+                code: close_code,
+                reason: Utf8Bytes::from(close_reason(code, message)),
+            })))
+            .await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
 }
 
 /// Runs `write`, failing it after `limit`. Almost every write completes at its first poll (the

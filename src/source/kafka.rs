@@ -234,19 +234,21 @@ impl KafkaSource {
     /// [`resume`](Self::resume), fetches again from the record after the last one `recv` returned,
     /// so nothing is skipped and order is kept.
     pub fn pause(&self, partition: i32) -> Result<(), SourceError> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.settings.topic, partition);
         self.consumer
-            .pause(&tpl)
+            .pause(&self.one_partition(partition))
             .map_err(|e| SourceError::Kafka(format!("pausing partition {partition}: {e}")))
     }
 
     pub fn resume(&self, partition: i32) -> Result<(), SourceError> {
+        self.consumer
+            .resume(&self.one_partition(partition))
+            .map_err(|e| SourceError::Kafka(format!("resuming partition {partition}: {e}")))
+    }
+
+    fn one_partition(&self, partition: i32) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.settings.topic, partition);
-        self.consumer
-            .resume(&tpl)
-            .map_err(|e| SourceError::Kafka(format!("resuming partition {partition}: {e}")))
+        tpl
     }
 
     /// Commits what is committable (asynchronously; `sync` on shutdown).

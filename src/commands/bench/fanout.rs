@@ -426,12 +426,12 @@ async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
     println!(
         "  CPU per delivered message, gateway (over Redis) next to the bare axum loop, same pattern, measured in turns ({rounds} rounds; medians, ratios per round):"
     );
-    for (p, rounds) in patterns.iter().zip(&costs) {
+    for (p, measured) in patterns.iter().zip(&costs) {
         let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v.get(v.len() / 2).copied().unwrap_or(0.0)
         };
-        let ratios: Vec<f64> = rounds
+        let ratios: Vec<f64> = measured
             .iter()
             .map(|(gw, bare)| gw.server_us / bare.server_us)
             .collect();
@@ -439,11 +439,11 @@ async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
         println!(
             "    {:<44} gateway {:>6.2} µs ({:>7.0} msg/s; load generator {:.2} µs)   bare {:>5.2} µs ({:>7.0} msg/s)   ratio {:.2}x (rounds: {})",
             p.describe(),
-            median(rounds.iter().map(|(gw, _)| gw.server_us).collect()),
-            median(rounds.iter().map(|(gw, _)| gw.rate()).collect()),
-            median(rounds.iter().map(|(gw, _)| gw.load_us).collect()),
-            median(rounds.iter().map(|(_, bare)| bare.server_us).collect()),
-            median(rounds.iter().map(|(_, bare)| bare.rate()).collect()),
+            median(measured.iter().map(|(gw, _)| gw.server_us).collect()),
+            median(measured.iter().map(|(gw, _)| gw.rate()).collect()),
+            median(measured.iter().map(|(gw, _)| gw.load_us).collect()),
+            median(measured.iter().map(|(_, bare)| bare.server_us).collect()),
+            median(measured.iter().map(|(_, bare)| bare.rate()).collect()),
             median(ratios),
             listed.join(", ")
         );
