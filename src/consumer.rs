@@ -46,13 +46,19 @@ pub fn route<C: Clock + Clone>(
         Outcome::Deliver(fanout) => {
             stats.delivered_events.fetch_add(1, Relaxed);
             let before = out.len();
+            let mut whole = true;
             match throttle {
                 Some(t) => {
                     for user in fanout.recipients.iter() {
-                        t.admit(user, &fanout.message, out);
+                        whole &= t.admit(user, &fanout.message, out);
                     }
                 }
                 None => out.extend(fanout.recipients.iter().map(|u| fanout.message.to(u))),
+            }
+            if whole {
+                // Every recipient's message went out now, together: the bus may guard the
+                // event once rather than per user.
+                Outgoing::mark_whole_event(&mut out[before..]);
             }
             tracing::debug!(event_id = %fanout.event.id, recipients = fanout.recipients.len(), sent = out.len() - before, "event routed");
             Some(fanout)
@@ -171,4 +177,78 @@ pub async fn run_live<C: Clock + Clone>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use governor::clock::FakeRelativeClock;
+
+    use super::*;
+    use crate::notify::message::{Prepared, UserMessage};
+    use crate::notify::throttle::ThrottleConfig;
+
+    fn upload(id: &str, users: &[&str]) -> Outcome {
+        let json = format!(
+            r#"{{"id":"{id}","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{{"space_id":"s","path":"/f","kind":"file","size":1,"actor":"ann"}}}}"#
+        );
+        let event = crate::event::decode(json.as_bytes()).unwrap();
+        let message = Prepared::new(UserMessage::from_event(&event));
+        let recipients: Vec<Arc<str>> = users.iter().map(|u| Arc::from(*u)).collect();
+        Outcome::Deliver(Box::new(Fanout {
+            event,
+            recipients: recipients.into(),
+            message,
+        }))
+    }
+
+    fn whole_marks(out: &[Outgoing]) -> Vec<u32> {
+        out.iter().map(|o| o.whole_event).collect()
+    }
+
+    #[test]
+    fn an_event_is_marked_whole_only_when_every_recipient_got_it_now() {
+        let stats = PipelineStats::default();
+        let mut out = Vec::new();
+        // No rate limit: always whole.
+        route::<FakeRelativeClock>(upload("e0", &["a", "b", "c"]), "0", None, &stats, &mut out);
+        assert_eq!(whole_marks(&out), [3, 3, 3]);
+
+        let config = ThrottleConfig {
+            rate: 1.0,
+            burst: 1,
+            max_backlog: 100,
+        };
+        let mut throttle = Throttle::new(config, FakeRelativeClock::default());
+        let mut out = Vec::new();
+        route(
+            upload("e1", &["a"]),
+            "1",
+            throttle.as_mut(),
+            &stats,
+            &mut out,
+        );
+        route(
+            upload("e2", &["b", "c"]),
+            "2",
+            throttle.as_mut(),
+            &stats,
+            &mut out,
+        );
+        assert_eq!(whole_marks(&out), [1, 2, 2]);
+        // a is over its limit: e3 is held for a, so d's message is only a part of e3.
+        route(
+            upload("e3", &["a", "d"]),
+            "3",
+            throttle.as_mut(),
+            &stats,
+            &mut out,
+        );
+        assert_eq!(whole_marks(&out[3..]), [0]);
+        assert_eq!(&*out[3].user, "d");
+        assert!(out.iter().all(|o| o.event_id.is_some()));
+        assert_eq!(Outgoing::whole_run(&out[1..]), Some(2));
+        assert_eq!(Outgoing::whole_run(&out[3..]), None);
+    }
 }

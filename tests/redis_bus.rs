@@ -141,6 +141,19 @@ async fn publishes_in_order_with_history_and_once_per_user(target: RedisTarget) 
     nothing_more(&mut rx).await;
     assert_eq!(history(&target, &alice).await.len(), 2);
 
+    // A whole event (every recipient's message in one batch) replayed: once per user too (on a
+    // cluster through the per-user guard, on standalone through the event's).
+    let e = unique("whole");
+    for _ in 0..2 {
+        bus.publish(&whole(&[&alice, &bob], &e, "w")).await.unwrap();
+    }
+    let mut users = vec![recv(&mut rx).await.user, recv(&mut rx).await.user];
+    users.sort();
+    let mut want = vec![alice.clone(), bob.clone()];
+    want.sort();
+    assert_eq!(users, want);
+    nothing_more(&mut rx).await;
+
     // Unsubscribed users receive nothing more.
     bus.unsubscribe(&alice).await.expect("unsubscribe");
     bus.publish(&[msg(&alice, "e9", "late")])
@@ -153,6 +166,92 @@ async fn publishes_in_order_with_history_and_once_per_user(target: RedisTarget) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_bus() {
     publishes_in_order_with_history_and_once_per_user(RedisTarget::Standalone(redis_url())).await;
+}
+
+/// All of an event's messages, marked as going out together (none held by the rate limit).
+fn whole(users: &[&Arc<str>], event: &str, body: &str) -> Vec<Outgoing> {
+    let mut msgs: Vec<Outgoing> = users.iter().map(|u| msg(u, event, body)).collect();
+    Outgoing::mark_whole_event(&mut msgs);
+    msgs
+}
+
+async fn deliveries(rx: &mut mpsc::Receiver<Delivery>, n: usize) -> Vec<(String, String)> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let d = recv(rx).await;
+        got.push((
+            d.user.to_string(),
+            String::from_utf8(d.payload.to_vec()).unwrap(),
+        ));
+    }
+    nothing_more(rx).await;
+    got.sort();
+    got
+}
+
+/// On standalone Redis an event whose messages all go out in one call is guarded once
+/// (`fc:event:<id>`), not per user; an event that went out in parts (a recipient's message held
+/// by the rate limit) is guarded per user, and the two guards know about each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_event_is_guarded_once_and_an_event_in_parts_per_user() {
+    let target = RedisTarget::Standalone(redis_url());
+    let (tx, mut rx) = mpsc::channel(64);
+    let bus = RedisBus::connect(&target, RedisOptions::default(), Some(tx))
+        .await
+        .expect("connect");
+    let alice: Arc<str> = Arc::from(unique("alice"));
+    let bob: Arc<str> = Arc::from(unique("bob"));
+    for u in [&alice, &bob] {
+        bus.subscribe(u).await.expect("subscribe");
+    }
+    let mut c = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let guard = |e: &str| foldercast::bus::redis::keys::event(e);
+    let seen_sets = |user: &str| format!("fc:{{{user}}}:seen:*");
+
+    // Whole, first time: everyone gets it, one guard key, no per-user marks.
+    let e = unique("whole");
+    bus.publish(&whole(&[&alice, &bob], &e, "w")).await.unwrap();
+    assert_eq!(deliveries(&mut rx, 2).await.len(), 2);
+    let state: Option<String> = c.get(guard(&e)).await.unwrap();
+    assert_eq!(state.as_deref(), Some("all"));
+    let ttl: i64 = c.pttl(guard(&e)).await.unwrap();
+    assert!(ttl > 0, "the guard expires ({ttl} ms)");
+    let marks: Vec<String> = c.keys(seen_sets(&alice)).await.unwrap();
+    assert!(
+        marks.is_empty(),
+        "no per-user marks for a whole event: {marks:?}"
+    );
+
+    // Replayed whole, or replayed in parts (bob now rate-limited): nobody gets it again.
+    bus.publish(&whole(&[&alice, &bob], &e, "again"))
+        .await
+        .unwrap();
+    bus.publish(&[msg(&bob, &e, "held, later")]).await.unwrap();
+    nothing_more(&mut rx).await;
+
+    // In parts first: alice's goes out now, bob's is held (and lost in a crash).
+    let f = unique("parts");
+    bus.publish(&[msg(&alice, &f, "a")]).await.unwrap();
+    let a = String::from_utf8(msg(&alice, &f, "a").payload.to_vec()).unwrap();
+    assert_eq!(deliveries(&mut rx, 1).await, [(alice.to_string(), a)]);
+    let state: Option<String> = c.get(guard(&f)).await.unwrap();
+    assert_eq!(state.as_deref(), Some("some"));
+    // Replayed whole: only bob, who never had it, gets it; then nobody.
+    bus.publish(&whole(&[&alice, &bob], &f, "b")).await.unwrap();
+    assert_eq!(
+        deliveries(&mut rx, 1)
+            .await
+            .iter()
+            .map(|(u, _)| u.clone())
+            .collect::<Vec<_>>(),
+        [bob.to_string()]
+    );
+    bus.publish(&whole(&[&alice, &bob], &f, "c")).await.unwrap();
+    nothing_more(&mut rx).await;
 }
 
 /// The channel format other tools may read: a user's messages of one script call are one channel

@@ -25,6 +25,10 @@ pub struct Outgoing {
     /// The event this message reports (a coalesced one: its latest). A bus that is shared by
     /// several consumers uses it to deliver each event to each user once.
     pub event_id: Option<Arc<str>>,
+    /// `n > 0` on each of `n` consecutive messages that are all of one event's messages (none
+    /// was held back by the rate limit): a bus may then guard the event once, not per user.
+    /// 0 on any other message.
+    pub whole_event: u32,
 }
 
 impl Outgoing {
@@ -33,6 +37,7 @@ impl Outgoing {
             user,
             payload,
             event_id: None,
+            whole_event: 0,
         }
     }
 
@@ -41,7 +46,31 @@ impl Outgoing {
             user,
             payload,
             event_id,
+            whole_event: 0,
         }
+    }
+
+    /// Marks `messages` as all of one event's messages.
+    pub fn mark_whole_event(messages: &mut [Outgoing]) {
+        let n = u32::try_from(messages.len()).unwrap_or(0);
+        for m in messages {
+            m.whole_event = n;
+        }
+    }
+
+    /// The length of the whole-event run that starts at `messages[0]`, if it is one: `n`
+    /// messages of the same event, each marked `n`. Anything else (a run cut short, mixed
+    /// events) is not whole.
+    pub fn whole_run(messages: &[Outgoing]) -> Option<usize> {
+        let first = messages.first()?;
+        let n = first.whole_event as usize;
+        let event = first.event_id.as_ref()?;
+        let run = messages.get(..n)?;
+        (n > 0
+            && run
+                .iter()
+                .all(|m| m.whole_event == first.whole_event && m.event_id.as_ref() == Some(event)))
+        .then_some(n)
     }
 }
 

@@ -121,8 +121,9 @@ impl<C: Clock + Clone> Throttle<C> {
         })
     }
 
-    /// Offers `msg` for `user`; whatever may go out now is appended to `out`.
-    pub fn admit(&mut self, user: &Arc<str>, msg: &Prepared, out: &mut Vec<Outgoing>) {
+    /// Offers `msg` for `user`; whatever may go out now is appended to `out`. True when exactly
+    /// `msg` went out, as it is (nothing held, nothing flushed with it).
+    pub fn admit(&mut self, user: &Arc<str>, msg: &Prepared, out: &mut Vec<Outgoing>) -> bool {
         let now = self.clock.now();
         let state = self.users.entry(user.clone()).or_insert_with(|| UserState {
             limiter: RateLimiter::direct_with_clock(self.quota, self.clock.clone()),
@@ -134,24 +135,27 @@ impl<C: Clock + Clone> Throttle<C> {
         let space = &msg.message.space_id;
 
         if msg.message.is_membership() {
-            if let Some(pending) = state.pending.shift_remove(space) {
+            let flushed = state.pending.shift_remove(space);
+            let as_is = flushed.is_none();
+            if let Some(pending) = flushed {
                 state.emit(user, space, pending, out);
             }
             if state.pending.is_empty() {
                 self.waiting.remove(user);
             }
             out.push(msg.to(user));
-            return;
+            return as_is;
         }
         if state.pending.is_empty() && state.limiter.check().is_ok() {
             out.push(msg.to(user));
-            return;
+            return true;
         }
         state.hold(space, msg, self.max_backlog);
         state.flush_allowed(user, out);
         if !state.pending.is_empty() {
             self.waiting.insert(user.clone());
         }
+        false
     }
 
     /// Flushes the pending changes the buckets now allow; now and then forgets idle users.
@@ -521,6 +525,32 @@ mod tests {
         );
         let ids: Vec<Value> = parse(&out).iter().map(|m| m["event_id"].clone()).collect();
         assert_eq!(ids, ["e1", "e2", "m"]);
+    }
+
+    /// What lets the bus guard an event once rather than per user: admit says whether exactly
+    /// the offered message went out, as it is.
+    #[test]
+    fn admit_tells_whether_the_message_went_out_as_it_is() {
+        let (mut t, clock) = throttle(1.0, 1, 100);
+        let bob: Arc<str> = Arc::from("bob");
+        let mut out = Vec::new();
+        assert!(t.admit(&bob, &upload("e1", "s", "/x", 1), &mut out));
+        assert!(
+            !t.admit(&bob, &upload("e2", "s", "/y", 1), &mut out),
+            "held"
+        );
+        clock.advance(Duration::from_secs(1));
+        // The bucket allows one again, but e2 is still pending: e3 joins it, both flushed.
+        assert!(!t.admit(&bob, &upload("e3", "s", "/z", 1), &mut out));
+        assert_eq!(out.len(), 2);
+        // A membership message flushing a pending change is not "as it is" either.
+        assert!(!t.admit(&bob, &upload("e4", "s", "/w", 1), &mut out));
+        let removed = decode(br#"{"id":"m","type":"space-member-removed","time":"2026-11-22T10:00:01Z","data":{"space_id":"s","user":"bob"}}"#).unwrap();
+        let removal = Prepared::new(UserMessage::from_event(&removed));
+        assert!(!t.admit(&bob, &removal, &mut out));
+        // With nothing pending it is.
+        let carol: Arc<str> = Arc::from("carol");
+        assert!(t.admit(&carol, &removal, &mut out));
     }
 
     #[test]

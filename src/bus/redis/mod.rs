@@ -2,7 +2,8 @@
 //!
 //! Every key of a user carries the user id as a hash tag, so all of them live in one cluster slot:
 //! `fc:{alice}:live` (the pub/sub channel), `fc:{alice}:log` (a Redis Stream holding the user's
-//! recent messages) and `fc:{alice}:seen:<window>` (event ids already delivered to alice).
+//! recent messages) and `fc:{alice}:seen:<window>` (event ids already delivered to alice). On
+//! standalone Redis, `fc:event:<id>` also records how an event went out (see [`publish`]).
 //!
 //! A Lua script does, for each message and atomically: skip it if the event was already delivered to
 //! this user (so a partition replayed by another consumer after a crash or a rebalance reaches
@@ -19,21 +20,22 @@
 //! parsing each pushed message with redis-rs (about 30 % of its CPU in bursts): a burst of 16
 //! uploads to one user's folder is one push to parse, and one `PUBLISH` for Redis.
 //!
-//! Publishing is batched: on standalone Redis one script call covers up to 256 messages (a call's
-//! fixed cost is about as large as its commands'), in one pipeline; on a cluster one call per user
-//! (a call must stay within one slot), all sent concurrently. On a cluster the
-//! channel is published with `SPUBLISH` and subscribed with `SSUBSCRIBE`, so a message travels
-//! only within its shard.
+//! Publishing is batched: on standalone Redis one script call covers about 256 messages (a call's
+//! fixed cost is about as large as its commands'), whole events kept together, in one pipeline;
+//! on a cluster one call per user (a call must stay within one slot), all sent concurrently. On a
+//! cluster the channel is published with `SPUBLISH` and subscribed with `SSUBSCRIBE`, so a
+//! message travels only within its shard.
 //!
 //! Subscribing uses one connection per Redis node (redis-rs multiplexes: the standalone
 //! `ConnectionManager` or the cluster connection's per-node connections). redis-rs reconnects
 //! with backoff and resubscribes after a restart, failover or slot move; a health loop pings the
 //! nodes so `/readyz` can tell whether the bus is connected.
 
-use std::collections::HashMap;
+mod publish;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -45,6 +47,7 @@ use redis::{ErrorKind, PushInfo, PushKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::mpsc;
 
 use super::{Bus, BusError, Delivery, DeliverySink, Outgoing};
+use publish::PUBLISH_SCRIPT;
 
 /// Where Redis is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,62 +79,6 @@ impl Default for RedisOptions {
     }
 }
 
-const PUBLISH_SCRIPT: &str = r#"
--- Appends messages in order, then publishes each channel's share once: its messages of this
--- call, each as '<stream id> <payload bytes>\n<payload>'. Per message 4 KEYS: stream, seen ids
--- (current window), seen ids (previous window), channel; 3 ARGV after the 4 shared ones: payload,
--- event id ('' = not guarded), oldest id to keep ('' = no age trim this time).
--- Shared ARGV: 1 max length, 2 max age ms, 3 window ms, 4 PUBLISH or SPUBLISH.
-local maxlen, age, window, publish = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local maxage = tonumber(age)
-local published = 0
-local channels, entries = {}, {}
-for i = 0, #KEYS / 4 - 1 do
-  local k, a = i * 4, 4 + i * 3
-  local payload, event, oldest = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local fresh = true
-  if event ~= '' then
-    if redis.call('SISMEMBER', KEYS[k + 3], event) == 1 or redis.call('SADD', KEYS[k + 2], event) == 0 then
-      fresh = false
-    elseif redis.call('PTTL', KEYS[k + 2]) < 0 then
-      -- A new window's set: it must outlive the next window. PTTL is a read; a PEXPIRE per
-      -- message would be a write (and replicated).
-      redis.call('PEXPIRE', KEYS[k + 2], window * 2)
-    end
-  end
-  if fresh then
-    local id = redis.call('XADD', KEYS[k + 1], 'MAXLEN', '~', maxlen, '*', 'm', payload)
-    if oldest ~= '' then
-      redis.call('XTRIM', KEYS[k + 1], 'MINID', '~', oldest)
-    end
-    -- Keep the key for at least `age` after this entry: refresh (to 2 x age) only once less
-    -- than `age` is left, so most messages read the TTL instead of writing it.
-    if redis.call('PTTL', KEYS[k + 1]) < maxage then
-      redis.call('PEXPIRE', KEYS[k + 1], maxage * 2)
-    end
-    local channel = KEYS[k + 4]
-    local mine = entries[channel]
-    if mine == nil then
-      mine = {}
-      entries[channel] = mine
-      channels[#channels + 1] = channel
-    end
-    mine[#mine + 1] = id .. ' ' .. #payload .. '\n' .. payload
-    published = published + 1
-  end
-end
-for _, channel in ipairs(channels) do
-  local mine = entries[channel]
-  -- Most channels get one message per call: publish it as it is, without a concat's copy.
-  redis.call(publish, channel, #mine == 1 and mine[1] or table.concat(mine))
-end
-return published
-"#;
-
-/// Messages per script call on standalone Redis: enough to spread the call's fixed cost, few
-/// enough that one call never blocks Redis for long.
-const MESSAGES_PER_CALL: usize = 256;
-
 /// Key and channel names of a user.
 pub mod keys {
     pub fn channel(user: &str) -> String {
@@ -144,6 +91,11 @@ pub mod keys {
 
     pub fn seen(user: &str, window: u64) -> String {
         format!("fc:{{{user}}}:seen:{window}")
+    }
+
+    /// How an event went out (standalone Redis only: it is no user's key).
+    pub fn event(event: &str) -> String {
+        format!("fc:event:{event}")
     }
 
     /// The user a channel belongs to.
@@ -414,79 +366,6 @@ impl RedisBus {
             }
         }
         Ok(())
-    }
-
-    /// One script call publishing `messages` in order.
-    fn invocation(
-        &self,
-        messages: &[&Outgoing],
-        window: u64,
-        oldest: &mut impl FnMut() -> Option<u64>,
-        sharded: bool,
-    ) -> redis::Cmd {
-        let o = &self.options;
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash()).arg(messages.len() * 4);
-        for msg in messages {
-            cmd.arg(keys::stream(&msg.user))
-                .arg(keys::seen(&msg.user, window))
-                .arg(keys::seen(&msg.user, window.saturating_sub(1)))
-                .arg(keys::channel(&msg.user));
-        }
-        cmd.arg(o.stream_max_len)
-            .arg(o.stream_max_age.as_millis().max(1) as u64)
-            .arg(o.dedup_window.as_millis().max(1) as u64)
-            .arg(if sharded { "SPUBLISH" } else { "PUBLISH" });
-        for msg in messages {
-            cmd.arg(&msg.payload[..])
-                .arg(msg.event_id.as_deref().unwrap_or(""))
-                .arg(oldest().map(|ms| ms.to_string()).unwrap_or_default());
-        }
-        cmd
-    }
-
-    async fn publish_once(&self, batch: &[Outgoing]) -> Result<(), RedisError> {
-        let window_ms = self.options.dedup_window.as_millis().max(1) as u64;
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let window = now_ms / window_ms;
-        // Trimming by age costs an XTRIM; length trimming (every XADD) and the key's expiry keep
-        // memory bounded in between, so about one message in 64 asks for it.
-        let age_ms = self.options.stream_max_age.as_millis() as u64;
-        let mut trim_every = || {
-            let n = self.trim_counter.fetch_add(1, Relaxed);
-            n.is_multiple_of(64).then(|| now_ms.saturating_sub(age_ms))
-        };
-        match self.publisher.clone() {
-            Conn::Standalone(mut c) => {
-                let all: Vec<&Outgoing> = batch.iter().collect();
-                let mut pipe = redis::pipe();
-                for chunk in all.chunks(MESSAGES_PER_CALL) {
-                    pipe.add_command(self.invocation(chunk, window, &mut trim_every, false))
-                        .ignore();
-                }
-                pipe.exec_async(&mut c).await
-            }
-            Conn::Cluster(c) => {
-                // A script call must stay within one slot: one call per user (its keys share a
-                // hash tag), all sent at once.
-                let mut per_user: HashMap<&str, Vec<&Outgoing>> = HashMap::new();
-                for msg in batch {
-                    per_user.entry(&msg.user).or_default().push(msg);
-                }
-                let calls: Vec<redis::Cmd> = per_user
-                    .into_values()
-                    .map(|msgs| self.invocation(&msgs, window, &mut trim_every, true))
-                    .collect();
-                let sends = calls.into_iter().map(|cmd| {
-                    let mut c = c.clone();
-                    async move { cmd.query_async::<()>(&mut c).await }
-                });
-                futures_util::future::try_join_all(sends).await.map(|_| ())
-            }
-        }
     }
 }
 
