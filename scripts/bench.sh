@@ -15,7 +15,7 @@ for b in "${which[@]}"; do
   case "$b" in
     replay)  $BIN bench replay --events 1000000 --members 20 --depth 8 --spaces 1000 ;;
     idle)    $BIN bench idle --connections 19000 --users 1000 ;;
-    consume) $BIN bench consume --brokers "$FOLDERCAST_TEST_KAFKA" --redis "$FOLDERCAST_TEST_REDIS" --events 100000 --members 20 --spaces 1000 ;;
+    consume) $BIN bench consume --brokers "$FOLDERCAST_TEST_KAFKA" --redis "$FOLDERCAST_TEST_REDIS" --events 100000 --members 20 --spaces 1000 --rounds 3 ;;
     fanout)  $BIN bench fanout --redis "$FOLDERCAST_TEST_REDIS" --connections 1000 --rate 1000 --seconds 10 --rounds 3 ;;
     membership) $BIN bench membership --events 500000 --spaces 1000 --members 20 --paced-events 100000 --paced-seconds 10 --short-ttl 2s ;;
     *) echo "unknown benchmark $b" >&2; exit 2 ;;

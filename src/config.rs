@@ -611,6 +611,11 @@ pub struct BenchConsumeArgs {
     /// The foldercast binary to run as the consumer (default: this one).
     #[arg(long, env = "FOLDERCAST_BENCH_BINARY")]
     pub binary: Option<PathBuf>,
+    /// Rounds; each produces the trace, consumes it, then measures the Redis-bound limit right
+    /// after, so every ratio compares two measurements taken seconds apart (the machine's speed
+    /// drifts over minutes). The median round is reported.
+    #[arg(long, env = "FOLDERCAST_BENCH_ROUNDS", default_value_t = 3)]
+    pub rounds: usize,
 }
 
 #[derive(Debug, Args)]

@@ -116,7 +116,8 @@ async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
             record = source.recv() => record?,
         };
         let (tx, _) = workers.entry(record.partition).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(256);
+            // Deep enough to take a whole fetch of the partition without holding the reader.
+            let (tx, rx) = mpsc::channel(WORKER_QUEUE);
             (tx, tokio::spawn(partition_worker(rx, shared.clone())))
         });
         match tx.try_send(record) {
@@ -198,6 +199,9 @@ fn hold_partition(
         }
     });
 }
+
+/// Records queued per partition worker (about 1 KiB each).
+const WORKER_QUEUE: usize = 4096;
 
 /// Events handled together: processed in order, published as one pipeline, then marked.
 const WORKER_BATCH: usize = 64;
