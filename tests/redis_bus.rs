@@ -70,17 +70,25 @@ async fn history(target: &RedisTarget, user: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn publishes_in_order_with_history_and_once_per_user(target: RedisTarget) {
-    let (tx, mut rx) = mpsc::channel(64);
-    let bus = RedisBus::connect(&target, RedisOptions::default(), Some(tx))
+/// A bus delivering to the returned receiver, with two fresh users subscribed.
+async fn two_subscribed(
+    target: &RedisTarget,
+) -> (Arc<RedisBus>, mpsc::Receiver<Delivery>, Arc<str>, Arc<str>) {
+    let (tx, rx) = mpsc::channel(64);
+    let bus = RedisBus::connect(target, RedisOptions::default(), Some(tx))
         .await
         .expect("connect");
     let alice: Arc<str> = Arc::from(unique("alice"));
     let bob: Arc<str> = Arc::from(unique("bob"));
-    let carol: Arc<str> = Arc::from(unique("carol"));
     for u in [&alice, &bob] {
         bus.subscribe(u).await.expect("subscribe");
     }
+    (bus, rx, alice, bob)
+}
+
+async fn publishes_in_order_with_history_and_once_per_user(target: RedisTarget) {
+    let (bus, mut rx, alice, bob) = two_subscribed(&target).await;
+    let carol: Arc<str> = Arc::from(unique("carol"));
     let batch = vec![
         msg(&alice, "e1", "a1"),
         msg(&bob, "e1", "b1"),
@@ -195,15 +203,7 @@ async fn deliveries(rx: &mut mpsc::Receiver<Delivery>, n: usize) -> Vec<(String,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_event_is_guarded_once_and_an_event_in_parts_per_user() {
     let target = RedisTarget::Standalone(redis_url());
-    let (tx, mut rx) = mpsc::channel(64);
-    let bus = RedisBus::connect(&target, RedisOptions::default(), Some(tx))
-        .await
-        .expect("connect");
-    let alice: Arc<str> = Arc::from(unique("alice"));
-    let bob: Arc<str> = Arc::from(unique("bob"));
-    for u in [&alice, &bob] {
-        bus.subscribe(u).await.expect("subscribe");
-    }
+    let (bus, mut rx, alice, bob) = two_subscribed(&target).await;
     let mut c = redis::Client::open(redis_url())
         .unwrap()
         .get_multiplexed_async_connection()
