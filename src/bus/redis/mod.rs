@@ -3,7 +3,7 @@
 //! Every key of a user carries the user id as a hash tag, so all of them live in one cluster slot:
 //! `fc:{alice}:live` (the pub/sub channel), `fc:{alice}:log` (a Redis Stream holding the user's
 //! recent messages) and `fc:{alice}:seen:<window>` (event ids already delivered to alice). On
-//! standalone Redis, `fc:event:<id>` also records how an event went out (see [`publish`]).
+//! standalone Redis, `fc:event:<id>` also records how an event went out (see `publish.rs`).
 //!
 //! A Lua script does, for each message and atomically: skip it if the event was already delivered to
 //! this user (so a partition replayed by another consumer after a crash or a rebalance reaches

@@ -14,7 +14,8 @@
 //!
 //! The per-user guard costs Redis three commands per message and a set member per user and
 //! event; the per-event one a single `SET` per event. With 20 recipients per event that took
-//! Redis from about 13.4 to 9.6 µs per message (`docs/benchmarks.md`).
+//! Redis from 13.2–14.4 to 12.0–12.5 µs per message, and sending each payload once per call
+//! (see [`distinct_payloads`]) to 8.7–9.1 µs (`docs/benchmarks.md`).
 //!
 //! A part message of an event first delivered whole is dropped (its user had it); a whole run of
 //! an event first delivered in parts is checked per user (some users may have missed it).
