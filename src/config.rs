@@ -210,7 +210,9 @@ pub struct ConsumeArgs {
     )]
     pub commit_batch: u64,
 
-    /// Extra librdkafka consumer property, `key=value` (repeatable).
+    /// Extra librdkafka consumer property, `key=value` (repeatable). foldercast sets
+    /// `fetch.max.bytes=1048576` and `max.partition.fetch.bytes=262144` so partitions interleave;
+    /// these override them.
     #[arg(
         long = "kafka-option",
         env = "FOLDERCAST_KAFKA_OPTIONS",
