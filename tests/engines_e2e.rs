@@ -784,7 +784,8 @@ async fn a_partition_waiting_for_membership_does_not_stall_the_others() {
         .unwrap();
 
     let redis = Redis::Standalone(redis_url());
-    let server = gateway(&redis, &[]).await;
+    // The stuck user gets all of its events at once after recovery: room for them.
+    let server = gateway(&redis, &["--send-queue", "10000"]).await;
     let mut stuck_ws = connect(&server, &stuck_user).await;
     let mut free_ws = connect(&server, &free_user).await;
     let membership = [
@@ -793,16 +794,20 @@ async fn a_partition_waiting_for_membership_does_not_stall_the_others() {
         "--membership-max-stale".to_owned(),
         "0s".to_owned(),
     ];
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("consume.log");
     let mut consumer = consume_with(
         &t,
         &membership,
         &[("FOLDERCAST_OCIS_TOKEN", "admin-token")],
         &redis,
-        None,
+        Some(&log),
     );
 
-    // More events of the stuck space than its worker can queue, then time for them to pile up.
-    produce_to_partition(&t.name, 0, &stuck_space, "stuck", 1000).await;
+    // More events of the stuck space than its worker can queue (4,096 + a batch of 64), then
+    // time for them to pile up: the reader must pause that partition, not wait on it.
+    let stuck_events = 5000;
+    produce_to_partition(&t.name, 0, &stuck_space, "stuck", stuck_events).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     produce_to_partition(&t.name, 1, &free_space, "free", 20).await;
     let got = collect(&mut free_ws, 20, Duration::from_secs(20)).await;
@@ -816,13 +821,22 @@ async fn a_partition_waiting_for_membership_does_not_stall_the_others() {
 
     // oCIS is back: every waiting event arrives, in order, none lost.
     graph.fail_space(&stuck_space, false);
-    let got = collect(&mut stuck_ws, 1000, Duration::from_secs(30)).await;
-    assert_eq!(got.len(), 1000, "all held events delivered after recovery");
+    let got = collect(&mut stuck_ws, stuck_events, Duration::from_secs(60)).await;
+    assert_eq!(
+        got.len(),
+        stuck_events,
+        "all held events delivered after recovery"
+    );
     let ids: Vec<String> = got
         .iter()
         .map(|(_, m)| m["event_id"].as_str().unwrap().to_owned())
         .collect();
-    let expected: Vec<String> = (0..1000).map(|n| format!("stuck-{n}")).collect();
+    let expected: Vec<String> = (0..stuck_events).map(|n| format!("stuck-{n}")).collect();
     assert_eq!(ids, expected, "in partition order");
     let _ = consumer.kill().await;
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("partition paused") && log.contains("partition resumed"),
+        "the full partition was paused, then resumed"
+    );
 }
