@@ -213,9 +213,21 @@ async fn a_whole_event_is_guarded_once_and_an_event_in_parts_per_user() {
     let seen_sets = |user: &str| format!("fc:{{{user}}}:seen:*");
 
     // Whole, first time: everyone gets it, one guard key, no per-user marks.
+    // The call also carries a message with its own payload, after the shared one: each
+    // message must get its own payload back (a call sends each distinct payload once).
     let e = unique("whole");
-    bus.publish(&whole(&[&alice, &bob], &e, "w")).await.unwrap();
-    assert_eq!(deliveries(&mut rx, 2).await.len(), 2);
+    let solo = unique("solo");
+    let mut batch = whole(&[&alice, &bob], &e, "w");
+    batch.push(msg(&bob, &solo, "s"));
+    bus.publish(&batch).await.unwrap();
+    let text = |m: &Outgoing| String::from_utf8(m.payload.to_vec()).unwrap();
+    let mut want = vec![
+        (alice.to_string(), text(&batch[0])),
+        (bob.to_string(), text(&batch[1])),
+        (bob.to_string(), text(&batch[2])),
+    ];
+    want.sort();
+    assert_eq!(deliveries(&mut rx, 3).await, want);
     let state: Option<String> = c.get(guard(&e)).await.unwrap();
     assert_eq!(state.as_deref(), Some("all"));
     let ttl: i64 = c.pttl(guard(&e)).await.unwrap();

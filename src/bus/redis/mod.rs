@@ -484,7 +484,7 @@ impl Bus for RedisBus {
         match self.publish_once(batch).await {
             Ok(()) => Ok(()),
             // A restarted Redis has forgotten the script: load it and try once more. Messages
-            // that did go out are not repeated: the per-user guard drops them.
+            // that did go out are not repeated: the event and per-user guards drop them.
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 self.load_script().await?;
                 self.publish_once(batch).await.map_err(unavailable)
