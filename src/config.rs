@@ -96,6 +96,9 @@ pub struct RunArgs {
     pub shaping: ShapingArgs,
 
     #[command(flatten)]
+    pub history: HistoryArgs,
+
+    #[command(flatten)]
     pub gateway: GatewayArgs,
 
     // Last: their help headings apply to every flag after them.
@@ -372,7 +375,19 @@ pub struct RedisArgs {
     )]
     pub redis_cluster: Option<Vec<String>>,
 
-    /// Messages kept per user in the Redis stream (approximately).
+    #[command(flatten)]
+    pub history: HistoryArgs,
+
+    /// How long Redis remembers which events each user already received (repeats are dropped).
+    #[arg(long, env = "FOLDERCAST_DELIVERY_DEDUP_WINDOW", default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
+    pub delivery_dedup_window: Duration,
+}
+
+/// How much of each user's history is kept for resuming clients (Redis or in-process).
+#[derive(Debug, Clone, Args)]
+pub struct HistoryArgs {
+    /// Messages kept per user for resuming clients (approximately, on Redis). A client that
+    /// missed more than is kept gets `resumed` with `recovered: false` and refetches.
     #[arg(
         long,
         env = "FOLDERCAST_STREAM_MAX_LEN",
@@ -381,13 +396,12 @@ pub struct RedisArgs {
     )]
     pub stream_max_len: u64,
 
-    /// Age after which a user's stream entries are trimmed.
-    #[arg(long, env = "FOLDERCAST_STREAM_MAX_AGE", default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
+    /// Age after which a user's history entries are trimmed: a client away for longer than this
+    /// resyncs instead of catching up. An idle user's history expires between this and twice
+    /// this after its last message; its epoch and top position are kept at least 30 days, so
+    /// a client that missed nothing still resumes.
+    #[arg(long, env = "FOLDERCAST_STREAM_MAX_AGE", default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
     pub stream_max_age: Duration,
-
-    /// How long Redis remembers which events each user already received (repeats are dropped).
-    #[arg(long, env = "FOLDERCAST_DELIVERY_DEDUP_WINDOW", default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
-    pub delivery_dedup_window: Duration,
 }
 
 /// How messages are shaped per user.
@@ -494,6 +508,25 @@ pub struct GatewayArgs {
     /// closed (1001, `ping-timeout`). `0s` turns pings off.
     #[arg(long, env = "FOLDERCAST_WS_PING_INTERVAL", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub ws_ping_interval: Duration,
+
+    /// The most messages one resume replays; a client further behind gets `resumed` with
+    /// `recovered: false` (`over-limit`) and refetches instead.
+    #[arg(
+        long,
+        env = "FOLDERCAST_RESUME_MAX",
+        default_value_t = 1000,
+        value_name = "N"
+    )]
+    pub resume_max: usize,
+
+    /// On SIGTERM/SIGINT every client is told to reconnect after a random delay up to this
+    /// (WebSocket `reconnect` frame, SSE `retry:`), so a deploy is not a reconnect storm.
+    #[arg(long, env = "FOLDERCAST_DRAIN_SPREAD", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub drain_spread: Duration,
+
+    /// On SIGTERM/SIGINT, how long open connections get to be told and closed before exit.
+    #[arg(long, env = "FOLDERCAST_DRAIN_GRACE", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub drain_grace: Duration,
 
     /// Lifetime of a single-use connection ticket from POST /api/tickets.
     #[arg(long, env = "FOLDERCAST_TICKET_TTL", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]

@@ -1,47 +1,130 @@
-//! The in-process bus of the embedded default: no history, ids from a per-user counter.
+//! The in-process bus of the embedded default: the same contract as Redis, within one process.
+//!
+//! Each user has a bounded history (by length and age) with ids from a per-user counter, and an
+//! epoch of its own per process start: a client that resumes across a restart of `run` is told
+//! `unknown-epoch` rather than served ids of another lifetime.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use super::{Bus, BusError, Delivery, DeliverySink, Outgoing};
 use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::position::{self, Catchup, HistoryView, Position, StreamId};
+use super::{Bus, BusError, Delivery, DeliverySink, Outgoing};
+
+/// How much history the in-process bus keeps per user.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryRetention {
+    pub max_len: usize,
+    pub max_age: Duration,
+}
+
+impl Default for MemoryRetention {
+    fn default() -> Self {
+        MemoryRetention {
+            max_len: 1000,
+            max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
 
 pub struct MemoryBus {
     state: Mutex<State>,
     deliveries: Arc<dyn DeliverySink>,
+    retention: MemoryRetention,
+    /// The random part of every epoch of this process.
+    epoch_base: String,
 }
 
 #[derive(Default)]
 struct State {
     subscribed: HashSet<Arc<str>>,
-    /// Last id per user; counted for every message, subscribed or not, so ids only grow.
-    last_id: HashMap<Arc<str>, u64>,
+    histories: HashMap<Arc<str>, History>,
+}
+
+#[derive(Default)]
+struct History {
+    /// Last id given; ids only grow, for every message, subscribed or not.
+    top: u64,
+    entries: VecDeque<(u64, Instant, Bytes)>,
+    /// Whether any entry was trimmed away.
+    trimmed: bool,
+}
+
+impl History {
+    fn trim(&mut self, retention: MemoryRetention, now: Instant) {
+        while self.entries.len() > retention.max_len
+            || self
+                .entries
+                .front()
+                .is_some_and(|(_, at, _)| now.duration_since(*at) > retention.max_age)
+        {
+            self.entries.pop_front();
+            self.trimmed = true;
+        }
+    }
+
+    fn safe_from(&self) -> StreamId {
+        let id = |n| StreamId { ms: n, seq: 0 };
+        match (self.trimmed, self.entries.front()) {
+            (false, _) => StreamId::ZERO,
+            (true, Some((first, _, _))) => id(*first),
+            (true, None) => id(self.top),
+        }
+    }
+}
+
+/// The six hex digits that end every epoch of `user` (see [`position`]).
+fn user_check(user: &str) -> String {
+    let mut h = std::hash::DefaultHasher::new();
+    user.hash(&mut h);
+    format!("{:06x}", h.finish() & 0xff_ffff)
 }
 
 impl MemoryBus {
-    /// A bus that delivers into `deliveries`.
+    /// A bus that delivers into `deliveries`, keeping the default history per user.
     pub fn new(deliveries: Arc<dyn DeliverySink>) -> Self {
+        Self::with_retention(deliveries, MemoryRetention::default())
+    }
+
+    pub fn with_retention(deliveries: Arc<dyn DeliverySink>, retention: MemoryRetention) -> Self {
         MemoryBus {
             state: Mutex::new(State::default()),
             deliveries,
+            retention: MemoryRetention {
+                max_len: retention.max_len.max(1),
+                ..retention
+            },
+            epoch_base: format!("{:08x}", rand::random::<u32>()),
         }
+    }
+
+    fn epoch(&self, user: &str) -> String {
+        format!("{}{}", self.epoch_base, user_check(user))
     }
 }
 
 #[async_trait]
 impl Bus for MemoryBus {
     async fn publish(&self, batch: &[Outgoing]) -> Result<(), BusError> {
+        let now = Instant::now();
         let ready: Vec<Delivery> = {
             let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
             let mut ready = Vec::new();
             for msg in batch {
-                let seq = state.last_id.entry(msg.user.clone()).or_insert(0);
-                *seq += 1;
-                let id = *seq;
+                let history = state.histories.entry(msg.user.clone()).or_default();
+                history.top += 1;
+                let id = history.top;
+                history.entries.push_back((id, now, msg.payload.clone()));
+                history.trim(self.retention, now);
                 if state.subscribed.contains(&msg.user) {
                     ready.push(Delivery {
                         user: msg.user.clone(),
-                        id: Arc::from(id.to_string()),
+                        id: Arc::from(format!("{}:{id}-0", self.epoch(&msg.user))),
                         payload: msg.payload.clone(),
                     });
                 }
@@ -66,15 +149,65 @@ impl Bus for MemoryBus {
         state.subscribed.remove(user);
         Ok(())
     }
+
+    async fn catch_up(
+        &self,
+        user: &Arc<str>,
+        since: Option<&Position>,
+        limit: usize,
+    ) -> Result<Catchup, BusError> {
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        let empty = History::default();
+        let history = match state.histories.get_mut(user) {
+            Some(h) => {
+                h.trim(self.retention, Instant::now());
+                &*h
+            }
+            None => &empty,
+        };
+        let view = HistoryView {
+            epoch: Arc::from(self.epoch(user)),
+            user_check: user_check(user).into(),
+            top: StreamId {
+                ms: history.top,
+                seq: 0,
+            },
+            safe_from: history.safe_from(),
+        };
+        let Some(since) = since else {
+            return Ok(Catchup::Recovered {
+                entries: Vec::new(),
+                top: view.top_position(),
+            });
+        };
+        let after = history
+            .entries
+            .iter()
+            .filter(|(id, _, _)| StreamId { ms: *id, seq: 0 } > since.id)
+            .take(limit.saturating_add(1))
+            .map(|(id, _, payload)| (StreamId { ms: *id, seq: 0 }, payload.clone()))
+            .collect();
+        Ok(position::decide(&view, since, after, limit))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
+    use crate::bus::LostReason;
+
+    fn ids(c: &Catchup) -> Vec<String> {
+        match c {
+            Catchup::Recovered { entries, .. } => entries
+                .iter()
+                .map(|(_, p)| String::from_utf8(p.to_vec()).unwrap())
+                .collect(),
+            Catchup::Lost { reason, .. } => vec![reason.as_str().to_owned()],
+        }
+    }
 
     #[tokio::test]
-    async fn delivers_only_to_subscribed_users_with_increasing_ids() {
+    async fn delivers_only_to_subscribed_users_with_increasing_positions() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
         let bus = MemoryBus::new(Arc::new(tx));
         let alice: Arc<str> = Arc::from("alice");
@@ -88,17 +221,60 @@ mod tests {
         bus.publish(&batch).await.unwrap();
         let a = rx.recv().await.unwrap();
         let b = rx.recv().await.unwrap();
+        let epoch = bus.epoch("alice");
         assert_eq!(
             (&*a.user, &*a.id, &a.payload[..]),
-            ("alice", "1", &b"1"[..])
+            ("alice", &*format!("{epoch}:1-0"), &b"1"[..])
         );
-        assert_eq!(
-            (&*b.user, &*b.id, &b.payload[..]),
-            ("alice", "2", &b"2"[..])
-        );
+        assert_eq!(&*b.id, format!("{epoch}:2-0"));
         assert!(rx.try_recv().is_err(), "bob is not subscribed");
         bus.unsubscribe(&alice).await.unwrap();
         bus.publish(&batch).await.unwrap();
         assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn history_resumes_within_retention_and_says_why_not_outside() {
+        let (tx, _rx) = tokio::sync::mpsc::channel(16);
+        let retention = MemoryRetention {
+            max_len: 3,
+            max_age: Duration::from_secs(3600),
+        };
+        let bus = MemoryBus::with_retention(Arc::new(tx), retention);
+        let alice: Arc<str> = Arc::from("alice");
+        let start = bus.catch_up(&alice, None, 10).await.unwrap();
+        let start = Position::parse(start.top()).unwrap();
+        assert_eq!(start.id, StreamId::ZERO, "a user with no history is at 0");
+        for n in 1..=3 {
+            let m = Outgoing::new(alice.clone(), Bytes::from(n.to_string()));
+            bus.publish(&[m]).await.unwrap();
+        }
+        assert_eq!(ids(&bus.catch_up(&alice, Some(&start), 10).await.unwrap()), ["1", "2", "3"]);
+        let at = |n: u64| Position {
+            epoch: start.epoch.clone(),
+            id: StreamId { ms: n, seq: 0 },
+        };
+        assert_eq!(ids(&bus.catch_up(&alice, Some(&at(1)), 10).await.unwrap()), ["2", "3"]);
+        assert_eq!(ids(&bus.catch_up(&alice, Some(&at(1)), 1).await.unwrap()), ["over-limit"]);
+        assert!(ids(&bus.catch_up(&alice, Some(&at(3)), 10).await.unwrap()).is_empty());
+        assert_eq!(ids(&bus.catch_up(&alice, Some(&at(4)), 10).await.unwrap()), ["bad-position"]);
+        // A fourth message trims the first: from 0 the gap can no longer be filled.
+        bus.publish(&[Outgoing::new(alice.clone(), Bytes::from("4"))])
+            .await
+            .unwrap();
+        assert_eq!(ids(&bus.catch_up(&alice, Some(&start), 10).await.unwrap()), ["too-old"]);
+        assert_eq!(ids(&bus.catch_up(&alice, Some(&at(2)), 10).await.unwrap()), ["3", "4"]);
+        // Another process start (another bus) has another epoch; bob's epoch is not alice's.
+        let (tx2, _rx2) = tokio::sync::mpsc::channel(16);
+        let restarted = MemoryBus::new(Arc::new(tx2));
+        assert_eq!(
+            restarted.catch_up(&alice, Some(&at(2)), 10).await.unwrap(),
+            Catchup::Lost {
+                reason: LostReason::UnknownEpoch,
+                top: format!("{}:0-0", restarted.epoch("alice")),
+            }
+        );
+        let bob: Arc<str> = Arc::from("bob");
+        assert_eq!(ids(&bus.catch_up(&bob, Some(&at(2)), 10).await.unwrap()), ["bad-position"]);
     }
 }

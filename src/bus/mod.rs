@@ -1,12 +1,19 @@
 //! The bus: where the consumer side hands per-user messages to the gateway side.
 //!
 //! The seam is small on purpose, so Redis (standalone or Cluster) can stand behind it as well as
-//! the in-process [`MemoryBus`]: publish a batch, and subscribe or unsubscribe a user. What a
-//! subscription receives arrives as [`Delivery`] values on the channel the bus was built with,
-//! stamped with the user's next strictly increasing id. Payloads are opaque bytes (an encoded
+//! the in-process [`MemoryBus`]: publish a batch, subscribe or unsubscribe a user, and read a
+//! user's history after a position. What a subscription receives arrives as [`Delivery`] values
+//! on the sink the bus was built with, stamped with the user's position (`<epoch>:<id>`, see
+//! [`position`]), whose ids strictly increase per user. Payloads are opaque bytes (an encoded
 //! `UserMessage`), so a gateway never depends on how they were made.
+//!
+//! Every bus keeps a bounded history per user under the same contract: what was published is
+//! there, in id order, until it is trimmed by length or age, and an epoch that changes whenever
+//! the history was lost. [`Bus::catch_up`] reads it for resuming clients and for sessions whose
+//! live feed had a gap.
 
 mod memory;
+pub mod position;
 pub mod redis;
 
 use std::sync::Arc;
@@ -14,7 +21,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use memory::MemoryBus;
+pub use memory::{MemoryBus, MemoryRetention};
+pub use position::{Catchup, LostReason, Position, StreamId};
 pub use redis::{RedisBus, RedisOptions, RedisTarget};
 
 /// One message for one user, on its way to the bus.
@@ -74,10 +82,11 @@ impl Outgoing {
     }
 }
 
-/// A message delivered to a subscribed user, with its per-user id.
+/// A message delivered to a subscribed user, with its position in the user's history.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
     pub user: Arc<str>,
+    /// `<epoch>:<id>`.
     pub id: Arc<str>,
     pub payload: Bytes,
 }
@@ -152,6 +161,15 @@ pub trait Bus: Send + Sync {
     async fn subscribe(&self, user: &Arc<str>) -> Result<(), BusError>;
     /// Stops delivering `user`'s messages.
     async fn unsubscribe(&self, user: &Arc<str>) -> Result<(), BusError>;
+    /// `user`'s current position (giving the history an epoch if it has none yet) and, with
+    /// `since`, every message after it: all of them, in order, or none and why
+    /// ([`position::decide`]). At most `limit` are replayed; more is `over-limit`.
+    async fn catch_up(
+        &self,
+        user: &Arc<str>,
+        since: Option<&Position>,
+        limit: usize,
+    ) -> Result<Catchup, BusError>;
     /// Whether the bus is reachable now (`/readyz`).
     fn is_connected(&self) -> bool {
         true

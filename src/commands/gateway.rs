@@ -2,7 +2,8 @@
 //!
 //! Stateless but for its live sockets: run several behind a load balancer. `/readyz` is ready only
 //! while Redis is reachable; clients stay connected through a Redis restart while the bus
-//! reconnects and resubscribes.
+//! reconnects and resubscribes. On SIGTERM it drains: every client is told to reconnect (with
+//! its position, after a spread-out delay) and the process exits within `--drain-grace`.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -27,12 +28,15 @@ pub fn gateway(args: GatewayCommandArgs) -> anyhow::Result<ExitCode> {
             RedisBus::connect_with_sink(&target, super::redis_options(&args.redis), Some(sink_dyn))
                 .await?;
         bus.spawn_health_check(Duration::from_secs(1));
-        let app = super::gateway_app(bus.clone() as Arc<dyn Bus>, &sink, auth, &args.gateway);
+        let (app, state) =
+            super::gateway_app(bus.clone() as Arc<dyn Bus>, &sink, auth, &args.gateway);
         let listener = super::bind_and_announce(&args.gateway).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(super::cancel_on_signal(shutdown.clone()));
         let server = tokio::spawn(gateway::serve(listener, app, shutdown.clone()));
         shutdown.cancelled().await;
+        // New connections are refused now; open ones are told to reconnect and resume.
+        state.drain().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
         anyhow::Ok(())
     })?;

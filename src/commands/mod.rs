@@ -64,8 +64,8 @@ fn redis_target(r: &RedisArgs) -> RedisTarget {
 
 fn redis_options(r: &RedisArgs) -> RedisOptions {
     RedisOptions {
-        stream_max_len: r.stream_max_len,
-        stream_max_age: r.stream_max_age,
+        stream_max_len: r.history.stream_max_len,
+        stream_max_age: r.history.stream_max_age,
         dedup_window: r.delivery_dedup_window,
     }
 }
@@ -82,20 +82,25 @@ fn gateway_config(g: &GatewayArgs) -> GatewayConfig {
         ticket_ttl: g.ticket_ttl,
         token_grace: g.token_grace,
         ping_interval: g.ws_ping_interval,
+        resume_max: g.resume_max,
+        drain_spread: g.drain_spread,
+        drain_grace: g.drain_grace,
         ..GatewayConfig::default()
     }
 }
 
-/// The gateway's router over `bus`, whose deliveries go to `sink` (bound here to the hub).
+/// The gateway's router over `bus`, whose deliveries go to `sink` (bound here to the hub), and
+/// its state (to drain it on shutdown).
 fn gateway_app(
     bus: Arc<dyn Bus>,
     sink: &LateSink,
     auth: Arc<Authenticator>,
     g: &GatewayArgs,
-) -> Router {
+) -> (Router, Arc<AppState>) {
     let hub = Hub::new(bus, g.send_queue);
     sink.bind(&(hub.clone() as Arc<dyn DeliverySink>));
-    gw::router(AppState::new(auth, hub, gateway_config(g)))
+    let state = AppState::new(auth, hub, gateway_config(g));
+    (gw::router(state.clone()), state)
 }
 
 /// Binds `--listen` and announces the address on stdout (tests and scripts read it when the

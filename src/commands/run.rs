@@ -10,7 +10,7 @@ use std::time::Duration;
 use governor::clock::DefaultClock;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, LateSink, MemoryBus};
+use crate::bus::{Bus, LateSink, MemoryBus, MemoryRetention};
 use crate::config::RunArgs;
 use crate::consumer::{run_live, spawn_reader};
 use crate::demo::DemoState;
@@ -53,8 +53,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let sink = Arc::new(LateSink::default());
-    let bus = Arc::new(MemoryBus::new(sink.clone()));
-    let mut app = super::gateway_app(
+    let retention = MemoryRetention {
+        max_len: usize::try_from(args.history.stream_max_len).unwrap_or(usize::MAX),
+        max_age: args.history.stream_max_age,
+    };
+    let bus = Arc::new(MemoryBus::with_retention(sink.clone(), retention));
+    let (mut app, gateway_state) = super::gateway_app(
         bus.clone() as Arc<dyn Bus>,
         &sink,
         auth.clone(),
@@ -109,6 +113,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     shutdown.cancelled().await;
+    // Open connections are told to reconnect and resume, then closed.
+    gateway_state.drain().await;
     // SSE responses can hold axum's graceful shutdown open: give it a moment, then leave.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     Ok(())

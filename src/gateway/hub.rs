@@ -58,6 +58,11 @@ impl Hub {
         })
     }
 
+    /// The bus, for history reads.
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        &self.bus
+    }
+
     /// Whether the bus is reachable (`/readyz`).
     pub fn bus_connected(&self) -> bool {
         self.bus.is_connected()
@@ -136,7 +141,7 @@ impl Hub {
 /// The frames every connection of the user is sent, built once, all in one buffer: each frame's
 /// text and id are slices of it, so a batch costs one allocation there, not two per message
 /// (freed on another thread, those showed in the profile).
-fn frames_of(messages: &[(&str, Bytes)]) -> Vec<Arc<Frame>> {
+pub(super) fn frames_of(messages: &[(&str, Bytes)]) -> Vec<Arc<Frame>> {
     struct Span {
         text: std::ops::Range<usize>,
         id: std::ops::Range<usize>,

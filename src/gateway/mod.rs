@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod hub;
 pub mod protocol;
+pub mod resume;
 pub mod session;
 mod sse;
 pub mod wakeups;
@@ -46,6 +47,13 @@ pub struct GatewayConfig {
     /// How often WebSocket clients are pinged; one that answers nothing (no pong, no frame) for
     /// two intervals is closed. Zero turns pings off.
     pub ping_interval: Duration,
+    /// The most messages a resume replays; a client further behind is told `over-limit`.
+    pub resume_max: usize,
+    /// On shutdown, clients are told to reconnect after a random delay up to this, so that a
+    /// deploy does not become a reconnect storm.
+    pub drain_spread: Duration,
+    /// On shutdown, how long open connections are given to be told and closed.
+    pub drain_grace: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -62,6 +70,9 @@ impl Default for GatewayConfig {
             ticket_ttl: Duration::from_secs(30),
             token_grace: Duration::from_secs(2),
             ping_interval: Duration::from_secs(30),
+            resume_max: 1000,
+            drain_spread: Duration::from_secs(10),
+            drain_grace: Duration::from_secs(5),
         }
     }
 }
@@ -71,6 +82,9 @@ pub struct AppState {
     pub tickets: TicketStore,
     pub hub: Arc<Hub>,
     pub config: GatewayConfig,
+    /// Cancelled when the gateway shuts down: every session tells its client to reconnect (with
+    /// its position, after a spread-out delay) and closes.
+    pub draining: CancellationToken,
 }
 
 impl AppState {
@@ -80,7 +94,24 @@ impl AppState {
             tickets: TicketStore::new(config.ticket_ttl, 100_000),
             hub,
             config,
+            draining: CancellationToken::new(),
         })
+    }
+
+    /// Tells every open connection to reconnect elsewhere and waits, up to the drain grace, for
+    /// them to close.
+    pub async fn drain(&self) {
+        self.draining.cancel();
+        let deadline = tokio::time::Instant::now() + self.config.drain_grace;
+        while self.hub.stats.connections.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.hub.stats.connections.load(Relaxed);
+        if left > 0 {
+            tracing::warn!(connections = left, grace = ?self.config.drain_grace, "drain grace over; cutting the rest");
+        } else {
+            tracing::info!("every connection drained");
+        }
     }
 }
 

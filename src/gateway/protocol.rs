@@ -1,7 +1,7 @@
 //! The client protocol (`schemas/client-protocol.schema.json`): frames in both directions.
 //!
-//! Client → server: `auth`, `watch`, `unwatch`, `ping`. Server → client: `ready`, `event`,
-//! `resync`, `error`, `pong`. A frame the server cannot use gets an `error` frame back and the
+//! Client → server: `auth`, `watch`, `unwatch`, `resume`, `ping`. Server → client: `ready`,
+//! `resumed`, `event`, `resync`, `error`, `reconnect`, `pong`. A frame the server cannot use gets an `error` frame back and the
 //! connection stays open: one bad frame from a buggy client must not cost it its stream.
 
 use serde::Deserialize;
@@ -14,6 +14,12 @@ use crate::path::SpacePath;
 pub enum ClientFrame {
     Auth {
         token: String,
+        /// Where to resume from (a position), when the connection starts with this frame.
+        since: Option<String>,
+    },
+    /// Resume from a position: only before anything was delivered on the connection.
+    Resume {
+        since: String,
     },
     Watch {
         space_id: String,
@@ -56,6 +62,12 @@ struct Head {
 #[derive(Deserialize)]
 struct AuthBody {
     token: String,
+    since: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ResumeBody {
+    since: String,
 }
 
 #[derive(Deserialize)]
@@ -76,7 +88,14 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     match head.frame_type.as_str() {
         "auth" => {
             let b: AuthBody = serde_json::from_str(text).map_err(bad)?;
-            Ok(ClientFrame::Auth { token: b.token })
+            Ok(ClientFrame::Auth {
+                token: b.token,
+                since: b.since,
+            })
+        }
+        "resume" => {
+            let b: ResumeBody = serde_json::from_str(text).map_err(bad)?;
+            Ok(ClientFrame::Resume { since: b.since })
         }
         "watch" => {
             let b: WatchBody = serde_json::from_str(text).map_err(bad)?;
@@ -113,12 +132,34 @@ fn parse_path(raw: &str) -> Result<SpacePath, FrameError> {
     SpacePath::parse(raw).map_err(|e| FrameError::new("invalid-path", format!("path {raw:?}: {e}")))
 }
 
-pub fn ready_frame(user: &str) -> String {
-    json!({"type": "ready", "user": user}).to_string()
+/// The first frame of an authenticated connection: whose it is, and the position it starts at
+/// (the user's top when the connection attached), so that a client that receives nothing before
+/// it drops still has a position to resume from.
+pub fn ready_frame(user: &str, position: &str) -> String {
+    json!({"type": "ready", "user": user, "position": position}).to_string()
+}
+
+/// The outcome of a resume: all of the history after the position was replayed (it follows this
+/// frame), or nothing was and `reason` says why; `position` is the top the replay reaches.
+pub fn resumed_frame(recovered: bool, replayed: usize, position: &str, reason: Option<&str>) -> String {
+    json!({"type": "resumed", "recovered": recovered, "replayed": replayed, "position": position, "reason": reason})
+        .to_string()
+}
+
+/// Sent before a server that is shutting down closes the connection: reconnect after `after_ms`
+/// (spread so that clients do not all come back at once) and resume from `position`.
+pub fn reconnect_frame(position: &str, after_ms: u64) -> String {
+    json!({"type": "reconnect", "position": position, "after_ms": after_ms}).to_string()
 }
 
 pub fn error_frame(code: &str, message: &str) -> String {
     json!({"type": "error", "code": code, "message": message}).to_string()
+}
+
+/// An error that ends the connection, with the last position delivered on it so the client can
+/// resume exactly there (an evicted slow consumer).
+pub fn error_frame_at(code: &str, message: &str, position: &str) -> String {
+    json!({"type": "error", "code": code, "message": message, "position": position}).to_string()
 }
 
 pub const PONG_FRAME: &str = r#"{"type":"pong"}"#;
@@ -255,7 +296,23 @@ mod tests {
     fn parses_client_frames() {
         assert_eq!(
             parse_client_frame(r#"{"type":"auth","token":"t"}"#),
-            Ok(ClientFrame::Auth { token: "t".into() })
+            Ok(ClientFrame::Auth {
+                token: "t".into(),
+                since: None
+            })
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"auth","token":"t","since":"e:1-0"}"#),
+            Ok(ClientFrame::Auth {
+                token: "t".into(),
+                since: Some("e:1-0".into())
+            })
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"resume","since":"e:1-0"}"#),
+            Ok(ClientFrame::Resume {
+                since: "e:1-0".into()
+            })
         );
         assert_eq!(
             parse_client_frame(r#"{"type":"watch","space_id":"s","path":"/a/"}"#),
@@ -289,6 +346,7 @@ mod tests {
             "invalid-path"
         );
         assert_eq!(code(r#"{"type":"auth"}"#), "bad-frame");
+        assert_eq!(code(r#"{"type":"resume"}"#), "bad-frame");
         assert_eq!(code(r#"{"type":"unwatch","path":"/a"}"#), "bad-frame");
         assert_eq!(code(r#"{"type":5}"#), "bad-frame");
     }

@@ -1,8 +1,16 @@
 //! `GET /sse`: the same stream as Server-Sent Events, for clients that only listen.
 //!
-//! Each message becomes `id:` (the per-user id), `event:` (the message type) and `data:` (the
+//! Each message becomes `id:` (its position), `event:` (the message type) and `data:` (the
 //! user message). Watches come from `?watch=<space_id>:<path>` (repeatable). A keep-alive comment
 //! goes out while idle so proxies keep the connection open.
+//!
+//! Resume: the `Last-Event-ID` header (what a browser sends when it reconnects by itself) or
+//! `?since=` (a first connect cannot set headers); the header wins. The stream opens with an
+//! `id:` line carrying the starting position (it sets the browser's last event id without
+//! dispatching an event), so a client that received nothing yet still resumes from there; a
+//! resume is answered by a `resumed` event before the replay. A slow client's stream ends with
+//! an `error` event holding its last position; on shutdown, with a `retry:` spread out over
+//! `--drain-spread`.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -15,10 +23,15 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream};
 use tokio::time::{Instant, sleep_until};
 
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
 use super::AppState;
-use super::auth::Identity;
 use super::hub::Registration;
+use super::resume::{self, Admit, Cursor, Resumed};
 use super::session::{Frame, Watches};
+use crate::bus::LostReason;
 use crate::path::SpacePath;
 
 pub async fn handler(
@@ -27,10 +40,12 @@ pub async fn handler(
     RawQuery(query): RawQuery,
 ) -> Response {
     let mut ticket = None;
+    let mut since = None;
     let mut watches = Watches::default();
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match &*key {
             "ticket" => ticket = Some(value.into_owned()),
+            "since" => since = Some(value.into_owned()),
             "watch" => {
                 let added = parse_watch(&value).and_then(|(space, path)| watches.add(&space, path));
                 if let Err(e) = added {
@@ -68,7 +83,57 @@ pub async fn handler(
             );
         }
     };
-    Sse::new(events(registration, identity, watches))
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned);
+    let since = last_event_id.or(since);
+    // Attached first (the registration), then the history read: nothing falls in between.
+    let start = match resume::start(
+        &state.hub,
+        &identity.user,
+        since.as_deref(),
+        state.config.resume_max,
+    )
+    .await
+    {
+        Ok(start) => start,
+        Err(e) => {
+            return super::error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                &e.to_string(),
+            );
+        }
+    };
+    let mut intro = VecDeque::new();
+    intro.push_back(Event::default().comment(format!("ready {}", identity.user)));
+    intro.push_back(Event::default().id(start.cursor.position()));
+    if let Some(resumed) = &start.resumed {
+        let replayed = start.replay.iter().filter(|f| f.passes(&watches)).count();
+        let mut event = Event::default()
+            .event("resumed")
+            .data(resumed.frame(replayed));
+        if !resumed.recovered {
+            // The client refetches: its next reconnect starts from the top.
+            event = event.id(&resumed.position);
+        }
+        intro.push_back(event);
+    }
+    let feed = Feed {
+        registration,
+        watches,
+        pending: start.replay.into(),
+        batch: Vec::new(),
+        cursor: start.cursor,
+        intro,
+        expiry: identity.remaining().map(|d| Instant::now() + d),
+        draining: state.draining.clone(),
+        drain_spread: state.config.drain_spread,
+        done: false,
+    };
+    Sse::new(events(feed))
         .keep_alive(
             KeepAlive::new()
                 .interval(state.config.sse_keepalive)
@@ -95,65 +160,80 @@ struct Feed {
     watches: Watches,
     pending: VecDeque<Arc<Frame>>,
     batch: Vec<Arc<Frame>>,
+    cursor: Cursor,
+    /// Sent before any frame: the ready comment, the starting position, the resume outcome.
+    intro: VecDeque<Event>,
     expiry: Option<Instant>,
-    greeted: bool,
+    draining: CancellationToken,
+    drain_spread: Duration,
     done: bool,
 }
 
-fn events(
-    registration: Registration,
-    identity: Identity,
-    watches: Watches,
-) -> impl Stream<Item = Result<Event, Infallible>> {
-    let feed = Feed {
-        registration,
-        watches,
-        pending: VecDeque::new(),
-        batch: Vec::new(),
-        expiry: identity.remaining().map(|d| Instant::now() + d),
-        greeted: false,
-        done: false,
-    };
-    let user = identity.user;
-    stream::unfold(feed, move |mut feed| {
-        let user = user.clone();
-        async move {
-            if feed.done {
-                return None;
-            }
-            if !feed.greeted {
-                feed.greeted = true;
-                return Some((Ok(Event::default().comment(format!("ready {user}"))), feed));
-            }
-            loop {
-                while let Some(frame) = feed.pending.pop_front() {
-                    if frame.passes(&feed.watches)
-                        && let Some(event) = to_event(&frame)
-                    {
+fn error_event(code: &str, message: &str, position: &str) -> Event {
+    Event::default()
+        .event("error")
+        .data(super::protocol::error_frame_at(code, message, position))
+}
+
+fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
+    stream::unfold(feed, move |mut feed| async move {
+        if feed.done {
+            return None;
+        }
+        if let Some(event) = feed.intro.pop_front() {
+            return Some((Ok(event), feed));
+        }
+        loop {
+            while let Some(frame) = feed.pending.pop_front() {
+                match feed.cursor.admit(&frame.id) {
+                    Admit::Deliver if frame.passes(&feed.watches) => {
+                        if let Some(event) = to_event(&frame) {
+                            return Some((Ok(event), feed));
+                        }
+                    }
+                    Admit::Deliver | Admit::Duplicate => {}
+                    Admit::NewEpoch => {
+                        let lost = Resumed {
+                            recovered: false,
+                            position: frame.id.to_string(),
+                            reason: Some(LostReason::UnknownEpoch),
+                        };
+                        let event = Event::default()
+                            .event("resumed")
+                            .id(&*frame.id)
+                            .data(lost.frame(0));
                         return Some((Ok(event), feed));
                     }
                 }
-                let expiry = feed.expiry;
-                let alive = tokio::select! {
-                    alive = feed.registration.queue.next_batch(&mut feed.batch) => alive,
-                    _ = sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
-                        feed.done = true;
-                        let e = Event::default().event("error").data(super::protocol::error_frame("token-expired", "the token expired"));
-                        return Some((Ok(e), feed));
-                    }
-                };
-                if !alive {
+            }
+            let expiry = feed.expiry;
+            let alive = tokio::select! {
+                alive = feed.registration.queue.next_batch(&mut feed.batch) => alive,
+                _ = sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
                     feed.done = true;
-                    let e = Event::default()
-                        .event("error")
-                        .data(super::protocol::error_frame(
-                            "slow-consumer",
-                            "the client did not read fast enough",
-                        ));
+                    let e = error_event("token-expired", "the token expired", &feed.cursor.position());
                     return Some((Ok(e), feed));
                 }
-                feed.pending.extend(feed.batch.drain(..));
+                () = feed.draining.cancelled() => {
+                    feed.done = true;
+                    let after = Duration::from_millis(super::ws::spread_ms(feed.drain_spread));
+                    let e = Event::default()
+                        .event("reconnect")
+                        .retry(after.max(Duration::from_millis(1)))
+                        .data(super::protocol::reconnect_frame(&feed.cursor.position(), after.as_millis() as u64));
+                    return Some((Ok(e), feed));
+                }
+            };
+            if !alive {
+                feed.done = true;
+                let e = error_event(
+                    "slow-consumer",
+                    "the client did not read fast enough; resume from position",
+                    &feed.cursor.position(),
+                );
+                return Some((Ok(e), feed));
             }
+            feed.pending.extend(feed.batch.drain(..));
         }
     })
 }

@@ -4,6 +4,11 @@
 //! queue and the token's expiry. Queued frames are written without flushing and flushed once per
 //! batch, which is what makes bursts cheap. A write that cannot complete within the write
 //! timeout ends the connection, like a full queue does.
+//!
+//! A connection may resume (`?since=` on the upgrade, `since` in the auth frame, or a `resume`
+//! frame before anything was delivered): see `resume.rs`. Every frame passes the connection's
+//! [`Cursor`], so a frame it already sent is never sent again. An evicted connection is told its
+//! last position; on shutdown each one is told to reconnect after a spread-out delay.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,9 +24,12 @@ use tokio::time::{Instant, sleep_until};
 use super::AppState;
 use super::auth::{AuthError, Identity, bearer};
 use super::protocol::{
-    ClientFrame, FrameError, PONG_FRAME, error_frame, parse_client_frame, ready_frame,
+    ClientFrame, FrameError, PONG_FRAME, error_frame, error_frame_at, parse_client_frame,
+    ready_frame, reconnect_frame,
 };
-use super::session::Watches;
+use super::resume::{self, Admit, Cursor, Resumed, Start};
+use super::session::{Frame, Watches};
+use crate::bus::LostReason;
 
 /// Close codes: 1001 going away (no answer to pings), 1008 policy violation (auth), 1011 server
 /// error, 1013 try again later (evicted).
@@ -33,6 +41,8 @@ const CLOSE_TRY_LATER: u16 = 1013;
 #[derive(Deserialize)]
 pub struct WsQuery {
     ticket: Option<String>,
+    /// A position to resume from (`<epoch>:<id>`).
+    since: Option<String>,
 }
 
 pub async fn handler(
@@ -48,16 +58,91 @@ pub async fn handler(
         .max_write_buffer_size(cfg.ws_max_write_buffer)
         .max_message_size(cfg.max_client_frame)
         .max_frame_size(cfg.max_client_frame)
-        .on_upgrade(move |socket| session(socket, state, pre_auth))
+        .on_upgrade(move |socket| session(socket, state, pre_auth, query.since))
+}
+
+/// What became of writing frames to the socket.
+enum Written {
+    Ok,
+    Failed,
+}
+
+/// Writes the frames that the cursor admits and the watches pass, then flushes once. A frame of
+/// a new epoch is replaced by a `resumed` frame that says the history was lost.
+async fn write_frames(
+    socket: &mut WebSocket,
+    frames: &mut Vec<Arc<Frame>>,
+    watches: &Watches,
+    cursor: &mut Cursor,
+    limit: Duration,
+    user: &str,
+) -> Written {
+    let write = async {
+        for frame in frames.drain(..) {
+            match cursor.admit(&frame.id) {
+                Admit::Deliver if frame.passes(watches) => {
+                    socket.feed(Message::Text(frame.ws_text.clone())).await?;
+                }
+                Admit::Deliver | Admit::Duplicate => {}
+                Admit::NewEpoch => {
+                    tracing::warn!(%user, position = %frame.id, "history lost while connected: told the client");
+                    let lost = Resumed {
+                        recovered: false,
+                        position: frame.id.to_string(),
+                        reason: Some(LostReason::UnknownEpoch),
+                    };
+                    socket.feed(Message::Text(lost.frame(0).into())).await?;
+                }
+            }
+        }
+        socket.flush().await
+    };
+    match write_within(limit, write).await {
+        Ok(Ok(())) => Written::Ok,
+        Ok(Err(e)) => {
+            tracing::debug!(%user, error = %e, "write failed; closing");
+            Written::Failed
+        }
+        Err(_) => {
+            tracing::info!(%user, timeout = ?limit, "write timed out; closing");
+            Written::Failed
+        }
+    }
+}
+
+/// Sends the `resumed` frame and the replay that follows it.
+async fn send_resumed(
+    socket: &mut WebSocket,
+    start: Start,
+    watches: &Watches,
+    cursor: &mut Cursor,
+    limit: Duration,
+    user: &str,
+) -> Written {
+    let Start {
+        resumed, mut replay, ..
+    } = start;
+    if let Some(resumed) = resumed {
+        let replayed = replay.iter().filter(|f| f.passes(watches)).count();
+        if socket
+            .feed(Message::Text(resumed.frame(replayed).into()))
+            .await
+            .is_err()
+        {
+            return Written::Failed;
+        }
+    }
+    write_frames(socket, &mut replay, watches, cursor, limit, user).await
 }
 
 async fn session(
     mut socket: WebSocket,
     state: Arc<AppState>,
     pre_auth: Option<Result<Identity, AuthError>>,
+    query_since: Option<String>,
 ) {
-    let identity = match pre_auth {
-        Some(Ok(identity)) => identity,
+    let (identity, auth_since) = match pre_auth {
+        Some(Ok(identity)) => (identity, None),
         Some(Err(e)) => {
             state
                 .hub
@@ -68,10 +153,12 @@ async fn session(
             return;
         }
         None => match await_auth_frame(&mut socket, &state).await {
-            Some(identity) => identity,
+            Some(authed) => authed,
             None => return,
         },
     };
+    // The auth frame's position wins over the query's: it is the later, explicit word.
+    let since = auth_since.or(query_since);
     let registration = match state.hub.register(identity.user.clone()).await {
         Ok(r) => r,
         Err(e) => {
@@ -79,14 +166,38 @@ async fn session(
             return;
         }
     };
-    if send_text(&mut socket, ready_frame(&identity.user))
+    // Attached first (the registration), then the history read: nothing falls in between.
+    let limit = state.config.resume_max;
+    let start = match resume::start(&state.hub, &identity.user, since.as_deref(), limit).await {
+        Ok(start) => start,
+        Err(e) => {
+            close_with(&mut socket, "unavailable", &e.to_string(), CLOSE_ERROR).await;
+            return;
+        }
+    };
+    let mut cursor = start.cursor.clone();
+    if send_text(&mut socket, ready_frame(&identity.user, &cursor.position()))
         .await
         .is_err()
     {
         return;
     }
-
     let write_timeout = state.config.write_timeout;
+    let mut watches = Watches::default();
+    let mut resumed = start.resumed.is_some();
+    if let Written::Failed = send_resumed(
+        &mut socket,
+        start,
+        &watches,
+        &mut cursor,
+        write_timeout,
+        &identity.user,
+    )
+    .await
+    {
+        return;
+    }
+
     let mut identity = identity;
     let mut expiry = identity.remaining().map(|d| Instant::now() + d);
     // Set once the token expired: deliveries pause until a fresh auth frame or the deadline.
@@ -99,7 +210,7 @@ async fn session(
     // timer (or a wait-list entry) on every iteration would cost every message.
     let deadline = sleep_until(next_deadline(expiry, next_ping));
     tokio::pin!(deadline);
-    let mut watches = Watches::default();
+    let draining = state.draining.clone();
     let mut batch = Vec::new();
     loop {
         tokio::select! {
@@ -124,7 +235,24 @@ async fn session(
                         watches.remove(space_id.as_deref(), path.as_ref());
                         None
                     }
-                    Ok(ClientFrame::Auth { token }) => match state.auth.verify(&token).await {
+                    Ok(ClientFrame::Resume { since }) => {
+                        if resumed || cursor.moved() {
+                            Some(error_frame("resume-too-late", "resume before anything is delivered: send since on the upgrade (?since=) or in the auth frame"))
+                        } else {
+                            resumed = true;
+                            match resume::start(&state.hub, &identity.user, Some(&since), limit).await {
+                                Ok(start) => {
+                                    cursor = start.cursor.clone();
+                                    if let Written::Failed = send_resumed(&mut socket, start, &watches, &mut cursor, write_timeout, &identity.user).await {
+                                        break;
+                                    }
+                                    None
+                                }
+                                Err(e) => Some(error_frame("unavailable", &e.to_string())),
+                            }
+                        }
+                    }
+                    Ok(ClientFrame::Auth { token, .. }) => match state.auth.verify(&token).await {
                         // A fresh token for the same user extends the connection's life.
                         Ok(fresh) if fresh.user == identity.user => {
                             expiry = fresh.remaining().map(|d| Instant::now() + d);
@@ -146,29 +274,25 @@ async fn session(
             }
             alive = registration.queue.next_batch(&mut batch), if !expired => {
                 if !alive {
-                    tracing::info!(user = %identity.user, "slow client evicted");
-                    close_with(&mut socket, "slow-consumer", "the client did not read fast enough", CLOSE_TRY_LATER).await;
+                    tracing::info!(user = %identity.user, position = %cursor.position(), "slow client evicted");
+                    close_at(&mut socket, "slow-consumer", "the client did not read fast enough; resume from position", &cursor.position(), CLOSE_TRY_LATER).await;
                     break;
                 }
-                let write = async {
-                    for frame in batch.drain(..) {
-                        if frame.passes(&watches) {
-                            socket.feed(Message::Text(frame.ws_text.clone())).await?;
-                        }
-                    }
-                    socket.flush().await
-                };
-                match write_within(write_timeout, write).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::debug!(user = %identity.user, error = %e, "write failed; closing");
-                        break;
-                    }
-                    Err(_) => {
-                        tracing::info!(user = %identity.user, timeout = ?write_timeout, "write timed out; closing");
-                        break;
-                    }
+                if let Written::Failed = write_frames(&mut socket, &mut batch, &watches, &mut cursor, write_timeout, &identity.user).await {
+                    break;
                 }
+            }
+            () = draining.cancelled() => {
+                let after_ms = spread_ms(state.config.drain_spread);
+                let told = async {
+                    socket.send(Message::Text(reconnect_frame(&cursor.position(), after_ms).into())).await?;
+                    socket.send(Message::Close(Some(CloseFrame {
+                        code: CLOSE_GOING_AWAY,
+                        reason: Utf8Bytes::from_static("shutting-down: reconnect and resume"),
+                    }))).await
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), told).await;
+                break;
             }
             () = &mut deadline => {
                 let now = Instant::now();
@@ -215,8 +339,21 @@ async fn session(
     drop(registration);
 }
 
+/// A random delay up to `spread`, in milliseconds (full jitter: reconnects spread evenly).
+pub(super) fn spread_ms(spread: Duration) -> u64 {
+    let max = spread.as_millis() as u64;
+    if max == 0 {
+        0
+    } else {
+        rand::random_range(0..=max)
+    }
+}
+
 /// Waits for the first frame to be `auth`; other frames get an error and the wait goes on.
-async fn await_auth_frame(socket: &mut WebSocket, state: &AppState) -> Option<Identity> {
+async fn await_auth_frame(
+    socket: &mut WebSocket,
+    state: &AppState,
+) -> Option<(Identity, Option<String>)> {
     let deadline = sleep_until(Instant::now() + state.config.auth_timeout);
     tokio::pin!(deadline);
     loop {
@@ -232,8 +369,8 @@ async fn await_auth_frame(socket: &mut WebSocket, state: &AppState) -> Option<Id
                     Some(Ok(_)) => continue,
                 };
                 let reply = match parse_client_frame(&text) {
-                    Ok(ClientFrame::Auth { token }) => match state.auth.verify(&token).await {
-                        Ok(identity) => return Some(identity),
+                    Ok(ClientFrame::Auth { token, since }) => match state.auth.verify(&token).await {
+                        Ok(identity) => return Some((identity, since)),
                         Err(e) => {
                             state.hub.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             close_with(socket, e.code(), &e.to_string(), CLOSE_POLICY).await;
@@ -284,6 +421,20 @@ async fn write_within<F: std::future::Future>(
         std::task::Poll::Ready(output) => Ok(output),
         std::task::Poll::Pending => tokio::time::timeout(limit, write).await,
     }
+}
+
+/// Like [`close_with`], with the last position delivered in the error frame.
+async fn close_at(socket: &mut WebSocket, code: &str, message: &str, position: &str, close_code: u16) {
+    let close = async {
+        send_text(socket, error_frame_at(code, message, position)).await?;
+        socket
+            .send(Message::Close(Some(CloseFrame {
+                code: close_code,
+                reason: Utf8Bytes::from(close_reason(code, message)),
+            })))
+            .await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
 }
 
 /// `code: message`, cut to the 123 bytes a close frame's reason may hold.

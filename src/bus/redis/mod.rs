@@ -2,8 +2,10 @@
 //!
 //! Every key of a user carries the user id as a hash tag, so all of them live in one cluster slot:
 //! `fc:{alice}:live` (the pub/sub channel), `fc:{alice}:log` (a Redis Stream holding the user's
-//! recent messages) and `fc:{alice}:seen:<window>` (event ids already delivered to alice). On
-//! standalone Redis, `fc:event:<id>` also records how an event went out (see `publish.rs`).
+//! recent messages), `fc:{alice}:meta` (the history's epoch, its top id, and the top of entries
+//! lost with an expired stream; it outlives the stream, see `history.rs`) and
+//! `fc:{alice}:seen:<window>` (event ids already delivered to alice). On standalone Redis,
+//! `fc:event:<id>` also records how an event went out (see `publish.rs`).
 //!
 //! A Lua script does, for each message and atomically: skip it if the event was already delivered to
 //! this user (so a partition replayed by another consumer after a crash or a rebalance reaches
@@ -12,9 +14,9 @@
 //! between the maximum age and twice it after the last append, because the TTL is only rewritten
 //! once less than the maximum age is left, so most appends read it rather than write it). At the
 //! end of the call it publishes, once per user, the user's messages of that call in order, each
-//! as `<stream id> <payload bytes>\n<payload>`. The stream entry id is the frame id clients see,
-//! so ids increase per user across gateways and restarts, and a subscriber never sees a message
-//! that is not in the stream.
+//! as `<epoch>:<stream id> <payload bytes>\n<payload>`. That position is the frame id clients
+//! see, so ids increase per user across gateways and restarts, and a subscriber never sees a
+//! message that is not in the stream.
 //!
 //! One publish per user per call rather than per message, because a gateway spends about 1 µs
 //! parsing each pushed message with redis-rs (about 30 % of its CPU in bursts): a burst of 16
@@ -31,6 +33,7 @@
 //! with backoff and resubscribes after a restart, failover or slot move; a health loop pings the
 //! nodes so `/readyz` can tell whether the bus is connected.
 
+mod history;
 mod publish;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -69,11 +72,20 @@ pub struct RedisOptions {
     pub dedup_window: Duration,
 }
 
+impl RedisOptions {
+    /// How long a user's epoch and top id are kept after the stream's TTL was last refreshed:
+    /// well past the stream's own lifetime (at most twice the maximum age), so an expired
+    /// history is told apart from a lost one.
+    pub fn meta_ttl(&self) -> Duration {
+        (self.stream_max_age * 4).max(Duration::from_secs(30 * 24 * 3600))
+    }
+}
+
 impl Default for RedisOptions {
     fn default() -> Self {
         RedisOptions {
             stream_max_len: 1000,
-            stream_max_age: Duration::from_secs(3600),
+            stream_max_age: Duration::from_secs(24 * 3600),
             dedup_window: Duration::from_secs(600),
         }
     }
@@ -87,6 +99,10 @@ pub mod keys {
 
     pub fn stream(user: &str) -> String {
         format!("fc:{{{user}}}:log")
+    }
+
+    pub fn meta(user: &str) -> String {
+        format!("fc:{{{user}}}:meta")
     }
 
     pub fn seen(user: &str, window: u64) -> String {
@@ -117,6 +133,7 @@ pub struct RedisBus {
     /// Users whose channel this gateway wants, and the ones Redis dropped behind its back.
     subscriptions: Arc<Subscriptions>,
     script: redis::Script,
+    history_script: redis::Script,
     options: RedisOptions,
     connected: Arc<AtomicBool>,
     trim_counter: AtomicU64,
@@ -311,6 +328,7 @@ impl RedisBus {
             subscriber,
             subscriptions,
             script: redis::Script::new(PUBLISH_SCRIPT),
+            history_script: redis::Script::new(history::HISTORY_SCRIPT),
             options,
             connected,
             trim_counter: AtomicU64::new(0),
@@ -525,6 +543,17 @@ impl Bus for RedisBus {
                 .map_err(unavailable),
             None => Ok(()),
         }
+    }
+
+    async fn catch_up(
+        &self,
+        user: &Arc<str>,
+        since: Option<&crate::bus::Position>,
+        limit: usize,
+    ) -> Result<crate::bus::Catchup, BusError> {
+        self.read_history(user, since, limit)
+            .await
+            .map_err(unavailable)
     }
 
     fn is_connected(&self) -> bool {

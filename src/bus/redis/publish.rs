@@ -32,25 +32,29 @@ use crate::bus::Outgoing;
 
 pub(super) const PUBLISH_SCRIPT: &str = r#"
 -- Appends messages in order, then publishes each channel's share once: its messages of this
--- call, each as '<stream id> <payload bytes>\n<payload>'.
--- Per message 4 KEYS: stream, seen ids (current window), seen ids (previous window), channel;
--- then one KEY per event guard. Shared ARGV: 1 max length, 2 max age ms, 3 window ms,
--- 4 PUBLISH or SPUBLISH, 5 message count; then per message 4 ARGV: payload number, event id
--- ('' = not guarded), oldest id to keep ('' = no age trim this time), event guard (0 = per user
--- only; g > 0: all of the event's messages are in this call, guard key g; -g: a part of the
--- event, guard key g); then the payloads, each once (an event's recipients share one).
+-- call, each as '<epoch>:<stream id> <payload bytes>\n<payload>'.
+-- Per message 5 KEYS: stream, seen ids (current window), seen ids (previous window), channel,
+-- meta; then one KEY per event guard. Shared ARGV: 1 max length, 2 max age ms, 3 window ms,
+-- 4 PUBLISH or SPUBLISH, 5 message count, 6 the random part of a new epoch, 7 the meta key's
+-- TTL ms; then per message 4 ARGV: payload number, event id ('' = not guarded), oldest id to
+-- keep ('' = no age trim this time), event guard (0 = per user only; g > 0: all of the event's
+-- messages are in this call, guard key g; -g: a part of the event, guard key g); then the
+-- payloads, each once (an event's recipients share one).
 local maxlen, age, window, publish = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local maxage = tonumber(age)
 local count = tonumber(ARGV[5])
-local payloads = 5 + count * 4
+local new_epoch, meta_ttl = ARGV[6], ARGV[7]
+local payloads = 7 + count * 4
 local published = 0
 local channels, entries, guards = {}, {}, {}
+-- Per user touched by this call (by meta key): epoch, stream TTL, last id; in order of touch.
+local users, touched = {}, {}
 for i = 0, count - 1 do
-  local k, a = i * 4, 5 + i * 4
+  local k, a = i * 5, 7 + i * 4
   local payload, event, oldest, g = ARGV[payloads + tonumber(ARGV[a + 1])], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
   local fresh, per_user = true, event ~= ''
   if per_user and g ~= 0 then
-    local key = KEYS[count * 4 + math.abs(g)]
+    local key = KEYS[count * 5 + math.abs(g)]
     local state = guards[key]
     if state == nil then
       -- 'all': delivered whole before; 'some': delivered in parts; 'whole': whole, by this call.
@@ -74,14 +78,43 @@ for i = 0, count - 1 do
     end
   end
   if fresh then
-    local id = redis.call('XADD', KEYS[k + 1], 'MAXLEN', '~', maxlen, '*', 'm', payload)
-    if oldest ~= '' then
-      redis.call('XTRIM', KEYS[k + 1], 'MINID', '~', oldest)
+    local stream, meta = KEYS[k + 1], KEYS[k + 5]
+    local u = users[meta]
+    local id_arg = '*'
+    if u == nil then
+      local m = redis.call('HMGET', meta, 'epoch', 'top')
+      u = {epoch = m[1], ttl = redis.call('PTTL', stream)}
+      if not u.epoch then
+        -- No history at all: a new epoch (every older position is unknown-epoch).
+        u.epoch = new_epoch .. string.sub(redis.sha1hex(meta), 1, 6)
+        redis.call('HSET', meta, 'epoch', u.epoch)
+        redis.call('HDEL', meta, 'top', 'floor')
+      elseif u.ttl == -2 and m[2] then
+        -- The stream is gone (expired while idle, or evicted) but the epoch lives on: what it
+        -- held is lost up to its top, and new ids must come after that top.
+        redis.call('HSET', meta, 'floor', m[2])
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        local ms, seq = string.match(m[2], '^(%d+)-(%d+)$')
+        if ms and now <= tonumber(ms) then
+          id_arg = ms .. '-' .. (tonumber(seq) + 1)
+        end
+      end
+      users[meta] = u
+      touched[#touched + 1] = meta
     end
-    -- Keep the key for at least `age` after this entry: refresh (to 2 x age) only once less
-    -- than `age` is left, so most messages read the TTL instead of writing it.
-    if redis.call('PTTL', KEYS[k + 1]) < maxage then
-      redis.call('PEXPIRE', KEYS[k + 1], maxage * 2)
+    local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, id_arg, 'm', payload)
+    u.top = id
+    if oldest ~= '' then
+      redis.call('XTRIM', stream, 'MINID', '~', oldest)
+    end
+    -- Keep the stream for at least `age` after this entry: refresh (to 2 x age) only once less
+    -- than `age` is left, so most calls read the TTL instead of writing it. The meta key's TTL
+    -- moves with it and is longer, so the epoch outlives the entries.
+    if u.ttl < maxage then
+      redis.call('PEXPIRE', stream, maxage * 2)
+      redis.call('PEXPIRE', meta, meta_ttl)
+      u.ttl = maxage * 2
     end
     local channel = KEYS[k + 4]
     local mine = entries[channel]
@@ -90,9 +123,12 @@ for i = 0, count - 1 do
       entries[channel] = mine
       channels[#channels + 1] = channel
     end
-    mine[#mine + 1] = id .. ' ' .. #payload .. '\n' .. payload
+    mine[#mine + 1] = u.epoch .. ':' .. id .. ' ' .. #payload .. '\n' .. payload
     published = published + 1
   end
+end
+for _, meta in ipairs(touched) do
+  redis.call('HSET', meta, 'top', users[meta].top)
 end
 for _, channel in ipairs(channels) do
   local mine = entries[channel]
@@ -191,13 +227,14 @@ impl RedisBus {
             .collect();
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.script.get_hash())
-            .arg(messages.len() * 4 + guard_keys.len());
+            .arg(messages.len() * 5 + guard_keys.len());
         for p in messages {
             let user = &p.msg.user;
             cmd.arg(keys::stream(user))
                 .arg(keys::seen(user, window))
                 .arg(keys::seen(user, window.saturating_sub(1)))
-                .arg(keys::channel(user));
+                .arg(keys::channel(user))
+                .arg(keys::meta(user));
         }
         for event in &guard_keys {
             cmd.arg(keys::event(event));
@@ -206,7 +243,9 @@ impl RedisBus {
             .arg(o.stream_max_age.as_millis().max(1) as u64)
             .arg(o.dedup_window.as_millis().max(1) as u64)
             .arg(if standalone { "PUBLISH" } else { "SPUBLISH" })
-            .arg(messages.len());
+            .arg(messages.len())
+            .arg(super::history::epoch_base())
+            .arg(o.meta_ttl().as_millis() as u64);
         let payloads = distinct_payloads(messages.iter().map(|p| &p.msg.payload));
         for ((p, guard), number) in messages.iter().zip(guards).zip(&payloads.numbers) {
             cmd.arg(number)
