@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{PrivateCluster, PrivateRedis, redis_cluster_nodes, redis_url, unique};
-use foldercast::bus::{Bus, Delivery, Outgoing, RedisBus, RedisOptions, RedisTarget};
+use foldercast::bus::{
+    Bus, Catchup, Delivery, Outgoing, Position, RedisBus, RedisOptions, RedisTarget, StreamId,
+};
 use redis::AsyncCommands;
 use tokio::sync::mpsc;
 
@@ -35,21 +37,28 @@ async fn nothing_more(rx: &mut mpsc::Receiver<Delivery>) {
     );
 }
 
-fn stream_id(id: &str) -> (u64, u64) {
+/// The stream id of a position (`<epoch>:<ms>-<seq>`).
+fn stream_id(position: &str) -> (u64, u64) {
+    let (_, id) = position.split_once(':').expect("a position");
     let (ms, seq) = id.split_once('-').expect("a stream id");
     (ms.parse().unwrap(), seq.parse().unwrap())
 }
 
+/// A user's history as positions (the epoch from the meta key, the stream's ids) and messages.
 async fn history(target: &RedisTarget, user: &str) -> Vec<(String, String)> {
     let key = foldercast::bus::redis::keys::stream(user);
-    let reply: redis::streams::StreamRangeReply = match target {
+    let meta = foldercast::bus::redis::keys::meta(user);
+    let (reply, epoch): (redis::streams::StreamRangeReply, Option<String>) = match target {
         RedisTarget::Standalone(url) => {
             let mut c = redis::Client::open(url.as_str())
                 .unwrap()
                 .get_multiplexed_async_connection()
                 .await
                 .unwrap();
-            c.xrange_all(&key).await.unwrap()
+            (
+                c.xrange_all(&key).await.unwrap(),
+                c.hget(&meta, "epoch").await.unwrap(),
+            )
         }
         RedisTarget::Cluster(nodes) => {
             let mut c = redis::cluster::ClusterClient::new(nodes.clone())
@@ -57,15 +66,19 @@ async fn history(target: &RedisTarget, user: &str) -> Vec<(String, String)> {
                 .get_async_connection()
                 .await
                 .unwrap();
-            c.xrange_all(&key).await.unwrap()
+            (
+                c.xrange_all(&key).await.unwrap(),
+                c.hget(&meta, "epoch").await.unwrap(),
+            )
         }
     };
+    let epoch = epoch.unwrap_or_default();
     reply
         .ids
         .into_iter()
         .map(|e| {
             let m: String = e.get("m").unwrap();
-            (e.id, m)
+            (format!("{epoch}:{}", e.id), m)
         })
         .collect()
 }
@@ -267,7 +280,8 @@ async fn a_whole_event_is_guarded_once_and_an_event_in_parts_per_user() {
 }
 
 /// The channel format other tools may read: a user's messages of one script call are one channel
-/// message, each entry `<stream id> <payload bytes>\n<payload>`, in order, with the stream's ids.
+/// message, each entry `<epoch>:<stream id> <payload bytes>\n<payload>`, in order, with the
+/// stream's ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_users_burst_is_one_channel_message() {
     use futures_util::StreamExt;
@@ -628,6 +642,13 @@ async fn a_users_keys_expire_when_idle_and_live_while_used() {
         // The newest entry is kept at least the max age, and the key never outlives twice that.
         let ttl: i64 = c.pttl(&stream).await.unwrap();
         assert!((59_000..=120_000).contains(&ttl), "stream TTL {ttl} ms");
+        // The epoch and top outlive the stream (at least 30 days), so an expired history is
+        // told apart from a lost one.
+        let meta: i64 = c
+            .pttl(foldercast::bus::redis::keys::meta(&user))
+            .await
+            .unwrap();
+        assert!(meta >= 29 * 24 * 3600 * 1000, "meta TTL {meta} ms");
     }
     let window = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -652,4 +673,243 @@ async fn a_users_keys_expire_when_idle_and_live_while_used() {
         !seen_ttls.contains(&-1),
         "a seen set without a TTL: {seen_ttls:?}"
     );
+}
+
+// --- history and resume -----------------------------------------------------------------------
+
+fn lost(c: &Catchup) -> Option<&'static str> {
+    match c {
+        Catchup::Lost { reason, .. } => Some(reason.as_str()),
+        Catchup::Recovered { .. } => None,
+    }
+}
+
+fn replayed(c: &Catchup) -> Vec<String> {
+    match c {
+        Catchup::Recovered { entries, .. } => entries
+            .iter()
+            .map(|(_, p)| String::from_utf8(p.to_vec()).unwrap())
+            .collect(),
+        Catchup::Lost { reason, .. } => panic!("not recovered: {}", reason.as_str()),
+    }
+}
+
+fn pos(p: &str) -> Position {
+    Position::parse(p).unwrap_or_else(|| panic!("a position: {p}"))
+}
+
+async fn resume_reads_exactly_the_suffix(target: RedisTarget) {
+    let bus = RedisBus::connect(&target, RedisOptions::default(), None)
+        .await
+        .expect("connect");
+    let alice: Arc<str> = Arc::from(unique("alice"));
+    let bob: Arc<str> = Arc::from(unique("bob"));
+    // A user with no history yet is given an epoch and stands at 0.
+    let start = bus.catch_up(&alice, None, 100).await.unwrap();
+    let start = pos(start.top());
+    assert_eq!(start.id, StreamId::ZERO);
+    let batch: Vec<Outgoing> = (0..5)
+        .flat_map(|i| {
+            [
+                msg(&alice, &format!("e{i}"), &format!("a{i}")),
+                msg(&bob, &format!("e{i}"), "b"),
+            ]
+        })
+        .collect();
+    bus.publish(&batch).await.unwrap();
+    let log = history(&target, &alice).await;
+    assert_eq!(log.len(), 5);
+    assert!(
+        log[0].0.starts_with(&format!("{}:", start.epoch)),
+        "the epoch given before the first message is kept"
+    );
+    let all = bus.catch_up(&alice, Some(&start), 100).await.unwrap();
+    assert_eq!(replayed(&all).len(), 5, "from 0: everything");
+    assert_eq!(all.top(), log[4].0, "the top is the last entry");
+    if let Catchup::Recovered { entries, .. } = &all {
+        let positions: Vec<&str> = entries.iter().map(|(p, _)| &**p).collect();
+        let logged: Vec<&str> = log.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(positions, logged, "replayed positions are the stream's");
+    }
+    let after_second = bus
+        .catch_up(&alice, Some(&pos(&log[1].0)), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        replayed(&after_second),
+        log[2..].iter().map(|(_, m)| m.clone()).collect::<Vec<_>>()
+    );
+    assert!(
+        replayed(
+            &bus.catch_up(&alice, Some(&pos(&log[4].0)), 100)
+                .await
+                .unwrap()
+        )
+        .is_empty()
+    );
+    assert_eq!(
+        lost(&bus.catch_up(&alice, Some(&start), 4).await.unwrap()),
+        Some("over-limit")
+    );
+    assert_eq!(
+        replayed(&bus.catch_up(&alice, Some(&start), 5).await.unwrap()).len(),
+        5,
+        "exactly the limit"
+    );
+    // From the future, another user's position, a lost epoch of alice's.
+    let top = pos(&log[4].0);
+    let future = Position {
+        id: StreamId {
+            ms: top.id.ms + 1,
+            seq: 0,
+        },
+        ..top.clone()
+    };
+    assert_eq!(
+        lost(&bus.catch_up(&alice, Some(&future), 100).await.unwrap()),
+        Some("bad-position")
+    );
+    let bobs = pos(&history(&target, &bob).await[0].0);
+    let from_bob = bus.catch_up(&alice, Some(&bobs), 100).await.unwrap();
+    assert_eq!(
+        lost(&from_bob),
+        Some("bad-position"),
+        "nothing of another user's stream"
+    );
+    let mut old_epoch = top.clone();
+    old_epoch.epoch = format!("ffffffff{}", &top.epoch[8..]).into();
+    assert_eq!(
+        lost(&bus.catch_up(&alice, Some(&old_epoch), 100).await.unwrap()),
+        Some("unknown-epoch")
+    );
+    // A lost answer still names the current top, where the client starts after refetching.
+    assert_eq!(from_bob.top(), log[4].0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_resume_reads_exactly_the_suffix() {
+    resume_reads_exactly_the_suffix(RedisTarget::Standalone(redis_url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_resume_reads_exactly_the_suffix() {
+    resume_reads_exactly_the_suffix(RedisTarget::Cluster(redis_cluster_nodes())).await;
+}
+
+/// Trimming by length: a position whose successors were trimmed away is too old; one inside
+/// what is kept still recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimmed_history_is_too_old_and_kept_history_recovers() {
+    let options = RedisOptions {
+        stream_max_len: 10,
+        ..RedisOptions::default()
+    };
+    let target = RedisTarget::Standalone(redis_url());
+    let bus = RedisBus::connect(&target, options, None).await.unwrap();
+    let user: Arc<str> = Arc::from(unique("trimmed"));
+    let start = pos(bus.catch_up(&user, None, 1000).await.unwrap().top());
+    for chunk in 0..4 {
+        let batch: Vec<Outgoing> = (0..100)
+            .map(|i| msg(&user, &format!("e{chunk}-{i}"), "x"))
+            .collect();
+        bus.publish(&batch).await.unwrap();
+    }
+    let log = history(&target, &user).await;
+    assert!(log.len() < 400, "trimmed ({} kept)", log.len());
+    assert_eq!(
+        lost(&bus.catch_up(&user, Some(&start), 1000).await.unwrap()),
+        Some("too-old")
+    );
+    let first_kept = pos(&log[0].0);
+    let tail = replayed(&bus.catch_up(&user, Some(&first_kept), 1000).await.unwrap());
+    assert_eq!(tail.len(), log.len() - 1);
+}
+
+/// The stream expired while idle (deleted here) but the epoch lives on: the top recovers with
+/// nothing to replay, a position below it is too old, and later ids go on above the old top.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_stream_keeps_its_epoch_and_top() {
+    let url = redis_url();
+    let target = RedisTarget::Standalone(url.clone());
+    let bus = RedisBus::connect(&target, RedisOptions::default(), None)
+        .await
+        .unwrap();
+    let user: Arc<str> = Arc::from(unique("expired"));
+    bus.publish(&[msg(&user, "e1", "one"), msg(&user, "e2", "two")])
+        .await
+        .unwrap();
+    let log = history(&target, &user).await;
+    let mut c = node_conn(&url).await;
+    let _: () = c
+        .del(foldercast::bus::redis::keys::stream(&user))
+        .await
+        .unwrap();
+    let top = pos(&log[1].0);
+    assert!(
+        replayed(&bus.catch_up(&user, Some(&top), 10).await.unwrap()).is_empty(),
+        "nothing missed"
+    );
+    assert_eq!(
+        lost(
+            &bus.catch_up(&user, Some(&pos(&log[0].0)), 10)
+                .await
+                .unwrap()
+        ),
+        Some("too-old")
+    );
+    bus.publish(&[msg(&user, "e3", "three")]).await.unwrap();
+    let again = history(&target, &user).await;
+    assert_eq!(again.len(), 1);
+    assert!(
+        stream_id(&again[0].0) > stream_id(&log[1].0),
+        "ids go on above the old top"
+    );
+    assert!(
+        again[0].0.starts_with(&format!("{}:", top.epoch)),
+        "same epoch"
+    );
+    assert_eq!(
+        replayed(&bus.catch_up(&user, Some(&top), 10).await.unwrap()),
+        ["{\"event_id\":\"e3\",\"body\":\"three\"}"]
+    );
+    assert_eq!(
+        lost(
+            &bus.catch_up(&user, Some(&pos(&log[0].0)), 10)
+                .await
+                .unwrap()
+        ),
+        Some("too-old")
+    );
+}
+
+/// Redis restarted without persistence: the history is gone, and a resuming client is told so
+/// (`unknown-epoch`, with the new epoch's position), never served silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_without_persistence_is_a_new_epoch() {
+    let mut redis = PrivateRedis::start();
+    let target = RedisTarget::Standalone(redis.url());
+    let bus = RedisBus::connect(&target, RedisOptions::default(), None)
+        .await
+        .unwrap();
+    let user: Arc<str> = Arc::from(unique("restarted"));
+    bus.publish(&[msg(&user, "e1", "one")]).await.unwrap();
+    let before = pos(&history(&target, &user).await[0].0);
+    redis.restart();
+    let mut outcome = None;
+    for _ in 0..100 {
+        if let Ok(c) = bus.catch_up(&user, Some(&before), 10).await {
+            outcome = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let outcome = outcome.expect("redis back");
+    assert_eq!(lost(&outcome), Some("unknown-epoch"));
+    let now = pos(outcome.top());
+    assert_ne!(now.epoch, before.epoch, "a new epoch");
+    assert_eq!(now.id, StreamId::ZERO);
+    // Publishing goes on in the new epoch (the script is loaded again after the restart).
+    bus.publish(&[msg(&user, "e2", "two")]).await.unwrap();
+    let after = history(&target, &user).await;
+    assert!(after[0].0.starts_with(&format!("{}:", now.epoch)));
 }

@@ -249,21 +249,39 @@ mod tests {
             let m = Outgoing::new(alice.clone(), Bytes::from(n.to_string()));
             bus.publish(&[m]).await.unwrap();
         }
-        assert_eq!(ids(&bus.catch_up(&alice, Some(&start), 10).await.unwrap()), ["1", "2", "3"]);
+        assert_eq!(
+            ids(&bus.catch_up(&alice, Some(&start), 10).await.unwrap()),
+            ["1", "2", "3"]
+        );
         let at = |n: u64| Position {
             epoch: start.epoch.clone(),
             id: StreamId { ms: n, seq: 0 },
         };
-        assert_eq!(ids(&bus.catch_up(&alice, Some(&at(1)), 10).await.unwrap()), ["2", "3"]);
-        assert_eq!(ids(&bus.catch_up(&alice, Some(&at(1)), 1).await.unwrap()), ["over-limit"]);
+        assert_eq!(
+            ids(&bus.catch_up(&alice, Some(&at(1)), 10).await.unwrap()),
+            ["2", "3"]
+        );
+        assert_eq!(
+            ids(&bus.catch_up(&alice, Some(&at(1)), 1).await.unwrap()),
+            ["over-limit"]
+        );
         assert!(ids(&bus.catch_up(&alice, Some(&at(3)), 10).await.unwrap()).is_empty());
-        assert_eq!(ids(&bus.catch_up(&alice, Some(&at(4)), 10).await.unwrap()), ["bad-position"]);
+        assert_eq!(
+            ids(&bus.catch_up(&alice, Some(&at(4)), 10).await.unwrap()),
+            ["bad-position"]
+        );
         // A fourth message trims the first: from 0 the gap can no longer be filled.
         bus.publish(&[Outgoing::new(alice.clone(), Bytes::from("4"))])
             .await
             .unwrap();
-        assert_eq!(ids(&bus.catch_up(&alice, Some(&start), 10).await.unwrap()), ["too-old"]);
-        assert_eq!(ids(&bus.catch_up(&alice, Some(&at(2)), 10).await.unwrap()), ["3", "4"]);
+        assert_eq!(
+            ids(&bus.catch_up(&alice, Some(&start), 10).await.unwrap()),
+            ["too-old"]
+        );
+        assert_eq!(
+            ids(&bus.catch_up(&alice, Some(&at(2)), 10).await.unwrap()),
+            ["3", "4"]
+        );
         // Another process start (another bus) has another epoch; bob's epoch is not alice's.
         let (tx2, _rx2) = tokio::sync::mpsc::channel(16);
         let restarted = MemoryBus::new(Arc::new(tx2));
@@ -275,6 +293,9 @@ mod tests {
             }
         );
         let bob: Arc<str> = Arc::from("bob");
-        assert_eq!(ids(&bus.catch_up(&bob, Some(&at(2)), 10).await.unwrap()), ["bad-position"]);
+        assert_eq!(
+            ids(&bus.catch_up(&bob, Some(&at(2)), 10).await.unwrap()),
+            ["bad-position"]
+        );
     }
 }

@@ -260,12 +260,31 @@ mod tests {
             })
         );
         assert_eq!(StreamId::parse("42"), Some(StreamId { ms: 42, seq: 0 }));
-        for bad in ["", "-", "1-", "-1", "a-1", "1-2-3", "+1", " 1", "1 ", "99999999999999999999999"] {
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "-1",
+            "a-1",
+            "1-2-3",
+            "+1",
+            " 1",
+            "1 ",
+            "99999999999999999999999",
+        ] {
             assert_eq!(StreamId::parse(bad), None, "{bad:?}");
         }
         let p = Position::parse("00ff00abcdef:17-2").unwrap();
         assert_eq!(p.to_string(), "00ff00abcdef:17-2");
-        for bad in ["", ":", "abc:1-0", "zzzzzzzzzz:1-0", "00ff00abcdef", "00ff00abcdef:x", "00ff00abcdef:1:2"] {
+        for bad in [
+            "",
+            ":",
+            "abc:1-0",
+            "zzzzzzzzzz:1-0",
+            "00ff00abcdef",
+            "00ff00abcdef:x",
+            "00ff00abcdef:1:2",
+        ] {
             assert_eq!(Position::parse(bad), None, "{bad:?}");
         }
     }
@@ -276,7 +295,11 @@ mod tests {
         assert_eq!(check(&v, &at(10)), Ok(false), "at the top");
         assert_eq!(check(&v, &at(5)), Ok(true), "at the first entry held");
         assert_eq!(check(&v, &at(4)), Err(LostReason::TooOld), "below it");
-        assert_eq!(check(&v, &at(11)), Err(LostReason::BadPosition), "from the future");
+        assert_eq!(
+            check(&v, &at(11)),
+            Err(LostReason::BadPosition),
+            "from the future"
+        );
         let mut other_epoch = at(5);
         other_epoch.epoch = "ffffffffffabcdef".into();
         assert_eq!(check(&v, &other_epoch), Err(LostReason::UnknownEpoch));

@@ -103,7 +103,8 @@ impl AppState {
     pub async fn drain(&self) {
         self.draining.cancel();
         let deadline = tokio::time::Instant::now() + self.config.drain_grace;
-        while self.hub.stats.connections.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        while self.hub.stats.connections.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let left = self.hub.stats.connections.load(Relaxed);

@@ -141,7 +141,12 @@ pub fn ready_frame(user: &str, position: &str) -> String {
 
 /// The outcome of a resume: all of the history after the position was replayed (it follows this
 /// frame), or nothing was and `reason` says why; `position` is the top the replay reaches.
-pub fn resumed_frame(recovered: bool, replayed: usize, position: &str, reason: Option<&str>) -> String {
+pub fn resumed_frame(
+    recovered: bool,
+    replayed: usize,
+    position: &str,
+    reason: Option<&str>,
+) -> String {
     json!({"type": "resumed", "recovered": recovered, "replayed": replayed, "position": position, "reason": reason})
         .to_string()
 }

@@ -133,7 +133,12 @@ pub async fn start(
         Some(position) => hub.bus().catch_up(user, Some(&position), limit).await?,
         None => Catchup::Lost {
             reason: LostReason::BadPosition,
-            top: hub.bus().catch_up(user, None, limit).await?.top().to_owned(),
+            top: hub
+                .bus()
+                .catch_up(user, None, limit)
+                .await?
+                .top()
+                .to_owned(),
         },
     };
     Ok(match catchup {

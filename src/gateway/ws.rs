@@ -120,7 +120,9 @@ async fn send_resumed(
     user: &str,
 ) -> Written {
     let Start {
-        resumed, mut replay, ..
+        resumed,
+        mut replay,
+        ..
     } = start;
     if let Some(resumed) = resumed {
         let replayed = replay.iter().filter(|f| f.passes(watches)).count();
@@ -424,7 +426,13 @@ async fn write_within<F: std::future::Future>(
 }
 
 /// Like [`close_with`], with the last position delivered in the error frame.
-async fn close_at(socket: &mut WebSocket, code: &str, message: &str, position: &str, close_code: u16) {
+async fn close_at(
+    socket: &mut WebSocket,
+    code: &str,
+    message: &str,
+    position: &str,
+    close_code: u16,
+) {
     let close = async {
         send_text(socket, error_frame_at(code, message, position)).await?;
         socket
