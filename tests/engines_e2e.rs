@@ -179,7 +179,9 @@ async fn collect(ws: &mut Ws, count: usize, wait: Duration) -> Vec<(String, Valu
     got
 }
 
-fn stream_id(id: &str) -> (u64, u64) {
+/// The stream id of a position (`<epoch>:<ms>-<seq>`).
+fn stream_id(position: &str) -> (u64, u64) {
+    let (_, id) = position.split_once(':').expect("a position");
     let (a, b) = id.split_once('-').expect("a Redis stream id");
     (a.parse().unwrap(), b.parse().unwrap())
 }
@@ -527,6 +529,14 @@ async fn a_redis_restart_keeps_clients_connected() {
     let after_id = unique("after");
     std::fs::write(file.path(), one(&after_id) + "\n").unwrap();
     produce(&t, file.path()).await;
+    // Redis came back empty (no persistence): the client is told its history was lost before
+    // the first message of the new epoch reaches it.
+    let told = next_frame(&mut ws, Duration::from_secs(30))
+        .await
+        .expect("a frame after the restart");
+    assert_eq!(told["type"], "resumed", "{told}");
+    assert_eq!(told["recovered"], false);
+    assert_eq!(told["reason"], "unknown-epoch");
     let after = collect(&mut ws, 1, Duration::from_secs(30)).await;
     assert_eq!(
         after.len(),
@@ -534,7 +544,13 @@ async fn a_redis_restart_keeps_clients_connected() {
         "later messages arrive on the same connection"
     );
     assert_eq!(after[0].1["event_id"], after_id.as_str());
-    assert!(stream_id(&after[0].0) > stream_id(&before[0].0));
+    let epoch = |p: &str| p.split_once(':').unwrap().0.to_owned();
+    assert_ne!(epoch(&after[0].0), epoch(&before[0].0), "a new epoch");
+    assert_eq!(
+        told["position"],
+        format!("{}:0-0", epoch(&after[0].0)),
+        "the new epoch's start"
+    );
     assert_eq!(
         server.stats().await["connections"],
         1,

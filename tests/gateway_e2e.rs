@@ -74,9 +74,26 @@ async fn sync(ws: &mut Ws) -> Vec<Value> {
     }
 }
 
-async fn ready(ws: &mut Ws, user: &str) {
+/// Reads the ready frame; returns the position the connection starts at.
+async fn ready(ws: &mut Ws, user: &str) -> String {
     let f = next_json(ws).await.expect("ready frame");
-    assert_eq!(f, json!({"type": "ready", "user": user}));
+    assert_eq!(
+        (&f["type"], &f["user"]),
+        (&json!("ready"), &json!(user)),
+        "{f}"
+    );
+    let position = f["position"].as_str().expect("a position").to_owned();
+    assert!(position.contains(':'), "{position}");
+    position
+}
+
+/// The id of a position (`<epoch>:<n>-0` on the in-process bus).
+fn id_of(position: &str) -> u64 {
+    let (_, id) = position.split_once(':').expect("a position");
+    id.split_once('-')
+        .map_or(id, |(n, _)| n)
+        .parse()
+        .expect("a numeric id")
 }
 
 fn demo_events() -> String {
@@ -164,11 +181,11 @@ impl Sse {
         }
     }
 
-    /// The next event that is not a comment.
+    /// The next event a browser would dispatch: not a comment, not an `id:` line alone.
     async fn next_event(&mut self) -> Option<SseEvent> {
         loop {
             let e = self.next().await?;
-            if e.comment.is_none() || e.event.is_some() {
+            if e.event.is_some() || !e.data.is_empty() {
                 return Some(e);
             }
         }
@@ -236,7 +253,7 @@ async fn clients_receive_exactly_what_replay_computes() {
             let frame = next_json(ws).await.expect("connection stays open");
             assert_valid(&schemas.server_frame, &frame, "server frame");
             assert_eq!(frame["type"], "event", "{user}: {frame}");
-            ids.push(frame["id"].as_str().unwrap().parse::<u64>().unwrap());
+            ids.push(id_of(frame["id"].as_str().unwrap()));
             got.push(frame["data"].clone());
         }
         assert_eq!(&got, want, "{user} receives what replay computes, in order");
@@ -254,7 +271,7 @@ async fn clients_receive_exactly_what_replay_computes() {
                 msg["type"].as_str(),
                 "event: is the message type"
             );
-            ids.push(ev.id.unwrap().parse::<u64>().unwrap());
+            ids.push(id_of(&ev.id.unwrap()));
         }
         assert_increasing(&ids, user);
     }

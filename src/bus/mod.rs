@@ -93,7 +93,7 @@ pub struct Delivery {
 
 /// Where a bus hands deliveries: called on the bus's own task, so it must never block.
 /// Returns false if the delivery was dropped (a full or closed receiver).
-pub trait DeliverySink: Send + Sync + 'static {
+pub trait DeliverySink: FeedEvents + Send + Sync + 'static {
     fn deliver(&self, delivery: Delivery) -> bool;
 
     /// A user's messages decoded together from the bus's own buffers (one channel message), in
@@ -109,6 +109,17 @@ pub trait DeliverySink: Send + Sync + 'static {
         })
     }
 }
+
+/// What a bus tells its sink about the live feed itself (not about one message).
+pub trait FeedEvents {
+    /// The live feed of `user` (every user: `None`) stopped: what is published until
+    /// [`FeedEvents::feed_restored`] may never arrive live.
+    fn feed_gap(&self, _user: Option<&str>) {}
+    /// The live feed is back (resubscribed): whatever was missed is in the history.
+    fn feed_restored(&self, _user: Option<&str>) {}
+}
+
+impl FeedEvents for tokio::sync::mpsc::Sender<Delivery> {}
 
 impl DeliverySink for tokio::sync::mpsc::Sender<Delivery> {
     fn deliver(&self, delivery: Delivery) -> bool {
@@ -126,6 +137,20 @@ pub struct LateSink {
 impl LateSink {
     pub fn bind(&self, target: &Arc<dyn DeliverySink>) {
         let _ = self.target.set(Arc::downgrade(target));
+    }
+}
+
+impl FeedEvents for LateSink {
+    fn feed_gap(&self, user: Option<&str>) {
+        if let Some(target) = self.target.get().and_then(std::sync::Weak::upgrade) {
+            target.feed_gap(user);
+        }
+    }
+
+    fn feed_restored(&self, user: Option<&str>) {
+        if let Some(target) = self.target.get().and_then(std::sync::Weak::upgrade) {
+            target.feed_restored(user);
+        }
     }
 }
 

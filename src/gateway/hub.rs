@@ -18,7 +18,7 @@ use bytes::Bytes;
 use super::protocol::{Route, message_type_of, server_frame, write_server_frame};
 use super::session::{Frame, Push, SessionQueue};
 use super::wakeups::Wakeups;
-use crate::bus::{Bus, BusError, Delivery, DeliverySink};
+use crate::bus::{Bus, BusError, Delivery, DeliverySink, FeedEvents};
 
 /// Gateway counters, served at `/api/stats`.
 #[derive(Default, Debug)]
@@ -230,6 +230,30 @@ fn intern_type(t: &str) -> Cow<'static, str> {
     match KNOWN.iter().find(|k| **k == t) {
         Some(k) => Cow::Borrowed(k),
         None => Cow::Owned(t.to_owned()),
+    }
+}
+
+/// A gap in the bus's live feed holds the sessions it concerns; its end makes them catch up
+/// from the history (see `session.rs`).
+impl FeedEvents for Hub {
+    fn feed_gap(&self, user: Option<&str>) {
+        self.each_session(user, |q| q.feed_gap());
+    }
+
+    fn feed_restored(&self, user: Option<&str>) {
+        self.each_session(user, |q| q.feed_restored());
+    }
+}
+
+impl Hub {
+    fn each_session(&self, user: Option<&str>, f: impl Fn(&SessionQueue)) {
+        let Ok(sessions) = self.sessions.lock() else {
+            return;
+        };
+        match user {
+            Some(user) => sessions.get(user).into_iter().flatten().for_each(|q| f(q)),
+            None => sessions.values().flatten().for_each(|q| f(q)),
+        }
     }
 }
 

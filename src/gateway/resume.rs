@@ -101,6 +101,18 @@ pub struct Resumed {
 }
 
 impl Resumed {
+    /// The frame at `position` opened a new epoch while the connection was open: whatever came
+    /// before it may be gone. The client is told (and refetches); that frame and the ones after
+    /// it follow, from the start of the new epoch.
+    pub fn epoch_lost(position: &str) -> Resumed {
+        let epoch = Position::split(position).map_or("", |(epoch, _)| epoch);
+        Resumed {
+            recovered: false,
+            position: format!("{epoch}:{}", StreamId::ZERO),
+            reason: Some(LostReason::UnknownEpoch),
+        }
+    }
+
     /// The frame, counting the replayed frames that `replayed` says pass the connection's filter.
     pub fn frame(&self, replayed: usize) -> String {
         resumed_frame(
@@ -166,6 +178,28 @@ pub async fn start(
             }),
             replay: Vec::new(),
         },
+    })
+}
+
+/// After a gap in the live feed: the history after the connection's last position, or (when
+/// the history cannot continue from there) a `resumed` frame saying so, the cursor moved to the
+/// top. A recovered catch-up is silent: the client just sees every message, in order.
+pub async fn after_gap(
+    hub: &Hub,
+    user: &Arc<str>,
+    cursor: &mut Cursor,
+    limit: usize,
+) -> Result<(Option<Resumed>, Vec<Arc<Frame>>), BusError> {
+    let start = start(hub, user, Some(&cursor.position()), limit).await?;
+    let moved = cursor.moved;
+    *cursor = start.cursor;
+    cursor.moved = moved;
+    Ok(match start.resumed {
+        Some(resumed) if !resumed.recovered => {
+            tracing::warn!(%user, reason = ?resumed.reason, "a gap in the live feed could not be filled: told the client");
+            (Some(resumed), Vec::new())
+        }
+        _ => (None, start.replay),
     })
 }
 

@@ -5,9 +5,15 @@
 //! connections are idle most of the time. It is bounded: when a client stops reading and the
 //! queue fills, the session is evicted (its queue is dropped and the connection closed), so a
 //! slow client costs at most `capacity` frames of memory.
+//!
+//! When the bus's live feed had a gap (its Redis subscription dropped), the queue is held: the
+//! frames that arrive after the subscription is back must not go out before the history that
+//! was missed meanwhile. Once the bus says the feed is back, the session is told to catch up
+//! ([`Next::CatchUp`]) from its last position, and only then drains the queue (its cursor drops
+//! what the catch-up already sent).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
@@ -72,8 +78,25 @@ pub enum Push {
     Gone,
 }
 
+/// What a session should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Frames were moved into the caller's batch.
+    Frames,
+    /// The live feed had a gap and is back: read the history after the last position first.
+    CatchUp,
+    /// The session was evicted (its queue overflowed).
+    Evicted,
+}
+
+/// Gap states: none, held (the feed is down), catch up (the feed is back).
+const GAP_NONE: u8 = 0;
+const GAP_HELD: u8 = 1;
+const GAP_CATCH_UP: u8 = 2;
+
 pub struct SessionQueue {
     state: Mutex<QueueState>,
+    gap: AtomicU8,
     notify: Notify,
     /// Set while a wake-up is pending in [`Wakeups`], so a burst marks the session once.
     marked: AtomicBool,
@@ -92,6 +115,7 @@ impl SessionQueue {
                 frames: VecDeque::new(),
                 evicted: false,
             }),
+            gap: AtomicU8::new(GAP_NONE),
             notify: Notify::new(),
             marked: AtomicBool::new(false),
             capacity: capacity.max(1),
@@ -133,23 +157,55 @@ impl SessionQueue {
         Push::Queued
     }
 
-    /// Waits for frames and moves all queued ones into `out`; false once evicted.
-    pub async fn next_batch(&self, out: &mut Vec<Arc<Frame>>) -> bool {
+    /// The live feed stopped: hold what arrives until [`Self::feed_restored`].
+    pub fn feed_gap(&self) {
+        self.gap.store(GAP_HELD, Ordering::Release);
+    }
+
+    /// The live feed is back (resubscribed): a held session catches up, then goes on.
+    pub fn feed_restored(&self) {
+        if self
+            .gap
+            .compare_exchange(GAP_HELD, GAP_CATCH_UP, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.notify.notify_one();
+        }
+    }
+
+    /// A catch-up that failed (the bus is still unreachable) is tried again.
+    pub fn catch_up_again(&self) {
+        self.gap.store(GAP_CATCH_UP, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// Waits for frames and moves all queued ones into `out`, unless the session must catch up
+    /// first or was evicted.
+    pub async fn next_batch(&self, out: &mut Vec<Arc<Frame>>) -> Next {
         loop {
             {
                 let Ok(mut state) = self.state.lock() else {
-                    return false;
+                    return Next::Evicted;
                 };
                 if state.evicted {
-                    return false;
+                    return Next::Evicted;
                 }
-                if !state.frames.is_empty() {
-                    out.extend(state.frames.drain(..));
-                    if state.frames.capacity() > 64 {
-                        // Give back what a burst grew, so an idle session stays small.
-                        state.frames.shrink_to(0);
+                match self.gap.load(Ordering::Acquire) {
+                    GAP_CATCH_UP => {
+                        self.gap.store(GAP_NONE, Ordering::Release);
+                        return Next::CatchUp;
                     }
-                    return true;
+                    // Held: nothing goes out until the catch-up (frames stay queued).
+                    GAP_HELD => {}
+                    _ if !state.frames.is_empty() => {
+                        out.extend(state.frames.drain(..));
+                        if state.frames.capacity() > 64 {
+                            // Give back what a burst grew, so an idle session stays small.
+                            state.frames.shrink_to(0);
+                        }
+                        return Next::Frames;
+                    }
+                    _ => {}
                 }
             }
             // Notify keeps a permit if `push` ran between the check and here: no lost wake-up.
@@ -236,7 +292,7 @@ mod tests {
         assert_eq!(push(&q, frame("1"), &w), Push::Queued);
         assert_eq!(push(&q, frame("2"), &w), Push::Queued);
         let mut out = Vec::new();
-        assert!(q.next_batch(&mut out).await);
+        assert_eq!(q.next_batch(&mut out).await, Next::Frames);
         assert_eq!(out.len(), 2);
         for i in 0..3 {
             assert_eq!(push(&q, frame(&i.to_string()), &w), Push::Queued);
@@ -248,7 +304,7 @@ mod tests {
         );
         assert_eq!(push(&q, frame("later"), &w), Push::Gone);
         out.clear();
-        assert!(!q.next_batch(&mut out).await);
+        assert_eq!(q.next_batch(&mut out).await, Next::Evicted);
         assert!(out.is_empty(), "an evicted queue holds nothing");
     }
 
@@ -280,6 +336,30 @@ mod tests {
         tokio::task::yield_now().await;
         push(&q, frame("1"), &w);
         assert_eq!(reader.await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_gap_holds_the_queue_until_the_feed_is_back_then_asks_for_a_catch_up() {
+        let w = Wakeups::start();
+        let q = Arc::new(SessionQueue::new(8));
+        q.feed_gap();
+        push(&q, frame("after-resubscribe"), &w);
+        let mut out = Vec::new();
+        let held = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            q.next_batch(&mut out),
+        );
+        assert!(held.await.is_err(), "nothing goes out while held");
+        q.feed_restored();
+        assert_eq!(q.next_batch(&mut out).await, Next::CatchUp);
+        assert!(out.is_empty(), "the catch-up comes before the queued frame");
+        assert_eq!(q.next_batch(&mut out).await, Next::Frames);
+        assert_eq!(out.len(), 1);
+        // A restore without a gap asks for nothing.
+        q.feed_restored();
+        push(&q, frame("next"), &w);
+        out.clear();
+        assert_eq!(q.next_batch(&mut out).await, Next::Frames);
     }
 
     fn route(space: &str, paths: &[&str]) -> Route {

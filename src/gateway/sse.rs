@@ -28,10 +28,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::AppState;
-use super::hub::Registration;
+use super::hub::{Hub, Registration};
 use super::resume::{self, Admit, Cursor, Resumed};
-use super::session::{Frame, Watches};
-use crate::bus::LostReason;
+use super::session::{Frame, Next, Watches};
 use crate::path::SpacePath;
 
 pub async fn handler(
@@ -131,6 +130,9 @@ pub async fn handler(
         expiry: identity.remaining().map(|d| Instant::now() + d),
         draining: state.draining.clone(),
         drain_spread: state.config.drain_spread,
+        hub: state.hub.clone(),
+        user: identity.user.clone(),
+        resume_max: state.config.resume_max,
         done: false,
     };
     Sse::new(events(feed))
@@ -166,6 +168,9 @@ struct Feed {
     expiry: Option<Instant>,
     draining: CancellationToken,
     drain_spread: Duration,
+    hub: Arc<Hub>,
+    user: Arc<str>,
+    resume_max: usize,
     done: bool,
 }
 
@@ -193,22 +198,23 @@ fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
                     }
                     Admit::Deliver | Admit::Duplicate => {}
                     Admit::NewEpoch => {
-                        let lost = Resumed {
-                            recovered: false,
-                            position: frame.id.to_string(),
-                            reason: Some(LostReason::UnknownEpoch),
-                        };
+                        let lost = Resumed::epoch_lost(&frame.id);
                         let event = Event::default()
                             .event("resumed")
-                            .id(&*frame.id)
+                            .id(&lost.position)
                             .data(lost.frame(0));
+                        if frame.passes(&feed.watches)
+                            && let Some(next) = to_event(&frame)
+                        {
+                            feed.intro.push_back(next);
+                        }
                         return Some((Ok(event), feed));
                     }
                 }
             }
             let expiry = feed.expiry;
-            let alive = tokio::select! {
-                alive = feed.registration.queue.next_batch(&mut feed.batch) => alive,
+            let next = tokio::select! {
+                next = feed.registration.queue.next_batch(&mut feed.batch) => next,
                 _ = sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
                     feed.done = true;
                     let e = error_event("token-expired", "the token expired", &feed.cursor.position());
@@ -224,7 +230,39 @@ fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
                     return Some((Ok(e), feed));
                 }
             };
-            if !alive {
+            if next == Next::CatchUp {
+                // The live feed had a gap: what was missed first, from the history.
+                let user = feed.user.clone();
+                match resume::after_gap(&feed.hub, &user, &mut feed.cursor, feed.resume_max).await {
+                    Ok((told, replay)) => {
+                        if let Some(told) = told {
+                            feed.intro.push_back(
+                                Event::default()
+                                    .event("resumed")
+                                    .id(&told.position)
+                                    .data(told.frame(0)),
+                            );
+                        }
+                        // Ahead of anything still queued, which the cursor then drops.
+                        for frame in replay.into_iter().rev() {
+                            feed.pending.push_front(frame);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%user, error = %e, "catch-up after a gap failed; retrying");
+                        let queue = feed.registration.queue.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            queue.catch_up_again();
+                        });
+                    }
+                }
+                if let Some(event) = feed.intro.pop_front() {
+                    return Some((Ok(event), feed));
+                }
+                continue;
+            }
+            if next == Next::Evicted {
                 feed.done = true;
                 let e = error_event(
                     "slow-consumer",

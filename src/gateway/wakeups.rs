@@ -94,7 +94,7 @@ impl Wakeups {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gateway::session::{Frame, Push};
+    use crate::gateway::session::{Frame, Next, Push};
     use axum::extract::ws::Utf8Bytes;
 
     fn frame() -> Arc<Frame> {
@@ -120,7 +120,7 @@ mod tests {
             assert_eq!(queue.push(&two, &wakeups), Push::Queued);
         }
         let mut out = Vec::new();
-        assert!(queue.next_batch(&mut out).await);
+        assert_eq!(queue.next_batch(&mut out).await, Next::Frames);
         assert_eq!(out.len(), 16, "the whole burst in one batch");
         // A later frame wakes the session again.
         assert_eq!(queue.push(&[frame()], &wakeups), Push::Queued);
@@ -129,7 +129,11 @@ mod tests {
             std::time::Duration::from_secs(5),
             queue.next_batch(&mut out),
         );
-        assert!(next.await.unwrap_or(false), "woken for the later frame");
+        assert_eq!(
+            next.await.ok(),
+            Some(Next::Frames),
+            "woken for the later frame"
+        );
         assert_eq!(out.len(), 1);
         wakeups.close();
     }
@@ -141,7 +145,7 @@ mod tests {
         assert_eq!(queue.push(&[frame()], &wakeups), Push::Queued);
         let mut out = Vec::new();
         let ready = futures_util::FutureExt::now_or_never(queue.next_batch(&mut out));
-        assert_eq!(ready, Some(true));
+        assert_eq!(ready, Some(Next::Frames));
         assert_eq!(out.len(), 1);
     }
 }

@@ -28,8 +28,7 @@ use super::protocol::{
     ready_frame, reconnect_frame,
 };
 use super::resume::{self, Admit, Cursor, Resumed, Start};
-use super::session::{Frame, Watches};
-use crate::bus::LostReason;
+use super::session::{Frame, Next, Watches};
 
 /// Close codes: 1001 going away (no answer to pings), 1008 policy violation (auth), 1011 server
 /// error, 1013 try again later (evicted).
@@ -86,12 +85,11 @@ async fn write_frames(
                 Admit::Deliver | Admit::Duplicate => {}
                 Admit::NewEpoch => {
                     tracing::warn!(%user, position = %frame.id, "history lost while connected: told the client");
-                    let lost = Resumed {
-                        recovered: false,
-                        position: frame.id.to_string(),
-                        reason: Some(LostReason::UnknownEpoch),
-                    };
+                    let lost = Resumed::epoch_lost(&frame.id);
                     socket.feed(Message::Text(lost.frame(0).into())).await?;
+                    if frame.passes(watches) {
+                        socket.feed(Message::Text(frame.ws_text.clone())).await?;
+                    }
                 }
             }
         }
@@ -274,8 +272,32 @@ async fn session(
                     break;
                 }
             }
-            alive = registration.queue.next_batch(&mut batch), if !expired => {
-                if !alive {
+            next = registration.queue.next_batch(&mut batch), if !expired => {
+                if next == Next::CatchUp {
+                    // The live feed had a gap: what was missed first, from the history.
+                    match resume::after_gap(&state.hub, &identity.user, &mut cursor, limit).await {
+                        Ok((told, mut replay)) => {
+                            if let Some(told) = told
+                                && send_text(&mut socket, told.frame(0)).await.is_err()
+                            {
+                                break;
+                            }
+                            if let Written::Failed = write_frames(&mut socket, &mut replay, &watches, &mut cursor, write_timeout, &identity.user).await {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(user = %identity.user, error = %e, "catch-up after a gap failed; retrying");
+                            let queue = registration.queue.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                                queue.catch_up_again();
+                            });
+                        }
+                    }
+                    continue;
+                }
+                if next == Next::Evicted {
                     tracing::info!(user = %identity.user, position = %cursor.position(), "slow client evicted");
                     close_at(&mut socket, "slow-consumer", "the client did not read fast enough; resume from position", &cursor.position(), CLOSE_TRY_LATER).await;
                     break;

@@ -132,6 +132,8 @@ pub struct RedisBus {
     subscriber: Option<Conn>,
     /// Users whose channel this gateway wants, and the ones Redis dropped behind its back.
     subscriptions: Arc<Subscriptions>,
+    /// Where deliveries go; told about gaps in the live feed.
+    sink: Option<Arc<dyn DeliverySink>>,
     script: redis::Script,
     history_script: redis::Script,
     options: RedisOptions,
@@ -170,15 +172,16 @@ impl Subscriptions {
             .unwrap_or(false)
     }
 
-    /// Called from the push callback: must not block.
-    fn server_dropped(&self, user: &str) {
+    /// Called from the push callback: must not block. True if Redis dropped a channel we want.
+    fn server_dropped(&self, user: &str) -> bool {
         if !self.is_wanted(user) {
-            return; // our own unsubscribe, confirmed
+            return false; // our own unsubscribe, confirmed
         }
         if let Ok(mut d) = self.dropped.lock() {
             d.insert(Arc::from(user));
         }
         self.wake.notify_one();
+        true
     }
 
     fn take_dropped(&self) -> Vec<Arc<str>> {
@@ -209,6 +212,9 @@ impl AsyncPushSender for PushToDeliveries {
             }
             PushKind::Disconnection => {
                 self.connected.store(false, Relaxed);
+                // Whatever is published until the subscription is back reaches no one live:
+                // sessions hold, then catch up from the history (health loop: feed_restored).
+                self.deliveries.feed_gap(None);
                 tracing::warn!("redis subscription connection lost; reconnecting");
             }
             PushKind::SUnsubscribe => {
@@ -216,8 +222,10 @@ impl AsyncPushSender for PushToDeliveries {
                     Some(Value::BulkString(b)) => b.as_slice(),
                     _ => return Ok(()),
                 };
-                if let Some(user) = keys::user_of_channel(channel) {
-                    self.subscriptions.server_dropped(user);
+                if let Some(user) = keys::user_of_channel(channel)
+                    && self.subscriptions.server_dropped(user)
+                {
+                    self.deliveries.feed_gap(Some(user));
                 }
             }
             _ => {}
@@ -303,7 +311,7 @@ impl RedisBus {
         let connected = Arc::new(AtomicBool::new(false));
         let subscriptions = Arc::new(Subscriptions::default());
         let publisher = open(target, None).await?;
-        let subscriber = match deliveries {
+        let subscriber = match deliveries.clone() {
             Some(tx) => Some(
                 open(
                     target,
@@ -317,16 +325,18 @@ impl RedisBus {
             ),
             None => None,
         };
-        if let Some(Conn::Cluster(conn)) = &subscriber {
+        if let (Some(Conn::Cluster(conn)), Some(sink)) = (&subscriber, &deliveries) {
             tokio::spawn(resubscribe_dropped(
                 conn.clone(),
                 Arc::downgrade(&subscriptions),
+                sink.clone(),
             ));
         }
         let bus = Arc::new(RedisBus {
             publisher,
             subscriber,
             subscriptions,
+            sink: deliveries,
             script: redis::Script::new(PUBLISH_SCRIPT),
             history_script: redis::Script::new(history::HISTORY_SCRIPT),
             options,
@@ -356,9 +366,17 @@ impl RedisBus {
                     .unwrap_or(false);
                 let was = bus.connected.swap(ok, Relaxed);
                 if ok && !was {
-                    tracing::info!("redis connection restored");
+                    // The ping went over the reconnected subscriber, after its resubscription:
+                    // whatever is published from now on arrives live, the rest is in history.
+                    tracing::info!("redis connection restored; sessions catch up");
+                    if let Some(sink) = &bus.sink {
+                        sink.feed_restored(None);
+                    }
                 } else if !ok && was {
                     tracing::warn!("redis unreachable; retrying");
+                    if let Some(sink) = &bus.sink {
+                        sink.feed_gap(None);
+                    }
                 }
             }
         });
@@ -387,8 +405,13 @@ impl RedisBus {
     }
 }
 
-/// Subscribes again, with backoff, the channels a slot move dropped. Ends with the bus.
-async fn resubscribe_dropped(mut conn: ClusterConnection, subscriptions: Weak<Subscriptions>) {
+/// Subscribes again, with backoff, the channels a slot move dropped, and has their sessions
+/// catch up on what was published meanwhile. Ends with the bus.
+async fn resubscribe_dropped(
+    mut conn: ClusterConnection,
+    subscriptions: Weak<Subscriptions>,
+    sink: Arc<dyn DeliverySink>,
+) {
     let mut delay = Duration::from_millis(50);
     loop {
         let Some(subs) = subscriptions.upgrade() else {
@@ -408,7 +431,10 @@ async fn resubscribe_dropped(mut conn: ClusterConnection, subscriptions: Weak<Su
                 continue;
             }
             match conn.ssubscribe(keys::channel(&user)).await {
-                Ok(()) => tracing::info!(%user, "resubscribed after the cluster moved its slot"),
+                Ok(()) => {
+                    tracing::info!(%user, "resubscribed after the cluster moved its slot");
+                    sink.feed_restored(Some(&user));
+                }
                 Err(e) => {
                     tracing::warn!(%user, error = %e, retry_in = ?delay, "resubscription failed");
                     failed.push(user);
