@@ -6,6 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::sse::Sse;
 use common::{Schemas, Server, assert_valid, demo_membership, replay_print, root, token};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -118,78 +119,6 @@ fn assert_increasing(ids: &[u64], who: &str) {
         ids.windows(2).all(|w| w[0] < w[1]),
         "{who}: ids must strictly increase: {ids:?}"
     );
-}
-
-/// A minimal SSE reader over a reqwest response.
-struct Sse {
-    stream:
-        std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
-    buf: String,
-}
-
-#[derive(Debug, Default, Clone)]
-struct SseEvent {
-    id: Option<String>,
-    event: Option<String>,
-    data: String,
-    comment: Option<String>,
-}
-
-impl Sse {
-    async fn open(url: &str, bearer: Option<&str>) -> reqwest::Response {
-        let mut req = reqwest::Client::new().get(url);
-        if let Some(t) = bearer {
-            req = req.bearer_auth(t);
-        }
-        req.send().await.expect("sse request")
-    }
-
-    fn new(resp: reqwest::Response) -> Sse {
-        Sse {
-            stream: Box::pin(resp.bytes_stream()),
-            buf: String::new(),
-        }
-    }
-
-    async fn next(&mut self) -> Option<SseEvent> {
-        loop {
-            if let Some(end) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..end + 2).collect();
-                let mut ev = SseEvent::default();
-                for line in block.lines() {
-                    if let Some(c) = line.strip_prefix(':') {
-                        ev.comment = Some(c.trim().to_owned());
-                    } else if let Some((k, v)) = line.split_once(':') {
-                        let v = v.strip_prefix(' ').unwrap_or(v);
-                        match k {
-                            "id" => ev.id = Some(v.to_owned()),
-                            "event" => ev.event = Some(v.to_owned()),
-                            "data" => ev.data.push_str(v),
-                            _ => {}
-                        }
-                    }
-                }
-                return Some(ev);
-            }
-            match tokio::time::timeout(WAIT, self.stream.next())
-                .await
-                .expect("no SSE data in time")
-            {
-                Some(Ok(chunk)) => self.buf.push_str(std::str::from_utf8(&chunk).unwrap()),
-                _ => return None,
-            }
-        }
-    }
-
-    /// The next event a browser would dispatch: not a comment, not an `id:` line alone.
-    async fn next_event(&mut self) -> Option<SseEvent> {
-        loop {
-            let e = self.next().await?;
-            if e.event.is_some() || !e.data.is_empty() {
-                return Some(e);
-            }
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

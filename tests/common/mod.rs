@@ -3,6 +3,8 @@
 
 pub mod libregraph;
 pub mod oidc;
+pub mod sse;
+pub mod ws;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
