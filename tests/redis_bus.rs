@@ -913,3 +913,60 @@ async fn a_redis_restart_without_persistence_is_a_new_epoch() {
     let after = history(&target, &user).await;
     assert!(after[0].0.starts_with(&format!("{}:", now.epoch)));
 }
+
+/// Redis cuts the subscription connections (`CLIENT KILL TYPE pubsub`, as an operator or a
+/// failover would): every subscription comes back and later messages arrive, for users on every
+/// node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscribes_after_its_subscription_connections_are_killed() {
+    for target in [
+        RedisTarget::Standalone(redis_url()),
+        RedisTarget::Cluster(redis_cluster_nodes()),
+    ] {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let bus = RedisBus::connect(&target, RedisOptions::default(), Some(tx))
+            .await
+            .unwrap();
+        bus.spawn_health_check(Duration::from_millis(200));
+        let users: Vec<Arc<str>> = (0..60)
+            .map(|i| Arc::from(unique(&format!("k{i}"))))
+            .collect();
+        for u in &users {
+            bus.subscribe(u).await.unwrap();
+        }
+        let urls = match &target {
+            RedisTarget::Standalone(url) => vec![url.clone()],
+            RedisTarget::Cluster(nodes) => nodes.clone(),
+        };
+        for url in &urls {
+            let mut c = node_conn(url).await;
+            let _: redis::Value = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut missing: std::collections::HashSet<Arc<str>> = users.iter().cloned().collect();
+        while !missing.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{target:?}: {} of {} users never delivered again",
+                missing.len(),
+                users.len()
+            );
+            let batch: Vec<Outgoing> = missing
+                .iter()
+                .map(|u| msg(u, &unique("again"), "y"))
+                .collect();
+            let _ = bus.publish(&batch).await;
+            while let Ok(Some(d)) =
+                tokio::time::timeout(Duration::from_millis(300), rx.recv()).await
+            {
+                missing.remove(&d.user);
+            }
+        }
+    }
+}

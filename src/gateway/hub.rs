@@ -32,11 +32,27 @@ pub struct GatewayStats {
 
 pub struct Hub {
     sessions: Mutex<HashMap<Arc<str>, Vec<Arc<SessionQueue>>>>,
+    /// Where the live feed is down (every user, or some): a session that starts meanwhile is
+    /// held too, since its history read may predate what the gap loses. Only touched with
+    /// `sessions` locked first.
+    feed_down: Mutex<FeedDown>,
     subscription_order: tokio::sync::Mutex<()>,
     bus: Arc<dyn Bus>,
     queue_capacity: usize,
     wakeups: Arc<Wakeups>,
     pub stats: GatewayStats,
+}
+
+#[derive(Default)]
+struct FeedDown {
+    all: bool,
+    users: std::collections::HashSet<Arc<str>>,
+}
+
+impl FeedDown {
+    fn covers(&self, user: &str) -> bool {
+        self.all || self.users.contains(user)
+    }
 }
 
 /// A connection's place in the hub; dropping it unregisters the connection.
@@ -50,6 +66,7 @@ impl Hub {
     pub fn new(bus: Arc<dyn Bus>, queue_capacity: usize) -> Arc<Self> {
         Arc::new(Hub {
             sessions: Mutex::new(HashMap::new()),
+            feed_down: Mutex::new(FeedDown::default()),
             subscription_order: tokio::sync::Mutex::new(()),
             bus,
             queue_capacity,
@@ -78,6 +95,9 @@ impl Hub {
         let _order = self.subscription_order.lock().await;
         let first = {
             let mut sessions = self.sessions.lock().map_err(|_| BusError::Closed)?;
+            if self.feed_down.lock().is_ok_and(|down| down.covers(&user)) {
+                queue.feed_gap();
+            }
             let list = sessions.entry(user.clone()).or_default();
             list.push(queue.clone());
             list.len() == 1
@@ -237,19 +257,38 @@ fn intern_type(t: &str) -> Cow<'static, str> {
 /// from the history (see `session.rs`).
 impl FeedEvents for Hub {
     fn feed_gap(&self, user: Option<&str>) {
-        self.each_session(user, |q| q.feed_gap());
+        self.each_session(user, true, |q| q.feed_gap());
     }
 
     fn feed_restored(&self, user: Option<&str>) {
-        self.each_session(user, |q| q.feed_restored());
+        self.each_session(user, false, |q| q.feed_restored());
     }
 }
 
 impl Hub {
-    fn each_session(&self, user: Option<&str>, f: impl Fn(&SessionQueue)) {
+    /// Marks the feed down (or up) for `user` (every user: `None`) and applies `f` to the
+    /// sessions concerned, all under the sessions lock so a session that registers meanwhile
+    /// sees one or the other.
+    fn each_session(&self, user: Option<&str>, down: bool, f: impl Fn(&SessionQueue)) {
         let Ok(sessions) = self.sessions.lock() else {
             return;
         };
+        if let Ok(mut feed) = self.feed_down.lock() {
+            match (user, down) {
+                (None, down) => {
+                    feed.all = down;
+                    if !down {
+                        feed.users.clear();
+                    }
+                }
+                (Some(u), true) => {
+                    feed.users.insert(Arc::from(u));
+                }
+                (Some(u), false) => {
+                    feed.users.remove(u);
+                }
+            }
+        }
         match user {
             Some(user) => sessions.get(user).into_iter().flatten().for_each(|q| f(q)),
             None => sessions.values().flatten().for_each(|q| f(q)),

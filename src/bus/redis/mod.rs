@@ -151,10 +151,20 @@ pub struct RedisBus {
 struct Subscriptions {
     wanted: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
     dropped: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
+    /// A cluster connection was lost: subscribe every wanted channel again, then declare the
+    /// whole feed restored. redis-rs's own resubscription after a killed node connection was
+    /// seen to leave every shard channel unsubscribed (`resubscribes_after_its_subscription_
+    /// connections_are_killed`), so the bus does not rely on it.
+    everything: AtomicBool,
     wake: tokio::sync::Notify,
 }
 
 impl Subscriptions {
+    fn resubscribe_everything(&self) {
+        self.everything.store(true, Relaxed);
+        self.wake.notify_one();
+    }
+
     fn want(&self, user: &Arc<str>, wanted: bool) {
         if let Ok(mut w) = self.wanted.lock() {
             if wanted {
@@ -197,6 +207,7 @@ struct PushToDeliveries {
     deliveries: Arc<dyn DeliverySink>,
     connected: Arc<AtomicBool>,
     subscriptions: Arc<Subscriptions>,
+    cluster: bool,
 }
 
 impl AsyncPushSender for PushToDeliveries {
@@ -215,6 +226,9 @@ impl AsyncPushSender for PushToDeliveries {
                 // Whatever is published until the subscription is back reaches no one live:
                 // sessions hold, then catch up from the history (health loop: feed_restored).
                 self.deliveries.feed_gap(None);
+                if self.cluster {
+                    self.subscriptions.resubscribe_everything();
+                }
                 tracing::warn!("redis subscription connection lost; reconnecting");
             }
             PushKind::SUnsubscribe => {
@@ -319,6 +333,7 @@ impl RedisBus {
                         deliveries: tx,
                         connected: connected.clone(),
                         subscriptions: subscriptions.clone(),
+                        cluster: matches!(target, RedisTarget::Cluster(_)),
                     }),
                 )
                 .await?,
@@ -369,8 +384,11 @@ impl RedisBus {
                     // The ping went over the reconnected subscriber, after its resubscription:
                     // whatever is published from now on arrives live, the rest is in history.
                     tracing::info!("redis connection restored; sessions catch up");
-                    if let Some(sink) = &bus.sink {
-                        sink.feed_restored(None);
+                    match (&bus.subscriber, &bus.sink) {
+                        // A cluster declares the feed restored once it resubscribed everything.
+                        (Some(Conn::Cluster(_)), _) => bus.subscriptions.resubscribe_everything(),
+                        (_, Some(sink)) => sink.feed_restored(None),
+                        _ => {}
                     }
                 } else if !ok && was {
                     tracing::warn!("redis unreachable; retrying");
@@ -405,8 +423,9 @@ impl RedisBus {
     }
 }
 
-/// Subscribes again, with backoff, the channels a slot move dropped, and has their sessions
-/// catch up on what was published meanwhile. Ends with the bus.
+/// Subscribes again, with backoff, the channels a slot move dropped (or every channel, after a
+/// lost connection), and has their sessions catch up on what was published meanwhile. Ends
+/// with the bus.
 async fn resubscribe_dropped(
     mut conn: ClusterConnection,
     subscriptions: Weak<Subscriptions>,
@@ -417,20 +436,33 @@ async fn resubscribe_dropped(
         let Some(subs) = subscriptions.upgrade() else {
             return;
         };
-        // Woken by a drop, or retrying after a failure.
+        // Woken by a drop or a lost connection, or retrying after a failure.
         let _ = tokio::time::timeout(Duration::from_secs(5), subs.wake.notified()).await;
-        let dropped = subs.take_dropped();
+        let everything = subs.everything.swap(false, Relaxed);
+        let dropped = if everything {
+            subs.wanted
+                .lock()
+                .map(|w| w.iter().cloned().collect())
+                .unwrap_or_default()
+        } else {
+            subs.take_dropped()
+        };
         if dropped.is_empty() {
+            if everything {
+                sink.feed_restored(None);
+            }
             continue;
         }
-        // The slot is moving: give the new owner a moment to be announced.
+        // The slot is moving, or the node reconnecting: give it a moment.
         tokio::time::sleep(delay).await;
         let mut failed = Vec::new();
+        let count = dropped.len();
         for user in dropped {
             if !subs.is_wanted(&user) {
                 continue;
             }
             match conn.ssubscribe(keys::channel(&user)).await {
+                Ok(()) if everything => {}
                 Ok(()) => {
                     tracing::info!(%user, "resubscribed after the cluster moved its slot");
                     sink.feed_restored(Some(&user));
@@ -442,9 +474,18 @@ async fn resubscribe_dropped(
             }
         }
         if failed.is_empty() {
+            if everything {
+                tracing::info!(
+                    channels = count,
+                    "resubscribed every channel; sessions catch up"
+                );
+                sink.feed_restored(None);
+            }
             delay = Duration::from_millis(50);
         } else {
-            if let Ok(mut d) = subs.dropped.lock() {
+            if everything {
+                subs.everything.store(true, Relaxed);
+            } else if let Ok(mut d) = subs.dropped.lock() {
                 d.extend(failed);
             }
             subs.wake.notify_one();
