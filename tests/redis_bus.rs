@@ -825,10 +825,11 @@ async fn trimmed_history_is_too_old_and_kept_history_recovers() {
     assert_eq!(tail.len(), log.len() - 1);
 }
 
-/// The stream expired while idle (deleted here) but the epoch lives on: the top recovers with
-/// nothing to replay, a position below it is too old, and later ids go on above the old top.
+/// The stream expired while idle (deleted here) but the epoch lives on: positions from before
+/// are too old (the entries are gone), the position handed out meanwhile recovers what comes
+/// next, and later ids go on above everything before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_stream_keeps_its_epoch_and_top() {
+async fn an_expired_stream_keeps_its_epoch() {
     let url = redis_url();
     let target = RedisTarget::Standalone(url.clone());
     let bus = RedisBus::connect(&target, RedisOptions::default(), None)
@@ -844,19 +845,15 @@ async fn an_expired_stream_keeps_its_epoch_and_top() {
         .del(foldercast::bus::redis::keys::stream(&user))
         .await
         .unwrap();
-    let top = pos(&log[1].0);
-    assert!(
-        replayed(&bus.catch_up(&user, Some(&top), 10).await.unwrap()).is_empty(),
-        "nothing missed"
-    );
+    let old_top = pos(&log[1].0);
     assert_eq!(
-        lost(
-            &bus.catch_up(&user, Some(&pos(&log[0].0)), 10)
-                .await
-                .unwrap()
-        ),
+        lost(&bus.catch_up(&user, Some(&old_top), 10).await.unwrap()),
         Some("too-old")
     );
+    let meanwhile = bus.catch_up(&user, None, 10).await.unwrap();
+    let meanwhile = pos(meanwhile.top());
+    assert_eq!(meanwhile.epoch, old_top.epoch, "same epoch");
+    assert!(meanwhile.id > old_top.id);
     bus.publish(&[msg(&user, "e3", "three")]).await.unwrap();
     let again = history(&target, &user).await;
     assert_eq!(again.len(), 1);
@@ -865,12 +862,16 @@ async fn an_expired_stream_keeps_its_epoch_and_top() {
         "ids go on above the old top"
     );
     assert!(
-        again[0].0.starts_with(&format!("{}:", top.epoch)),
+        again[0].0.starts_with(&format!("{}:", old_top.epoch)),
         "same epoch"
     );
     assert_eq!(
-        replayed(&bus.catch_up(&user, Some(&top), 10).await.unwrap()),
+        replayed(&bus.catch_up(&user, Some(&meanwhile), 10).await.unwrap()),
         ["{\"event_id\":\"e3\",\"body\":\"three\"}"]
+    );
+    assert_eq!(
+        lost(&bus.catch_up(&user, Some(&old_top), 10).await.unwrap()),
+        Some("too-old")
     );
     assert_eq!(
         lost(

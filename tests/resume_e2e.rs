@@ -220,11 +220,13 @@ async fn sse_open(url: &str, user: &str, last_event_id: Option<&str>) -> (Sse, O
     let response = request.send().await.expect("sse");
     assert_eq!(response.status(), 200);
     let mut sse = Sse::new(response);
-    // The ready comment, then an id-only line with the starting position.
+    // The ready comment, then the ready event whose id is the starting position.
     let ready = sse.next().await.expect("ready comment");
     assert!(ready.comment.is_some_and(|c| c.starts_with("ready")));
     let start = sse.next().await.expect("starting position");
-    assert!(start.event.is_none() && start.data.is_empty(), "{start:?}");
+    assert_eq!(start.event.as_deref(), Some("ready"), "{start:?}");
+    let data: Value = serde_json::from_str(&start.data).unwrap();
+    assert_eq!(data["position"].as_str(), start.id.as_deref());
     (sse, start.id)
 }
 

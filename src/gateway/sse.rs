@@ -5,10 +5,9 @@
 //! goes out while idle so proxies keep the connection open.
 //!
 //! Resume: the `Last-Event-ID` header (what a browser sends when it reconnects by itself) or
-//! `?since=` (a first connect cannot set headers); the header wins. The stream opens with an
-//! `id:` line carrying the starting position (it sets the browser's last event id without
-//! dispatching an event), so a client that received nothing yet still resumes from there; a
-//! resume is answered by a `resumed` event before the replay. A slow client's stream ends with
+//! `?since=` (a first connect cannot set headers); the header wins. The stream opens with a
+//! `ready` event whose `id:` is the starting position, so a client that received nothing yet
+//! still resumes from there; a resume is answered by a `resumed` event before the replay. A slow client's stream ends with
 //! an `error` event holding its last position; on shutdown, with a `retry:` spread out over
 //! `--drain-spread`.
 
@@ -108,7 +107,15 @@ pub async fn handler(
     };
     let mut intro = VecDeque::new();
     intro.push_back(Event::default().comment(format!("ready {}", identity.user)));
-    intro.push_back(Event::default().id(start.cursor.position()));
+    // `ready` with its id: the browser's last event id is the starting position from here on,
+    // and a script reads it from the data.
+    let position = start.cursor.position();
+    intro.push_back(
+        Event::default()
+            .event("ready")
+            .id(&position)
+            .data(super::protocol::ready_frame(&identity.user, &position)),
+    );
     if let Some(resumed) = &start.resumed {
         let replayed = start.replay.iter().filter(|f| f.passes(&watches)).count();
         let mut event = Event::default()

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: the real binary, tokens, clients and schemas.
 #![allow(dead_code)] // each test crate uses a different subset
 
+pub mod browser;
 pub mod libregraph;
 pub mod oidc;
 pub mod sse;

@@ -69,11 +69,11 @@ impl Sse {
         }
     }
 
-    /// The next event a browser would dispatch: not a comment, not an `id:` line alone.
+    /// The next event a browser would dispatch, `ready` aside: not a comment.
     pub async fn next_event(&mut self) -> Option<SseEvent> {
         loop {
             let e = self.next().await?;
-            if e.event.is_some() || !e.data.is_empty() {
+            if (e.event.is_some() || !e.data.is_empty()) && e.event.as_deref() != Some("ready") {
                 return Some(e);
             }
         }

@@ -5,13 +5,16 @@
 //! facts; [`position::decide`] applies the resume rule, the same for every bus.
 //!
 //! # What the meta key holds, and why it outlives the stream
-//! `fc:{user}:meta` holds `epoch`, `top` (the last id given) and `floor` (the top of entries
-//! that were lost with an expired or evicted stream). Its TTL is refreshed with the stream's
-//! and is at least 30 days (four times the maximum age when that is longer), so when an idle
-//! user's stream expires the epoch lives on: a client at the top recovers with nothing to
-//! replay, one below it is told `too-old`. When the meta key is gone too (flushed, evicted,
-//! Redis restarted without persistence) the next read or publish starts a new epoch, and
-//! every older position is `unknown-epoch`.
+//! `fc:{user}:meta` holds `epoch` and `floor` (where this lifetime of the stream begins: a
+//! position below it cannot be continued from), and, only while the stream is missing, `top`
+//! (the position handed out meanwhile). Publishing never writes it but when a stream is
+//! (re)created, so the common path costs one `HGET` per user and call. Its TTL is refreshed with
+//! the stream's and is at least 30 days (four times the maximum age when that is longer), so
+//! when an idle user's stream expires the epoch lives on: positions from before are `too-old`
+//! (the entries are gone, and the old top was not kept: a client idle for longer than the
+//! stream lives resyncs even if it missed nothing), positions handed out since recover. When
+//! the meta key is gone too (flushed, evicted, Redis restarted without persistence) the next
+//! read or publish starts a new epoch, and every older position is `unknown-epoch`.
 
 use std::sync::Arc;
 
@@ -23,23 +26,26 @@ use crate::bus::position::{self, Catchup, HistoryView, Position, StreamId};
 
 /// KEYS: 1 meta, 2 stream. ARGV: 1 the random part of a new epoch, 2 the meta key's TTL (ms),
 /// 3 the client's epoch ('' = position only), 4 the id to read after, 5 how many to read.
-/// Returns {epoch, user check, top, floor, stream exists, max deleted id, entries added, length,
-/// first id, entries}.
+/// Returns {epoch, user check, top (the stream's last id, or the meta key's while the stream is
+/// missing), floor, stream exists, max deleted id, entries added, length, first id, entries}.
 pub(super) const HISTORY_SCRIPT: &str = r#"
 local check = string.sub(redis.sha1hex(KEYS[1]), 1, 6)
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'top', 'floor')
-local epoch = m[1]
+local epoch, top, floor = m[1], m[2], m[3] or '0-0'
+local exists = redis.call('EXISTS', KEYS[2])
 if not epoch then
+  -- A new history: it starts at 0.
   epoch = ARGV[1] .. check
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  top, floor = '0-0', '0-0'
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', top, 'floor', floor)
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-local exists = redis.call('EXISTS', KEYS[2])
 local max_deleted, added, length, first, entries = '0-0', 0, 0, '0-0', {}
 if exists == 1 then
   local info = redis.call('XINFO', 'STREAM', KEYS[2])
   local f = {}
   for i = 1, #info, 2 do f[info[i]] = info[i + 1] end
+  top = f['last-generated-id']
   max_deleted = f['max-deleted-entry-id'] or '0-0'
   -- Before Redis 7.0 there is no count of entries added: -1 says so.
   added = f['entries-added'] or -1
@@ -48,8 +54,15 @@ if exists == 1 then
   if ARGV[3] == epoch then
     entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[4], '+', 'COUNT', ARGV[5])
   end
+elseif not top then
+  -- The stream expired (or was evicted) and nobody read since: its top is unknown, so the
+  -- history goes on from just before now (every id given from now on is above it); the next
+  -- publish takes it as its floor.
+  local t = redis.call('TIME')
+  top = string.format('%d-0', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - 1)
+  redis.call('HSET', KEYS[1], 'top', top)
 end
-return {epoch, check, m[2] or '0-0', m[3] or '0-0', exists, max_deleted, added, length, first, entries}
+return {epoch, check, top, floor, exists, max_deleted, added, length, first, entries}
 "#;
 
 /// The random part of a new epoch: 8 hex digits (the user check follows).

@@ -2,8 +2,8 @@
 //!
 //! Every key of a user carries the user id as a hash tag, so all of them live in one cluster slot:
 //! `fc:{alice}:live` (the pub/sub channel), `fc:{alice}:log` (a Redis Stream holding the user's
-//! recent messages), `fc:{alice}:meta` (the history's epoch, its top id, and the top of entries
-//! lost with an expired stream; it outlives the stream, see `history.rs`) and
+//! recent messages), `fc:{alice}:meta` (the history's epoch, and the floor below which positions
+//! cannot be continued from; it outlives the stream, see `history.rs`) and
 //! `fc:{alice}:seen:<window>` (event ids already delivered to alice). On standalone Redis,
 //! `fc:event:<id>` also records how an event went out (see `publish.rs`).
 //!
@@ -73,7 +73,7 @@ pub struct RedisOptions {
 }
 
 impl RedisOptions {
-    /// How long a user's epoch and top id are kept after the stream's TTL was last refreshed:
+    /// How long a user's epoch is kept after the stream's TTL was last refreshed:
     /// well past the stream's own lifetime (at most twice the maximum age), so an expired
     /// history is told apart from a lost one.
     pub fn meta_ttl(&self) -> Duration {

@@ -47,8 +47,8 @@ local new_epoch, meta_ttl = ARGV[6], ARGV[7]
 local payloads = 7 + count * 4
 local published = 0
 local channels, entries, guards = {}, {}, {}
--- Per user touched by this call (by meta key): epoch, stream TTL, last id; in order of touch.
-local users, touched = {}, {}
+-- Per user touched by this call (by meta key): the epoch and the stream's TTL.
+local users = {}
 for i = 0, count - 1 do
   local k, a = i * 5, 7 + i * 4
   local payload, event, oldest, g = ARGV[payloads + tonumber(ARGV[a + 1])], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
@@ -80,31 +80,26 @@ for i = 0, count - 1 do
   if fresh then
     local stream, meta = KEYS[k + 1], KEYS[k + 5]
     local u = users[meta]
-    local id_arg = '*'
     if u == nil then
-      local m = redis.call('HMGET', meta, 'epoch', 'top')
-      u = {epoch = m[1], ttl = redis.call('PTTL', stream)}
-      if not u.epoch then
-        -- No history at all: a new epoch (every older position is unknown-epoch).
-        u.epoch = new_epoch .. string.sub(redis.sha1hex(meta), 1, 6)
-        redis.call('HSET', meta, 'epoch', u.epoch)
-        redis.call('HDEL', meta, 'top', 'floor')
-      elseif u.ttl == -2 and m[2] then
-        -- The stream is gone (expired while idle, or evicted) but the epoch lives on: what it
-        -- held is lost up to its top, and new ids must come after that top.
-        redis.call('HSET', meta, 'floor', m[2])
+      u = {epoch = redis.call('HGET', meta, 'epoch'), ttl = redis.call('PTTL', stream)}
+      if not u.epoch or u.ttl == -2 then
+        -- Rare: no epoch (a new history, or the meta key was lost), or the stream is gone
+        -- (expired while idle, or evicted) while the epoch lives on. Either way positions
+        -- before now cannot be continued from: 'floor' marks where this lifetime's entries
+        -- start (a read while the stream was missing may have handed out a later top).
         local t = redis.call('TIME')
-        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-        local ms, seq = string.match(m[2], '^(%d+)-(%d+)$')
-        if ms and now <= tonumber(ms) then
-          id_arg = ms .. '-' .. (tonumber(seq) + 1)
+        local floor = string.format('%d-0', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - 1)
+        if not u.epoch then
+          u.epoch = new_epoch .. string.sub(redis.sha1hex(meta), 1, 6)
+          redis.call('HSET', meta, 'epoch', u.epoch, 'floor', u.ttl == -2 and '0-0' or floor)
+        else
+          redis.call('HSET', meta, 'floor', redis.call('HGET', meta, 'top') or floor)
         end
+        redis.call('HDEL', meta, 'top')
       end
       users[meta] = u
-      touched[#touched + 1] = meta
     end
-    local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, id_arg, 'm', payload)
-    u.top = id
+    local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'm', payload)
     if oldest ~= '' then
       redis.call('XTRIM', stream, 'MINID', '~', oldest)
     end
@@ -126,9 +121,6 @@ for i = 0, count - 1 do
     mine[#mine + 1] = u.epoch .. ':' .. id .. ' ' .. #payload .. '\n' .. payload
     published = published + 1
   end
-end
-for _, meta in ipairs(touched) do
-  redis.call('HSET', meta, 'top', users[meta].top)
 end
 for _, channel in ipairs(channels) do
   local mine = entries[channel]

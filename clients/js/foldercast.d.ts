@@ -1,0 +1,57 @@
+/** A position in the user's history: `<epoch>:<id>`. Opaque: store the last one, send it back. */
+export type Position = string;
+
+export interface Options {
+  /** `wss://host/ws` (transport "ws") or `https://host/sse` (transport "sse"). */
+  url: string;
+  /** Returns a bearer token (called on every connect, and again when the server says `token-expired`). */
+  getToken?: () => string | Promise<string>;
+  /** POST endpoint that returns `{ticket}` (cookie-authenticated); for SSE with getToken, defaults to `/api/tickets`. */
+  ticketUrl?: string;
+  transport?: "ws" | "sse";
+  /** Keep the last position in localStorage under this key (per tab or device), to resume across page loads. */
+  storageKey?: string | null;
+}
+
+/** A user message (schemas/user-message.schema.json). */
+export interface UserMessage {
+  type: string;
+  space_id?: string;
+  [key: string]: unknown;
+}
+
+export interface Resumed {
+  type: "resumed";
+  recovered: boolean;
+  replayed: number;
+  position: Position;
+  reason: null | "unknown-epoch" | "too-old" | "over-limit" | "bad-position";
+}
+
+export interface Resync {
+  /** The watched space to refetch; null when nothing is watched (refetch everything shown). */
+  space_id: string | null;
+  reason: string | null;
+}
+
+export type State = "connecting" | "connected" | "reconnecting" | "offline" | "closed";
+
+export interface Connection {
+  on(name: "event", handler: (message: UserMessage, position: Position) => void): () => void;
+  on(name: "resync", handler: (resync: Resync) => void): () => void;
+  on(name: "resumed", handler: (resumed: Resumed) => void): () => void;
+  on(name: "state", handler: (state: State, detail?: unknown) => void): () => void;
+  on(name: "error", handler: (error: { code: string; message: string; position?: Position }) => void): () => void;
+  /** Deliver only changes at or below this folder (membership and resync messages always pass). */
+  watch(spaceId: string, path?: string): void;
+  unwatch(spaceId?: string, path?: string): void;
+  close(): void;
+  readonly position: Position | null;
+  readonly state: State;
+}
+
+export function connect(options: Options): Connection;
+/** Full-jitter exponential backoff: a random delay up to min(max, min·2^attempt), in ms. */
+export function backoff(attempt: number, min?: number, max?: number): number;
+declare const _default: { connect: typeof connect; backoff: typeof backoff };
+export default _default;

@@ -1,0 +1,279 @@
+// foldercast client: live folder updates over WebSocket or SSE, resumed after every gap.
+//
+//   import { connect } from "./foldercast.js";
+//   const fc = connect({ url: "wss://host/ws", getToken: async () => token });
+//   fc.on("event", (message, position) => …);   // every change, exactly once, in order
+//   fc.on("resync", ({ space_id }) => …);        // history lost: refetch what you show
+//   fc.watch("s-eng", "/f1/f2");
+//
+// The client keeps the last position it received and resumes from it on every reconnect
+// (WebSocket `since` in the auth frame; SSE `?since=`, then the browser's Last-Event-ID). When
+// the server says it cannot recover (`resumed` with `recovered:false`), it emits `resync` for
+// every watched space (or once with `space_id: null` when nothing is watched), so the app
+// refetches instead of showing stale sizes. No build step; no dependencies.
+
+const BACKOFF_MIN_MS = 500;
+const BACKOFF_MAX_MS = 20000;
+const PING_EVERY_MS = 25000;
+const PONG_WITHIN_MS = 10000;
+/** Refusals that retrying cannot fix (a new token would be needed, and getToken gave this one). */
+const TERMINAL = new Set(["invalid-token", "invalid-ticket", "unauthenticated", "user-mismatch"]);
+
+/** Full jitter: a random delay up to min(max, min * 2^attempt) (centrifuge-js, AWS). */
+export function backoff(attempt, min = BACKOFF_MIN_MS, max = BACKOFF_MAX_MS) {
+  const cap = Math.min(max, min * 2 ** Math.min(attempt, 16));
+  return Math.round(min / 2 + Math.random() * (cap - min / 2));
+}
+
+/**
+ * Connects and keeps connected until close().
+ * @param {import("./foldercast").Options} options
+ * @returns {import("./foldercast").Connection}
+ */
+export function connect(options) {
+  const opts = Object.assign({ transport: "ws", storageKey: null }, options);
+  if (!opts.url) throw new Error("foldercast: url is required");
+  if (!opts.getToken && !opts.ticketUrl) throw new Error("foldercast: getToken or ticketUrl is required");
+  const handlers = { event: [], resync: [], resumed: [], state: [], error: [] };
+  const watches = new Map(); // "space\u0000path" -> {space_id, path}
+  const storage = opts.storageKey && typeof localStorage !== "undefined" ? localStorage : null;
+  let position = storage ? storage.getItem(opts.storageKey) : null;
+  let state = "connecting";
+  let attempt = 0;
+  let closed = false;
+  let socket = null; // WebSocket or EventSource
+  let timer = null;
+  let pingTimer = null;
+  let pongTimer = null;
+
+  const emit = (name, ...args) => {
+    for (const h of handlers[name]) {
+      try { h(...args); } catch (e) { setTimeout(() => { throw e; }); }
+    }
+  };
+  const setState = (next, detail) => {
+    if (state === next) return;
+    state = next;
+    emit("state", next, detail);
+  };
+  const remember = (p) => {
+    if (!p) return;
+    position = p;
+    if (storage) storage.setItem(opts.storageKey, p);
+  };
+  const resyncAll = (reason) => {
+    if (watches.size === 0) emit("resync", { space_id: null, reason });
+    const spaces = new Set([...watches.values()].map((w) => w.space_id));
+    for (const space_id of spaces) emit("resync", { space_id, reason });
+  };
+  const clearTimers = () => {
+    clearTimeout(timer);
+    clearTimeout(pingTimer);
+    clearTimeout(pongTimer);
+    timer = pingTimer = pongTimer = null;
+  };
+  const scheduleReconnect = (delay) => {
+    clearTimers();
+    if (closed) return;
+    if (typeof navigator !== "undefined" && navigator.onLine === false) {
+      setState("offline");
+      return; // the `online` event reconnects
+    }
+    setState("reconnecting", { in_ms: delay });
+    timer = setTimeout(open, delay);
+  };
+  const dropSocket = () => {
+    const s = socket;
+    socket = null;
+    if (!s) return;
+    s.onopen = s.onmessage = s.onerror = s.onclose = null;
+    try { s.close(); } catch (_) { /* already closed */ }
+  };
+  const fail = (delay) => {
+    dropSocket();
+    scheduleReconnect(delay ?? backoff(attempt++));
+  };
+
+  async function credentials() {
+    // EventSource cannot send a bearer header: over SSE a token is exchanged for a single-use
+    // ticket (POST /api/tickets next to the stream, unless ticketUrl says otherwise).
+    const ticketUrl = opts.ticketUrl || (opts.transport === "sse" ? new URL("/api/tickets", opts.url).href : null);
+    if (opts.getToken && !(opts.transport === "sse")) return { token: await opts.getToken() };
+    const headers = opts.getToken ? { authorization: `Bearer ${await opts.getToken()}` } : {};
+    const r = await fetch(ticketUrl, { method: "POST", credentials: "include", headers });
+    if (!r.ok) throw Object.assign(new Error(`ticket request failed: ${r.status}`), { status: r.status });
+    return { ticket: (await r.json()).ticket };
+  }
+
+  function onServerMessage(msg, sseId) {
+    switch (msg.type) {
+      case "ready":
+        // Where this connection starts; a client that had no position takes it.
+        if (!position) remember(msg.position);
+        setState("connected");
+        return;
+      case "resumed":
+        attempt = 0; // reset only after a successful (re)start
+        emit("resumed", msg);
+        remember(msg.position);
+        if (!msg.recovered) resyncAll(msg.reason);
+        return;
+      case "event":
+      case "resync":
+        attempt = 0;
+        remember(msg.id ?? sseId);
+        if (msg.type === "resync" || msg.data?.type === "resync") {
+          emit("resync", { space_id: msg.space_id ?? msg.data?.space_id, reason: msg.data?.reason ?? "backlog" });
+        }
+        emit("event", msg.data, msg.id ?? sseId);
+        return;
+      case "pong":
+        clearTimeout(pongTimer);
+        return;
+      case "reconnect":
+        remember(msg.position);
+        fail(msg.after_ms);
+        return;
+      case "error":
+        emit("error", msg);
+        if (msg.position) remember(msg.position);
+        if (msg.code === "token-expired" && opts.getToken) {
+          Promise.resolve(opts.getToken()).then((token) => {
+            if (socket && socket.readyState === 1 && typeof socket.send === "function") {
+              socket.send(JSON.stringify({ type: "auth", token }));
+            }
+          }, () => fail());
+        } else if (TERMINAL.has(msg.code)) {
+          closed = true;
+          dropSocket();
+          clearTimers();
+          setState("closed", msg);
+        }
+        return;
+      default:
+        return;
+    }
+  }
+
+  function armPing(ws) {
+    clearTimeout(pingTimer);
+    pingTimer = setTimeout(() => {
+      if (socket !== ws) return;
+      ws.send(JSON.stringify({ type: "ping" }));
+      // No pong in time: the connection is dead even if the browser has not noticed.
+      pongTimer = setTimeout(() => socket === ws && fail(), PONG_WITHIN_MS);
+      armPing(ws);
+    }, PING_EVERY_MS);
+  }
+
+  async function open() {
+    clearTimers();
+    if (closed) return;
+    setState(attempt === 0 ? "connecting" : "reconnecting");
+    let creds;
+    try {
+      creds = await credentials();
+    } catch (e) {
+      if (e && (e.status === 401 || e.status === 403)) {
+        closed = true;
+        setState("closed", { code: "unauthenticated", message: String(e.message || e) });
+        return;
+      }
+      return fail();
+    }
+    if (closed) return;
+    if (opts.transport === "sse") openSse(creds);
+    else openWs(creds);
+  }
+
+  function openWs(creds) {
+    const url = new URL(opts.url);
+    if (creds.ticket) url.searchParams.set("ticket", creds.ticket);
+    const ws = new WebSocket(url);
+    socket = ws;
+    ws.onopen = () => {
+      if (creds.token) ws.send(JSON.stringify(Object.assign({ type: "auth", token: creds.token }, position ? { since: position } : {})));
+      else if (position) ws.send(JSON.stringify({ type: "resume", since: position }));
+      for (const w of watches.values()) ws.send(JSON.stringify(Object.assign({ type: "watch" }, w)));
+      armPing(ws);
+    };
+    ws.onmessage = (e) => {
+      let msg;
+      try { msg = JSON.parse(e.data); } catch (_) { return; }
+      onServerMessage(msg);
+    };
+    ws.onclose = (e) => {
+      if (socket !== ws) return;
+      const code = String(e.reason || "").split(":")[0];
+      if (e.code === 1008 && TERMINAL.has(code)) {
+        closed = true;
+        socket = null;
+        clearTimers();
+        setState("closed", { code, message: e.reason });
+        return;
+      }
+      fail();
+    };
+    ws.onerror = () => { /* onclose follows */ };
+  }
+
+  function openSse(creds) {
+    const url = new URL(opts.url);
+    if (creds.ticket) url.searchParams.set("ticket", creds.ticket);
+    if (position) url.searchParams.set("since", position);
+    for (const w of watches.values()) url.searchParams.append("watch", `${w.space_id}:${w.path}`);
+    const es = new EventSource(url);
+    socket = es;
+    const onData = (type) => (e) => {
+      let data;
+      try { data = JSON.parse(e.data); } catch (_) { return; }
+      if (type === "ready" || type === "resumed" || type === "reconnect" || type === "error") onServerMessage(data);
+      else onServerMessage({ type: type === "resync" ? "resync" : "event", id: e.lastEventId, data }, e.lastEventId);
+    };
+    for (const t of ["ready", "resumed", "reconnect", "error"]) es.addEventListener(t, onData(t));
+    es.onmessage = onData("message");
+    const types = ["file-uploaded", "file-touched", "folder-created", "item-trashed", "item-restored", "item-moved",
+      "space-member-added", "space-member-removed", "coalesced", "resync", "notice"];
+    for (const t of types) es.addEventListener(t, onData(t));
+    // The browser reconnects by itself (sending Last-Event-ID); a closed stream is ours to retry.
+    es.onerror = () => { if (es.readyState === 2 && socket === es) fail(); };
+  }
+
+  if (typeof window !== "undefined" && window.addEventListener) {
+    window.addEventListener("online", () => { if (!closed && !socket) open(); });
+    window.addEventListener("offline", () => { if (!closed) { dropSocket(); clearTimers(); setState("offline"); } });
+  }
+  open();
+
+  return {
+    on(name, handler) {
+      if (!handlers[name]) throw new Error(`foldercast: unknown event ${name}`);
+      handlers[name].push(handler);
+      return () => { handlers[name] = handlers[name].filter((h) => h !== handler); };
+    },
+    watch(space_id, path = "/") {
+      const w = { space_id, path };
+      watches.set(`${space_id}\u0000${path}`, w);
+      if (socket && socket.readyState === 1 && socket.send) socket.send(JSON.stringify(Object.assign({ type: "watch" }, w)));
+      else if (socket && opts.transport === "sse") { dropSocket(); open(); }
+    },
+    unwatch(space_id, path) {
+      for (const [k, w] of watches) {
+        if ((space_id === undefined || w.space_id === space_id) && (path === undefined || w.path === path)) watches.delete(k);
+      }
+      if (socket && socket.readyState === 1 && socket.send) {
+        socket.send(JSON.stringify(Object.assign({ type: "unwatch" }, space_id !== undefined ? { space_id } : {}, path !== undefined ? { path } : {})));
+      }
+    },
+    close() {
+      closed = true;
+      clearTimers();
+      dropSocket();
+      setState("closed");
+    },
+    get position() { return position; },
+    get state() { return state; },
+  };
+}
+
+export default { connect, backoff };

@@ -1,0 +1,199 @@
+//! The JavaScript client (`clients/js/foldercast.js`) in headless Chromium against the real
+//! `gateway` binary on Redis: a page that loses its connection (the gateway killed, then drained
+//! for a restart) misses no change and repeats none; after its user's history is lost, it is
+//! told to refetch. Over WebSocket and over SSE.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use common::browser::{Browser, Cdp};
+use common::{SECRET, Server, free_port, redis_url, root, token, unique};
+use foldercast::bus::{Bus, Outgoing, RedisBus, RedisOptions, RedisTarget};
+use serde_json::Value;
+
+async fn gateway(port: u16) -> Server {
+    let args: Vec<String> = [
+        "gateway",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--jwt-secret",
+        SECRET,
+        "--redis",
+        &redis_url(),
+        "--drain-spread",
+        "1s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Server::spawn(&args, false).await
+}
+
+async fn publish(bus: &RedisBus, user: &Arc<str>, range: std::ops::Range<u64>) {
+    for n in range {
+        let payload = Bytes::from(format!(
+            r#"{{"event_id":"{user}-{n}","type":"file-uploaded","space_id":"s-js","n":{n}}}"#
+        ));
+        let msg = Outgoing::for_event(
+            user.clone(),
+            payload,
+            Some(Arc::from(format!("{user}-{n}"))),
+        );
+        bus.publish(&[msg]).await.expect("publish");
+    }
+}
+
+/// The page's view: the numbers of the messages it applied, its resyncs and its state.
+async fn view(page: &mut Cdp) -> Value {
+    let text = page
+        .eval("JSON.stringify({got: window.got, resyncs: window.resyncs, state: window.fc && window.fc.state})")
+        .await;
+    serde_json::from_str(text.as_str().unwrap_or("{}")).unwrap_or_default()
+}
+
+async fn wait_for(page: &mut Cdp, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = view(page).await;
+        if done(&v) {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn numbers(v: &Value) -> Vec<u64> {
+    v["got"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
+}
+
+async fn stop(server: &mut Server, signal: &str) {
+    let pid = server.child.id().expect("pid").to_string();
+    std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(15), server.child.wait())
+        .await
+        .expect("the gateway exits")
+        .unwrap();
+}
+
+async fn page_survives_restarts_and_refetches_after_a_lost_history(transport: &str) {
+    let port = free_port();
+    let mut server = gateway(port).await;
+    let user: Arc<str> = Arc::from(unique("js"));
+    let bus = RedisBus::connect(
+        &RedisTarget::Standalone(redis_url()),
+        RedisOptions::default(),
+        None,
+    )
+    .await
+    .unwrap();
+    // A page of the gateway's own origin, as behind the deployment's proxy (SSE tickets are
+    // fetched same-origin; the gateway sends no CORS headers).
+    let browser = Browser::launch(&format!("http://127.0.0.1:{port}/healthz")).await;
+    let mut page = browser.page().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while page
+        .eval(r#"location.pathname === "/healthz" && document.readyState === "complete""#)
+        .await
+        != Value::Bool(true)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the page never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let module = std::fs::read(root().join("clients/js/foldercast.js")).unwrap();
+    let module = base64::engine::general_purpose::STANDARD.encode(module);
+    let url = match transport {
+        "sse" => format!("http://127.0.0.1:{port}/sse"),
+        _ => format!("ws://127.0.0.1:{port}/ws"),
+    };
+    let started = page
+        .eval(&format!(
+            r#"(async () => {{
+                const m = await import("data:text/javascript;base64,{module}");
+                window.got = []; window.resyncs = [];
+                window.fc = m.connect({{ url: "{url}", transport: "{transport}", getToken: () => "{token}" }});
+                fc.on("event", (msg) => got.push(msg.n));
+                fc.on("resync", (r) => resyncs.push(r));
+                return "started";
+            }})()"#,
+            token = token(&user),
+        ))
+        .await;
+    assert_eq!(started, "started");
+    wait_for(&mut page, "connects", |v| v["state"] == "connected").await;
+
+    publish(&bus, &user, 0..30).await;
+    wait_for(&mut page, "live messages", |v| numbers(v).len() >= 30).await;
+
+    // The gateway is killed; changes go on meanwhile; a new gateway comes up on the same port.
+    stop(&mut server, "-KILL").await;
+    publish(&bus, &user, 30..60).await;
+    server = gateway(port).await;
+    wait_for(&mut page, "caught up after a kill", |v| {
+        numbers(v).len() >= 60
+    })
+    .await;
+
+    // A drained restart: the page is told when to come back, and resumes.
+    stop(&mut server, "-TERM").await;
+    publish(&bus, &user, 60..90).await;
+    server = gateway(port).await;
+    let v = wait_for(&mut page, "caught up after a drain", |v| {
+        numbers(v).len() >= 90
+    })
+    .await;
+    assert_eq!(
+        numbers(&v),
+        (0..90).collect::<Vec<_>>(),
+        "every change once, in order"
+    );
+    assert_eq!(
+        v["resyncs"].as_array().map(Vec::len),
+        Some(0),
+        "nothing to refetch: {v}"
+    );
+
+    // The user's history is lost (its keys evicted): the page is told to refetch.
+    let mut c = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(foldercast::bus::redis::keys::stream(&user))
+        .arg(foldercast::bus::redis::keys::meta(&user))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    publish(&bus, &user, 90..91).await;
+    let v = wait_for(&mut page, "told to refetch", |v| {
+        v["resyncs"].as_array().is_some_and(|r| !r.is_empty()) && numbers(v).len() >= 91
+    })
+    .await;
+    assert_eq!(v["resyncs"][0]["reason"], "unknown-epoch", "{v}");
+    assert_eq!(numbers(&v), (0..91).collect::<Vec<_>>(), "{v}");
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_page_survives_restarts_and_refetches_after_a_lost_history() {
+    page_survives_restarts_and_refetches_after_a_lost_history("ws").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_page_survives_restarts_and_refetches_after_a_lost_history() {
+    page_survives_restarts_and_refetches_after_a_lost_history("sse").await;
+}
