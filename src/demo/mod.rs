@@ -25,6 +25,8 @@ use crate::path::SpacePath;
 pub use tree::{DemoTree, Entry};
 
 const PAGE: &str = include_str!("../../web/demo.html");
+/// The JavaScript client the page uses, served as it is published (`clients/js`).
+const CLIENT: &str = include_str!("../../clients/js/foldercast.js");
 
 pub struct DemoState {
     directory: Directory,
@@ -58,6 +60,18 @@ impl DemoState {
 pub fn router(state: Arc<DemoState>) -> Router {
     Router::new()
         .route("/", get(|| async { Html(PAGE) }))
+        .route(
+            "/foldercast.js",
+            get(|| async {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/javascript; charset=utf-8",
+                    )],
+                    CLIENT,
+                )
+            }),
+        )
         .route("/api/demo/users", get(users))
         .route("/api/demo/token", post(token))
         .route("/api/demo/tree", get(listing))
