@@ -939,16 +939,7 @@ async fn resubscribes_after_its_subscription_connections_are_killed() {
             RedisTarget::Standalone(url) => vec![url.clone()],
             RedisTarget::Cluster(nodes) => nodes.clone(),
         };
-        for url in &urls {
-            let mut c = node_conn(url).await;
-            let _: redis::Value = redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("TYPE")
-                .arg("pubsub")
-                .query_async(&mut c)
-                .await
-                .unwrap();
-        }
+        common::kill_pubsub_clients(&urls).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let mut missing: std::collections::HashSet<Arc<str>> = users.iter().cloned().collect();
         while !missing.is_empty() {

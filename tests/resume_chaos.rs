@@ -143,20 +143,7 @@ async fn kill_subscriptions(target: &RedisTarget) {
         RedisTarget::Standalone(url) => vec![url.clone()],
         RedisTarget::Cluster(nodes) => nodes.clone(),
     };
-    for url in urls {
-        let mut c = redis::Client::open(url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        let _: redis::Value = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg("pubsub")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-    }
+    common::kill_pubsub_clients(&urls).await;
 }
 
 /// One chaos run at a time: each holds 1,000 connections and a gateway, on 2 cores.

@@ -299,7 +299,9 @@ async fn session(
                 }
                 if next == Next::Evicted {
                     tracing::info!(user = %identity.user, position = %cursor.position(), "slow client evicted");
-                    close_at(&mut socket, "slow-consumer", "the client did not read fast enough; resume from position", &cursor.position(), CLOSE_TRY_LATER).await;
+                    let message = "the client did not read fast enough; resume from position";
+                    let frame = error_frame_at("slow-consumer", message, &cursor.position());
+                    close_after(&mut socket, frame, "slow-consumer", message, CLOSE_TRY_LATER).await;
                     break;
                 }
                 if let Written::Failed = write_frames(&mut socket, &mut batch, &watches, &mut cursor, write_timeout, &identity.user).await {
@@ -420,8 +422,26 @@ async fn send_text(socket: &mut WebSocket, text: String) -> Result<(), axum::Err
 /// Sends the error frame and the close frame, giving up after a second: the client may be the
 /// reason for closing (not reading, gone), and must not hold the task.
 async fn close_with(socket: &mut WebSocket, code: &str, message: &str, close_code: u16) {
+    close_after(
+        socket,
+        error_frame(code, message),
+        code,
+        message,
+        close_code,
+    )
+    .await;
+}
+
+/// Sends `frame`, then a close frame whose reason is `code: message`, within a second.
+async fn close_after(
+    socket: &mut WebSocket,
+    frame: String,
+    code: &str,
+    message: &str,
+    close_code: u16,
+) {
     let close = async {
-        send_text(socket, error_frame(code, message)).await?;
+        send_text(socket, frame).await?;
         socket
             .send(Message::Close(Some(CloseFrame {
                 code: close_code,
@@ -445,26 +465,6 @@ async fn write_within<F: std::future::Future>(
         std::task::Poll::Ready(output) => Ok(output),
         std::task::Poll::Pending => tokio::time::timeout(limit, write).await,
     }
-}
-
-/// Like [`close_with`], with the last position delivered in the error frame.
-async fn close_at(
-    socket: &mut WebSocket,
-    code: &str,
-    message: &str,
-    position: &str,
-    close_code: u16,
-) {
-    let close = async {
-        send_text(socket, error_frame_at(code, message, position)).await?;
-        socket
-            .send(Message::Close(Some(CloseFrame {
-                code: close_code,
-                reason: Utf8Bytes::from(close_reason(code, message)),
-            })))
-            .await
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
 }
 
 /// `code: message`, cut to the 123 bytes a close frame's reason may hold.

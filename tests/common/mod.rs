@@ -454,3 +454,22 @@ impl PrivateCluster {
         panic!("no node serves slot {slot}");
     }
 }
+
+/// `CLIENT KILL TYPE pubsub` on each Redis at `urls`: cuts every subscription connection, as an
+/// operator or a failover would.
+pub async fn kill_pubsub_clients(urls: &[String]) {
+    for url in urls {
+        let mut c = redis::Client::open(url.as_str())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis");
+        let _: redis::Value = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut c)
+            .await
+            .expect("CLIENT KILL");
+    }
+}
