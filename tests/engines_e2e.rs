@@ -242,11 +242,18 @@ async fn kafka_to_clients(redis: Redis) {
             "{user}: nothing more"
         );
     }
-    // erin over SSE: the same stream.
+    // erin over SSE: the same stream (after its `ready` event).
+    let messages_in = |text: &str| -> Vec<Value> {
+        text.split("\n\n")
+            .filter(|block| block.ends_with('}') && !block.contains("event: ready"))
+            .filter_map(|block| block.lines().find_map(|l| l.strip_prefix("data: ")))
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect()
+    };
     let mut text = String::new();
     let want_erin = expected["erin"].len();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while text.matches("\ndata: ").count() + usize::from(text.starts_with("data: ")) < want_erin {
+    while messages_in(&text).len() < want_erin || !text.ends_with("\n\n") {
         let chunk = tokio::time::timeout_at(deadline, sse_stream.next())
             .await
             .expect("SSE data in time")
@@ -254,11 +261,7 @@ async fn kafka_to_clients(redis: Redis) {
             .unwrap();
         text.push_str(std::str::from_utf8(&chunk).unwrap());
     }
-    let sse_messages: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let sse_messages = messages_in(&text);
     assert_eq!(by_space(&sse_messages), by_space(&expected["erin"]));
     let _ = consumer.kill().await;
 }

@@ -36,6 +36,7 @@ pub struct Hub {
     /// held too, since its history read may predate what the gap loses. Only touched with
     /// `sessions` locked first.
     feed_down: Mutex<FeedDown>,
+    draining: std::sync::atomic::AtomicBool,
     subscription_order: tokio::sync::Mutex<()>,
     bus: Arc<dyn Bus>,
     queue_capacity: usize,
@@ -67,12 +68,22 @@ impl Hub {
         Arc::new(Hub {
             sessions: Mutex::new(HashMap::new()),
             feed_down: Mutex::new(FeedDown::default()),
+            draining: std::sync::atomic::AtomicBool::new(false),
             subscription_order: tokio::sync::Mutex::new(()),
             bus,
             queue_capacity,
             wakeups: Wakeups::start(),
             stats: GatewayStats::default(),
         })
+    }
+
+    /// Shutdown: every session, and any that registers from now on, is told to drain.
+    pub fn drain_all(&self) {
+        let Ok(sessions) = self.sessions.lock() else {
+            return;
+        };
+        self.draining.store(true, Relaxed);
+        sessions.values().flatten().for_each(|q| q.drain());
     }
 
     /// The bus, for history reads.
@@ -97,6 +108,9 @@ impl Hub {
             let mut sessions = self.sessions.lock().map_err(|_| BusError::Closed)?;
             if self.feed_down.lock().is_ok_and(|down| down.covers(&user)) {
                 queue.feed_gap();
+            }
+            if self.draining.load(Relaxed) {
+                queue.drain();
             }
             let list = sessions.entry(user.clone()).or_default();
             list.push(queue.clone());

@@ -82,9 +82,6 @@ pub struct AppState {
     pub tickets: TicketStore,
     pub hub: Arc<Hub>,
     pub config: GatewayConfig,
-    /// Cancelled when the gateway shuts down: every session tells its client to reconnect (with
-    /// its position, after a spread-out delay) and closes.
-    pub draining: CancellationToken,
 }
 
 impl AppState {
@@ -94,14 +91,13 @@ impl AppState {
             tickets: TicketStore::new(config.ticket_ttl, 100_000),
             hub,
             config,
-            draining: CancellationToken::new(),
         })
     }
 
-    /// Tells every open connection to reconnect elsewhere and waits, up to the drain grace, for
-    /// them to close.
+    /// Tells every open connection to reconnect (with its position, after a spread-out delay)
+    /// and waits, up to the drain grace, for them to close.
     pub async fn drain(&self) {
-        self.draining.cancel();
+        self.hub.drain_all();
         let deadline = tokio::time::Instant::now() + self.config.drain_grace;
         while self.hub.stats.connections.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline
         {

@@ -21,10 +21,17 @@ use super::protocol::resumed_frame;
 use super::session::Frame;
 use crate::bus::{BusError, Catchup, LostReason, Position, StreamId};
 
-/// The last position a connection delivered.
+/// The longest epoch a cursor holds inline (foldercast's are 14 characters). A longer one (not
+/// foldercast's) never matches, so frames carrying it count as a new epoch: told, never lost.
+const EPOCH_INLINE: usize = 32;
+
+/// The last position a connection delivered. Held inline, without a heap allocation: one lives
+/// in every connection, and a small allocation per connection made while the connection starts
+/// pins allocator pages (session 5 measured idle connections 0.4 KB larger with a boxed epoch).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
-    epoch: Box<str>,
+    epoch: [u8; EPOCH_INLINE],
+    epoch_len: u8,
     last: StreamId,
     /// Whether anything was delivered through this cursor yet.
     moved: bool,
@@ -45,11 +52,28 @@ impl Cursor {
     /// A cursor at `position` (`<epoch>:<id>`).
     pub fn at(position: &str) -> Cursor {
         let (epoch, last) = Position::split(position).unwrap_or(("", StreamId::ZERO));
-        Cursor {
-            epoch: epoch.into(),
+        let mut cursor = Cursor {
+            epoch: [0; EPOCH_INLINE],
+            epoch_len: 0,
             last,
             moved: false,
-        }
+        };
+        cursor.set_epoch(epoch);
+        cursor
+    }
+
+    fn epoch(&self) -> &str {
+        std::str::from_utf8(&self.epoch[..usize::from(self.epoch_len)]).unwrap_or("")
+    }
+
+    fn set_epoch(&mut self, epoch: &str) {
+        let len = if epoch.len() <= EPOCH_INLINE {
+            epoch.len()
+        } else {
+            0
+        };
+        self.epoch[..len].copy_from_slice(&epoch.as_bytes()[..len]);
+        self.epoch_len = len as u8;
     }
 
     /// Whether the frame at `position` goes out; moves the cursor when it does.
@@ -58,8 +82,8 @@ impl Cursor {
             // Never written by foldercast's buses; let it through rather than lose it.
             return Admit::Deliver;
         };
-        if epoch != &*self.epoch {
-            self.epoch = epoch.into();
+        if epoch.is_empty() || epoch != self.epoch() {
+            self.set_epoch(epoch);
             self.last = id;
             self.moved = true;
             return Admit::NewEpoch;
@@ -73,7 +97,7 @@ impl Cursor {
     }
 
     pub fn position(&self) -> String {
-        format!("{}:{}", self.epoch, self.last)
+        format!("{}:{}", self.epoch(), self.last)
     }
 
     /// Whether anything was delivered through it.

@@ -87,6 +87,8 @@ pub enum Next {
     CatchUp,
     /// The session was evicted (its queue overflowed).
     Evicted,
+    /// The gateway is shutting down: tell the client to reconnect, and close.
+    Drain,
 }
 
 /// Gap states: none, held (the feed is down), catch up (the feed is back).
@@ -97,6 +99,9 @@ const GAP_CATCH_UP: u8 = 2;
 pub struct SessionQueue {
     state: Mutex<QueueState>,
     gap: AtomicU8,
+    /// Set on shutdown: one byte per connection rather than a cancellation waiter in every
+    /// connection's task.
+    draining: AtomicBool,
     notify: Notify,
     /// Set while a wake-up is pending in [`Wakeups`], so a burst marks the session once.
     marked: AtomicBool,
@@ -116,6 +121,7 @@ impl SessionQueue {
                 evicted: false,
             }),
             gap: AtomicU8::new(GAP_NONE),
+            draining: AtomicBool::new(false),
             notify: Notify::new(),
             marked: AtomicBool::new(false),
             capacity: capacity.max(1),
@@ -157,6 +163,12 @@ impl SessionQueue {
         Push::Queued
     }
 
+    /// The gateway is shutting down: the session's next wait returns [`Next::Drain`].
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
     /// The live feed stopped: hold what arrives until [`Self::feed_restored`].
     pub fn feed_gap(&self) {
         self.gap.store(GAP_HELD, Ordering::Release);
@@ -189,6 +201,9 @@ impl SessionQueue {
                 };
                 if state.evicted {
                     return Next::Evicted;
+                }
+                if self.draining.load(Ordering::Acquire) {
+                    return Next::Drain;
                 }
                 match self.gap.load(Ordering::Acquire) {
                     GAP_CATCH_UP => {

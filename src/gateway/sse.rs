@@ -24,8 +24,6 @@ use tokio::time::{Instant, sleep_until};
 
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
 use super::AppState;
 use super::hub::{Hub, Registration};
 use super::resume::{self, Admit, Cursor, Resumed};
@@ -135,7 +133,6 @@ pub async fn handler(
         cursor: start.cursor,
         intro,
         expiry: identity.remaining().map(|d| Instant::now() + d),
-        draining: state.draining.clone(),
         drain_spread: state.config.drain_spread,
         hub: state.hub.clone(),
         user: identity.user.clone(),
@@ -173,7 +170,6 @@ struct Feed {
     /// Sent before any frame: the ready comment, the starting position, the resume outcome.
     intro: VecDeque<Event>,
     expiry: Option<Instant>,
-    draining: CancellationToken,
     drain_spread: Duration,
     hub: Arc<Hub>,
     user: Arc<str>,
@@ -227,15 +223,6 @@ fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
                     let e = error_event("token-expired", "the token expired", &feed.cursor.position());
                     return Some((Ok(e), feed));
                 }
-                () = feed.draining.cancelled() => {
-                    feed.done = true;
-                    let after = Duration::from_millis(super::ws::spread_ms(feed.drain_spread));
-                    let e = Event::default()
-                        .event("reconnect")
-                        .retry(after.max(Duration::from_millis(1)))
-                        .data(super::protocol::reconnect_frame(&feed.cursor.position(), after.as_millis() as u64));
-                    return Some((Ok(e), feed));
-                }
             };
             if next == Next::CatchUp {
                 // The live feed had a gap: what was missed first, from the history.
@@ -268,6 +255,18 @@ fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
                     return Some((Ok(event), feed));
                 }
                 continue;
+            }
+            if next == Next::Drain {
+                feed.done = true;
+                let after = Duration::from_millis(super::ws::spread_ms(feed.drain_spread));
+                let e = Event::default()
+                    .event("reconnect")
+                    .retry(after.max(Duration::from_millis(1)))
+                    .data(super::protocol::reconnect_frame(
+                        &feed.cursor.position(),
+                        after.as_millis() as u64,
+                    ));
+                return Some((Ok(e), feed));
             }
             if next == Next::Evicted {
                 feed.done = true;
