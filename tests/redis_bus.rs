@@ -853,7 +853,7 @@ async fn an_expired_stream_keeps_its_epoch() {
     let meanwhile = bus.catch_up(&user, None, 10).await.unwrap();
     let meanwhile = pos(meanwhile.top());
     assert_eq!(meanwhile.epoch, old_top.epoch, "same epoch");
-    assert!(meanwhile.id > old_top.id);
+    assert!(meanwhile.id > old_top.id, "above every id given before");
     bus.publish(&[msg(&user, "e3", "three")]).await.unwrap();
     let again = history(&target, &user).await;
     assert_eq!(again.len(), 1);

@@ -56,10 +56,10 @@ if exists == 1 then
   end
 elseif not top then
   -- The stream expired (or was evicted) and nobody read since: its top is unknown, so the
-  -- history goes on from just before now (every id given from now on is above it); the next
-  -- publish takes it as its floor.
+  -- history goes on from just after now (above every id ever given); the next publish takes
+  -- it as its floor and gives ids above it.
   local t = redis.call('TIME')
-  top = string.format('%d-0', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - 1)
+  top = string.format('%d-0', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + 1)
   redis.call('HSET', KEYS[1], 'top', top)
 end
 return {epoch, check, top, floor, exists, max_deleted, added, length, first, entries}

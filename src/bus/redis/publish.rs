@@ -88,18 +88,27 @@ for i = 0, count - 1 do
         -- before now cannot be continued from: 'floor' marks where this lifetime's entries
         -- start (a read while the stream was missing may have handed out a later top).
         local t = redis.call('TIME')
-        local floor = string.format('%d-0', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - 1)
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        local floor = string.format('%d-0', now + 1)
         if not u.epoch then
           u.epoch = new_epoch .. string.sub(redis.sha1hex(meta), 1, 6)
-          redis.call('HSET', meta, 'epoch', u.epoch, 'floor', u.ttl == -2 and '0-0' or floor)
+          if u.ttl == -2 then floor = '0-0' end
+          redis.call('HSET', meta, 'epoch', u.epoch, 'floor', floor)
         else
-          redis.call('HSET', meta, 'floor', redis.call('HGET', meta, 'top') or floor)
+          floor = redis.call('HGET', meta, 'top') or floor
+          redis.call('HSET', meta, 'floor', floor)
         end
         redis.call('HDEL', meta, 'top')
+        -- Ids of this lifetime start above the floor, even within its millisecond.
+        local ms, seq = string.match(floor, '^(%d+)-(%d+)$')
+        if ms and tonumber(ms) >= now then
+          u.first_id = ms .. '-' .. (tonumber(seq) + 1)
+        end
       end
       users[meta] = u
     end
-    local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'm', payload)
+    local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, u.first_id or '*', 'm', payload)
+    u.first_id = nil
     if oldest ~= '' then
       redis.call('XTRIM', stream, 'MINID', '~', oldest)
     end
