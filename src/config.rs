@@ -577,6 +577,9 @@ pub enum BenchCommand {
     /// The oCIS membership resolver: warm-cache throughput next to the fixture resolver, and
     /// requests to oCIS per space per TTL under paced load.
     Membership(BenchMembershipArgs),
+    /// A reconnect storm: clients of a killed gateway all resume at once from a new one (time to
+    /// catch up, peak memory, Redis commands per resume).
+    Storm(BenchStormArgs),
     /// The baseline `bench idle` compares with: a bare axum WebSocket loop (internal use).
     #[command(hide = true)]
     BareGateway {
@@ -651,6 +654,19 @@ pub struct BenchConsumeArgs {
     /// drifts over minutes). The median round is reported.
     #[arg(long, env = "FOLDERCAST_BENCH_ROUNDS", default_value_t = 3)]
     pub rounds: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchStormArgs {
+    /// Standalone Redis URL the gateway subscribes to.
+    #[arg(long, env = "FOLDERCAST_REDIS")]
+    pub redis: String,
+    /// WebSocket clients, one user each (the fd limit, 20,000 here, bounds one process).
+    #[arg(long, env = "FOLDERCAST_BENCH_CONNECTIONS", default_value_t = 10_000)]
+    pub connections: usize,
+    /// Messages each user misses while the gateway is down.
+    #[arg(long, env = "FOLDERCAST_BENCH_MISSED", default_value_t = 10)]
+    pub missed: u64,
 }
 
 #[derive(Debug, Args)]

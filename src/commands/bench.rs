@@ -25,6 +25,7 @@ mod fanout;
 mod idle;
 mod membership;
 mod proc;
+mod storm;
 
 pub fn replay(args: BenchReplayArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -179,6 +180,10 @@ pub fn consume(args: crate::config::BenchConsumeArgs) -> anyhow::Result<ExitCode
 
 pub fn fanout(args: crate::config::BenchFanoutArgs) -> anyhow::Result<ExitCode> {
     fanout::run(args)
+}
+
+pub fn storm(args: crate::config::BenchStormArgs) -> anyhow::Result<ExitCode> {
+    storm::run(args)
 }
 
 pub fn membership(args: crate::config::BenchMembershipArgs) -> anyhow::Result<ExitCode> {

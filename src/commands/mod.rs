@@ -34,6 +34,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Consume(args)) => bench::consume(args),
         Command::Bench(BenchCommand::Fanout(args)) => bench::fanout(args),
         Command::Bench(BenchCommand::Membership(args)) => bench::membership(args),
+        Command::Bench(BenchCommand::Storm(args)) => bench::storm(args),
         Command::Bench(BenchCommand::BareGateway {
             listen,
             write_buffer,
