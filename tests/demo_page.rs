@@ -11,9 +11,10 @@ use common::browser::Browser;
 use common::{Server, root};
 use serde_json::{Value, json};
 
+// The probe may run before the page has a body (Chromium starts on the URL before loading it).
 const PROBE: &str = r#"JSON.stringify({
   status: document.querySelector('#status')?.dataset.state,
-  applied: Number(document.body.dataset.applied),
+  applied: Number(document.body?.dataset.applied ?? 0),
   log: document.querySelectorAll('#log li').length,
   rows: [...document.querySelectorAll('#listing tbody tr')].map(r => [r.dataset.path, Number(r.dataset.size)]),
 })"#;
