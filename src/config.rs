@@ -213,6 +213,11 @@ pub struct ConsumeArgs {
     )]
     pub commit_batch: u64,
 
+    /// On SIGTERM/SIGINT, how long to keep trying to publish what the rate limiter holds before
+    /// leaving it unacknowledged (the next consumer delivers it).
+    #[arg(long, env = "FOLDERCAST_CONSUMER_DRAIN_GRACE", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub drain_grace: Duration,
+
     /// Extra librdkafka consumer property, `key=value` (repeatable). foldercast sets
     /// `fetch.max.bytes=1048576` and `max.partition.fetch.bytes=262144` so partitions interleave;
     /// these override them.

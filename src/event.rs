@@ -229,6 +229,13 @@ pub fn decode(bytes: &[u8]) -> Result<StorageEvent, Rejection> {
         ));
     }
     let id = required(wire.id, "id")?;
+    if id.chars().any(char::is_control) {
+        // Ids travel as lines in places (a message standing for several events lists them).
+        return Err(Rejection::new(
+            "invalid-field",
+            format!("id {id:?} contains control characters"),
+        ));
+    }
     let type_name = required(wire.event_type, "type")?;
     let event_type = EventType::parse(&type_name).ok_or_else(|| {
         Rejection::new("unknown-type", format!("unknown event type {type_name:?}"))
@@ -401,6 +408,10 @@ mod tests {
             ),
             (
                 r#"{"id":"1","type":"file-uploaded","time":"yesterday","data":{"space_id":"s","path":"/a","kind":"file"}}"#,
+                "invalid-field",
+            ),
+            (
+                r#"{"id":"a\nb","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file"}}"#,
                 "invalid-field",
             ),
             (

@@ -66,10 +66,7 @@ fn event(id: &str, space: &str, body: &str) -> RawEvent {
     let json = format!(
         r#"{{"specversion":"1.0","id":"{id}","type":"file-uploaded","time":"2026-11-25T10:00:00Z","data":{{"space_id":"{space}",{body}}}}}"#
     );
-    RawEvent {
-        bytes: json.into_bytes(),
-        position: format!("test:{id}"),
-    }
+    RawEvent::new(json.into_bytes(), format!("test:{id}"))
 }
 
 fn upload(id: &str, space: &str) -> RawEvent {
@@ -84,10 +81,7 @@ fn membership_event(id: &str, kind: &str, space: &str, member: &str) -> RawEvent
     let json = format!(
         r#"{{"id":"{id}","type":"{kind}","time":"2026-11-25T10:00:01Z","data":{{"space_id":"{space}",{member}}}}}"#
     );
-    RawEvent {
-        bytes: json.into_bytes(),
-        position: format!("test:{id}"),
-    }
+    RawEvent::new(json.into_bytes(), format!("test:{id}"))
 }
 
 fn pipeline(r: Arc<OcisResolver>) -> Pipeline {
@@ -288,10 +282,10 @@ async fn membership_events_invalidate_the_space_and_group_events_its_spaces() {
 
     // A user joins the group: every space granting it learns it.
     graph.group("eng", &["carol", "dan"]);
-    let joined = RawEvent {
-        bytes: br#"{"id":"g1","type":"group-member-added","time":"2026-11-25T10:00:02Z","data":{"group":"eng","user":"dan"}}"#.to_vec(),
-        position: "test:g1".into(),
-    };
+    let joined = RawEvent::new(
+        br#"{"id":"g1","type":"group-member-added","time":"2026-11-25T10:00:02Z","data":{"group":"eng","user":"dan"}}"#.to_vec(),
+        "test:g1".into(),
+    );
     assert!(matches!(run(joined).await, Outcome::Applied { .. }));
     assert_eq!(
         recipients(run(upload("e4", SPACE)).await),

@@ -12,6 +12,7 @@
 //! the history was lost. [`Bus::catch_up`] reads it for resuming clients and for sessions whose
 //! live feed had a gap.
 
+mod lines;
 mod memory;
 pub mod position;
 pub mod redis;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use lines::{LinesBus, write_line};
 pub use memory::{MemoryBus, MemoryRetention};
 pub use position::{Catchup, LostReason, Position, StreamId};
 pub use redis::{RedisBus, RedisOptions, RedisTarget};
@@ -37,6 +39,42 @@ pub struct Outgoing {
     /// was held back by the rate limit): a bus may then guard the event once, not per user.
     /// 0 on any other message.
     pub whole_event: u32,
+    /// Every event a message stands for when it stands for several (a coalesced change, a
+    /// `resync`); `event_id` is then the latest of them. A bus shared by several consumers
+    /// checks each of them per user.
+    pub covers: Option<Arc<Covered>>,
+}
+
+/// The events one message stands for, and what to do when a user already had some of them.
+pub struct Covered {
+    pub event_ids: Vec<Arc<str>>,
+    /// Rebuilds the message without the events in `had` (which the user already received):
+    /// `None` when nothing is left. Absent for a message that is safe to receive again even
+    /// if some of its events were seen (a `resync` only asks the client to refetch).
+    pub without: Option<Box<dyn Fn(&[&str]) -> Option<Outgoing> + Send + Sync>>,
+}
+
+impl Covered {
+    /// Whether a message standing for these events must be rebuilt when a user had a part of
+    /// them (it sums their changes), rather than sent as it is.
+    pub fn sums_changes(&self) -> bool {
+        self.without.is_some()
+    }
+}
+
+impl std::fmt::Debug for Covered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Covered")
+            .field("event_ids", &self.event_ids)
+            .field("sums_changes", &self.sums_changes())
+            .finish()
+    }
+}
+
+impl PartialEq for Covered {
+    fn eq(&self, other: &Self) -> bool {
+        self.event_ids == other.event_ids && self.sums_changes() == other.sums_changes()
+    }
 }
 
 impl Outgoing {
@@ -46,6 +84,7 @@ impl Outgoing {
             payload,
             event_id: None,
             whole_event: 0,
+            covers: None,
         }
     }
 
@@ -55,6 +94,7 @@ impl Outgoing {
             payload,
             event_id,
             whole_event: 0,
+            covers: None,
         }
     }
 

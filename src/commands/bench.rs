@@ -126,7 +126,7 @@ async fn replay_async(args: BenchReplayArgs) -> anyhow::Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         route::<governor::clock::DefaultClock>(outcome, "bench", None, &stats, &mut out);
         for msg in out.drain(..) {
-            super::replay::write_line(&mut sink, &msg)?;
+            crate::bus::write_line(&mut sink, &msg)?;
             stats
                 .messages
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

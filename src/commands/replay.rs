@@ -7,15 +7,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::Context;
-use governor::clock::FakeRelativeClock;
 
-use crate::bus::Outgoing;
+use crate::bus::{Bus, LinesBus};
 use crate::config::ReplayArgs;
-use crate::consumer::{process_with_retry, route};
-use crate::notify::throttle::Throttle;
-use crate::notify::{Outcome, Pipeline};
+use crate::consumer::{AtEnd, Driver, DriverError, Ended, EventTimeClock, Settings};
+use crate::notify::Pipeline;
+use crate::notify::throttle::Buckets;
 use crate::source::kafka::KafkaProducer;
-use crate::source::{EventSource, FixtureSource, Passes};
+use crate::source::{FixtureSource, Passes};
 use crate::telemetry::PipelineStats;
 
 pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
@@ -30,52 +29,50 @@ async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         return to_kafka(&args).await;
     }
     let resolver = super::setup::resolver(&args.membership, None)?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(super::cancel_on_signal(shutdown.clone()));
-    let pipeline = Pipeline::new(super::dedup(&args.shaping), resolver);
-    let mut source = FixtureSource::open(&args.events, Passes::Once).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(super::cancel_on_signal(stop.clone()));
+    let source = FixtureSource::open(&args.events, Passes::Once).await?;
     // Event time drives the throttle's clock, so a throttled replay is deterministic.
-    let clock = FakeRelativeClock::default();
-    let mut throttle = if args.throttle {
-        Throttle::new(super::throttle_config(&args.shaping), clock.clone())
-    } else {
-        None
+    let clock = EventTimeClock::default();
+    let output: Option<Box<dyn Write + Send>> = args.print.then(|| {
+        Box::new(std::io::BufWriter::with_capacity(1 << 20, std::io::stdout()))
+            as Box<dyn Write + Send>
+    });
+    let bus = Arc::new(LinesBus::new(output));
+    let stats = Arc::new(PipelineStats::default());
+    let progress = progress_spinner("{spinner} {pos} messages {per_sec} {msg}");
+    let driver = Driver {
+        source: Arc::new(source),
+        pipeline: Arc::new(Pipeline::new(super::dedup(&args.shaping), resolver)),
+        buckets: if args.throttle {
+            Buckets::new(super::throttle_config(&args.shaping), clock.clone())
+        } else {
+            None
+        },
+        clock,
+        bus: bus.clone() as Arc<dyn Bus>,
+        stats: stats.clone(),
+        observer: progress.clone().map(|bar| {
+            Arc::new(move |_: &crate::notify::Fanout| bar.inc(1)) as crate::consumer::Observer
+        }),
+        settings: Settings {
+            // Time is event time: flush as events arrive, everything at the end.
+            flush_every: None,
+            at_end: AtEnd::FlushAll,
+            ..Settings::default()
+        },
     };
-    let mut event_clock = EventClock::default();
-    let stats = PipelineStats::default();
-    let mut printer = args
-        .print
-        .then(|| std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock()));
-    let progress = progress_spinner("{spinner} {pos} events {per_sec} {msg}");
-    let mut out: Vec<Outgoing> = Vec::new();
-    let mut users = std::collections::HashSet::new();
-
-    while let Some(raw) = source.next_event().await? {
-        // Membership that cannot be resolved now (oCIS down) makes the event wait, not vanish.
-        let Some(outcome) = process_with_retry(&pipeline, &raw, &shutdown).await else {
-            anyhow::bail!("interrupted at {}", raw.position);
-        };
-        if let (Some(t), Outcome::Deliver(f)) = (throttle.as_mut(), &outcome) {
-            if let Some(step) = event_clock.advance_to(f.event.time_millis) {
-                clock.advance(step);
-            }
-            t.flush_ready(&mut out);
-        }
-        route(outcome, &raw.position, throttle.as_mut(), &stats, &mut out);
-        emit(&mut printer, &mut out, &stats, &mut users)?;
-        if let Some(bar) = &progress {
-            bar.inc(1);
-        }
-    }
-    if let Some(t) = throttle.as_mut() {
-        t.flush_all(&mut out);
-        emit(&mut printer, &mut out, &stats, &mut users)?;
-    }
-    if let Some(p) = printer.as_mut() {
-        p.flush().context("cannot write to stdout")?;
-    }
+    let ended = driver.run(stop).await;
+    bus.flush().context("cannot write to stdout")?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
+    }
+    match ended {
+        Ok(Ended::InputEnded) => {}
+        Ok(Ended::Stopped) => anyhow::bail!("interrupted"),
+        // A closed stdout ends the output; say so only if it was not a pipe being closed.
+        Err(DriverError::Bus(_)) => anyhow::bail!("cannot write to stdout"),
+        Err(e) => return Err(e.into()),
     }
 
     let rejected = stats.rejected.load(Relaxed);
@@ -96,7 +93,7 @@ async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             format!(" ({})", reasons.join(", "))
         },
         stats.messages.load(Relaxed),
-        users.len(),
+        bus.users(),
     );
     Ok(if args.strict && rejected > 0 {
         ExitCode::from(1)
@@ -127,12 +124,12 @@ async fn to_kafka(args: &ReplayArgs) -> anyhow::Result<ExitCode> {
         .as_deref()
         .context("--to-kafka needs --brokers")?;
     let producer = KafkaProducer::connect(brokers, &args.topic, args.partitions).await?;
-    let mut source = FixtureSource::open(&args.events, Passes::Once).await?;
+    let source = FixtureSource::open(&args.events, Passes::Once).await?;
     let progress = progress_spinner("{spinner} {pos} events produced {per_sec}");
     let mut batch = Vec::with_capacity(1000);
     let mut produced = 0u64;
     loop {
-        let next = source.next_event().await?;
+        let next = source.next_raw().await?;
         let done = next.is_none();
         if let Some(raw) = next {
             batch.push((space_key(&raw.bytes), raw.bytes));
@@ -171,49 +168,4 @@ fn space_key(bytes: &[u8]) -> Option<String> {
     serde_json::from_slice::<Keyed>(bytes)
         .ok()
         .map(|k| k.data.space_id)
-}
-
-fn emit(
-    printer: &mut Option<impl Write>,
-    out: &mut Vec<Outgoing>,
-    stats: &PipelineStats,
-    users: &mut std::collections::HashSet<Arc<str>>,
-) -> anyhow::Result<()> {
-    stats.messages.fetch_add(out.len() as u64, Relaxed);
-    for msg in out.drain(..) {
-        if let Some(p) = printer.as_mut() {
-            write_line(p, &msg).context("cannot write to stdout")?;
-        }
-        users.insert(msg.user);
-    }
-    Ok(())
-}
-
-/// `{"user":…,"message":…}` around the already-encoded message.
-pub fn write_line(w: &mut impl Write, msg: &Outgoing) -> std::io::Result<()> {
-    w.write_all(b"{\"user\":")?;
-    serde_json::to_writer(&mut *w, &*msg.user)?;
-    w.write_all(b",\"message\":")?;
-    w.write_all(&msg.payload)?;
-    w.write_all(b"}\n")
-}
-
-/// Turns event times into forward steps of a clock (time never runs backwards).
-#[derive(Default)]
-struct EventClock {
-    latest: Option<i64>,
-}
-
-impl EventClock {
-    fn advance_to(&mut self, millis: i64) -> Option<Duration> {
-        let step = match self.latest {
-            None => None,
-            Some(latest) if millis > latest => {
-                Some(Duration::from_millis((millis - latest) as u64))
-            }
-            Some(_) => return None,
-        };
-        self.latest = Some(millis);
-        step
-    }
 }

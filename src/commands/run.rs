@@ -12,12 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, LateSink, MemoryBus, MemoryRetention};
 use crate::config::RunArgs;
-use crate::consumer::{run_live, spawn_reader};
+use crate::consumer::{Driver, Observer, Settings};
 use crate::demo::DemoState;
 use crate::gateway;
 use crate::membership::Directory;
 use crate::notify::Pipeline;
-use crate::notify::throttle::Throttle;
+use crate::notify::throttle::Buckets;
 use crate::source::{FixtureSource, Passes};
 use crate::telemetry::PipelineStats;
 
@@ -80,31 +80,27 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         Passes::Loop(args.passes)
     };
     let source = FixtureSource::open(&args.events, passes).await?;
-    let (events, reader) = spawn_reader(Box::new(source), args.rate, shutdown.clone());
-    let pipeline = Pipeline::new(super::dedup(&args.shaping), resolver);
-    let throttle = Throttle::new(
-        super::throttle_config(&args.shaping),
-        DefaultClock::default(),
-    );
-    let stats = PipelineStats::default();
-    run_live(
-        events,
-        &pipeline,
-        throttle,
-        &*bus,
-        &stats,
-        &shutdown,
-        |fanout| {
-            if let Some(demo) = &demo {
-                demo.observe(&fanout.event);
-            }
+    let stats = Arc::new(PipelineStats::default());
+    let clock = DefaultClock::default();
+    let observer: Option<Observer> = demo.clone().map(|demo| {
+        Arc::new(move |fanout: &crate::notify::Fanout| demo.observe(&fanout.event)) as Observer
+    });
+    let driver = Driver {
+        source: Arc::new(source),
+        pipeline: Arc::new(Pipeline::new(super::dedup(&args.shaping), resolver)),
+        buckets: Buckets::new(super::throttle_config(&args.shaping), clock.clone()),
+        clock,
+        bus: bus.clone() as Arc<dyn Bus>,
+        stats: stats.clone(),
+        observer,
+        settings: Settings {
+            pace: args.rate,
+            ..Settings::default()
         },
-    )
-    .await?;
-    match reader.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "event source failed"),
-        Err(e) => tracing::error!(error = %e, "event reader stopped"),
+    };
+    // The in-process bus cannot refuse: a driver error is the source's (an unreadable file).
+    if let Err(e) = driver.run(shutdown.clone()).await {
+        tracing::error!(error = %e, "event input stopped");
     }
     if !shutdown.is_cancelled() {
         tracing::info!(

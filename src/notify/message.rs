@@ -82,9 +82,9 @@ pub struct Prepared {
     pub message: Arc<UserMessage>,
     pub payload: Bytes,
     pub event_id: Option<Arc<str>>,
-    /// Where the event was read (Kafka partition and offset), so a held message can keep its
-    /// offset from being committed.
-    pub origin: Option<(i32, i64)>,
+    /// The driver's number for the event this message came from, so a held message holds back
+    /// the event's acknowledgement ([`super::throttle::EventRef`]).
+    pub origin: Option<super::throttle::EventRef>,
 }
 
 impl Prepared {

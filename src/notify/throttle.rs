@@ -1,31 +1,49 @@
-//! Per-user rate limiting that never loses a change.
+//! Per-user rate limiting that never loses a change, and never repeats one.
 //!
-//! Each user has a token bucket (governor). A message the bucket allows goes out at once; one it
-//! refuses is folded into the user's pending change for that space: folder deltas are summed per
-//! folder, the latest change of each path is kept, and every covered event id is listed. The
-//! pending change is flushed as one `coalesced` message when the bucket allows. A user whose
-//! pending backlog grows past `max_backlog` events gets one `resync` per space instead: their
-//! client refetches rather than replaying a flood.
+//! Each user has a token bucket (governor's keyed limiter), shared by every ordered lane of the
+//! consumer, so a user's rate is one figure however many partitions feed them. A message the
+//! bucket allows goes out at once; one it refuses is held in the user's pending change for that
+//! space, in the lane that read it: folder deltas are summed per folder, the latest change of
+//! each path is kept, and every covered event id is listed. The pending change is flushed as one
+//! `coalesced` message when the bucket allows. A user whose pending backlog grows past
+//! `max_backlog` events gets one `resync` per space instead: their client refetches rather than
+//! replaying a flood.
+//!
+//! Held changes belong to a lane ([`Throttle`]), never shared: the lane that read an event is
+//! the one that publishes it, held or not, so a flush never races the lane's own batch (which
+//! would reorder a user's messages).
+//!
+//! A message standing for several events carries them all ([`Covered`]), with a way to rebuild
+//! it without the events a user already had: after a consumer crash the same events may be
+//! grouped differently, and the bus, not this stage, knows what each user received.
 //!
 //! Membership messages are never held back: they first flush that space's pending change (so
 //! order is kept, and a removed user's last message really is the last), then go out.
 //!
+//! Each held message may carry its event's [`EventRef`]; once a held change leaves, its refs are
+//! [released](Throttle::take_released), so the driver acknowledges an event to its source only
+//! when everything derived from it was published.
+//!
 //! The clock is a parameter so a replay can follow event time and stay deterministic.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use governor::clock::{Clock, Reference};
 use governor::middleware::NoOpMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
+use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
 use indexmap::IndexMap;
 
 use super::ancestors::FolderDelta;
 use super::message::{COALESCED, ItemUpdate, Prepared, UserMessage};
-use crate::bus::Outgoing;
+use crate::bus::{Covered, Outgoing};
+
+/// The driver's number for one source event, so holding a message holds back its event's
+/// acknowledgement. Opaque here.
+pub type EventRef = u64;
 
 /// Rate-limit settings.
 #[derive(Debug, Clone, Copy)]
@@ -37,217 +55,187 @@ pub struct ThrottleConfig {
     pub max_backlog: usize,
 }
 
-type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type Limiter<C> = RateLimiter<
+    Arc<str>,
+    DashMapStateStore<Arc<str>>,
+    C,
+    NoOpMiddleware<<C as Clock>::Instant>,
+>;
 
-pub struct Throttle<C: Clock> {
-    quota: Quota,
+/// Every user's bucket, shared by the lanes of one consumer.
+pub struct Buckets<C: Clock> {
+    limiter: Limiter<C>,
     clock: C,
     max_backlog: usize,
     /// How long an idle bucket takes to refill; a user idle that long can be forgotten.
     refill: Duration,
-    users: HashMap<Arc<str>, UserState<C>>,
-    /// Users holding changes, sorted so flushes come out in a deterministic order.
-    waiting: BTreeSet<Arc<str>>,
-    last_prune: C::Instant,
 }
 
-struct UserState<C: Clock> {
-    limiter: Limiter<C>,
-    /// Per space, oldest first.
-    pending: IndexMap<Arc<str>, Pending>,
-    /// Events held in `pending` (coalescing ones; a resync holds none).
-    backlog: usize,
-    last_used: C::Instant,
-}
-
-enum Pending {
-    Coalescing(Box<Coalesced>),
-    Resync {
-        time: Arc<str>,
-        skipped: u64,
-        origins: Origins,
-    },
-}
-
-/// The oldest source offset held, per partition.
-type Origins = HashMap<i32, i64>;
-
-fn note_origin(origins: &mut Origins, origin: Option<(i32, i64)>) {
-    if let Some((partition, offset)) = origin {
-        let slot = origins.entry(partition).or_insert(offset);
-        *slot = (*slot).min(offset);
-    }
-}
-
-impl Pending {
-    fn origins(&self) -> &Origins {
-        match self {
-            Pending::Coalescing(c) => &c.origins,
-            Pending::Resync { origins, .. } => origins,
-        }
-    }
-}
-
-struct Coalesced {
-    event_ids: Vec<String>,
-    actor: Option<String>,
-    mixed_actors: bool,
-    time: Arc<str>,
-    items: IndexMap<String, ItemUpdate>,
-    folders: IndexMap<Arc<str>, (i64, Arc<str>)>,
-    /// The original message while only one is held: flushed as-is, not as `coalesced`.
-    single: Option<Prepared>,
-    origins: Origins,
-}
-
-impl<C: Clock + Clone> Throttle<C> {
+impl<C: Clock + Clone> Buckets<C> {
     /// `None` when `rate` is 0 (limiting off).
-    pub fn new(config: ThrottleConfig, clock: C) -> Option<Self> {
+    pub fn new(config: ThrottleConfig, clock: C) -> Option<Arc<Self>> {
         if !(config.rate > 0.0 && config.rate.is_finite()) {
             return None;
         }
         let period = Duration::from_secs_f64(1.0 / config.rate);
         let burst = NonZeroU32::new(config.burst.max(1)).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::with_period(period)?.allow_burst(burst);
-        let last_prune = clock.now();
-        Some(Throttle {
-            quota,
+        Some(Arc::new(Buckets {
+            limiter: RateLimiter::dashmap_with_clock(quota, clock.clone()),
             clock,
             max_backlog: config.max_backlog.max(1),
             refill: period.saturating_mul(burst.get()),
-            users: HashMap::new(),
-            waiting: BTreeSet::new(),
-            last_prune,
-        })
+        }))
+    }
+
+    /// A lane's throttle over these buckets.
+    pub fn lane(self: &Arc<Self>) -> Throttle<C> {
+        Throttle {
+            buckets: self.clone(),
+            users: BTreeMap::new(),
+            released: Vec::new(),
+            last_prune: self.clock.now(),
+        }
+    }
+
+    fn allows(&self, user: &Arc<str>) -> bool {
+        self.limiter.check_key(user).is_ok()
+    }
+}
+
+/// One lane's held changes.
+pub struct Throttle<C: Clock> {
+    buckets: Arc<Buckets<C>>,
+    /// Users holding changes in this lane (and only those), sorted so flushes come out in a
+    /// deterministic order.
+    users: BTreeMap<Arc<str>, UserState>,
+    /// Refs of held events whose messages left since the last [`Throttle::take_released`].
+    released: Vec<EventRef>,
+    last_prune: C::Instant,
+}
+
+#[derive(Default)]
+struct UserState {
+    /// Per space, oldest first.
+    pending: IndexMap<Arc<str>, Pending>,
+    /// Events held in `pending` (coalescing ones; a resync holds none).
+    backlog: usize,
+}
+
+enum Pending {
+    /// The held messages, oldest first.
+    Coalescing(Vec<Prepared>),
+    Resync {
+        time: Arc<str>,
+        event_ids: Vec<Arc<str>>,
+        refs: Vec<EventRef>,
+    },
+}
+
+impl<C: Clock + Clone> Throttle<C> {
+    /// A throttle with buckets of its own (one lane). `None` when `rate` is 0 (limiting off).
+    pub fn new(config: ThrottleConfig, clock: C) -> Option<Self> {
+        Buckets::new(config, clock).map(|b| b.lane())
     }
 
     /// Offers `msg` for `user`; whatever may go out now is appended to `out`. True when exactly
     /// `msg` went out, as it is (nothing held, nothing flushed with it).
     pub fn admit(&mut self, user: &Arc<str>, msg: &Prepared, out: &mut Vec<Outgoing>) -> bool {
-        let now = self.clock.now();
-        let state = self.users.entry(user.clone()).or_insert_with(|| UserState {
-            limiter: RateLimiter::direct_with_clock(self.quota, self.clock.clone()),
-            pending: IndexMap::new(),
-            backlog: 0,
-            last_used: now,
-        });
-        state.last_used = now;
         let space = &msg.message.space_id;
-
         if msg.message.is_membership() {
-            let flushed = state.pending.shift_remove(space);
-            let as_is = flushed.is_none();
-            if let Some(pending) = flushed {
-                state.emit(user, space, pending, out);
-            }
-            if state.pending.is_empty() {
-                self.waiting.remove(user);
+            let mut as_is = true;
+            if let Some(state) = self.users.get_mut(user) {
+                if let Some(pending) = state.pending.shift_remove(space) {
+                    as_is = false;
+                    state.emit(user, space, pending, out, &mut self.released);
+                }
+                if state.pending.is_empty() {
+                    self.users.remove(user);
+                }
             }
             out.push(msg.to(user));
             return as_is;
         }
-        if state.pending.is_empty() && state.limiter.check().is_ok() {
+        if !self.users.contains_key(user) && self.buckets.allows(user) {
             out.push(msg.to(user));
             return true;
         }
-        state.hold(space, msg, self.max_backlog);
-        state.flush_allowed(user, out);
-        if !state.pending.is_empty() {
-            self.waiting.insert(user.clone());
+        let state = self.users.entry(user.clone()).or_default();
+        state.hold(space, msg, self.buckets.max_backlog);
+        state.flush_allowed(user, &self.buckets, out, &mut self.released);
+        if state.pending.is_empty() {
+            self.users.remove(user);
         }
         false
     }
 
-    /// Flushes the pending changes the buckets now allow; now and then forgets idle users.
+    /// Flushes the pending changes the buckets now allow; now and then forgets idle buckets.
     pub fn flush_ready(&mut self, out: &mut Vec<Outgoing>) {
-        let waiting = std::mem::take(&mut self.waiting);
-        for user in waiting {
-            if let Some(state) = self.users.get_mut(&user) {
-                state.flush_allowed(&user, out);
-                if !state.pending.is_empty() {
-                    self.waiting.insert(user);
-                }
-            }
-        }
-        let now = self.clock.now();
-        let refill = self.refill;
-        if Duration::from(now.duration_since(self.last_prune)) >= refill {
-            // A user idle for a whole refill period has a full bucket again: nothing to keep.
+        let buckets = &self.buckets;
+        let released = &mut self.released;
+        self.users.retain(|user, state| {
+            state.flush_allowed(user, buckets, out, released);
+            !state.pending.is_empty()
+        });
+        let now = buckets.clock.now();
+        if Duration::from(now.duration_since(self.last_prune)) >= buckets.refill {
+            // A bucket idle for a whole refill period is full again: nothing to keep.
             self.last_prune = now;
-            self.users.retain(|_, state| {
-                let idle = Duration::from(now.duration_since(state.last_used));
-                !(state.pending.is_empty() && idle >= refill)
-            });
+            buckets.limiter.retain_recent();
         }
     }
 
-    /// Flushes everything regardless of the buckets (end of a replay).
+    /// Flushes everything regardless of the buckets (end of a replay, a drain).
     pub fn flush_all(&mut self, out: &mut Vec<Outgoing>) {
-        for user in std::mem::take(&mut self.waiting) {
-            if let Some(state) = self.users.get_mut(&user) {
-                while let Some((space, pending)) = state.pending.shift_remove_index(0) {
-                    state.emit(&user, &space, pending, out);
-                }
+        for (user, mut state) in std::mem::take(&mut self.users) {
+            while let Some((space, pending)) = state.pending.shift_remove_index(0) {
+                state.emit(&user, &space, pending, out, &mut self.released);
             }
         }
     }
 
     /// Users with held changes.
     pub fn pending_users(&self) -> usize {
-        self.waiting.len()
+        self.users.len()
     }
 
-    /// Per source partition, the oldest offset whose messages are still held: offsets from there
-    /// on must not be committed yet.
-    pub fn held_floor(&self) -> Origins {
-        let mut floor = Origins::new();
-        for user in &self.waiting {
-            for pending in self
-                .users
-                .get(user)
-                .into_iter()
-                .flat_map(|s| s.pending.values())
-            {
-                for (&partition, &offset) in pending.origins() {
-                    note_origin(&mut floor, Some((partition, offset)));
-                }
-            }
-        }
-        floor
+    /// Moves the refs of held events whose messages were emitted since the last call to `into`.
+    pub fn take_released(&mut self, into: &mut Vec<EventRef>) {
+        into.append(&mut self.released);
     }
 }
 
-impl<C: Clock> UserState<C> {
+impl UserState {
     fn hold(&mut self, space: &Arc<str>, msg: &Prepared, max_backlog: usize) {
-        let m = &msg.message;
         match self.pending.get_mut(space) {
             Some(Pending::Resync {
                 time,
-                skipped,
-                origins,
+                event_ids,
+                refs,
             }) => {
-                *time = m.time.clone();
-                *skipped += 1;
-                note_origin(origins, msg.origin);
+                *time = msg.message.time.clone();
+                event_ids.extend(msg.event_id.clone());
+                refs.extend(msg.origin);
                 return;
             }
-            Some(Pending::Coalescing(c)) => c.absorb(msg),
+            Some(Pending::Coalescing(parts)) => parts.push(msg.clone()),
             None => {
-                self.pending.insert(
-                    space.clone(),
-                    Pending::Coalescing(Box::new(Coalesced::start(msg))),
-                );
+                self.pending
+                    .insert(space.clone(), Pending::Coalescing(vec![msg.clone()]));
             }
         }
         self.backlog += 1;
         if self.backlog > max_backlog {
             // Too far behind: a refetch is cheaper for everyone than the backlog.
             for pending in self.pending.values_mut() {
-                if let Pending::Coalescing(c) = pending {
+                if let Pending::Coalescing(parts) = pending {
                     *pending = Pending::Resync {
-                        time: c.time.clone(),
-                        skipped: c.event_ids.len() as u64,
-                        origins: std::mem::take(&mut c.origins),
+                        time: parts
+                            .last()
+                            .map(|p| p.message.time.clone())
+                            .unwrap_or_else(|| Arc::from("")),
+                        event_ids: parts.iter().filter_map(|p| p.event_id.clone()).collect(),
+                        refs: parts.iter().filter_map(|p| p.origin).collect(),
                     };
                 }
             }
@@ -255,10 +243,16 @@ impl<C: Clock> UserState<C> {
         }
     }
 
-    fn flush_allowed(&mut self, user: &Arc<str>, out: &mut Vec<Outgoing>) {
-        while !self.pending.is_empty() && self.limiter.check().is_ok() {
+    fn flush_allowed<C: Clock + Clone>(
+        &mut self,
+        user: &Arc<str>,
+        buckets: &Buckets<C>,
+        out: &mut Vec<Outgoing>,
+        released: &mut Vec<EventRef>,
+    ) {
+        while !self.pending.is_empty() && buckets.allows(user) {
             if let Some((space, pending)) = self.pending.shift_remove_index(0) {
-                self.emit(user, &space, pending, out);
+                self.emit(user, &space, pending, out, released);
             }
         }
     }
@@ -269,63 +263,90 @@ impl<C: Clock> UserState<C> {
         space: &Arc<str>,
         pending: Pending,
         out: &mut Vec<Outgoing>,
+        released: &mut Vec<EventRef>,
     ) {
         let message = match pending {
-            Pending::Resync { time, skipped, .. } => Outgoing::new(
-                user.clone(),
-                super::message::encode(&UserMessage::resync(space.clone(), time, skipped)),
-            ),
-            Pending::Coalescing(c) => {
-                self.backlog = self.backlog.saturating_sub(c.event_ids.len());
-                match &c.single {
-                    Some(original) => original.to(user),
-                    None => {
-                        let latest = c.event_ids.last().map(|id| Arc::from(id.as_str()));
-                        let payload = super::message::encode(&c.into_message(space.clone()));
-                        Outgoing::for_event(user.clone(), payload, latest)
-                    }
-                }
+            Pending::Resync {
+                time,
+                event_ids,
+                refs,
+            } => {
+                released.extend(refs);
+                let payload = super::message::encode(&UserMessage::resync(
+                    space.clone(),
+                    time,
+                    event_ids.len() as u64,
+                ));
+                let mut msg = Outgoing::for_event(user.clone(), payload, event_ids.last().cloned());
+                msg.covers = Some(Arc::new(Covered {
+                    event_ids,
+                    without: None,
+                }));
+                msg
+            }
+            Pending::Coalescing(parts) => {
+                self.backlog = self.backlog.saturating_sub(parts.len());
+                released.extend(parts.iter().filter_map(|p| p.origin));
+                coalesce(user, space, parts)
             }
         };
         out.push(message);
     }
 }
 
-impl Coalesced {
-    fn start(msg: &Prepared) -> Self {
-        let mut c = Coalesced {
-            event_ids: Vec::new(),
-            actor: msg.message.actor.clone(),
-            mixed_actors: false,
-            time: msg.message.time.clone(),
-            items: IndexMap::new(),
-            folders: IndexMap::new(),
-            single: None,
-            origins: Origins::new(),
-        };
-        c.absorb(msg);
-        c.single = Some(msg.clone());
-        c
+/// The message for held `parts` (oldest first): the original when there is one, else one
+/// `coalesced` message that can rebuild itself without any of its events.
+fn coalesce(user: &Arc<str>, space: &Arc<str>, mut parts: Vec<Prepared>) -> Outgoing {
+    if parts.len() == 1
+        && let Some(only) = parts.pop()
+    {
+        return only.to(user);
     }
+    let message = fold(space, &parts);
+    let payload = super::message::encode(&message);
+    let event_ids: Vec<Arc<str>> = parts.iter().filter_map(|p| p.event_id.clone()).collect();
+    let mut msg = Outgoing::for_event(user.clone(), payload, event_ids.last().cloned());
+    let (user, space) = (user.clone(), space.clone());
+    msg.covers = Some(Arc::new(Covered {
+        event_ids,
+        without: Some(Box::new(move |had: &[&str]| {
+            let rest: Vec<Prepared> = parts
+                .iter()
+                .filter(|p| !p.event_id.as_deref().is_some_and(|id| had.contains(&id)))
+                .cloned()
+                .collect();
+            (!rest.is_empty()).then(|| coalesce(&user, &space, rest))
+        })),
+    }));
+    msg
+}
 
-    fn absorb(&mut self, msg: &Prepared) {
-        let m = &msg.message;
-        self.single = None;
-        note_origin(&mut self.origins, msg.origin);
+/// Sums held messages into one `coalesced` message: folder deltas summed per folder, the latest
+/// change of each path (in the order paths last changed), every event id.
+fn fold(space: &Arc<str>, parts: &[Prepared]) -> UserMessage {
+    let mut event_ids = Vec::with_capacity(parts.len());
+    let mut actor: Option<Option<String>> = None;
+    let mut mixed_actors = false;
+    let mut time: Arc<str> = Arc::from("");
+    let mut items: IndexMap<String, ItemUpdate> = IndexMap::new();
+    let mut folders: IndexMap<Arc<str>, (i64, Arc<str>)> = IndexMap::new();
+    for part in parts {
+        let m = &part.message;
         if let Some(ids) = &m.event_ids {
-            self.event_ids.extend(ids.iter().cloned());
+            event_ids.extend(ids.iter().cloned());
         } else if let Some(id) = &m.event_id {
-            self.event_ids.push(id.clone());
+            event_ids.push(id.clone());
         }
-        if self.actor != m.actor {
-            self.mixed_actors = true;
+        match &actor {
+            None => actor = Some(m.actor.clone()),
+            Some(a) if *a != m.actor => mixed_actors = true,
+            Some(_) => {}
         }
-        self.time = m.time.clone();
+        time = m.time.clone();
         if let (Some(item), Some(id)) = (&m.item, &m.event_id) {
-            // Latest change per path, in the order paths last changed.
             let key = item.path.as_str().to_owned();
-            self.items.shift_remove(&key);
-            self.items.insert(
+            items.shift_remove(&key);
+            items.insert(
                 key,
                 ItemUpdate {
                     change: m.message_type,
@@ -340,39 +361,33 @@ impl Coalesced {
             mtime,
         } in m.folders.iter().flatten()
         {
-            let slot = self
-                .folders
-                .entry(path.clone())
-                .or_insert((0, mtime.clone()));
+            let slot = folders.entry(path.clone()).or_insert((0, mtime.clone()));
             slot.0 += size_delta;
             slot.1 = mtime.clone();
         }
     }
-
-    fn into_message(self, space_id: Arc<str>) -> UserMessage {
-        UserMessage {
-            event_id: self.event_ids.last().cloned(),
-            message_type: COALESCED,
-            space_id,
-            actor: if self.mixed_actors { None } else { self.actor },
-            time: self.time,
-            item: None,
-            folders: Some(
-                self.folders
-                    .into_iter()
-                    .map(|(path, (size_delta, mtime))| FolderDelta {
-                        path,
-                        size_delta,
-                        mtime,
-                    })
-                    .collect(),
-            ),
-            member: None,
-            event_ids: Some(self.event_ids),
-            items: Some(self.items.into_values().collect()),
-            reason: None,
-            skipped: None,
-        }
+    UserMessage {
+        event_id: event_ids.last().cloned(),
+        message_type: COALESCED,
+        space_id: space.clone(),
+        actor: if mixed_actors { None } else { actor.flatten() },
+        time,
+        item: None,
+        folders: Some(
+            folders
+                .into_iter()
+                .map(|(path, (size_delta, mtime))| FolderDelta {
+                    path,
+                    size_delta,
+                    mtime,
+                })
+                .collect(),
+        ),
+        member: None,
+        event_ids: Some(event_ids),
+        items: Some(items.into_values().collect()),
+        reason: None,
+        skipped: None,
     }
 }
 
@@ -570,27 +585,104 @@ mod tests {
     }
 
     #[test]
-    fn held_messages_hold_back_their_offsets() {
+    fn held_events_are_released_when_their_messages_leave() {
         let (mut t, clock) = throttle(1.0, 1, 100);
         let bob: Arc<str> = Arc::from("bob");
         let mut out = Vec::new();
-        let with_origin = |id: &str, p: i32, o: i64| {
+        let with_ref = |id: &str, r: EventRef| {
             let mut m = upload(id, "s", "/x", 1);
-            m.origin = Some((p, o));
+            m.origin = Some(r);
             m
         };
-        t.admit(&bob, &with_origin("e1", 0, 10), &mut out);
-        assert!(t.held_floor().is_empty(), "sent at once: nothing held");
-        t.admit(&bob, &with_origin("e2", 0, 11), &mut out);
-        t.admit(&bob, &with_origin("e3", 1, 5), &mut out);
-        t.admit(&bob, &with_origin("e4", 0, 12), &mut out);
-        assert_eq!(t.held_floor(), HashMap::from([(0, 11), (1, 5)]));
+        let mut released = Vec::new();
+        t.admit(&bob, &with_ref("e1", 10), &mut out);
+        t.take_released(&mut released);
+        assert!(released.is_empty(), "sent at once: nothing was held");
+        t.admit(&bob, &with_ref("e2", 11), &mut out);
+        t.admit(&bob, &with_ref("e3", 12), &mut out);
+        t.flush_ready(&mut out);
+        t.take_released(&mut released);
+        assert!(released.is_empty(), "still held");
         clock.advance(Duration::from_secs(1));
         t.flush_ready(&mut out);
+        t.take_released(&mut released);
+        assert_eq!(released, [11, 12], "flushed: their events may be acknowledged");
+    }
+
+    #[test]
+    fn a_coalesced_message_covers_its_events_and_rebuilds_without_some() {
+        let (mut t, clock) = throttle(1.0, 1, 100);
+        let bob: Arc<str> = Arc::from("bob");
+        let mut out = Vec::new();
+        t.admit(&bob, &upload("e1", "s", "/a/x", 1), &mut out);
+        t.admit(&bob, &upload("e2", "s", "/a/y", 10), &mut out);
+        t.admit(&bob, &upload("e3", "s", "/a/z", 100), &mut out);
+        t.admit(&bob, &upload("e4", "s", "/b/w", 1000), &mut out);
+        clock.advance(Duration::from_secs(1));
+        t.flush_ready(&mut out);
+        let coalesced = &out[1];
+        let covers = coalesced.covers.as_ref().unwrap();
+        let ids: Vec<&str> = covers.event_ids.iter().map(|i| &**i).collect();
+        assert_eq!(ids, ["e2", "e3", "e4"]);
+        let without = covers.without.as_ref().unwrap();
+        // Without e3: e2 and e4 summed, e3's 100 bytes not counted again.
+        let rebuilt = without(&["e3"]).unwrap();
+        let m: Value = serde_json::from_slice(&rebuilt.payload).unwrap();
+        assert_eq!(m["event_ids"], serde_json::json!(["e2", "e4"]));
+        assert_eq!(m["folders"][0]["path"], "/a");
+        assert_eq!(m["folders"][0]["size_delta"], 10);
+        assert_eq!(m["folders"][1]["path"], "/");
+        assert_eq!(m["folders"][1]["size_delta"], 1010);
+        assert_eq!(rebuilt.user, bob);
+        // One left: the original message, as it was.
+        let single = without(&["e2", "e4"]).unwrap();
+        assert_eq!(single.event_id.as_deref(), Some("e3"));
+        assert!(single.covers.is_none());
+        let m: Value = serde_json::from_slice(&single.payload).unwrap();
+        assert_eq!(m["type"], "file-uploaded");
+        assert!(without(&["e2", "e3", "e4"]).is_none());
+    }
+
+    #[test]
+    fn a_resync_covers_every_event_it_stands_for() {
+        let (mut t, clock) = throttle(1.0, 1, 3);
+        let bob: Arc<str> = Arc::from("bob");
+        let mut out = Vec::new();
+        for i in 0..10 {
+            t.admit(&bob, &upload(&format!("e{i}"), "s", "/f", 1), &mut out);
+        }
+        clock.advance(Duration::from_secs(1));
+        t.flush_ready(&mut out);
+        let resync = &out[1];
+        let covers = resync.covers.as_ref().unwrap();
+        assert_eq!(covers.event_ids.len(), 9);
         assert!(
-            t.held_floor().is_empty(),
-            "flushed: the offsets may be committed"
+            covers.without.is_none(),
+            "a resync is safe to receive twice"
         );
+        assert_eq!(resync.event_id.as_deref(), Some("e9"));
+    }
+
+    #[test]
+    fn lanes_share_each_users_bucket() {
+        let buckets = Buckets::new(
+            ThrottleConfig {
+                rate: 1.0,
+                burst: 1,
+                max_backlog: 100,
+            },
+            FakeRelativeClock::default(),
+        )
+        .unwrap();
+        let (mut a, mut b) = (buckets.lane(), buckets.lane());
+        let bob: Arc<str> = Arc::from("bob");
+        let mut out = Vec::new();
+        assert!(a.admit(&bob, &upload("e1", "s1", "/x", 1), &mut out));
+        assert!(
+            !b.admit(&bob, &upload("e2", "s2", "/x", 1), &mut out),
+            "the other lane sees the bucket empty"
+        );
+        assert_eq!((a.pending_users(), b.pending_users()), (0, 1));
     }
 
     #[test]
@@ -601,9 +693,10 @@ mod tests {
             let u: Arc<str> = Arc::from(format!("u{i}"));
             t.admit(&u, &upload("e", "s", "/x", 1), &mut out);
         }
-        assert_eq!(t.users.len(), 100);
+        assert_eq!(t.buckets.limiter.len(), 100);
+        assert_eq!(t.pending_users(), 0, "nothing held, nothing kept per lane");
         clock.advance(Duration::from_secs(1));
         t.flush_ready(&mut out);
-        assert!(t.users.is_empty());
+        assert_eq!(t.buckets.limiter.len(), 0);
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
-use super::{EventSource, RawEvent, SourceError};
+use super::{Ack, EventSource, RawEvent, SourceError, SourceEvent};
 
 /// How many times to read the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,7 +21,13 @@ pub enum Passes {
     Loop(u64),
 }
 
+/// A file is one lane (lane 0): its events are handled in the order they are written. Nothing
+/// is acknowledged to a file; a rejected line is counted and logged with its position.
 pub struct FixtureSource {
+    reading: tokio::sync::Mutex<Reading>,
+}
+
+struct Reading {
     path: PathBuf,
     passes: Passes,
     pass: u64,
@@ -33,12 +39,19 @@ impl FixtureSource {
     pub async fn open(path: &Path, passes: Passes) -> Result<Self, SourceError> {
         let reader = open_reader(path).await?;
         Ok(FixtureSource {
-            path: path.to_owned(),
-            passes,
-            pass: 1,
-            line: 0,
-            reader,
+            reading: tokio::sync::Mutex::new(Reading {
+                path: path.to_owned(),
+                passes,
+                pass: 1,
+                line: 0,
+                reader,
+            }),
         })
+    }
+
+    /// The next line as a raw event (what `replay --to-kafka` produces).
+    pub async fn next_raw(&self) -> Result<Option<RawEvent>, SourceError> {
+        self.reading.lock().await.next_raw().await
     }
 
     fn is_stdin(path: &Path) -> bool {
@@ -61,7 +74,17 @@ async fn open_reader(path: &Path) -> Result<Box<dyn AsyncBufRead + Send + Unpin>
 
 #[async_trait]
 impl EventSource for FixtureSource {
-    async fn next_event(&mut self) -> Result<Option<RawEvent>, SourceError> {
+    async fn next(&self) -> Result<Option<SourceEvent>, SourceError> {
+        Ok(self.next_raw().await?.map(|raw| SourceEvent {
+            raw,
+            lane: 0,
+            ack: Ack::none(),
+        }))
+    }
+}
+
+impl Reading {
+    async fn next_raw(&mut self) -> Result<Option<RawEvent>, SourceError> {
         let mut buf = Vec::new();
         loop {
             buf.clear();
@@ -80,7 +103,7 @@ impl EventSource for FixtureSource {
                     Passes::Loop(n) => self.pass < n,
                 };
                 // Stdin cannot be read twice, and an empty file would loop without end.
-                if !again || Self::is_stdin(&self.path) || self.line == 0 {
+                if !again || FixtureSource::is_stdin(&self.path) || self.line == 0 {
                     return Ok(None);
                 }
                 self.pass += 1;
@@ -97,7 +120,7 @@ impl EventSource for FixtureSource {
                 Passes::Once => line.to_vec(),
                 Passes::Loop(_) => refresh(line, self.pass),
             };
-            let shown = if Self::is_stdin(&self.path) {
+            let shown = if FixtureSource::is_stdin(&self.path) {
                 "stdin".to_owned()
             } else {
                 self.path.display().to_string()
@@ -108,7 +131,7 @@ impl EventSource for FixtureSource {
                 }
                 _ => format!("{shown}:{}", self.line),
             };
-            return Ok(Some(RawEvent { bytes, position }));
+            return Ok(Some(RawEvent::new(bytes, position)));
         }
     }
 }
@@ -142,22 +165,22 @@ mod tests {
         writeln!(f, r#"{{"id":"a","time":"2020-01-01T00:00:00Z"}}"#).unwrap();
         writeln!(f).unwrap();
         writeln!(f, "not json").unwrap();
-        let mut once = FixtureSource::open(f.path(), Passes::Once).await.unwrap();
-        let first = once.next_event().await.unwrap().unwrap();
+        let once = FixtureSource::open(f.path(), Passes::Once).await.unwrap();
+        let first = once.next_raw().await.unwrap().unwrap();
         assert!(first.position.ends_with(":1"));
         assert_eq!(first.bytes, br#"{"id":"a","time":"2020-01-01T00:00:00Z"}"#);
-        let second = once.next_event().await.unwrap().unwrap();
+        let second = once.next().await.unwrap().unwrap().raw;
         assert!(
             second.position.ends_with(":3"),
             "blank lines are skipped but counted"
         );
-        assert!(once.next_event().await.unwrap().is_none());
+        assert!(once.next().await.unwrap().is_none());
 
-        let mut looped = FixtureSource::open(f.path(), Passes::Loop(2))
+        let looped = FixtureSource::open(f.path(), Passes::Loop(2))
             .await
             .unwrap();
         let mut ids = Vec::new();
-        while let Some(e) = looped.next_event().await.unwrap() {
+        while let Some(e) = looped.next_raw().await.unwrap() {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&e.bytes) {
                 assert_ne!(v["time"], "2020-01-01T00:00:00Z", "times are refreshed");
                 ids.push(v["id"].as_str().unwrap().to_owned());

@@ -1,16 +1,21 @@
 //! Kafka: the production event source (a consumer group), its dead-letter topic, and the
 //! producer that loads fixture files into a topic.
 //!
-//! At-least-once: auto-commit is off. An offset becomes committable only once the event is fully
-//! handled (every message accepted by the bus, or the event sent to the dead-letter topic), and
-//! never past an event whose messages are still held back by the rate limiter (the "floor" the
-//! caller reports). Commits go out in batches, synchronously before partitions are revoked in a
-//! rebalance, and on shutdown. Events a new owner replays are caught by the bus's per-user guard.
+//! A partition is a lane. At least once: auto-commit is off, and an offset is committed only
+//! below every event still in flight, i.e. read but not yet acknowledged by the driver (whose
+//! messages, some perhaps held by the rate limiter, are not all accepted by the bus yet). Events
+//! are acknowledged out of order (a held one stays in flight while later ones complete), so the
+//! tracker keeps the set of offsets in flight per partition. Commits go out every
+//! `commit_interval` or `commit_batch` acknowledgements, synchronously before partitions are
+//! revoked in a rebalance, and on close. Events a new owner replays are caught by the bus's
+//! per-user guard.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -21,8 +26,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
-use super::{RawEvent, SourceError};
+use super::{Ack, EventSource, Lane, RawEvent, SourceError, SourceEvent};
 use crate::event::Rejection;
 
 /// Consumer settings.
@@ -33,6 +40,10 @@ pub struct KafkaSettings {
     pub group: String,
     pub dead_letter_topic: String,
     pub session_timeout: Duration,
+    /// Commit at least this often while events are acknowledged...
+    pub commit_interval: Duration,
+    /// ...and after this many acknowledgements.
+    pub commit_batch: u64,
     /// Extra librdkafka properties (`key=value`), applied last.
     pub options: Vec<(String, String)>,
 }
@@ -41,48 +52,70 @@ fn kafka_err(brokers: &str, e: KafkaError) -> SourceError {
     SourceError::Kafka(format!("{brokers}: {e}"))
 }
 
-/// Offsets fully handled, per partition (the next offset to consume), and the floor function
-/// that reports, per partition, the oldest offset whose messages are still held.
+/// Per partition, the offsets read and not yet acknowledged, and the next offset to read.
 pub struct CommitTracker {
     topic: String,
-    done: Mutex<HashMap<i32, i64>>,
-    floor: Box<dyn Fn() -> HashMap<i32, i64> + Send + Sync>,
+    partitions: Mutex<HashMap<i32, InFlight>>,
+    since_commit: AtomicU64,
+    commit_batch: u64,
+    commit_now: Notify,
+}
+
+#[derive(Default)]
+struct InFlight {
+    offsets: BTreeSet<i64>,
+    next: i64,
 }
 
 impl CommitTracker {
-    pub fn new(topic: &str, floor: Box<dyn Fn() -> HashMap<i32, i64> + Send + Sync>) -> Self {
+    pub fn new(topic: &str, commit_batch: u64) -> Self {
         CommitTracker {
             topic: topic.to_owned(),
-            done: Mutex::new(HashMap::new()),
-            floor,
+            partitions: Mutex::new(HashMap::new()),
+            since_commit: AtomicU64::new(0),
+            commit_batch: commit_batch.max(1),
+            commit_now: Notify::new(),
+        }
+    }
+
+    /// Records that the event at `offset` was read and is being handled.
+    pub fn read(&self, partition: i32, offset: i64) {
+        if let Ok(mut partitions) = self.partitions.lock() {
+            let p = partitions.entry(partition).or_default();
+            p.offsets.insert(offset);
+            p.next = p.next.max(offset + 1);
         }
     }
 
     /// Records that the event at `offset` is fully handled.
-    pub fn handled(&self, partition: i32, offset: i64) {
-        if let Ok(mut done) = self.done.lock() {
-            let next = done.entry(partition).or_insert(offset + 1);
-            *next = (*next).max(offset + 1);
+    pub fn acknowledged(&self, partition: i32, offset: i64) {
+        if let Ok(mut partitions) = self.partitions.lock()
+            && let Some(p) = partitions.get_mut(&partition)
+        {
+            p.offsets.remove(&offset);
+        }
+        if self.since_commit.fetch_add(1, Relaxed) + 1 >= self.commit_batch {
+            self.commit_now.notify_one();
         }
     }
 
-    /// What may be committed now: per partition the handled position, held back to the floor.
+    /// What may be committed now: per partition the oldest offset in flight, or past the last
+    /// read when none is.
     pub fn committable(&self) -> TopicPartitionList {
-        let floor = (self.floor)();
         let mut tpl = TopicPartitionList::new();
-        if let Ok(done) = self.done.lock() {
-            for (&partition, &next) in done.iter() {
-                let at = floor.get(&partition).map_or(next, |&f| f.min(next));
+        if let Ok(partitions) = self.partitions.lock() {
+            for (&partition, p) in partitions.iter() {
+                let at = p.offsets.first().copied().unwrap_or(p.next);
                 let _ = tpl.add_partition_offset(&self.topic, partition, Offset::Offset(at));
             }
         }
         tpl
     }
 
-    fn forget(&self, partitions: &TopicPartitionList) {
-        if let Ok(mut done) = self.done.lock() {
-            for p in partitions.elements() {
-                done.remove(&p.partition());
+    fn forget(&self, revoked: &TopicPartitionList) {
+        if let Ok(mut partitions) = self.partitions.lock() {
+            for p in revoked.elements() {
+                partitions.remove(&p.partition());
             }
         }
     }
@@ -117,21 +150,12 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-/// One consumed record, owned.
-#[derive(Debug, Clone)]
-pub struct KafkaRecord {
-    pub raw: RawEvent,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
 pub struct KafkaSource {
-    consumer: StreamConsumer<GroupContext>,
+    consumer: Arc<StreamConsumer<GroupContext>>,
     dead_letters: FutureProducer,
     settings: KafkaSettings,
-    pub tracker: Arc<CommitTracker>,
+    tracker: Arc<CommitTracker>,
+    committer: CancellationToken,
 }
 
 fn base_config(brokers: &str) -> ClientConfig {
@@ -144,10 +168,8 @@ fn base_config(brokers: &str) -> ClientConfig {
 
 impl KafkaSource {
     /// Joins the consumer group; fails with a clear error if the brokers cannot be reached.
-    pub async fn connect(
-        settings: KafkaSettings,
-        tracker: Arc<CommitTracker>,
-    ) -> Result<Self, SourceError> {
+    pub async fn connect(settings: KafkaSettings) -> Result<Self, SourceError> {
+        let tracker = Arc::new(CommitTracker::new(&settings.topic, settings.commit_batch));
         let brokers = settings.brokers.clone();
         let session_ms = settings.session_timeout.as_millis().max(1000).to_string();
         let heartbeat_ms = (settings.session_timeout.as_millis() / 4)
@@ -191,16 +213,25 @@ impl KafkaSource {
         consumer
             .subscribe(&[&settings.topic])
             .map_err(|e| kafka_err(&brokers, e))?;
+        let consumer = Arc::new(consumer);
+        let committer = CancellationToken::new();
+        tokio::spawn(commit_periodically(
+            consumer.clone(),
+            tracker.clone(),
+            settings.commit_interval,
+            committer.clone(),
+        ));
         Ok(KafkaSource {
             consumer,
             dead_letters,
             settings,
             tracker,
+            committer,
         })
     }
 
-    /// The next record (any assigned partition).
-    pub async fn recv(&self) -> Result<KafkaRecord, SourceError> {
+    /// The next record (any assigned partition), in flight until its `Ack` runs.
+    async fn recv(&self) -> SourceEvent {
         loop {
             match self.consumer.recv().await {
                 Ok(m) => {
@@ -217,16 +248,20 @@ impl KafkaSource {
                                 .collect()
                         })
                         .unwrap_or_default();
-                    return Ok(KafkaRecord {
-                        raw: RawEvent {
-                            bytes: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                            position: format!("{}/{}@{}", m.topic(), m.partition(), m.offset()),
-                        },
-                        partition: m.partition(),
-                        offset: m.offset(),
+                    let (partition, offset) = (m.partition(), m.offset());
+                    let raw = RawEvent {
+                        bytes: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                        position: format!("{}/{}@{}", m.topic(), partition, offset),
                         key: m.key().map(<[u8]>::to_vec),
                         headers,
-                    });
+                    };
+                    self.tracker.read(partition, offset);
+                    let tracker = self.tracker.clone();
+                    return SourceEvent {
+                        raw,
+                        lane: partition as Lane,
+                        ack: Ack::new(move || tracker.acknowledged(partition, offset)),
+                    };
                 }
                 // Transient broker errors: librdkafka recovers by itself; say so and go on.
                 Err(e) => {
@@ -238,15 +273,15 @@ impl KafkaSource {
     }
 
     /// Stops fetching `partition`. librdkafka drops what it prefetched for it and, on
-    /// [`resume`](Self::resume), fetches again from the record after the last one `recv` returned,
+    /// resume, fetches again from the record after the last one `recv` returned,
     /// so nothing is skipped and order is kept.
-    pub fn pause(&self, partition: i32) -> Result<(), SourceError> {
+    fn pause_partition(&self, partition: i32) -> Result<(), SourceError> {
         self.consumer
             .pause(&self.one_partition(partition))
             .map_err(|e| SourceError::Kafka(format!("pausing partition {partition}: {e}")))
     }
 
-    pub fn resume(&self, partition: i32) -> Result<(), SourceError> {
+    fn resume_partition(&self, partition: i32) -> Result<(), SourceError> {
         self.consumer
             .resume(&self.one_partition(partition))
             .map_err(|e| SourceError::Kafka(format!("resuming partition {partition}: {e}")))
@@ -258,32 +293,16 @@ impl KafkaSource {
         tpl
     }
 
-    /// Commits what is committable (asynchronously; `sync` on shutdown).
-    pub fn commit(&self, sync: bool) {
-        let tpl = self.tracker.committable();
-        if tpl.count() == 0 {
-            return;
-        }
-        let mode = if sync {
-            CommitMode::Sync
-        } else {
-            CommitMode::Async
-        };
-        if let Err(e) = self.consumer.commit(&tpl, mode) {
-            // No assignment right now (mid-rebalance) is normal; anything else is worth a word.
-            if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
-                tracing::warn!(error = %e, "offset commit failed; will retry");
-            }
-        }
-    }
-
     /// Sends a refused record to the dead-letter topic with its original bytes, key and headers,
-    /// plus headers naming the error and where it came from. Retries until the broker accepts.
-    pub async fn dead_letter(&self, record: &KafkaRecord, rejection: &Rejection) {
-        let partition = record.partition.to_string();
-        let offset = record.offset.to_string();
+    /// plus headers naming the error and where it came from.
+    async fn send_dead_letter(
+        &self,
+        event: &SourceEvent,
+        rejection: &Rejection,
+    ) -> Result<(), SourceError> {
+        let (partition, offset) = position_numbers(&event.raw.position);
         let mut headers = OwnedHeaders::new();
-        for (k, v) in &record.headers {
+        for (k, v) in &event.raw.headers {
             headers = headers.insert(Header {
                 key: k,
                 value: Some(v),
@@ -293,32 +312,104 @@ impl KafkaSource {
             ("foldercast-error-code", rejection.code),
             ("foldercast-error", rejection.reason.as_str()),
             ("foldercast-source-topic", self.settings.topic.as_str()),
-            ("foldercast-source-partition", partition.as_str()),
-            ("foldercast-source-offset", offset.as_str()),
+            ("foldercast-source-partition", partition),
+            ("foldercast-source-offset", offset),
         ] {
             headers = headers.insert(Header {
                 key,
                 value: Some(value),
             });
         }
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let mut rec: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&self.settings.dead_letter_topic)
-                    .payload(record.raw.bytes.as_slice())
-                    .headers(headers.clone());
-            if let Some(k) = &record.key {
-                rec = rec.key(k.as_slice());
-            }
-            match self.dead_letters.send(rec, Duration::from_secs(10)).await {
-                Ok(_) => return,
-                Err((e, _)) => {
-                    tracing::warn!(error = %e, position = %record.raw.position, "dead-letter send failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+        let mut rec: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.settings.dead_letter_topic)
+                .payload(event.raw.bytes.as_slice())
+                .headers(headers);
+        if let Some(k) = &event.raw.key {
+            rec = rec.key(k.as_slice());
+        }
+        match self.dead_letters.send(rec, Duration::from_secs(10)).await {
+            Ok(_) => Ok(()),
+            Err((e, _)) => {
+                Err(SourceError::Kafka(format!(
+                    "dead-letter send to {} failed: {e}",
+                    self.settings.dead_letter_topic
+                )))
             }
         }
+    }
+
+}
+
+/// `topic/partition@offset` → ("partition", "offset").
+fn position_numbers(position: &str) -> (&str, &str) {
+    let tail = position.rsplit_once('/').map_or(position, |(_, t)| t);
+    tail.split_once('@').unwrap_or((tail, ""))
+}
+
+fn commit(consumer: &StreamConsumer<GroupContext>, tracker: &CommitTracker, mode: CommitMode) {
+    tracker.since_commit.store(0, Relaxed);
+    let tpl = tracker.committable();
+    if tpl.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        // No assignment right now (mid-rebalance) is normal; anything else is worth a word.
+        if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
+            tracing::warn!(error = %e, "offset commit failed; will retry");
+        }
+    }
+}
+
+async fn commit_periodically(
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    tracker: Arc<CommitTracker>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+            _ = tracker.commit_now.notified() => {}
+        }
+        commit(&consumer, &tracker, CommitMode::Async);
+    }
+}
+
+#[async_trait]
+impl EventSource for KafkaSource {
+    async fn next(&self) -> Result<Option<SourceEvent>, SourceError> {
+        let event = self.recv().await;
+        Ok(Some(event))
+    }
+
+    async fn dead_letter(
+        &self,
+        event: &SourceEvent,
+        rejection: &Rejection,
+    ) -> Result<(), SourceError> {
+        self.send_dead_letter(event, rejection).await
+    }
+
+    fn pause(&self, lane: Lane) -> bool {
+        match self.pause_partition(lane as i32) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(partition = lane, error = %e, "could not pause a full partition");
+                false
+            }
+        }
+    }
+
+    fn resume(&self, lane: Lane) {
+        if let Err(e) = self.resume_partition(lane as i32) {
+            tracing::warn!(partition = lane, error = %e, "could not resume a partition");
+        }
+    }
+
+    async fn close(&self) {
+        self.committer.cancel();
+        tokio::task::block_in_place(|| commit(&self.consumer, &self.tracker, CommitMode::Sync));
     }
 }
 

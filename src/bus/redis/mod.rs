@@ -114,6 +114,12 @@ pub mod keys {
         format!("fc:event:{event}")
     }
 
+    /// Set by a publish call that found conflicts, so the later calls of its batch write nothing
+    /// (standalone Redis only; short-lived).
+    pub fn abort(nonce: u64) -> String {
+        format!("fc:abort:{nonce:016x}")
+    }
+
     /// The user a channel belongs to.
     pub fn user_of_channel(channel: &[u8]) -> Option<&str> {
         let s = std::str::from_utf8(channel).ok()?;

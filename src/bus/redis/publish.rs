@@ -34,27 +34,95 @@ pub(super) const PUBLISH_SCRIPT: &str = r#"
 -- Appends messages in order, then publishes each channel's share once: its messages of this
 -- call, each as '<epoch>:<stream id> <payload bytes>\n<payload>'.
 -- Per message 5 KEYS: stream, seen ids (current window), seen ids (previous window), channel,
--- meta; then one KEY per event guard. Shared ARGV: 1 max length, 2 max age ms, 3 window ms,
--- 4 PUBLISH or SPUBLISH, 5 message count, 6 the random part of a new epoch, 7 the meta key's
--- TTL ms; then per message 4 ARGV: payload number, event id ('' = not guarded), oldest id to
--- keep ('' = no age trim this time), event guard (0 = per user only; g > 0: all of the event's
--- messages are in this call, guard key g; -g: a part of the event, guard key g); then the
--- payloads, each once (an event's recipients share one).
+-- meta; then one KEY per event guard; then, when ARGV 8 is '1', the batch's abort key. Shared
+-- ARGV: 1 max length, 2 max age ms, 3 window ms, 4 PUBLISH or SPUBLISH, 5 message count, 6 the
+-- random part of a new epoch, 7 the meta key's TTL ms, 8 abort key given; then per message 6
+-- ARGV: payload number, event id ('' = not guarded), oldest id to keep ('' = no age trim this
+-- time), event guard (0 = per user only; g > 0: all of the event's messages are in this call,
+-- guard key g; -g: a part of the event, guard key g), covered events ('' or a kind, 'sum' or
+-- 'any', then every event id the message stands for, '\n'-separated), their guard keys
+-- (space-separated numbers, '' on a cluster); then the payloads, each once.
+-- Returns the number published; -1 when an earlier call of the batch aborted it; or, with
+-- nothing written, a flat list of (message index from 0, '\n'-separated events its user had)
+-- for each 'sum' message whose user had some but not all of its events: the caller rebuilds
+-- those without them and sends this call and the rest of its batch again.
 local maxlen, age, window, publish = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local maxage = tonumber(age)
 local count = tonumber(ARGV[5])
 local new_epoch, meta_ttl = ARGV[6], ARGV[7]
-local payloads = 7 + count * 4
+local abort = nil
+if ARGV[8] == '1' then
+  abort = KEYS[#KEYS]
+  if redis.call('EXISTS', abort) == 1 then return -1 end
+end
+local payloads = 8 + count * 6
+local guard_base = count * 5
+
+local function covered(a)
+  local kind, ids, gs = nil, {}, {}
+  for id in string.gmatch(ARGV[a + 5], '[^\n]+') do
+    if kind == nil then kind = id else ids[#ids + 1] = id end
+  end
+  for g in string.gmatch(ARGV[a + 6], '%d+') do gs[#gs + 1] = tonumber(g) end
+  return kind, ids, gs
+end
+
+-- First, reading only: which events of a message standing for several has its user had?
+local skip, conflicts = {}, {}
+for i = 0, count - 1 do
+  local a = 8 + i * 6
+  if ARGV[a + 5] ~= '' then
+    local k = i * 5
+    local kind, ids, gs = covered(a)
+    local had = {}
+    for n, id in ipairs(ids) do
+      local seen = redis.call('SISMEMBER', KEYS[k + 2], id) == 1
+        or redis.call('SISMEMBER', KEYS[k + 3], id) == 1
+      if not seen and gs[n] then
+        seen = redis.call('GET', KEYS[guard_base + gs[n]]) == 'all'
+      end
+      if seen then had[#had + 1] = id end
+    end
+    if #ids > 0 and #had == #ids then
+      skip[i] = true
+    elseif #had > 0 and kind == 'sum' then
+      conflicts[#conflicts + 1] = i
+      conflicts[#conflicts + 1] = table.concat(had, '\n')
+    end
+  end
+end
+if #conflicts > 0 then
+  -- The batch's later calls must not overtake the rebuilt messages.
+  if abort then redis.call('SET', abort, '1', 'PX', 60000) end
+  return conflicts
+end
+
 local published = 0
 local channels, entries, guards = {}, {}, {}
 -- Per user touched by this call (by meta key): the epoch and the stream's TTL.
 local users = {}
 for i = 0, count - 1 do
-  local k, a = i * 5, 7 + i * 4
+  local k, a = i * 5, 8 + i * 6
   local payload, event, oldest, g = ARGV[payloads + tonumber(ARGV[a + 1])], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
   local fresh, per_user = true, event ~= ''
-  if per_user and g ~= 0 then
-    local key = KEYS[count * 5 + math.abs(g)]
+  if skip[i] then
+    fresh = false
+  elseif ARGV[a + 5] ~= '' then
+    -- Stands for several events: remember each for this user, and mark each event as
+    -- delivered in parts (a later whole delivery of it is then checked per user).
+    per_user = false
+    local _, ids, gs = covered(a)
+    for n, id in ipairs(ids) do
+      redis.call('SADD', KEYS[k + 2], id)
+      if gs[n] then
+        redis.call('SET', KEYS[guard_base + gs[n]], 'some', 'NX', 'PX', window * 2)
+      end
+    end
+    if redis.call('PTTL', KEYS[k + 2]) < 0 then
+      redis.call('PEXPIRE', KEYS[k + 2], window * 2)
+    end
+  elseif per_user and g ~= 0 then
+    local key = KEYS[guard_base + math.abs(g)]
     local state = guards[key]
     if state == nil then
       -- 'all': delivered whole before; 'some': delivered in parts; 'whole': whole, by this call.
@@ -198,37 +266,141 @@ fn distinct_payloads<'a>(payloads: impl Iterator<Item = &'a Bytes>) -> Payloads<
     Payloads { distinct, numbers }
 }
 
+/// How many times a batch is rebuilt around events its users already had before giving up (each
+/// round removes what was found; more rounds mean another consumer keeps publishing the same
+/// events at the same moment).
+const MAX_REBUILDS: usize = 8;
+
+/// The `covers` ARGV of a message: its kind and event ids, or '' when it stands for one event.
+fn covers_arg(msg: &Outgoing) -> Vec<u8> {
+    let Some(covers) = msg.covers.as_ref().filter(|c| !c.event_ids.is_empty()) else {
+        return Vec::new();
+    };
+    let mut arg = Vec::from(if covers.sums_changes() {
+        &b"sum"[..]
+    } else {
+        &b"any"[..]
+    });
+    for id in &covers.event_ids {
+        arg.push(b'\n');
+        arg.extend_from_slice(id.as_bytes());
+    }
+    arg
+}
+
+/// What one script call answered.
+enum CallResult {
+    Published,
+    /// An earlier call of the batch found conflicts: this one wrote nothing.
+    Aborted,
+    /// Nothing written: these messages (index in the call) must be rebuilt without these events.
+    Conflicts(Vec<(usize, Vec<String>)>),
+}
+
+fn call_result(value: redis::Value) -> Result<CallResult, RedisError> {
+    match value {
+        redis::Value::Int(n) if n >= 0 => Ok(CallResult::Published),
+        redis::Value::Int(_) => Ok(CallResult::Aborted),
+        redis::Value::Array(items) => {
+            let mut conflicts = Vec::new();
+            let mut items = items.into_iter();
+            while let (Some(index), Some(had)) = (items.next(), items.next()) {
+                let index: usize = redis::from_redis_value(index)?;
+                let had: String = redis::from_redis_value(had)?;
+                conflicts.push((index, had.split('\n').map(str::to_owned).collect()));
+            }
+            Ok(CallResult::Conflicts(conflicts))
+        }
+        other => Err(RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "unexpected publish script reply",
+            format!("{other:?}"),
+        ))),
+    }
+}
+
+/// The messages of `call` to send again: each conflicting one rebuilt without the events its
+/// user had (or left out when nothing is left), the others as they were.
+fn rebuilt(call: &[Placed<'_>], conflicts: &[(usize, Vec<String>)]) -> Vec<Outgoing> {
+    let mut again = Vec::with_capacity(call.len());
+    for (i, placed) in call.iter().enumerate() {
+        let had = conflicts.iter().find(|(at, _)| *at == i).map(|(_, had)| had);
+        match (had, placed.msg.covers.as_ref().and_then(|c| c.without.as_ref())) {
+            (Some(had), Some(without)) => {
+                let had: Vec<&str> = had.iter().map(String::as_str).collect();
+                tracing::info!(user = %placed.msg.user, had = ?had, "a coalesced message is rebuilt without events its user already had");
+                again.extend(without(&had));
+            }
+            _ => again.push(placed.msg.clone()),
+        }
+    }
+    again
+}
+
+/// Event guard keys of one call, numbered from 1 in order of first use.
+#[derive(Default)]
+struct GuardKeys<'a> {
+    number_of: HashMap<&'a str, usize>,
+    keys: Vec<&'a str>,
+}
+
+impl<'a> GuardKeys<'a> {
+    fn number(&mut self, event: &'a str) -> usize {
+        *self.number_of.entry(event).or_insert_with(|| {
+            self.keys.push(event);
+            self.keys.len()
+        })
+    }
+}
+
 impl RedisBus {
     /// One script call publishing `messages` in order. On a cluster (`standalone` false) the
     /// channel is a shard channel, and events are guarded per user only: an event's guard key
-    /// would be in another slot than the user's keys.
+    /// would be in another slot than the user's keys. `abort` names the batch's abort key
+    /// (standalone batches of several calls).
     fn invocation(
         &self,
         messages: &[Placed<'_>],
         window: u64,
         oldest: &mut impl FnMut() -> Option<u64>,
         standalone: bool,
+        abort: Option<&str>,
     ) -> redis::Cmd {
         let o = &self.options;
-        // Event guard keys, numbered from 1 in order of first use.
-        let mut guard_of: HashMap<&str, usize> = HashMap::new();
-        let mut guard_keys: Vec<&str> = Vec::new();
-        let guards: Vec<i64> = messages
-            .iter()
-            .map(|p| match p.msg.event_id.as_deref() {
-                Some(event) if standalone => {
-                    let g = *guard_of.entry(event).or_insert_with(|| {
-                        guard_keys.push(event);
-                        guard_keys.len()
-                    }) as i64;
-                    if p.whole { g } else { -g }
+        let mut guard_keys = GuardKeys::default();
+        let mut guards: Vec<i64> = Vec::with_capacity(messages.len());
+        let mut cover_guards: Vec<String> = Vec::with_capacity(messages.len());
+        for p in messages {
+            let covered = p.msg.covers.as_ref().filter(|c| !c.event_ids.is_empty());
+            match (covered, p.msg.event_id.as_deref()) {
+                (Some(covers), _) => {
+                    guards.push(0);
+                    cover_guards.push(if standalone {
+                        covers
+                            .event_ids
+                            .iter()
+                            .map(|id| guard_keys.number(id).to_string())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    } else {
+                        String::new()
+                    });
                 }
-                _ => 0,
-            })
-            .collect();
+                (None, Some(event)) if standalone => {
+                    let g = guard_keys.number(event) as i64;
+                    guards.push(if p.whole { g } else { -g });
+                    cover_guards.push(String::new());
+                }
+                _ => {
+                    guards.push(0);
+                    cover_guards.push(String::new());
+                }
+            }
+        }
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash())
-            .arg(messages.len() * 5 + guard_keys.len());
+        cmd.arg(self.script.get_hash()).arg(
+            messages.len() * 5 + guard_keys.keys.len() + usize::from(abort.is_some()),
+        );
         for p in messages {
             let user = &p.msg.user;
             cmd.arg(keys::stream(user))
@@ -237,8 +409,11 @@ impl RedisBus {
                 .arg(keys::channel(user))
                 .arg(keys::meta(user));
         }
-        for event in &guard_keys {
+        for event in &guard_keys.keys {
             cmd.arg(keys::event(event));
+        }
+        if let Some(abort) = abort {
+            cmd.arg(abort);
         }
         cmd.arg(o.stream_max_len)
             .arg(o.stream_max_age.as_millis().max(1) as u64)
@@ -246,13 +421,21 @@ impl RedisBus {
             .arg(if standalone { "PUBLISH" } else { "SPUBLISH" })
             .arg(messages.len())
             .arg(super::history::epoch_base())
-            .arg(o.meta_ttl().as_millis() as u64);
+            .arg(o.meta_ttl().as_millis() as u64)
+            .arg(if abort.is_some() { "1" } else { "0" });
         let payloads = distinct_payloads(messages.iter().map(|p| &p.msg.payload));
-        for ((p, guard), number) in messages.iter().zip(guards).zip(&payloads.numbers) {
+        for (((p, guard), number), cover_guards) in messages
+            .iter()
+            .zip(guards)
+            .zip(&payloads.numbers)
+            .zip(&cover_guards)
+        {
             cmd.arg(number)
                 .arg(p.msg.event_id.as_deref().unwrap_or(""))
                 .arg(oldest().map(|ms| ms.to_string()).unwrap_or_default())
-                .arg(guard);
+                .arg(guard)
+                .arg(covers_arg(p.msg))
+                .arg(cover_guards);
         }
         for payload in payloads.distinct {
             cmd.arg(&payload[..]);
@@ -260,7 +443,30 @@ impl RedisBus {
         cmd
     }
 
+    /// Publishes `batch`, rebuilding coalesced messages around events their users already had
+    /// (a batch replayed after a consumer crash, grouped differently) until nothing conflicts.
     pub(super) async fn publish_once(&self, batch: &[Outgoing]) -> Result<(), RedisError> {
+        let mut again = match self.publish_attempt(batch).await? {
+            None => return Ok(()),
+            Some(again) => again,
+        };
+        for _ in 1..MAX_REBUILDS {
+            match self.publish_attempt(&again).await? {
+                None => return Ok(()),
+                Some(next) => again = next,
+            }
+        }
+        Err(RedisError::from((
+            redis::ErrorKind::Client,
+            "coalesced messages kept conflicting with deliveries of another consumer",
+        )))
+    }
+
+    /// One attempt: `None` when everything was published, else what to send again (rebuilt).
+    async fn publish_attempt(&self, batch: &[Outgoing]) -> Result<Option<Vec<Outgoing>>, RedisError> {
+        if batch.is_empty() {
+            return Ok(None);
+        }
         let window_ms = self.options.dedup_window.as_millis().max(1) as u64;
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -276,12 +482,38 @@ impl RedisBus {
         };
         match self.publisher.clone() {
             Conn::Standalone(mut c) => {
+                let calls = standalone_calls(batch);
+                // Several calls: one that finds conflicts stops the later ones, which must not
+                // overtake its rebuilt messages.
+                let abort = (calls.len() > 1).then(|| keys::abort(rand::random::<u64>()));
                 let mut pipe = redis::pipe();
-                for call in standalone_calls(batch) {
-                    pipe.add_command(self.invocation(&call, window, &mut trim_every, true))
-                        .ignore();
+                for call in &calls {
+                    pipe.add_command(self.invocation(
+                        call,
+                        window,
+                        &mut trim_every,
+                        true,
+                        abort.as_deref(),
+                    ));
                 }
-                pipe.exec_async(&mut c).await
+                let replies: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+                for (at, reply) in replies.into_iter().enumerate() {
+                    match call_result(reply)? {
+                        CallResult::Published => {}
+                        CallResult::Conflicts(conflicts) => {
+                            let mut again = rebuilt(&calls[at], &conflicts);
+                            again.extend(calls[at + 1..].iter().flatten().map(|p| p.msg.clone()));
+                            return Ok(Some(again));
+                        }
+                        CallResult::Aborted => {
+                            return Err(RedisError::from((
+                                redis::ErrorKind::Client,
+                                "a publish call was aborted without a conflict before it",
+                            )));
+                        }
+                    }
+                }
+                Ok(None)
             }
             Conn::Cluster(c) => {
                 // A script call must stay within one slot: one call per user (its keys share a
@@ -293,15 +525,21 @@ impl RedisBus {
                         .or_default()
                         .push(Placed { msg, whole: false });
                 }
-                let calls: Vec<redis::Cmd> = per_user
-                    .into_values()
-                    .map(|msgs| self.invocation(&msgs, window, &mut trim_every, false))
-                    .collect();
-                let sends = calls.into_iter().map(|cmd| {
+                let calls: Vec<Vec<Placed<'_>>> = per_user.into_values().collect();
+                let sends = calls.iter().map(|msgs| {
+                    let cmd = self.invocation(msgs, window, &mut trim_every, false, None);
                     let mut c = c.clone();
-                    async move { cmd.query_async::<()>(&mut c).await }
+                    async move { cmd.query_async::<redis::Value>(&mut c).await }
                 });
-                futures_util::future::try_join_all(sends).await.map(|_| ())
+                let sends: Vec<_> = sends.collect();
+                let replies = futures_util::future::try_join_all(sends).await?;
+                let mut again = Vec::new();
+                for (call, reply) in calls.iter().zip(replies) {
+                    if let CallResult::Conflicts(conflicts) = call_result(reply)? {
+                        again.extend(rebuilt(call, &conflicts));
+                    }
+                }
+                Ok((!again.is_empty()).then_some(again))
             }
         }
     }

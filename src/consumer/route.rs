@@ -1,56 +1,70 @@
-//! The consuming side's driver: source → notify → throttle → bus, one event at a time.
+//! From one event's outcome to outgoing messages: counting, logging, and the rate limit.
 //!
-//! Reading runs in its own task feeding a bounded channel, so a slow sink slows the reader
-//! (backpressure) and a waiting reader never blocks the throttle's flushes. Events are processed
-//! strictly in order: a space's changes reach each user in the order they happened.
+//! One step of a lane, kept apart so it can be tested alone and shared with the benchmark
+//! harness.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use governor::clock::Clock;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::bus::{Bus, BusError, Outgoing};
+use crate::bus::Outgoing;
 use crate::notify::throttle::Throttle;
 use crate::notify::{Fanout, MembershipUnavailable, Outcome, Pipeline};
-use crate::source::{EventSource, RawEvent, SourceError};
+use crate::source::RawEvent;
 use crate::telemetry::PipelineStats;
 
+/// What routing one event did.
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// The fan-out, for observers (the demo keeps its folder tree with it).
+    pub fanout: Option<Box<Fanout>>,
+    /// Recipients whose message the rate limiter holds: the event is handled only once each
+    /// of them was released and published.
+    pub held: u32,
+}
+
 /// Counts `outcome`, logs a rejection with its position, and turns a fan-out into outgoing
-/// messages (through the throttle when there is one). Returns the fan-out for observers.
+/// messages (through the throttle when there is one).
 pub fn route<C: Clock + Clone>(
     outcome: Outcome,
     position: &str,
     throttle: Option<&mut Throttle<C>>,
     stats: &PipelineStats,
     out: &mut Vec<Outgoing>,
-) -> Option<Box<Fanout>> {
+) -> Routed {
     stats.events.fetch_add(1, Relaxed);
     match outcome {
         Outcome::Rejected(rejection) => {
             stats.count_rejection(rejection.code);
             tracing::warn!(%position, code = rejection.code, reason = %rejection.reason, "event rejected");
-            None
+            Routed::default()
         }
         Outcome::Duplicate { event_id } => {
             stats.duplicates.fetch_add(1, Relaxed);
             tracing::debug!(%position, %event_id, "duplicate event dropped");
-            None
+            Routed::default()
         }
         Outcome::Applied { event_id } => {
             tracing::debug!(%position, %event_id, "group change applied");
-            None
+            Routed::default()
         }
         Outcome::Deliver(fanout) => {
             stats.delivered_events.fetch_add(1, Relaxed);
             let before = out.len();
             let mut whole = true;
+            let mut held = 0;
             match throttle {
                 Some(t) => {
+                    // A membership message is never held (admit may still report it as not
+                    // "as it is": it flushed a pending change before it).
+                    let holdable = !fanout.message.message.is_membership();
                     for user in fanout.recipients.iter() {
-                        whole &= t.admit(user, &fanout.message, out);
+                        let as_is = t.admit(user, &fanout.message, out);
+                        whole &= as_is;
+                        held += u32::from(holdable && !as_is);
                     }
                 }
                 None => out.extend(fanout.recipients.iter().map(|u| fanout.message.to(u))),
@@ -60,8 +74,11 @@ pub fn route<C: Clock + Clone>(
                 // event once rather than per user.
                 Outgoing::mark_whole_event(&mut out[before..]);
             }
-            tracing::debug!(event_id = %fanout.event.id, recipients = fanout.recipients.len(), sent = out.len() - before, "event routed");
-            Some(fanout)
+            tracing::debug!(event_id = %fanout.event.id, recipients = fanout.recipients.len(), sent = out.len() - before, held, "event routed");
+            Routed {
+                fanout: Some(fanout),
+                held,
+            }
         }
     }
 }
@@ -88,95 +105,6 @@ pub async fn process_with_retry(
             }
         }
     }
-}
-
-/// Reads `source` into a bounded channel, at most `rate` events per second (0 = unpaced).
-pub fn spawn_reader(
-    mut source: Box<dyn EventSource>,
-    rate: f64,
-    shutdown: CancellationToken,
-) -> (
-    mpsc::Receiver<RawEvent>,
-    tokio::task::JoinHandle<Result<(), SourceError>>,
-) {
-    let (tx, rx) = mpsc::channel(1024);
-    let handle = tokio::spawn(async move {
-        let mut pacer = (rate > 0.0 && rate.is_finite()).then(|| {
-            let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            i
-        });
-        loop {
-            if let Some(p) = pacer.as_mut() {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = p.tick() => {}
-                }
-            }
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                next = source.next_event() => next?,
-            };
-            let Some(event) = next else { return Ok(()) };
-            if tx.send(event).await.is_err() {
-                return Ok(());
-            }
-        }
-    });
-    (rx, handle)
-}
-
-/// Runs the live loop until the input ends or `shutdown` fires. `observe` sees every fan-out
-/// (the demo keeps its folder tree with it).
-pub async fn run_live<C: Clock + Clone>(
-    mut events: mpsc::Receiver<RawEvent>,
-    pipeline: &Pipeline,
-    mut throttle: Option<Throttle<C>>,
-    bus: &dyn Bus,
-    stats: &PipelineStats,
-    shutdown: &CancellationToken,
-    mut observe: impl FnMut(&Fanout),
-) -> Result<(), BusError> {
-    let mut flush = tokio::time::interval(Duration::from_millis(50));
-    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut out = Vec::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = flush.tick(), if throttle.is_some() => {
-                if let Some(t) = throttle.as_mut() {
-                    t.flush_ready(&mut out);
-                }
-            }
-            next = events.recv() => {
-                let Some(raw) = next else { break };
-                let Some(outcome) = process_with_retry(pipeline, &raw, shutdown).await else { break };
-                if let Some(fanout) = route(outcome, &raw.position, throttle.as_mut(), stats, &mut out) {
-                    observe(&fanout);
-                }
-            }
-        }
-        if !out.is_empty() {
-            bus.publish(&out).await?;
-            stats.messages.fetch_add(out.len() as u64, Relaxed);
-            out.clear();
-        }
-    }
-    // Input ended: whatever the throttle still holds is owed to its users.
-    if let Some(t) = throttle.as_mut() {
-        while t.pending_users() > 0 && !shutdown.is_cancelled() {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = flush.tick() => t.flush_ready(&mut out),
-            }
-            if !out.is_empty() {
-                bus.publish(&out).await?;
-                stats.messages.fetch_add(out.len() as u64, Relaxed);
-                out.clear();
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
