@@ -962,3 +962,118 @@ async fn resubscribes_after_its_subscription_connections_are_killed() {
         }
     }
 }
+
+/// A coalesced message for `ids` (payload lists them) that rebuilds itself without the events
+/// a user had, as the rate limiter's messages do: one event left is that event's own message.
+fn coalesced(user: &Arc<str>, ids: &[String]) -> Outgoing {
+    if let [only] = ids {
+        return msg(user, only, "single");
+    }
+    let mut m = Outgoing::for_event(
+        user.clone(),
+        Bytes::from(format!(r#"{{"coalesced":{ids:?}}}"#)),
+        ids.last().map(|id| Arc::from(id.as_str())),
+    );
+    let (user2, ids2) = (user.clone(), ids.to_vec());
+    m.covers = Some(Arc::new(foldercast::bus::Covered {
+        event_ids: ids.iter().map(|id| Arc::from(id.as_str())).collect(),
+        without: Some(Box::new(move |had: &[&str]| {
+            let rest: Vec<String> = ids2
+                .iter()
+                .filter(|id| !had.contains(&id.as_str()))
+                .cloned()
+                .collect();
+            (!rest.is_empty()).then(|| coalesced(&user2, &rest))
+        })),
+    }));
+    m
+}
+
+fn resync(user: &Arc<str>, ids: &[String]) -> Outgoing {
+    let mut m = Outgoing::for_event(
+        user.clone(),
+        Bytes::from(format!(r#"{{"resync":{ids:?}}}"#)),
+        ids.last().map(|id| Arc::from(id.as_str())),
+    );
+    m.covers = Some(Arc::new(foldercast::bus::Covered {
+        event_ids: ids.iter().map(|id| Arc::from(id.as_str())).collect(),
+        without: None,
+    }));
+    m
+}
+
+/// After a consumer crash the same events come back grouped differently: a coalesced message
+/// whose user had some of its events is rebuilt without them (never sent as it is, which would
+/// count a folder's change twice), one whose user had all is dropped, and the rest of the batch
+/// waits for the rebuilt message (order per user is kept).
+async fn coalesced_messages_deliver_each_event_once(target: RedisTarget) {
+    let (bus, mut rx, alice, bob) = two_subscribed(&target).await;
+    let carol: Arc<str> = Arc::from(unique("carol"));
+    let run = unique("co");
+    let e = |n: u32| format!("{run}-e{n}");
+    let text = |m: &Outgoing| String::from_utf8(m.payload.to_vec()).unwrap();
+
+    // e1 reached both whole; e2 reached alice alone.
+    bus.publish(&whole(&[&alice, &bob], &e(1), "w")).await.unwrap();
+    bus.publish(&[msg(&alice, &e(2), "a")]).await.unwrap();
+    deliveries(&mut rx, 3).await;
+
+    // Replayed, grouped differently.
+    bus.publish(&[
+        coalesced(&alice, &[e(1), e(2), e(3), e(4)]),
+        coalesced(&bob, &[e(1), e(2)]),
+    ])
+    .await
+    .unwrap();
+    let mut want = vec![
+        (alice.to_string(), text(&coalesced(&alice, &[e(3), e(4)]))),
+        (bob.to_string(), text(&msg(&bob, &e(2), "single"))),
+    ];
+    want.sort();
+    assert_eq!(deliveries(&mut rx, 2).await, want);
+
+    // All had: nothing. Once more in parts: nothing.
+    bus.publish(&[
+        coalesced(&alice, &[e(1), e(2), e(3), e(4)]),
+        coalesced(&bob, &[e(1), e(2)]),
+        msg(&alice, &e(4), "again"),
+    ])
+    .await
+    .unwrap();
+    nothing_more(&mut rx).await;
+
+    // A conflict early in a batch of several calls: alice's later message waits for her
+    // rebuilt one; carol's 300 (not subscribed) go into her history once.
+    let mut batch = vec![coalesced(&alice, &[e(3), e(5)])];
+    batch.extend((0..300).map(|i| msg(&carol, &format!("{run}-c{i}"), "c")));
+    batch.push(msg(&alice, &e(6), "after"));
+    bus.publish(&batch).await.unwrap();
+    let first = recv(&mut rx).await;
+    let second = recv(&mut rx).await;
+    assert_eq!(text_of(&first), text(&msg(&alice, &e(5), "single")));
+    assert_eq!(text_of(&second), text(&msg(&alice, &e(6), "after")));
+    nothing_more(&mut rx).await;
+    assert_eq!(history(&target, &carol).await.len(), 300);
+
+    // A resync is sent while any of its events is new, and remembers them all.
+    bus.publish(&[resync(&alice, &[e(6), e(7)])]).await.unwrap();
+    assert_eq!(deliveries(&mut rx, 1).await.len(), 1);
+    bus.publish(&[resync(&alice, &[e(6), e(7)]), msg(&alice, &e(7), "x")])
+        .await
+        .unwrap();
+    nothing_more(&mut rx).await;
+}
+
+fn text_of(d: &Delivery) -> String {
+    String::from_utf8(d.payload.to_vec()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_messages_deliver_each_event_once_on_standalone_redis() {
+    coalesced_messages_deliver_each_event_once(RedisTarget::Standalone(redis_url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_messages_deliver_each_event_once_on_a_cluster() {
+    coalesced_messages_deliver_each_event_once(RedisTarget::Cluster(redis_cluster_nodes())).await;
+}
