@@ -8,176 +8,17 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::pipeline::{
+    NO_LIMIT, Redis, collect, connect, consume, consume_with, gateway, next_frame, produce, topic,
+};
 use common::{
     PrivateRedis, Server, demo_membership, kafka_brokers, redis_cluster_nodes, redis_url,
     replay_print, root, token, unique,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::{Message, http::HeaderValue};
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-#[derive(Clone)]
-enum Redis {
-    Standalone(String),
-    Cluster(Vec<String>),
-}
-
-impl Redis {
-    fn args(&self) -> Vec<String> {
-        match self {
-            Redis::Standalone(url) => vec!["--redis".into(), url.clone()],
-            Redis::Cluster(nodes) => vec!["--redis-cluster".into(), nodes.join(",")],
-        }
-    }
-}
-
-async fn gateway(redis: &Redis, extra: &[&str]) -> Server {
-    let mut args: Vec<String> = vec![
-        "gateway".into(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--jwt-secret".into(),
-        common::SECRET.into(),
-    ];
-    args.extend(redis.args());
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Server::spawn(&args, false).await
-}
-
-struct Topic {
-    name: String,
-    group: String,
-    dead_letter: String,
-}
-
-fn topic() -> Topic {
-    Topic {
-        name: unique("events"),
-        group: unique("group"),
-        dead_letter: unique("dlq"),
-    }
-}
-
-/// Starts `foldercast consume`; its stderr goes to `log` when given.
-fn consume(t: &Topic, membership: &Path, redis: &Redis, log: Option<&Path>) -> Child {
-    let membership = ["--membership".to_owned(), membership.display().to_string()];
-    consume_with(t, &membership, &[], redis, log)
-}
-
-/// `consume` with its membership flags (`--membership F` or `--ocis-url U …`) and extra
-/// environment given.
-fn consume_with(
-    t: &Topic,
-    membership: &[String],
-    env: &[(&str, &str)],
-    redis: &Redis,
-    log: Option<&Path>,
-) -> Child {
-    let mut cmd = Command::new(common::bin());
-    cmd.args([
-        "consume",
-        "--brokers",
-        &kafka_brokers(),
-        "--topic",
-        &t.name,
-        "--group",
-        &t.group,
-        "--dead-letter-topic",
-        &t.dead_letter,
-    ])
-    .args(membership)
-    .args(redis.args())
-    .args([
-        "--user-rate",
-        "0",
-        "--session-timeout",
-        "6s",
-        "--commit-interval",
-        "200ms",
-    ])
-    .env("FOLDERCAST_LOG", "info")
-    .envs(env.iter().copied())
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .kill_on_drop(true);
-    match log {
-        Some(path) => cmd.stderr(std::fs::File::create(path).unwrap()),
-        None => cmd.stderr(Stdio::inherit()),
-    };
-    cmd.spawn().expect("start consume")
-}
-
-async fn produce(t: &Topic, events: &Path) {
-    let status = Command::new(common::bin())
-        .args([
-            "replay",
-            "--to-kafka",
-            "--brokers",
-            &kafka_brokers(),
-            "--topic",
-            &t.name,
-            "--partitions",
-            "3",
-            "--events",
-        ])
-        .arg(events)
-        .env("FOLDERCAST_LOG", "warn")
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success(), "replay --to-kafka failed");
-}
-
-async fn connect(server: &Server, user: &str) -> Ws {
-    let mut request = server.ws_url("/ws").into_client_request().unwrap();
-    request.headers_mut().insert(
-        "Authorization",
-        HeaderValue::from_str(&format!("Bearer {}", token(user))).unwrap(),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(request)
-        .await
-        .expect("connect");
-    let ready = next_frame(&mut ws, Duration::from_secs(10))
-        .await
-        .expect("ready");
-    assert_eq!(ready["type"], "ready");
-    ws
-}
-
-async fn next_frame(ws: &mut Ws, wait: Duration) -> Option<Value> {
-    loop {
-        match tokio::time::timeout(wait, ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => return Some(serde_json::from_str(&t).unwrap()),
-            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => {
-                panic!("the gateway closed a client connection")
-            }
-            Ok(Some(Ok(_))) => continue,
-            Err(_) => return None,
-        }
-    }
-}
-
-/// Reads event frames until `count` arrived (or `wait` passes without one).
-async fn collect(ws: &mut Ws, count: usize, wait: Duration) -> Vec<(String, Value)> {
-    let mut got = Vec::new();
-    while got.len() < count {
-        let Some(frame) = next_frame(ws, wait).await else {
-            break;
-        };
-        if frame["type"] == "event" {
-            got.push((
-                frame["id"].as_str().unwrap().to_owned(),
-                frame["data"].clone(),
-            ));
-        }
-    }
-    got
-}
+use tokio::process::Command;
+use tokio_tungstenite::tungstenite::Message;
 
 /// The stream id of a position (`<epoch>:<ms>-<seq>`).
 fn stream_id(position: &str) -> (u64, u64) {
@@ -821,6 +662,7 @@ async fn a_partition_waiting_for_membership_does_not_stall_the_others() {
         &[("FOLDERCAST_OCIS_TOKEN", "admin-token")],
         &redis,
         Some(&log),
+        NO_LIMIT,
     );
 
     // More events of the stuck space than its worker can queue (4,096 + a batch of 64), then

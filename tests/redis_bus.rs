@@ -1014,7 +1014,9 @@ async fn coalesced_messages_deliver_each_event_once(target: RedisTarget) {
     let text = |m: &Outgoing| String::from_utf8(m.payload.to_vec()).unwrap();
 
     // e1 reached both whole; e2 reached alice alone.
-    bus.publish(&whole(&[&alice, &bob], &e(1), "w")).await.unwrap();
+    bus.publish(&whole(&[&alice, &bob], &e(1), "w"))
+        .await
+        .unwrap();
     bus.publish(&[msg(&alice, &e(2), "a")]).await.unwrap();
     deliveries(&mut rx, 3).await;
 

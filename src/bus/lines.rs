@@ -72,7 +72,9 @@ impl Bus for LinesBus {
     }
 
     async fn subscribe(&self, _user: &Arc<str>) -> Result<(), BusError> {
-        Err(BusError::Unavailable("a line output has no subscribers".into()))
+        Err(BusError::Unavailable(
+            "a line output has no subscribers".into(),
+        ))
     }
 
     async fn unsubscribe(&self, _user: &Arc<str>) -> Result<(), BusError> {
@@ -85,6 +87,8 @@ impl Bus for LinesBus {
         _since: Option<&Position>,
         _limit: usize,
     ) -> Result<Catchup, BusError> {
-        Err(BusError::Unavailable("a line output keeps no history".into()))
+        Err(BusError::Unavailable(
+            "a line output keeps no history".into(),
+        ))
     }
 }

@@ -35,8 +35,10 @@ async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     // Event time drives the throttle's clock, so a throttled replay is deterministic.
     let clock = EventTimeClock::default();
     let output: Option<Box<dyn Write + Send>> = args.print.then(|| {
-        Box::new(std::io::BufWriter::with_capacity(1 << 20, std::io::stdout()))
-            as Box<dyn Write + Send>
+        Box::new(std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::io::stdout(),
+        )) as Box<dyn Write + Send>
     });
     let bus = Arc::new(LinesBus::new(output));
     let stats = Arc::new(PipelineStats::default());

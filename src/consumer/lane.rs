@@ -83,7 +83,11 @@ pub(super) async fn run<C: LaneClock>(
                 }
             }
             AtEnd::WaitForLimits => {
-                while state.throttle.as_ref().is_some_and(|t| t.pending_users() > 0) {
+                while state
+                    .throttle
+                    .as_ref()
+                    .is_some_and(|t| t.pending_users() > 0)
+                {
                     tokio::select! {
                         _ = shared.stop.cancelled() => break,
                         _ = tick.tick() => {
@@ -97,7 +101,11 @@ pub(super) async fn run<C: LaneClock>(
         }
     }
     // Stopped (or stopped while waiting for the limits): what is held goes out now.
-    if state.throttle.as_ref().is_some_and(|t| t.pending_users() > 0) {
+    if state
+        .throttle
+        .as_ref()
+        .is_some_and(|t| t.pending_users() > 0)
+    {
         if let Err(end) = state.flush(true).await {
             return end;
         }

@@ -72,7 +72,9 @@ impl LaneClock for EventTimeClock {
             return false;
         };
         let step = match *latest {
-            Some(before) if millis > before => Some(Duration::from_millis((millis - before) as u64)),
+            Some(before) if millis > before => {
+                Some(Duration::from_millis((millis - before) as u64))
+            }
             Some(_) => return false,
             None => None,
         };
@@ -301,7 +303,7 @@ async fn hold_lane<C: LaneClock>(
         }
         return;
     }
-    tracing::info!(lane, "lane paused: its queue is full");
+    tracing::debug!(lane, "lane paused: its queue is full");
     let shared = shared.clone();
     tokio::spawn(async move {
         tokio::select! {
@@ -309,7 +311,6 @@ async fn hold_lane<C: LaneClock>(
             sent = tx.send(event) => {
                 if sent.is_ok() {
                     shared.source.resume(lane);
-                    tracing::info!(lane, "lane resumed");
                 }
             }
         }

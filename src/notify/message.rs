@@ -139,10 +139,11 @@ impl UserMessage {
         msg
     }
 
-    /// `{"type":"resync"}`: the client must refetch the space.
-    pub fn resync(space_id: Arc<str>, time: Arc<str>, skipped: u64) -> Self {
+    /// `{"type":"resync"}`: the client must refetch the space; `latest` is the last event it
+    /// stands for.
+    pub fn resync(space_id: Arc<str>, time: Arc<str>, skipped: u64, latest: Option<&str>) -> Self {
         UserMessage {
-            event_id: None,
+            event_id: latest.map(str::to_owned),
             message_type: RESYNC,
             space_id,
             actor: None,

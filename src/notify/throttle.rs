@@ -55,12 +55,8 @@ pub struct ThrottleConfig {
     pub max_backlog: usize,
 }
 
-type Limiter<C> = RateLimiter<
-    Arc<str>,
-    DashMapStateStore<Arc<str>>,
-    C,
-    NoOpMiddleware<<C as Clock>::Instant>,
->;
+type Limiter<C> =
+    RateLimiter<Arc<str>, DashMapStateStore<Arc<str>>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 /// Every user's bucket, shared by the lanes of one consumer.
 pub struct Buckets<C: Clock> {
@@ -276,6 +272,7 @@ impl UserState {
                     space.clone(),
                     time,
                     event_ids.len() as u64,
+                    event_ids.last().map(|id| &**id),
                 ));
                 let mut msg = Outgoing::for_event(user.clone(), payload, event_ids.last().cloned());
                 msg.covers = Some(Arc::new(Covered {
@@ -606,7 +603,11 @@ mod tests {
         clock.advance(Duration::from_secs(1));
         t.flush_ready(&mut out);
         t.take_released(&mut released);
-        assert_eq!(released, [11, 12], "flushed: their events may be acknowledged");
+        assert_eq!(
+            released,
+            [11, 12],
+            "flushed: their events may be acknowledged"
+        );
     }
 
     #[test]

@@ -329,15 +329,12 @@ impl KafkaSource {
         }
         match self.dead_letters.send(rec, Duration::from_secs(10)).await {
             Ok(_) => Ok(()),
-            Err((e, _)) => {
-                Err(SourceError::Kafka(format!(
-                    "dead-letter send to {} failed: {e}",
-                    self.settings.dead_letter_topic
-                )))
-            }
+            Err((e, _)) => Err(SourceError::Kafka(format!(
+                "dead-letter send to {} failed: {e}",
+                self.settings.dead_letter_topic
+            ))),
         }
     }
-
 }
 
 /// `topic/partition@offset` → ("partition", "offset").
@@ -393,7 +390,10 @@ impl EventSource for KafkaSource {
 
     fn pause(&self, lane: Lane) -> bool {
         match self.pause_partition(lane as i32) {
-            Ok(()) => true,
+            Ok(()) => {
+                tracing::info!(partition = lane, "partition paused: its lane is full");
+                true
+            }
             Err(e) => {
                 tracing::warn!(partition = lane, error = %e, "could not pause a full partition");
                 false
@@ -402,8 +402,9 @@ impl EventSource for KafkaSource {
     }
 
     fn resume(&self, lane: Lane) {
-        if let Err(e) = self.resume_partition(lane as i32) {
-            tracing::warn!(partition = lane, error = %e, "could not resume a partition");
+        match self.resume_partition(lane as i32) {
+            Ok(()) => tracing::info!(partition = lane, "partition resumed"),
+            Err(e) => tracing::warn!(partition = lane, error = %e, "could not resume a partition"),
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod browser;
 pub mod libregraph;
 pub mod oidc;
+pub mod pipeline;
 pub mod sse;
 pub mod ws;
 

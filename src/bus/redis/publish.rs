@@ -324,8 +324,14 @@ fn call_result(value: redis::Value) -> Result<CallResult, RedisError> {
 fn rebuilt(call: &[Placed<'_>], conflicts: &[(usize, Vec<String>)]) -> Vec<Outgoing> {
     let mut again = Vec::with_capacity(call.len());
     for (i, placed) in call.iter().enumerate() {
-        let had = conflicts.iter().find(|(at, _)| *at == i).map(|(_, had)| had);
-        match (had, placed.msg.covers.as_ref().and_then(|c| c.without.as_ref())) {
+        let had = conflicts
+            .iter()
+            .find(|(at, _)| *at == i)
+            .map(|(_, had)| had);
+        match (
+            had,
+            placed.msg.covers.as_ref().and_then(|c| c.without.as_ref()),
+        ) {
             (Some(had), Some(without)) => {
                 let had: Vec<&str> = had.iter().map(String::as_str).collect();
                 tracing::info!(user = %placed.msg.user, had = ?had, "a coalesced message is rebuilt without events its user already had");
@@ -398,9 +404,8 @@ impl RedisBus {
             }
         }
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash()).arg(
-            messages.len() * 5 + guard_keys.keys.len() + usize::from(abort.is_some()),
-        );
+        cmd.arg(self.script.get_hash())
+            .arg(messages.len() * 5 + guard_keys.keys.len() + usize::from(abort.is_some()));
         for p in messages {
             let user = &p.msg.user;
             cmd.arg(keys::stream(user))
@@ -463,7 +468,10 @@ impl RedisBus {
     }
 
     /// One attempt: `None` when everything was published, else what to send again (rebuilt).
-    async fn publish_attempt(&self, batch: &[Outgoing]) -> Result<Option<Vec<Outgoing>>, RedisError> {
+    async fn publish_attempt(
+        &self,
+        batch: &[Outgoing],
+    ) -> Result<Option<Vec<Outgoing>>, RedisError> {
         if batch.is_empty() {
             return Ok(None);
         }
