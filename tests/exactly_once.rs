@@ -39,7 +39,7 @@ struct Expected {
 }
 
 fn member(user: usize, space: usize) -> bool {
-    (user + space) % 3 != 0
+    !(user + space).is_multiple_of(3)
 }
 
 fn scenario(dir: &Path) -> Scenario {

@@ -51,8 +51,11 @@ pub struct Covered {
     /// Rebuilds the message without the events in `had` (which the user already received):
     /// `None` when nothing is left. Absent for a message that is safe to receive again even
     /// if some of its events were seen (a `resync` only asks the client to refetch).
-    pub without: Option<Box<dyn Fn(&[&str]) -> Option<Outgoing> + Send + Sync>>,
+    pub without: Option<Rebuild>,
 }
+
+/// Rebuilds a message without the given events (see [`Covered::without`]).
+pub type Rebuild = Box<dyn Fn(&[&str]) -> Option<Outgoing> + Send + Sync>;
 
 impl Covered {
     /// Whether a message standing for these events must be rebuilt when a user had a part of
