@@ -316,3 +316,195 @@ async fn hold_lane<C: LaneClock>(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+    use async_trait::async_trait;
+    use governor::clock::FakeRelativeClock;
+
+    use super::*;
+    use crate::bus::{Catchup, Outgoing, Position};
+    use crate::membership::{Directory, FixtureResolver};
+    use crate::notify::dedup::Dedup;
+    use crate::notify::throttle::ThrottleConfig;
+    use crate::source::{Ack, RawEvent};
+
+    impl LaneClock for FakeRelativeClock {}
+
+    /// Events handed out once, then nothing more (a Kafka topic at its end); records acks.
+    struct FakeSource {
+        events: Mutex<Vec<SourceEvent>>,
+        acked: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl FakeSource {
+        fn new(ids: &[&str]) -> (Arc<Self>, Arc<Mutex<Vec<String>>>) {
+            let acked = Arc::new(Mutex::new(Vec::new()));
+            let events = ids
+                .iter()
+                .rev()
+                .map(|id| {
+                    let json = format!(
+                        r#"{{"id":"{id}","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{{"space_id":"s","path":"/d/{id}","kind":"file","size":1}}}}"#
+                    );
+                    let (acked, id) = (acked.clone(), id.to_string());
+                    SourceEvent {
+                        raw: RawEvent::new(json.into_bytes(), id.clone()),
+                        lane: 0,
+                        ack: Ack::new(move || acked.lock().unwrap().push(id)),
+                    }
+                })
+                .collect();
+            let source = Arc::new(FakeSource {
+                events: Mutex::new(events),
+                acked: acked.clone(),
+            });
+            (source, acked)
+        }
+    }
+
+    #[async_trait]
+    impl EventSource for FakeSource {
+        async fn next(&self) -> Result<Option<SourceEvent>, SourceError> {
+            let next = self.events.lock().unwrap().pop();
+            match next {
+                Some(event) => Ok(Some(event)),
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeBus {
+        published: Mutex<Vec<Outgoing>>,
+        failing: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Bus for FakeBus {
+        async fn publish(&self, batch: &[Outgoing]) -> Result<(), BusError> {
+            if self.failing.load(Relaxed) {
+                return Err(BusError::Unavailable("down".into()));
+            }
+            self.published.lock().unwrap().extend_from_slice(batch);
+            Ok(())
+        }
+        async fn subscribe(&self, _: &Arc<str>) -> Result<(), BusError> {
+            Ok(())
+        }
+        async fn unsubscribe(&self, _: &Arc<str>) -> Result<(), BusError> {
+            Ok(())
+        }
+        async fn catch_up(
+            &self,
+            _: &Arc<str>,
+            _: Option<&Position>,
+            _: usize,
+        ) -> Result<Catchup, BusError> {
+            Err(BusError::Closed)
+        }
+    }
+
+    struct Harness {
+        acked: Arc<Mutex<Vec<String>>>,
+        bus: Arc<FakeBus>,
+        clock: FakeRelativeClock,
+        stop: CancellationToken,
+        run: JoinHandle<Result<Ended, DriverError>>,
+    }
+
+    /// One user (`ann`, the only member of `s`) limited to 1 message/s, burst 1.
+    fn start(ids: &[&str], grace: Duration) -> Harness {
+        let membership = r#"{"users":[{"id":"ann"}],"spaces":[{"id":"s","members":[{"user":"ann","role":"viewer"}]}]}"#;
+        let directory: Directory = serde_json::from_str(membership).unwrap();
+        let resolver = Arc::new(FixtureResolver::new(&directory));
+        let (source, acked) = FakeSource::new(ids);
+        assert!(Arc::ptr_eq(&source.acked, &acked));
+        let bus = Arc::new(FakeBus::default());
+        let clock = FakeRelativeClock::default();
+        let config = ThrottleConfig {
+            rate: 1.0,
+            burst: 1,
+            max_backlog: 100,
+        };
+        let driver = Driver {
+            source,
+            pipeline: Arc::new(Pipeline::new(
+                Dedup::new(100, Duration::from_secs(60)),
+                resolver,
+            )),
+            buckets: Buckets::new(config, clock.clone()),
+            clock: clock.clone(),
+            bus: bus.clone(),
+            stats: Arc::new(PipelineStats::default()),
+            observer: None,
+            settings: Settings {
+                drain_grace: grace,
+                ..Settings::default()
+            },
+        };
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(driver.run(stop.clone()));
+        Harness {
+            acked,
+            bus,
+            clock,
+            stop,
+            run,
+        }
+    }
+
+    fn acked(h: &Harness) -> Vec<String> {
+        h.acked.lock().unwrap().clone()
+    }
+
+    fn published(h: &Harness) -> usize {
+        h.bus.published.lock().unwrap().len()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_events_are_acknowledged_only_once_their_release_was_published() {
+        let mut h = start(&["e1", "e2", "e3"], Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(published(&h), 1, "the burst: e1 alone");
+        assert_eq!(acked(&h), ["e1"], "e2 and e3 are held: not acknowledged");
+        // The bucket refills: the next flush sends e2 and e3 coalesced, then acknowledges them.
+        h.clock.advance(Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(published(&h), 2);
+        assert_eq!(acked(&h), ["e1", "e2", "e3"]);
+        h.stop.cancel();
+        assert_eq!((&mut h.run).await.unwrap().unwrap(), Ended::Stopped);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_publishes_what_is_held_then_acknowledges_it() {
+        let mut h = start(&["e1", "e2", "e3"], Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(acked(&h), ["e1"]);
+        h.stop.cancel();
+        assert_eq!((&mut h.run).await.unwrap().unwrap(), Ended::Stopped);
+        assert_eq!(published(&h), 2, "the held change went out at once");
+        assert_eq!(acked(&h), ["e1", "e2", "e3"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_final_publish_acknowledges_nothing_and_ends_within_the_grace() {
+        let mut h = start(&["e1", "e2", "e3"], Duration::from_secs(3));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(acked(&h), ["e1"]);
+        h.bus.failing.store(true, Relaxed);
+        let stopped = tokio::time::Instant::now();
+        h.stop.cancel();
+        assert_eq!((&mut h.run).await.unwrap().unwrap(), Ended::Stopped);
+        let took = stopped.elapsed();
+        assert!(
+            took >= Duration::from_secs(3) && took < Duration::from_secs(4),
+            "kept trying for the grace, then gave up: {took:?}"
+        );
+        assert_eq!(acked(&h), ["e1"], "the held events stay unacknowledged");
+        assert_eq!(published(&h), 1);
+    }
+}
