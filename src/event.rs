@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::membership::Role;
 use crate::path::{PathError, SpacePath};
+use crate::role::Role;
 
 /// What happened, as named by the event's `type` attribute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -5,7 +5,7 @@
 //!
 //! - [`source`]: where raw events come from (fixture JSONL or Kafka), in lanes, each event with its
 //!   position and its acknowledgement.
-//! - [`event`] and [`path`]: the input contract, decoded and validated once.
+//! - [`event`], [`path`] and [`role`]: the input contract, decoded and validated once.
 //! - [`membership`]: who may see a space (resolver seam; a fixture file, or oCIS behind a cache).
 //! - [`notify`]: dedup, recipients, ancestor folder deltas, the per-user message, and the
 //!   throttle that rate-limits and coalesces per user.
@@ -28,5 +28,6 @@ pub mod http;
 pub mod membership;
 pub mod notify;
 pub mod path;
+pub mod role;
 pub mod source;
 pub mod telemetry;

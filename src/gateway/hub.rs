@@ -16,8 +16,7 @@ use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 
 use super::protocol::{Route, message_type_of, server_frame, write_server_frame};
-use super::session::{Frame, Push, SessionQueue};
-use super::wakeups::Wakeups;
+use super::session::{Frame, Push, SessionQueue, SessionWakeups};
 use crate::bus::{Bus, BusError, Delivery, DeliverySink, FeedEvents};
 
 /// Gateway counters, served at `/api/stats`.
@@ -40,7 +39,7 @@ pub struct Hub {
     subscription_order: tokio::sync::Mutex<()>,
     bus: Arc<dyn Bus>,
     queue_capacity: usize,
-    wakeups: Arc<Wakeups>,
+    wakeups: Arc<SessionWakeups>,
     pub stats: GatewayStats,
 }
 
@@ -72,7 +71,7 @@ impl Hub {
             subscription_order: tokio::sync::Mutex::new(()),
             bus,
             queue_capacity,
-            wakeups: Wakeups::start(),
+            wakeups: SessionWakeups::start(),
             stats: GatewayStats::default(),
         })
     }

@@ -21,7 +21,10 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::protocol::{FrameError, Route};
-use super::wakeups::Wakeups;
+use super::wakeups::{Wake, Wakeups};
+
+/// The hub's wake-ups, batched per burst of arrivals.
+pub type SessionWakeups = Wakeups<SessionQueue>;
 use crate::path::{SpacePath, is_within};
 
 /// One delivered message, shared by every connection of its user.
@@ -130,19 +133,12 @@ impl SessionQueue {
 
     /// Queues `frames`, or evicts the session if they do not fit. The wake-up is left to
     /// `wakeups`, at the end of the batch being delivered; an eviction wakes the session at once.
-    pub fn push(self: &Arc<Self>, frames: &[Arc<Frame>], wakeups: &Wakeups) -> Push {
+    pub fn push(self: &Arc<Self>, frames: &[Arc<Frame>], wakeups: &SessionWakeups) -> Push {
         let pushed = self.enqueue(frames);
         if pushed == Push::Queued && !self.marked.swap(true, Ordering::AcqRel) {
             wakeups.mark(self);
         }
         pushed
-    }
-
-    /// Wakes the session for what was queued; clears the mark first, so a frame queued during
-    /// the wake-up marks the session again rather than being left unannounced.
-    pub fn wake(&self) {
-        self.marked.store(false, Ordering::Release);
-        self.notify.notify_one();
     }
 
     fn enqueue(&self, frames: &[Arc<Frame>]) -> Push {
@@ -296,7 +292,7 @@ mod tests {
         ))
     }
 
-    fn push(q: &Arc<SessionQueue>, frame: Arc<Frame>, wakeups: &Wakeups) -> Push {
+    fn push(q: &Arc<SessionQueue>, frame: Arc<Frame>, wakeups: &SessionWakeups) -> Push {
         q.push(&[frame], wakeups)
     }
 
@@ -415,5 +411,75 @@ mod tests {
                 .code,
             "too-many-watches"
         );
+    }
+}
+
+impl Wake for SessionQueue {
+    /// Wakes the session for what was queued; clears the mark first, so a frame queued during
+    /// the wake-up marks the session again rather than being left unannounced.
+    fn wake(&self) {
+        self.marked.store(false, Ordering::Release);
+        self.notify.notify_one();
+    }
+}
+
+/// Sessions woken through [`Wakeups`]: one wake-up per burst.
+#[cfg(test)]
+mod wakeup_tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use axum::extract::ws::Utf8Bytes;
+
+    fn frame() -> Arc<Frame> {
+        Arc::new(Frame::new(
+            Utf8Bytes::from_static("1"),
+            "x".into(),
+            bytes::Bytes::new(),
+            Utf8Bytes::from_static("{}"),
+            None,
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_batch_reaches_its_session_in_one_wake_up() {
+        let wakeups = Wakeups::start();
+        let queue = Arc::new(SessionQueue::new(32));
+        // Queued from one task without yielding, as the Redis reader does.
+        for _ in 0..8 {
+            assert_eq!(queue.push(&[frame()], &wakeups), Push::Queued);
+        }
+        let two = [frame(), frame()];
+        for _ in 0..4 {
+            assert_eq!(queue.push(&two, &wakeups), Push::Queued);
+        }
+        let mut out = Vec::new();
+        assert_eq!(queue.next_batch(&mut out).await, Next::Frames);
+        assert_eq!(out.len(), 16, "the whole burst in one batch");
+        // A later frame wakes the session again.
+        assert_eq!(queue.push(&[frame()], &wakeups), Push::Queued);
+        out.clear();
+        let next = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            queue.next_batch(&mut out),
+        );
+        assert_eq!(
+            next.await.ok(),
+            Some(Next::Frames),
+            "woken for the later frame"
+        );
+        assert_eq!(out.len(), 1);
+        wakeups.close();
+    }
+
+    #[test]
+    fn without_a_runtime_frames_wake_at_once() {
+        let wakeups = Wakeups::start();
+        let queue = Arc::new(SessionQueue::new(4));
+        assert_eq!(queue.push(&[frame()], &wakeups), Push::Queued);
+        let mut out = Vec::new();
+        let ready = futures_util::FutureExt::now_or_never(queue.next_batch(&mut out));
+        assert_eq!(ready, Some(Next::Frames));
+        assert_eq!(out.len(), 1);
     }
 }

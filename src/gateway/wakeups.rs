@@ -17,17 +17,20 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use super::session::SessionQueue;
+/// What can be woken: a session's queue. A trait, so this module does not depend on sessions.
+pub trait Wake: Send + Sync + 'static {
+    fn wake(&self);
+}
 
-pub struct Wakeups {
-    marked: Mutex<Vec<Arc<SessionQueue>>>,
+pub struct Wakeups<T: Wake> {
+    marked: Mutex<Vec<Arc<T>>>,
     bell: Notify,
     closed: AtomicBool,
     /// Without a runtime to run the waker (unit tests of the hub), sessions are woken at once.
     immediate: bool,
 }
 
-impl Wakeups {
+impl<T: Wake> Wakeups<T> {
     /// Starts the waker task on the current runtime; outside one, wakes immediately.
     pub fn start() -> Arc<Self> {
         let handle = tokio::runtime::Handle::try_current().ok();
@@ -45,7 +48,7 @@ impl Wakeups {
 
     /// Wakes `queue`'s session at the end of the current batch. The caller has just queued a
     /// frame and found the session not yet marked.
-    pub fn mark(&self, queue: &Arc<SessionQueue>) {
+    pub fn mark(&self, queue: &Arc<T>) {
         if self.immediate {
             queue.wake();
             return;
@@ -88,64 +91,5 @@ impl Wakeups {
                 queue.wake();
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::gateway::session::{Frame, Next, Push};
-    use axum::extract::ws::Utf8Bytes;
-
-    fn frame() -> Arc<Frame> {
-        Arc::new(Frame::new(
-            Utf8Bytes::from_static("1"),
-            "x".into(),
-            bytes::Bytes::new(),
-            Utf8Bytes::from_static("{}"),
-            None,
-        ))
-    }
-
-    #[tokio::test]
-    async fn a_batch_reaches_its_session_in_one_wake_up() {
-        let wakeups = Wakeups::start();
-        let queue = Arc::new(SessionQueue::new(32));
-        // Queued from one task without yielding, as the Redis reader does.
-        for _ in 0..8 {
-            assert_eq!(queue.push(&[frame()], &wakeups), Push::Queued);
-        }
-        let two = [frame(), frame()];
-        for _ in 0..4 {
-            assert_eq!(queue.push(&two, &wakeups), Push::Queued);
-        }
-        let mut out = Vec::new();
-        assert_eq!(queue.next_batch(&mut out).await, Next::Frames);
-        assert_eq!(out.len(), 16, "the whole burst in one batch");
-        // A later frame wakes the session again.
-        assert_eq!(queue.push(&[frame()], &wakeups), Push::Queued);
-        out.clear();
-        let next = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            queue.next_batch(&mut out),
-        );
-        assert_eq!(
-            next.await.ok(),
-            Some(Next::Frames),
-            "woken for the later frame"
-        );
-        assert_eq!(out.len(), 1);
-        wakeups.close();
-    }
-
-    #[test]
-    fn without_a_runtime_frames_wake_at_once() {
-        let wakeups = Wakeups::start();
-        let queue = Arc::new(SessionQueue::new(4));
-        assert_eq!(queue.push(&[frame()], &wakeups), Push::Queued);
-        let mut out = Vec::new();
-        let ready = futures_util::FutureExt::now_or_never(queue.next_batch(&mut out));
-        assert_eq!(ready, Some(Next::Frames));
-        assert_eq!(out.len(), 1);
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use reqwest::header::HeaderValue;
 use serde::Deserialize;
 
-use super::graph::GraphError;
+use super::error::GraphError;
 
 /// A secret string: `Debug` and `Display` show `[redacted]`.
 #[derive(Clone, PartialEq, Eq)]

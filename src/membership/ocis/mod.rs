@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod credentials;
+pub mod error;
 pub mod graph;
 pub mod roles;
 
