@@ -311,32 +311,72 @@ async fn sigterm(child: &mut Child) {
     );
 }
 
+/// A scenario's events produced to a fresh topic, a gateway, and one watching client per user.
+struct Run {
+    _dir: tempfile::TempDir,
+    s: Scenario,
+    total: usize,
+    redis: Redis,
+    _server: Server,
+    progress: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<(String, Vec<Seen>)>>,
+    t: Topic,
+}
+
+impl Run {
+    async fn begin(redis: Redis) -> Run {
+        let dir = tempfile::tempdir().unwrap();
+        let s = scenario(dir.path());
+        let total = progress_total(&s);
+        let server = gateway(&redis, &["--send-queue", "100000"]).await;
+        let progress = Arc::new(AtomicUsize::new(0));
+        let tasks = watch(&server, &s, &progress).await;
+        let t = topic();
+        produce(&t, &s.events).await;
+        Run {
+            _dir: dir,
+            s,
+            total,
+            redis,
+            _server: server,
+            progress,
+            tasks,
+            t,
+        }
+    }
+
+    fn consumer(&self, shaping: &[&str]) -> Child {
+        start(&self.t, &self.s, &self.redis, shaping)
+    }
+
+    /// Waits until clients received `share` of everything they will.
+    async fn until(&self, share: f64) {
+        until(&self.progress, self.total, share).await;
+    }
+
+    /// Waits for every client to finish, then checks what each saw.
+    async fn check(self) {
+        let results = futures_util::future::join_all(self.tasks)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        check(&self.s, results);
+    }
+}
+
 /// SIGKILL at a quarter of the stream, SIGTERM at 60 %, a third consumer finishes.
 async fn killed_then_stopped(redis: Redis, shaping: &[&str]) {
-    let dir = tempfile::tempdir().unwrap();
-    let s = scenario(dir.path());
-    let total = progress_total(&s);
-    let server = gateway(&redis, &["--send-queue", "100000"]).await;
-    let progress = Arc::new(AtomicUsize::new(0));
-    let tasks = watch(&server, &s, &progress).await;
-    let t = topic();
-    produce(&t, &s.events).await;
-
-    let mut first = start(&t, &s, &redis, shaping);
-    until(&progress, total, 0.25).await;
+    let run = Run::begin(redis).await;
+    let mut first = run.consumer(shaping);
+    run.until(0.25).await;
     first.start_kill().unwrap(); // SIGKILL: nothing committed, nothing flushed
     let _ = first.wait().await;
-    let mut second = start(&t, &s, &redis, shaping);
-    until(&progress, total, 0.6).await;
+    let mut second = run.consumer(shaping);
+    run.until(0.6).await;
     sigterm(&mut second).await;
-    let mut third = start(&t, &s, &redis, shaping);
-
-    let results = futures_util::future::join_all(tasks)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-    check(&s, results);
+    let mut third = run.consumer(shaping);
+    run.check().await;
     let _ = third.kill().await;
 }
 
@@ -375,24 +415,11 @@ async fn killed_and_stopped_consumers_deliver_each_event_once_defaults_cluster()
 /// flight and messages held by the limiter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_under_the_rate_limit_delivers_each_event_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = scenario(dir.path());
-    let total = progress_total(&s);
-    let redis = Redis::Standalone(redis_url());
-    let server = gateway(&redis, &["--send-queue", "100000"]).await;
-    let progress = Arc::new(AtomicUsize::new(0));
-    let tasks = watch(&server, &s, &progress).await;
-    let t = topic();
-    produce(&t, &s.events).await;
-    let mut a = start(&t, &s, &redis, LIMITED);
-    until(&progress, total, 0.2).await;
-    let mut b = start(&t, &s, &redis, LIMITED);
-    let results = futures_util::future::join_all(tasks)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-    check(&s, results);
+    let run = Run::begin(Redis::Standalone(redis_url())).await;
+    let mut a = run.consumer(LIMITED);
+    run.until(0.2).await;
+    let mut b = run.consumer(LIMITED);
+    run.check().await;
     let _ = a.kill().await;
     let _ = b.kill().await;
 }
