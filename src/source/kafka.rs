@@ -478,3 +478,50 @@ impl KafkaProducer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn committed(tracker: &CommitTracker) -> Vec<(i32, i64)> {
+        let mut at: Vec<(i32, i64)> = tracker
+            .committable()
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect();
+        at.sort();
+        at
+    }
+
+    /// Acknowledgements come out of order (a held event completes after later ones): the commit
+    /// never passes the oldest event still in flight.
+    #[test]
+    fn commits_stay_below_the_oldest_event_in_flight() {
+        let tracker = CommitTracker::new("t", 1000);
+        for offset in 10..13 {
+            tracker.read(0, offset);
+        }
+        tracker.read(1, 5);
+        tracker.acknowledged(0, 11);
+        tracker.acknowledged(0, 12);
+        assert_eq!(committed(&tracker), [(0, 10), (1, 5)], "10 is still held");
+        tracker.acknowledged(0, 10);
+        tracker.acknowledged(1, 5);
+        assert_eq!(committed(&tracker), [(0, 13), (1, 6)], "past the last read");
+        let mut revoked = TopicPartitionList::new();
+        revoked.add_partition("t", 1);
+        tracker.forget(&revoked);
+        tracker.acknowledged(1, 7); // a late ack of a revoked partition is ignored
+        assert_eq!(committed(&tracker), [(0, 13)]);
+    }
+
+    #[test]
+    fn a_position_names_its_partition_and_offset() {
+        assert_eq!(position_numbers("events/2@41"), ("2", "41"));
+        assert_eq!(position_numbers("a/b/0@7"), ("0", "7"));
+    }
+}
