@@ -465,7 +465,7 @@ pub struct GatewayArgs {
     )]
     pub listen: SocketAddr,
 
-    /// HS256 secret that signs client tokens (`sub` = user id). Without it a random one is made and printed.
+    /// HS256 secret that signs client tokens (`sub` = user id), at least 32 bytes (`openssl rand -hex 32`). Without it a random one is made and printed.
     #[arg(
         long,
         env = "FOLDERCAST_JWT_SECRET",

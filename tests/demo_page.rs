@@ -27,7 +27,7 @@ async fn demo_page_shows_live_updates() {
         "--listen",
         "127.0.0.1:0",
         "--jwt-secret",
-        "demo-secret",
+        "demo-secret-of-at-least-thirty-two-bytes",
         "--rate",
         "15",
     ]

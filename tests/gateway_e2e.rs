@@ -223,15 +223,18 @@ async fn authentication_failures_are_refused_clearly() {
             assert!(frames[1].is_none(), "then the connection closes");
         }
     };
-    let bad = foldercast::gateway::auth::Authenticator::hs256(b"wrong")
-        .mint("alice", Duration::from_secs(60))
-        .unwrap();
+    let bad =
+        foldercast::gateway::auth::Authenticator::hs256(b"a-wrong-secret-of-thirty-two-bytes")
+            .unwrap()
+            .mint("alice", Duration::from_secs(60))
+            .unwrap();
 
     let mut ws = connect(&server.ws_url("/ws"), Some(&bad)).await;
     let frames = vec![next_json(&mut ws).await, next_json(&mut ws).await];
     expect_error_and_close("invalid-token").await(frames);
 
     let expired = foldercast::gateway::auth::Authenticator::hs256(common::SECRET.as_bytes())
+        .unwrap()
         .mint("alice", Duration::ZERO)
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -500,7 +503,7 @@ async fn a_client_that_does_not_read_is_evicted_and_others_are_unharmed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiring_tokens_close_the_connection_unless_refreshed() {
     let server = Server::start(&[]).await;
-    let auth = foldercast::gateway::auth::Authenticator::hs256(common::SECRET.as_bytes());
+    let auth = foldercast::gateway::auth::Authenticator::hs256(common::SECRET.as_bytes()).unwrap();
     let short = auth.mint("alice", Duration::from_secs(2)).unwrap();
     let mut expiring = connect(&server.ws_url("/ws"), Some(&short)).await;
     ready(&mut expiring, "alice").await;

@@ -114,10 +114,19 @@ async fn bind_and_announce(g: &GatewayArgs) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
-/// The HS256 secret from the flag, the file, or (announced on stdout) a random one.
+/// The HS256 secret from the flag, the file, or (announced on stdout) a random one. Its length
+/// is checked by [`Authenticator::hs256`](crate::gateway::auth::Authenticator::hs256).
 fn jwt_secret(g: &GatewayArgs) -> anyhow::Result<Arc<[u8]>> {
     if let Some(secret) = &g.jwt_secret {
         return Ok(Arc::from(secret.as_bytes()));
+    }
+    // Set but empty is a mistake (a template that was not filled in), not a request for a
+    // random secret: refuse it like any other short secret.
+    if g.jwt_secret_file.is_none() && std::env::var_os("FOLDERCAST_JWT_SECRET").is_some() {
+        anyhow::bail!(
+            "FOLDERCAST_JWT_SECRET is set but empty; give a secret of at least {} bytes or unset it",
+            crate::gateway::auth::MIN_SECRET_BYTES
+        );
     }
     if let Some(path) = &g.jwt_secret_file {
         let text = std::fs::read_to_string(path)
@@ -130,7 +139,7 @@ fn jwt_secret(g: &GatewayArgs) -> anyhow::Result<Arc<[u8]>> {
         );
         return Ok(Arc::from(secret.as_bytes()));
     }
-    let mut bytes = [0u8; 24];
+    let mut bytes = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     println!("foldercast: no --jwt-secret given; generated one for this run: {secret}");

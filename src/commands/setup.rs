@@ -151,7 +151,7 @@ fn secret_source(file: Option<&Path>, env: &str) -> Option<SecretSource> {
 /// otherwise HS256 with the shared secret.
 pub async fn authenticator(g: &GatewayArgs, o: &OidcArgs) -> anyhow::Result<Arc<Authenticator>> {
     let Some(issuer) = &o.oidc_issuer else {
-        return Ok(Arc::new(Authenticator::hs256(&super::jwt_secret(g)?)));
+        return Ok(Arc::new(Authenticator::hs256(&super::jwt_secret(g)?)?));
     };
     anyhow::ensure!(
         g.jwt_secret.is_none() && g.jwt_secret_file.is_none(),

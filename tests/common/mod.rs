@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 
-pub const SECRET: &str = "test-secret";
+pub const SECRET: &str = "test-secret-of-at-least-thirty-two-bytes";
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -32,6 +32,7 @@ pub fn demo_membership() -> PathBuf {
 
 pub fn token(user: &str) -> String {
     foldercast::gateway::auth::Authenticator::hs256(SECRET.as_bytes())
+        .expect("secret")
         .mint(user, Duration::from_secs(3600))
         .expect("mint")
 }

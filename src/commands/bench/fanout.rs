@@ -33,7 +33,7 @@ use crate::bus::{Bus, Outgoing, RedisBus, RedisOptions, RedisTarget};
 use crate::config::BenchFanoutArgs;
 use crate::gateway::auth::Authenticator;
 
-const SECRET: &str = "bench-fanout-secret";
+const SECRET: &str = "bench-fanout-secret-of-at-least-32-bytes";
 const PAYLOAD_BYTES: usize = 300;
 
 struct Clients {
@@ -325,7 +325,7 @@ async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
         .spawn()?;
     let addr = listening_addr(&mut gateway).await?;
     let pid = gateway.id().context("no pid")?;
-    let auth = Authenticator::hs256(SECRET.as_bytes());
+    let auth = Authenticator::hs256(SECRET.as_bytes())?;
     let run_id = now_ns();
     let users: Vec<Arc<str>> = (0..n)
         .map(|i| Arc::from(format!("fan-{run_id}-{i}")))

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::config::BenchIdleArgs;
 use crate::gateway::auth::Authenticator;
 
-const SECRET: &str = "bench-idle-secret";
+const SECRET: &str = "bench-idle-secret-of-at-least-32-bytes";
 const SETTLE: Duration = Duration::from_secs(10);
 
 pub fn run(args: BenchIdleArgs) -> anyhow::Result<ExitCode> {
@@ -116,7 +116,7 @@ async fn measure(
         .with_context(|| format!("cannot start {}", exe.display()))?;
     let addr = listening_addr(&mut child).await?;
     let pid = child.id().context("child has no pid")?;
-    let auth = Authenticator::hs256(SECRET.as_bytes());
+    let auth = Authenticator::hs256(SECRET.as_bytes())?;
     let tokens: Vec<String> = (0..args.users.max(1))
         .map(|u| auth.mint(&format!("user-{u}"), Duration::from_secs(3600)))
         .collect::<Result<_, _>>()?;

@@ -24,7 +24,7 @@ use crate::bus::{Bus, Outgoing, RedisBus, RedisOptions, RedisTarget};
 use crate::config::BenchStormArgs;
 use crate::gateway::auth::Authenticator;
 
-const SECRET: &str = "bench-storm-secret";
+const SECRET: &str = "bench-storm-secret-of-at-least-32-bytes";
 
 pub fn run(args: BenchStormArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -92,7 +92,7 @@ async fn run_async(args: BenchStormArgs) -> anyhow::Result<ExitCode> {
         l.local_addr()?.port()
     };
     let listen = format!("127.0.0.1:{port}");
-    let auth = Authenticator::hs256(SECRET.as_bytes());
+    let auth = Authenticator::hs256(SECRET.as_bytes())?;
     let run = rand::random::<u32>();
     let users: Vec<Arc<str>> = (0..n)
         .map(|i| Arc::from(format!("storm-{run}-{i}")))

@@ -11,7 +11,7 @@
 pub mod oidc;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use moka::sync::Cache;
@@ -65,7 +65,21 @@ impl AuthError {
 struct Claims {
     sub: String,
     exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<u64>,
 }
+
+/// The shortest HS256 secret accepted: RFC 7518 §3.2 requires a key at least as long as the
+/// hash (256 bits). A shorter one can be guessed, and whoever guesses it signs tokens for any user.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// An HS256 secret refused at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the HS256 secret is {0} bytes; at least {MIN_SECRET_BYTES} are required (RFC 7518 §3.2), \
+     for example `openssl rand -hex 32`"
+)]
+pub struct WeakSecret(pub usize);
 
 /// Verifies the tokens clients present: HS256 with a shared secret (the embedded default and
 /// tests), or the OIDC issuer's signed tokens ([`oidc`]).
@@ -83,17 +97,24 @@ enum Verifier {
 }
 
 impl Authenticator {
-    pub fn hs256(secret: &[u8]) -> Self {
+    /// A verifier (and minter) of HS256 tokens; refuses secrets shorter than
+    /// [`MIN_SECRET_BYTES`].
+    pub fn hs256(secret: &[u8]) -> Result<Self, WeakSecret> {
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(WeakSecret(secret.len()));
+        }
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
+        // `nbf` is optional, but when a token carries one it must be honoured.
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
-        Authenticator {
+        Ok(Authenticator {
             verifier: Verifier::Shared {
                 decoding: DecodingKey::from_secret(secret),
                 encoding: EncodingKey::from_secret(secret),
                 validation,
             },
-        }
+        })
     }
 
     pub fn oidc(verifier: OidcVerifier) -> Self {
@@ -129,7 +150,8 @@ impl Authenticator {
         };
         let claims = Claims {
             sub: user.to_owned(),
-            exp: now_secs() + ttl.as_secs(),
+            exp: now_secs().saturating_add(ttl.as_secs()),
+            nbf: None,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, encoding)
             .map_err(|e| AuthError::Invalid(e.to_string()))
@@ -145,6 +167,7 @@ fn verify_shared(
         .kind()
     {
         ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::Invalid("token not yet valid (nbf)".into()),
         other => AuthError::Invalid(format!("{other:?}")),
     })?;
     if data.claims.sub.is_empty() {
@@ -158,7 +181,9 @@ fn verify_shared(
 
 /// Single-use connection tickets, each valid for a short time.
 pub struct TicketStore {
-    tickets: Cache<String, Identity>,
+    /// Each ticket with the moment it was issued: moka's `remove` still returns entries whose
+    /// time to live has passed but that were not evicted yet, so redeeming checks the age itself.
+    tickets: Cache<String, (Identity, Instant)>,
     ttl: Duration,
 }
 
@@ -181,13 +206,17 @@ impl TicketStore {
         let mut bytes = [0u8; 24];
         rand::rng().fill_bytes(&mut bytes);
         let ticket: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        self.tickets.insert(ticket.clone(), identity);
+        self.tickets
+            .insert(ticket.clone(), (identity, Instant::now()));
         ticket
     }
 
-    /// Takes the ticket: a second redemption fails.
+    /// Takes the ticket: a second redemption fails, and so does one after the ticket's lifetime.
     pub fn redeem(&self, ticket: &str) -> Result<Identity, AuthError> {
-        let identity = self.tickets.remove(ticket).ok_or(AuthError::BadTicket)?;
+        let (identity, issued) = self.tickets.remove(ticket).ok_or(AuthError::BadTicket)?;
+        if issued.elapsed() >= self.ttl {
+            return Err(AuthError::BadTicket);
+        }
         if identity.remaining() == Some(Duration::ZERO) {
             return Err(AuthError::Expired);
         }
@@ -217,10 +246,10 @@ mod tests {
 
     #[tokio::test]
     async fn verifies_and_refuses() {
-        let auth = Authenticator::hs256(b"secret");
+        let auth = Authenticator::hs256(SECRET).unwrap();
         let token = auth.mint("alice", Duration::from_secs(60)).unwrap();
         assert_eq!(&*auth.verify(&token).await.unwrap().user, "alice");
-        let other = Authenticator::hs256(b"other");
+        let other = Authenticator::hs256(b"another-secret-of-thirty-two-byte").unwrap();
         assert!(matches!(
             other.verify(&token).await,
             Err(AuthError::Invalid(_))
@@ -234,11 +263,49 @@ mod tests {
             &Claims {
                 sub: "alice".into(),
                 exp: now_secs() - 5,
+                nbf: None,
             },
-            &EncodingKey::from_secret(b"secret"),
+            &EncodingKey::from_secret(SECRET),
         )
         .unwrap();
         assert_eq!(auth.verify(&expired).await, Err(AuthError::Expired));
+    }
+
+    const SECRET: &[u8] = b"a-secret-of-at-least-thirty-two-bytes";
+
+    #[test]
+    fn short_secrets_are_refused() {
+        assert_eq!(Authenticator::hs256(b"").err(), Some(WeakSecret(0)));
+        assert_eq!(Authenticator::hs256(b"a").err(), Some(WeakSecret(1)));
+        assert_eq!(
+            Authenticator::hs256(&[b'x'; 31]).err(),
+            Some(WeakSecret(31))
+        );
+        assert!(Authenticator::hs256(&[b'x'; 32]).is_ok());
+    }
+
+    #[tokio::test]
+    async fn not_before_is_checked() {
+        let auth = Authenticator::hs256(SECRET).unwrap();
+        let sign = |nbf| {
+            let claims = Claims {
+                sub: "alice".into(),
+                exp: now_secs() + 600,
+                nbf: Some(nbf),
+            };
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(SECRET),
+            )
+            .unwrap()
+        };
+        let early = auth.verify(&sign(now_secs() + 300)).await;
+        assert_eq!(
+            early,
+            Err(AuthError::Invalid("token not yet valid (nbf)".into()))
+        );
+        assert!(auth.verify(&sign(now_secs() - 1)).await.is_ok());
     }
 
     #[test]
@@ -252,6 +319,17 @@ mod tests {
         assert_eq!(store.redeem(&t), Ok(id));
         assert_eq!(store.redeem(&t), Err(AuthError::BadTicket));
         assert_eq!(store.redeem("nope"), Err(AuthError::BadTicket));
+    }
+
+    #[test]
+    fn tickets_expire_even_before_eviction() {
+        let store = TicketStore::new(Duration::from_millis(50), 100);
+        let t = store.issue(Identity {
+            user: Arc::from("bob"),
+            expires_at: None,
+        });
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(store.redeem(&t), Err(AuthError::BadTicket));
     }
 
     #[test]
