@@ -129,6 +129,11 @@ pub struct GroupChange {
     pub user: String,
 }
 
+/// The largest size (and size change) an event may carry: 2^53-1 bytes (8 PiB). Beyond any
+/// file oCIS stores, and the largest integer a JavaScript client holds exactly; it also keeps
+/// sums of deltas far from `i64` overflow.
+pub const MAX_SIZE: u64 = (1 << 53) - 1;
+
 /// A change to a file or folder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ItemChange {
@@ -313,10 +318,22 @@ pub fn decode(bytes: &[u8]) -> Result<StorageEvent, Rejection> {
             None
         };
         let size = data.size.unwrap_or(0);
+        if size > MAX_SIZE {
+            return Err(Rejection::new(
+                "invalid-field",
+                format!("data.size {size} is above {MAX_SIZE} (2^53-1)"),
+            ));
+        }
         let size_delta = match data.size_delta {
+            Some(d) if d.unsigned_abs() > MAX_SIZE => {
+                return Err(Rejection::new(
+                    "invalid-field",
+                    format!("data.size_delta {d} is beyond ±{MAX_SIZE} (2^53-1)"),
+                ));
+            }
             Some(d) => d,
-            None => i64::try_from(size)
-                .map_err(|_| Rejection::new("invalid-field", "data.size is too large"))?,
+            // In range: size ≤ MAX_SIZE < i64::MAX.
+            None => size as i64,
         };
         EventBody::Item(ItemChange {
             path,
@@ -416,6 +433,14 @@ mod tests {
             ),
             (
                 r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file","size":"12"}}"#,
+                "invalid-field",
+            ),
+            (
+                r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file","size":9007199254740992}}"#,
+                "invalid-field",
+            ),
+            (
+                r#"{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{"space_id":"s","path":"/a","kind":"file","size":1,"size_delta":-9007199254740992}}"#,
                 "invalid-field",
             ),
             (

@@ -168,3 +168,103 @@ async fn tokens_not_yet_valid_are_refused() {
         "ready"
     );
 }
+
+/// `replay` over `lines` (JSONL) with `extra` flags: exit code, stdout, stderr.
+fn replay(lines: &str, extra: &[&str]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    std::fs::write(&events, lines).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["replay", "--print", "--events"])
+        .arg(&events)
+        .arg("--membership")
+        .arg(demo_membership())
+        .args(extra)
+        .env("FOLDERCAST_LOG", "warn")
+        .output()
+        .expect("run replay");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn upload(id: &str, time: &str, size: u64) -> String {
+    format!(
+        r#"{{"specversion":"1.0","id":"{id}","source":"t","type":"file-uploaded","time":"{time}","data":{{"space_id":"s-eng","path":"/projects/f-{id}","kind":"file","size":{size},"actor":"alice"}}}}"#
+    ) + "\n"
+}
+
+#[test]
+fn throttled_replay_survives_far_future_event_times() {
+    let lines = upload("now", "2026-11-22T10:00:00Z", 1)
+        + &upload("far", "2700-01-01T00:00:00Z", 2)
+        + &upload("farther", "9999-12-31T23:59:59Z", 3);
+    let (code, stdout, stderr) = replay(&lines, &["--throttle", "--strict"]);
+    assert_eq!(code, 0, "{stderr}");
+    for id in ["now", "far", "farther"] {
+        assert!(
+            stdout.contains(&format!("\"{id}\"")),
+            "{id} not delivered: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn sizes_beyond_2_pow_53_are_rejected_and_sums_never_wrap() {
+    // Two uploads of 2^62 used to sum to -2^63 in a coalesced message.
+    let big = 1u64 << 62;
+    let lines =
+        upload("b1", "2026-11-22T10:00:00Z", big) + &upload("b2", "2026-11-22T10:00:00Z", big);
+    let (code, stdout, stderr) = replay(&lines, &["--throttle", "--strict"]);
+    assert_eq!(code, 1, "rejections make --strict fail: {stderr}");
+    assert!(stdout.is_empty(), "nothing delivered: {stdout}");
+    assert!(stderr.contains("2^53-1"), "the reason is given: {stderr}");
+
+    // The largest accepted size, many times over, coalesced: deltas stay positive.
+    let max = (1u64 << 53) - 1;
+    let lines: String = (0..40)
+        .map(|i| upload(&format!("m{i}"), "2026-11-22T10:00:00Z", max))
+        .collect();
+    let (code, stdout, stderr) = replay(&lines, &["--throttle", "--user-burst", "2", "--strict"]);
+    assert_eq!(code, 0, "{stderr}");
+    let mut coalesced = 0;
+    for line in stdout.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        for f in v["message"]["folders"].as_array().into_iter().flatten() {
+            assert!(f["size_delta"].as_i64().unwrap() > 0, "wrapped: {line}");
+        }
+        coalesced += usize::from(v["message"]["type"] == "coalesced");
+    }
+    assert!(coalesced > 0, "the rate limit coalesced some: {stdout}");
+}
+
+#[tokio::test]
+async fn tokens_that_never_expire_keep_their_connection() {
+    let server = Server::start(&["--ws-ping-interval", "1s", "--sse-keepalive", "1s"]).await;
+    let forever = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "alice", "exp": u64::MAX}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut ws = connect(&server.ws_url("/ws"), Some(&forever)).await;
+    assert_eq!(
+        frame(&mut ws, Duration::from_secs(5)).await["type"],
+        "ready"
+    );
+    let mut sse = Sse::open(&server.url("/sse"), Some(&forever)).await;
+    assert_eq!(sse.status(), 200);
+    // Used to panic in the connection task ("overflow when adding duration to instant").
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    common::ws::send(&mut ws, json!({"type": "ping"})).await;
+    let pong = frame(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(pong["type"], "pong", "{pong}");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), sse.chunk())
+            .await
+            .is_ok_and(|c| c.is_ok_and(|c| c.is_some())),
+        "the SSE stream is alive"
+    );
+}

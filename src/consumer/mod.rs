@@ -55,8 +55,21 @@ impl LaneClock for DefaultClock {}
 #[derive(Clone, Default)]
 pub struct EventTimeClock {
     clock: FakeRelativeClock,
-    latest: Arc<Mutex<Option<i64>>>,
+    latest: Arc<Mutex<EventTime>>,
 }
+
+#[derive(Default)]
+struct EventTime {
+    /// The latest event time seen, in milliseconds.
+    millis: Option<i64>,
+    /// How far the clock has moved in total.
+    advanced: Duration,
+}
+
+/// How far event time may move a replay's clock in total. The limiter counts nanoseconds in a
+/// `u64` (584 years): a schema-valid event from the year 2700 after one from today would
+/// overflow it. Past this span the clock stops, which only makes the limiter stricter.
+pub const MAX_REPLAY_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 impl Clock for EventTimeClock {
     type Instant = <FakeRelativeClock as Clock>::Instant;
@@ -71,18 +84,19 @@ impl LaneClock for EventTimeClock {
         let Ok(mut latest) = self.latest.lock() else {
             return false;
         };
-        let step = match *latest {
-            Some(before) if millis > before => {
-                Some(Duration::from_millis((millis - before) as u64))
-            }
+        let step = match latest.millis {
+            Some(before) if millis > before => Duration::from_millis(millis.abs_diff(before))
+                .min(MAX_REPLAY_SPAN.saturating_sub(latest.advanced)),
             Some(_) => return false,
-            None => None,
+            None => Duration::ZERO,
         };
-        *latest = Some(millis);
-        if let Some(step) = step {
-            self.clock.advance(step);
+        latest.millis = Some(millis);
+        if step.is_zero() {
+            return false;
         }
-        step.is_some()
+        latest.advanced += step;
+        self.clock.advance(step);
+        true
     }
 }
 
@@ -332,6 +346,24 @@ mod tests {
     use crate::source::{Ack, RawEvent};
 
     impl LaneClock for FakeRelativeClock {}
+
+    #[test]
+    fn event_time_far_in_the_future_does_not_overflow_the_clock() {
+        let clock = EventTimeClock::default();
+        let year = 365 * 24 * 3600 * 1000_i64;
+        assert!(
+            !clock.observe(56 * year),
+            "the first event only sets the time"
+        );
+        assert!(clock.observe(730 * year), "year 2700");
+        assert!(!clock.observe(i64::MAX), "past the span the clock stops");
+        let limiter = governor::RateLimiter::direct_with_clock(
+            governor::Quota::per_second(std::num::NonZeroU32::MIN),
+            clock.clone(),
+        );
+        assert!(limiter.check().is_ok());
+        assert!(clock.now() > FakeRelativeClock::default().now());
+    }
 
     /// Events handed out once, then nothing more (a Kafka topic at its end); records acks.
     struct FakeSource {

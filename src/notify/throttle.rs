@@ -359,7 +359,9 @@ fn fold(space: &Arc<str>, parts: &[Prepared]) -> UserMessage {
         } in m.folders.iter().flatten()
         {
             let slot = folders.entry(path.clone()).or_insert((0, mtime.clone()));
-            slot.0 += size_delta;
+            // Each event's delta is bounded (`event::MAX_SIZE`), but a long coalesced run must
+            // still never wrap around into a wrong sign.
+            slot.0 = slot.0.saturating_add(*size_delta);
             slot.1 = mtime.clone();
         }
     }
@@ -424,6 +426,26 @@ mod tests {
         )
         .unwrap();
         (t, clock)
+    }
+
+    #[test]
+    fn summed_deltas_saturate_instead_of_wrapping() {
+        let huge = |id: &str| {
+            let mut m = UserMessage::from_event(
+                &decode(
+                    format!(r#"{{"id":"{id}","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{{"space_id":"s","path":"/a/f","kind":"file","size":1}}}}"#).as_bytes(),
+                )
+                .unwrap(),
+            );
+            for f in m.folders.iter_mut().flatten() {
+                f.size_delta = i64::MAX / 2 + 1;
+            }
+            Prepared::new(m)
+        };
+        let folded = fold(&Arc::from("s"), &[huge("e1"), huge("e2"), huge("e3")]);
+        for f in folded.folders.iter().flatten() {
+            assert_eq!(f.size_delta, i64::MAX, "{}", f.path);
+        }
     }
 
     #[test]

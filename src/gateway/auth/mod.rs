@@ -20,6 +20,10 @@ use serde::{Deserialize, Serialize};
 
 pub use oidc::{OidcError, OidcSettings, OidcVerifier};
 
+/// The longest a token is treated as valid from now: longer-lived tokens act as if they expired
+/// in ten years, which no connection lasts.
+pub const MAX_REMAINING: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// An authenticated user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -29,11 +33,13 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Time left before the token expires (zero if already expired).
+    /// Time left before the token expires (zero if already expired), at most
+    /// [`MAX_REMAINING`]: connections add it to the clock, and an `exp` of 2^64-1 would
+    /// overflow an `Instant`.
     pub fn remaining(&self) -> Option<Duration> {
         let exp = self.expires_at?;
         let now = now_secs();
-        Some(Duration::from_secs(exp.saturating_sub(now)))
+        Some(Duration::from_secs(exp.saturating_sub(now)).min(MAX_REMAINING))
     }
 }
 
@@ -306,6 +312,17 @@ mod tests {
             Err(AuthError::Invalid("token not yet valid (nbf)".into()))
         );
         assert!(auth.verify(&sign(now_secs() - 1)).await.is_ok());
+    }
+
+    #[test]
+    fn far_future_expiry_is_capped() {
+        let id = Identity {
+            user: Arc::from("bob"),
+            expires_at: Some(u64::MAX),
+        };
+        assert_eq!(id.remaining(), Some(MAX_REMAINING));
+        // Adding it to the clock must not overflow.
+        let _ = tokio::time::Instant::now() + MAX_REMAINING;
     }
 
     #[test]
