@@ -492,6 +492,18 @@ pub struct GatewayArgs {
     )]
     pub send_queue: usize,
 
+    /// The largest frame a WebSocket client may send (an `auth` frame carries the whole token,
+    /// and OIDC tokens with many groups run to several KB). A larger one gets a
+    /// `frame-too-large` error frame and a 1009 close.
+    #[arg(
+        long,
+        env = "FOLDERCAST_MAX_FRAME_BYTES",
+        default_value_t = 64 * 1024,
+        value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024),
+        value_name = "BYTES"
+    )]
+    pub max_frame_bytes: u32,
+
     /// Time a WebSocket client has to send its `auth` frame.
     #[arg(long, env = "FOLDERCAST_AUTH_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub auth_timeout: Duration,

@@ -268,3 +268,245 @@ async fn tokens_that_never_expire_keep_their_connection() {
         "the SSE stream is alive"
     );
 }
+
+/// A WebSocket client that writes raw frames, so it can break the protocol on purpose.
+mod raw {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    pub struct RawWs(pub TcpStream);
+
+    /// What the server sent: text frames, then the close code (if a close frame came).
+    #[derive(Debug, Default)]
+    pub struct Heard {
+        pub texts: Vec<String>,
+        pub close: Option<u16>,
+    }
+
+    impl RawWs {
+        pub async fn open(addr: &str, path_and_query: &str, bearer: Option<&str>) -> RawWs {
+            let mut tcp = TcpStream::connect(addr).await.expect("connect");
+            let auth = bearer
+                .map(|t| format!("Authorization: Bearer {t}\r\n"))
+                .unwrap_or_default();
+            let request = format!(
+                "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"
+            );
+            tcp.write_all(request.as_bytes()).await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                tcp.read_exact(&mut byte).await.expect("handshake");
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head);
+            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            RawWs(tcp)
+        }
+
+        /// Writes one masked frame: `first` is the FIN/RSV/opcode byte.
+        pub async fn frame(&mut self, first: u8, payload: &[u8]) {
+            let mut out = vec![first];
+            let mask = [1u8, 2, 3, 4];
+            match payload.len() {
+                n if n < 126 => out.push(0x80 | n as u8),
+                n if n < 65536 => {
+                    out.push(0x80 | 126);
+                    out.extend_from_slice(&(n as u16).to_be_bytes());
+                }
+                n => {
+                    out.push(0x80 | 127);
+                    out.extend_from_slice(&(n as u64).to_be_bytes());
+                }
+            }
+            out.extend_from_slice(&mask);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+            // The server may stop reading part-way (that is the point of some tests).
+            let _ = self.0.write_all(&out).await;
+        }
+
+        /// Reads frames until one is `ready`; false if none came within 5 s.
+        pub async fn hear_ready(&mut self) -> bool {
+            for _ in 0..5 {
+                let heard = self.hear_one(Duration::from_secs(5)).await;
+                if heard.is_some_and(|t| t.contains("\"ready\"")) {
+                    return true;
+                }
+            }
+            false
+        }
+
+        async fn hear_one(&mut self, wait: Duration) -> Option<String> {
+            let mut head = [0u8; 2];
+            tokio::time::timeout(wait, self.0.read_exact(&mut head))
+                .await
+                .ok()?
+                .ok()?;
+            let len = usize::from(head[1] & 0x7f);
+            assert!(len < 126, "short frames only before the test starts");
+            let mut payload = vec![0u8; len];
+            self.0.read_exact(&mut payload).await.ok()?;
+            Some(String::from_utf8_lossy(&payload).into_owned())
+        }
+
+        /// Reads server frames until a close frame, the end of the stream or `wait`.
+        pub async fn hear(&mut self, wait: Duration) -> Heard {
+            let mut heard = Heard::default();
+            let _ = tokio::time::timeout(wait, async {
+                loop {
+                    let mut head = [0u8; 2];
+                    if self.0.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let mut len = u64::from(head[1] & 0x7f);
+                    if len == 126 {
+                        let mut b = [0u8; 2];
+                        if self.0.read_exact(&mut b).await.is_err() {
+                            return;
+                        }
+                        len = u64::from(u16::from_be_bytes(b));
+                    } else if len == 127 {
+                        let mut b = [0u8; 8];
+                        if self.0.read_exact(&mut b).await.is_err() {
+                            return;
+                        }
+                        len = u64::from_be_bytes(b);
+                    }
+                    let mut payload = vec![0u8; len as usize];
+                    if self.0.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    match head[0] & 0x0f {
+                        0x1 => heard
+                            .texts
+                            .push(String::from_utf8_lossy(&payload).into_owned()),
+                        0x8 => {
+                            heard.close =
+                                payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
+            })
+            .await;
+            heard
+        }
+    }
+}
+
+#[tokio::test]
+async fn unreadable_frames_get_an_error_frame_and_a_close_code() {
+    let server = Server::start(&["--max-frame-bytes", "20000"]).await;
+    let alice = token("alice");
+    // (what the client sends, error code, close code), authenticated and not.
+    let cases: Vec<(&str, Vec<u8>, u8, &str, u16)> = vec![
+        (
+            "oversized",
+            vec![b' '; 30_000],
+            0x81,
+            "frame-too-large",
+            1009,
+        ),
+        (
+            "not UTF-8",
+            vec![b'"', 0xff, 0xfe, b'"'],
+            0x81,
+            "bad-frame",
+            1007,
+        ),
+        (
+            "reserved bits",
+            b"{}".to_vec(),
+            0x81 | 0x40,
+            "protocol-error",
+            1002,
+        ),
+        (
+            "unknown opcode",
+            b"{}".to_vec(),
+            0x83,
+            "protocol-error",
+            1002,
+        ),
+    ];
+    for (what, payload, first, code, close) in cases {
+        for bearer in [Some(alice.as_str()), None] {
+            let mut ws = raw::RawWs::open(&server.addr, "/ws", bearer).await;
+            if bearer.is_some() {
+                let ready = ws.hear_ready().await;
+                assert!(ready, "{what}: no ready frame");
+            }
+            ws.frame(first, &payload).await;
+            let heard = ws.hear(Duration::from_secs(5)).await;
+            let error = heard
+                .texts
+                .iter()
+                .map(|t| serde_json::from_str::<Value>(t).unwrap())
+                .find(|f| f["type"] == "error");
+            let error =
+                error.unwrap_or_else(|| panic!("{what} ({bearer:?}): no error frame: {heard:?}"));
+            assert_eq!(error["code"], code, "{what}: {error}");
+            assert_eq!(heard.close, Some(close), "{what}: {heard:?}");
+        }
+    }
+    // A frame just under the limit is read (and answered as a bad frame, not dropped).
+    let mut ws = raw::RawWs::open(&server.addr, "/ws", Some(&alice)).await;
+    assert!(ws.hear_ready().await);
+    let mut near = br#"{"type":"ping","pad":""#.to_vec();
+    near.resize(19_000, b'x');
+    near.extend_from_slice(br#""}"#);
+    ws.frame(0x81, &near).await;
+    ws.frame(0x81, br#"{"type":"ping"}"#).await;
+    let heard = ws.hear(Duration::from_millis(1500)).await;
+    assert!(heard.close.is_none(), "{heard:?}");
+    assert!(heard.texts.iter().any(|t| t.contains("pong")), "{heard:?}");
+}
+
+/// Sends `{"type":"ping"}` frames without ever reading, until the server drops the connection;
+/// returns how long that took (or `None` if it held on for `limit`).
+async fn ping_without_reading(
+    addr: &str,
+    bearer: Option<&str>,
+    limit: Duration,
+) -> Option<Duration> {
+    let mut ws = raw::RawWs::open(addr, "/ws", bearer).await;
+    let started = std::time::Instant::now();
+    let ping = {
+        let mut f = Vec::new();
+        let payload = br#"{"type":"ping"}"#;
+        let mask = [9u8, 8, 7, 6];
+        f.extend_from_slice(&[0x81, 0x80 | payload.len() as u8]);
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f.repeat(256)
+    };
+    let held = tokio::time::timeout(limit, async {
+        use tokio::io::AsyncWriteExt;
+        while ws.0.write_all(&ping).await.is_ok() {}
+    })
+    .await;
+    held.ok().map(|()| started.elapsed())
+}
+
+#[tokio::test]
+async fn clients_that_never_read_their_replies_are_timed_out() {
+    let server = Server::start(&["--write-timeout", "1s", "--auth-timeout", "2s"]).await;
+    // Authenticated: the pongs fill the socket, and the write timeout ends it.
+    let authed =
+        ping_without_reading(&server.addr, Some(&token("alice")), Duration::from_secs(30)).await;
+    assert!(
+        authed.is_some(),
+        "an authenticated non-reader held on for 30 s"
+    );
+    // Unauthenticated: the auth timeout holds whatever the client sends.
+    let anonymous = ping_without_reading(&server.addr, None, Duration::from_secs(30)).await;
+    assert!(
+        anonymous.is_some(),
+        "an unauthenticated non-reader held on for 30 s"
+    );
+    eprintln!("closed after {authed:?} (authenticated) and {anonymous:?} (not)");
+}

@@ -80,6 +80,7 @@ fn gateway_config(g: &GatewayArgs) -> GatewayConfig {
         ws_read_buffer: g.ws_read_buffer,
         ws_write_buffer: g.ws_write_buffer,
         ws_max_write_buffer: g.ws_max_write_buffer,
+        max_client_frame: g.max_frame_bytes as usize,
         ticket_ttl: g.ticket_ttl,
         token_grace: g.token_grace,
         ping_interval: g.ws_ping_interval,

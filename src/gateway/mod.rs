@@ -39,6 +39,7 @@ pub struct GatewayConfig {
     pub ws_read_buffer: usize,
     pub ws_write_buffer: usize,
     pub ws_max_write_buffer: usize,
+    /// The largest frame a client may send (`--max-frame-bytes`).
     pub max_client_frame: usize,
     pub ticket_ttl: Duration,
     /// After a WebSocket's token expires, how long it may send a fresh `auth` frame before it is
@@ -66,7 +67,7 @@ impl Default for GatewayConfig {
             ws_read_buffer: 512,
             ws_write_buffer: 8192,
             ws_max_write_buffer: 16 << 20,
-            max_client_frame: 16 * 1024,
+            max_client_frame: 64 * 1024,
             ticket_ttl: Duration::from_secs(30),
             token_grace: Duration::from_secs(2),
             ping_interval: Duration::from_secs(30),

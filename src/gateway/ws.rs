@@ -30,10 +30,14 @@ use super::protocol::{
 use super::resume::{self, Admit, Cursor, Resumed, Start};
 use super::session::{Frame, Next, Watches};
 
-/// Close codes: 1001 going away (no answer to pings), 1008 policy violation (auth), 1011 server
-/// error, 1013 try again later (evicted).
+/// Close codes (RFC 6455 §7.4.1): 1001 going away (no answer to pings), 1002 protocol error,
+/// 1007 invalid payload (not UTF-8), 1008 policy violation (auth), 1009 message too big, 1011
+/// server error, 1013 try again later (evicted).
 const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_PROTOCOL: u16 = 1002;
+const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 const CLOSE_POLICY: u16 = 1008;
+const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_ERROR: u16 = 1011;
 const CLOSE_TRY_LATER: u16 = 1013;
 
@@ -228,10 +232,14 @@ async fn session(
                     Some(Ok(Message::Text(text))) => text,
                     Some(Ok(Message::Binary(_))) => {
                         let err = FrameError::new("bad-frame", "frames must be JSON text");
-                        if send_text(&mut socket, err.to_frame()).await.is_err() { break }
+                        if send_within(&mut socket, err.to_frame(), write_timeout).await.is_err() { break }
                         continue;
                     }
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Err(e)) => {
+                        refuse_unreadable(&mut socket, &e, &identity.user, state.config.max_client_frame).await;
+                        break;
+                    }
+                    Some(Ok(Message::Close(_))) | None => break,
                     Some(Ok(_)) => continue, // ping/pong: answered by the library
                 };
                 let reply = match parse_client_frame(&text) {
@@ -274,8 +282,10 @@ async fn session(
                     },
                     Err(e) => Some(e.to_frame()),
                 };
+                // Replies (pongs, errors) are writes like any other: a client that sends but
+                // never reads must not hold the task past the write timeout.
                 if let Some(reply) = reply
-                    && send_text(&mut socket, reply).await.is_err()
+                    && send_within(&mut socket, reply, write_timeout).await.is_err()
                 {
                     break;
                 }
@@ -286,7 +296,7 @@ async fn session(
                     match Box::pin(resume::after_gap(&state.hub, &identity.user, &mut cursor, limit)).await {
                         Ok((told, mut replay)) => {
                             if let Some(told) = told
-                                && send_text(&mut socket, told.frame(0)).await.is_err()
+                                && send_within(&mut socket, told.frame(0), write_timeout).await.is_err()
                             {
                                 break;
                             }
@@ -332,10 +342,11 @@ async fn session(
                 let now = Instant::now();
                 if expiry.is_some_and(|at| now >= at) {
                     if expired {
-                        let _ = socket.send(Message::Close(Some(CloseFrame {
+                        let close = socket.send(Message::Close(Some(CloseFrame {
                             code: CLOSE_POLICY,
                             reason: Utf8Bytes::from(close_reason("token-expired", "no fresh auth frame in time")),
-                        }))).await;
+                        })));
+                        let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
                         break;
                     }
                     // Told, not yet dropped: a fresh auth frame within the grace keeps the
@@ -347,7 +358,7 @@ async fn session(
                         "the token expired; send a fresh auth frame within {}s or the connection closes",
                         grace.as_secs_f32()
                     );
-                    if send_text(&mut socket, error_frame("token-expired", &message)).await.is_err() {
+                    if send_within(&mut socket, error_frame("token-expired", &message), write_timeout).await.is_err() {
                         break;
                     }
                 }
@@ -388,7 +399,8 @@ async fn await_auth_frame(
     socket: &mut WebSocket,
     state: &AppState,
 ) -> Option<(Identity, Option<String>)> {
-    let deadline = sleep_until(Instant::now() + state.config.auth_timeout);
+    let until = Instant::now() + state.config.auth_timeout;
+    let deadline = sleep_until(until);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
@@ -399,7 +411,11 @@ async fn await_auth_frame(
             incoming = socket.recv() => {
                 let text = match incoming {
                     Some(Ok(Message::Text(text))) => text,
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+                    Some(Err(e)) => {
+                        refuse_unreadable(socket, &e, "(unauthenticated)", state.config.max_client_frame).await;
+                        return None;
+                    }
+                    Some(Ok(Message::Close(_))) | None => return None,
                     Some(Ok(_)) => continue,
                 };
                 let reply = match parse_client_frame(&text) {
@@ -415,7 +431,12 @@ async fn await_auth_frame(
                     Ok(_) => error_frame("unauthenticated", "send an auth frame first"),
                     Err(e) => e.to_frame(),
                 };
-                if send_text(socket, reply).await.is_err() {
+                // The auth timeout holds whatever the client sends: a reply it does not read
+                // cannot keep it past the deadline.
+                if !matches!(tokio::time::timeout_at(until, send_text(socket, reply)).await, Ok(Ok(()))) {
+                    if Instant::now() >= until {
+                        close_with(socket, "auth-timeout", "no auth frame in time", CLOSE_POLICY).await;
+                    }
                     return None;
                 }
             }
@@ -425,6 +446,78 @@ async fn await_auth_frame(
 
 async fn send_text(socket: &mut WebSocket, text: String) -> Result<(), axum::Error> {
     socket.send(Message::Text(Utf8Bytes::from(text))).await
+}
+
+/// Sends one frame within the write timeout; `Err` when it failed or timed out.
+async fn send_within(socket: &mut WebSocket, text: String, limit: Duration) -> Result<(), ()> {
+    match write_within(limit, send_text(socket, text)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// Why a client's frame could not be read, as the error code, the close code and a message
+/// for the client; `None` when the connection is simply gone (I/O error, reset).
+fn unreadable(error: &axum::Error, max_frame: usize) -> Option<(&'static str, u16, String)> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    use tokio_tungstenite::tungstenite::error::CapacityError;
+    let inner = error.source_ws()?;
+    match inner {
+        WsError::Capacity(CapacityError::MessageTooLong { size, .. }) => Some((
+            "frame-too-large",
+            CLOSE_TOO_BIG,
+            format!(
+                "a frame of {size} bytes is over the limit of {max_frame} bytes (--max-frame-bytes)"
+            ),
+        )),
+        WsError::Capacity(e) => Some(("frame-too-large", CLOSE_TOO_BIG, e.to_string())),
+        WsError::Utf8(_) => Some((
+            "bad-frame",
+            CLOSE_INVALID_PAYLOAD,
+            "a text frame that is not valid UTF-8".to_owned(),
+        )),
+        WsError::Protocol(e) => Some((
+            "protocol-error",
+            CLOSE_PROTOCOL,
+            format!("WebSocket protocol violation: {e}"),
+        )),
+        _ => None,
+    }
+}
+
+/// A frame that cannot be read ends the connection, but never silently: the client gets an
+/// error frame and the close code that names the reason (1009, 1007 or 1002).
+async fn refuse_unreadable(
+    socket: &mut WebSocket,
+    error: &axum::Error,
+    user: &str,
+    max_frame: usize,
+) {
+    match unreadable(error, max_frame) {
+        Some((code, close_code, message)) => {
+            tracing::info!(%user, %code, %message, "unreadable client frame; closing");
+            close_with(socket, code, &message, close_code).await;
+            // Linger a moment before dropping the socket: closing with unread input (the rest
+            // of an oversized frame) makes the kernel send a reset, which destroys the error
+            // and close frames in the client's receive buffer before it reads them. The
+            // stream cannot be parsed past the bad frame, so this waits rather than reads.
+            let linger = Instant::now() + Duration::from_millis(500);
+            while let Ok(Some(Ok(_))) = tokio::time::timeout_at(linger, socket.recv()).await {}
+            sleep_until(linger).await;
+        }
+        None => tracing::debug!(%user, error = %error, "connection lost"),
+    }
+}
+
+/// The WebSocket library's error inside axum's.
+trait SourceWs {
+    fn source_ws(&self) -> Option<&tokio_tungstenite::tungstenite::Error>;
+}
+
+impl SourceWs for axum::Error {
+    fn source_ws(&self) -> Option<&tokio_tungstenite::tungstenite::Error> {
+        std::error::Error::source(self)?.downcast_ref()
+    }
 }
 
 /// Sends the error frame and the close frame, giving up after a second: the client may be the
