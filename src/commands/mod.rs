@@ -87,7 +87,6 @@ fn gateway_config(g: &GatewayArgs) -> GatewayConfig {
         resume_max: g.resume_max,
         drain_spread: g.drain_spread,
         drain_grace: g.drain_grace,
-        ..GatewayConfig::default()
     }
 }
 
