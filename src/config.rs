@@ -47,6 +47,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start and moved into its command: the size of the largest variant costs
+// nothing, and boxing it would only obscure the clap derive.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run everything in one process on the embedded default: fixture events in a loop,
@@ -89,8 +92,14 @@ pub struct RunArgs {
     pub passes: u64,
 
     /// Disable the demo page and its token minting (`/`, `/api/demo/*`).
-    #[arg(long, env = "FOLDERCAST_NO_DEMO")]
+    #[arg(long, env = "FOLDERCAST_NO_DEMO", conflicts_with = "demo")]
     pub no_demo: bool,
+
+    /// Serve the demo page even with a configured `--jwt-secret`. The page mints tokens for
+    /// every fixture user with that secret, so without this flag a configured secret turns the
+    /// demo off (a generated one, the embedded default, keeps it on).
+    #[arg(long, env = "FOLDERCAST_DEMO")]
+    pub demo: bool,
 
     #[command(flatten)]
     pub shaping: ShapingArgs,
@@ -451,6 +460,17 @@ pub struct ShapingArgs {
     /// How long an event id is remembered for de-duplication (e.g. `1h`, `90s`).
     #[arg(long, env = "FOLDERCAST_DEDUP_TTL", default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
     pub dedup_ttl: Duration,
+
+    /// The largest event accepted, in bytes (one JSONL line or one Kafka message). A larger one
+    /// is rejected (`too-large`), counted and dead-lettered; a fixture line is not even read
+    /// into memory past this. Two 4,096-byte paths and the rest fit in far less than the default.
+    #[arg(
+        long,
+        env = "FOLDERCAST_MAX_EVENT_BYTES",
+        default_value_t = crate::event::DEFAULT_MAX_EVENT_BYTES,
+        value_name = "BYTES"
+    )]
+    pub max_event_bytes: usize,
 }
 
 /// The WebSocket/SSE gateway.
@@ -503,6 +523,55 @@ pub struct GatewayArgs {
         value_name = "BYTES"
     )]
     pub max_frame_bytes: u32,
+
+    /// A request's headers must arrive within this; it also closes keep-alive connections idle
+    /// for as long between requests (slow or silent clients would otherwise hold descriptors).
+    #[arg(long, env = "FOLDERCAST_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub header_timeout: Duration,
+
+    /// Open connections per user at most (tabs, devices); more get `too-many-connections`
+    /// (WebSocket close 1008, SSE 429). 0 = no limit.
+    #[arg(
+        long,
+        env = "FOLDERCAST_MAX_CONNECTIONS_PER_USER",
+        default_value_t = crate::gateway::hub::DEFAULT_MAX_CONNECTIONS_PER_USER,
+        value_name = "N"
+    )]
+    pub max_connections_per_user: usize,
+
+    /// Open connections at most; more are closed as they arrive. Default: the descriptor
+    /// limit (`ulimit -n`) less 256 kept for Redis, Kafka and oCIS.
+    #[arg(long, env = "FOLDERCAST_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Users (token `sub`) allowed the operator's routes, `/api/stats` today. Without any,
+    /// those routes answer 403 to everyone.
+    #[arg(
+        long,
+        env = "FOLDERCAST_ADMIN_USERS",
+        value_delimiter = ',',
+        value_name = "USER,…"
+    )]
+    pub admin_users: Vec<String>,
+
+    /// Connection tickets one user may obtain per second (bursts of twice that); more get 429.
+    #[arg(
+        long,
+        env = "FOLDERCAST_TICKETS_PER_SEC",
+        default_value_t = 5,
+        value_name = "N"
+    )]
+    pub tickets_per_sec: u32,
+
+    /// Frames per second a WebSocket client may send, in bursts of up to twice that; a client
+    /// over it gets a `rate-limited` error frame and a 1008 close. 0 = no limit.
+    #[arg(
+        long,
+        env = "FOLDERCAST_MAX_FRAMES_PER_SEC",
+        default_value_t = 50,
+        value_name = "N"
+    )]
+    pub max_frames_per_sec: u32,
 
     /// Time a WebSocket client has to send its `auth` frame.
     #[arg(long, env = "FOLDERCAST_AUTH_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]

@@ -129,6 +129,9 @@ pub struct GroupChange {
     pub user: String,
 }
 
+/// The default cap on an event's encoded size (`--max-event-bytes`): 64 KiB.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
+
 /// The largest size (and size change) an event may carry: 2^53-1 bytes (8 PiB). Beyond any
 /// file oCIS stores, and the largest integer a JavaScript client holds exactly; it also keeps
 /// sums of deltas far from `i64` overflow.
@@ -166,7 +169,7 @@ pub enum Member {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     /// Stable, countable category: `invalid-json`, `missing-field`, `invalid-field`,
-    /// `unknown-type`, `invalid-path`, `unsupported-specversion`, `unknown-space`,
+    /// `unknown-type`, `invalid-path`, `unsupported-specversion`, `unknown-space`, `too-large`,
     /// `space-refused` (the directory refuses to answer for the space).
     pub code: &'static str,
     pub reason: String,

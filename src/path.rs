@@ -9,15 +9,16 @@ use std::fmt;
 
 use serde::{Serialize, Serializer};
 
-/// Longest path accepted, in bytes (oCIS itself refuses longer ones).
-pub const MAX_PATH_BYTES: usize = 4096;
+/// Longest path accepted, in characters (Unicode scalar values), which is what the schemas'
+/// `maxLength` counts; at most 16 KiB of UTF-8.
+pub const MAX_PATH_CHARS: usize = 4096;
 
 /// Why a path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
     #[error("path must start with '/'")]
     NotAbsolute,
-    #[error("path is longer than {MAX_PATH_BYTES} bytes")]
+    #[error("path is longer than {MAX_PATH_CHARS} characters")]
     TooLong,
     #[error("path contains a NUL byte")]
     Nul,
@@ -39,7 +40,8 @@ impl SpacePath {
 
     /// Validates `raw` and drops one trailing `/`.
     pub fn parse(raw: &str) -> Result<Self, PathError> {
-        if raw.len() > MAX_PATH_BYTES {
+        // Bytes first: no need to count the characters of what is short in any encoding.
+        if raw.len() > MAX_PATH_CHARS && raw.chars().count() > MAX_PATH_CHARS {
             return Err(PathError::TooLong);
         }
         if !raw.starts_with('/') {
@@ -152,10 +154,15 @@ mod tests {
         assert_eq!(SpacePath::parse("/a/.."), Err(PathError::DotSegment));
         assert_eq!(SpacePath::parse("/."), Err(PathError::DotSegment));
         assert_eq!(SpacePath::parse("/a\0b"), Err(PathError::Nul));
-        let long = format!("/{}", "x".repeat(MAX_PATH_BYTES));
+        let long = format!("/{}", "x".repeat(MAX_PATH_CHARS));
         assert_eq!(SpacePath::parse(&long), Err(PathError::TooLong));
-        let limit = format!("/{}", "x".repeat(MAX_PATH_BYTES - 1));
+        let limit = format!("/{}", "x".repeat(MAX_PATH_CHARS - 1));
         assert!(SpacePath::parse(&limit).is_ok());
+        // Characters, as the schemas count: 4,095 three-byte characters are within the limit.
+        let wide = format!("/{}", "€".repeat(MAX_PATH_CHARS - 1));
+        assert!(SpacePath::parse(&wide).is_ok());
+        let too_wide = format!("/{}", "€".repeat(MAX_PATH_CHARS));
+        assert_eq!(SpacePath::parse(&too_wide), Err(PathError::TooLong));
     }
 
     #[test]

@@ -28,6 +28,7 @@ async fn demo_page_shows_live_updates() {
         "127.0.0.1:0",
         "--jwt-secret",
         "demo-secret-of-at-least-thirty-two-bytes",
+        "--demo",
         "--rate",
         "15",
     ]

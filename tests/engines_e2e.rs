@@ -9,7 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::pipeline::{
-    NO_LIMIT, Redis, collect, connect, consume, consume_with, gateway, next_frame, produce, topic,
+    NO_LIMIT, Redis, collect, connect, consume, consume_with, create_topic, gateway, next_frame,
+    produce, topic,
 };
 use common::{
     PrivateRedis, Server, demo_membership, kafka_brokers, redis_cluster_nodes, redis_url,
@@ -60,6 +61,7 @@ async fn kafka_to_clients(redis: Redis) {
     let mut sse_stream = sse.bytes_stream();
 
     let t = topic();
+    create_topic(&t).await;
     let mut consumer = consume(&t, &demo_membership(), &redis, None);
     produce(&t, &events).await;
 
@@ -339,6 +341,7 @@ async fn a_redis_restart_keeps_clients_connected() {
     assert_eq!(ready(&server).await, 200);
     let mut ws = connect(&server, "alice").await;
     let t = topic();
+    create_topic(&t).await;
     let mut consumer = consume(&t, &demo_membership(), &redis, None);
 
     let one = |id: &str| {
@@ -420,6 +423,7 @@ async fn malformed_events_go_to_the_dead_letter_topic_and_the_rest_is_delivered(
     let membership = root().join("fixtures/invalid/membership.json");
     let mut ann = connect(&server, "ann").await;
     let t = topic();
+    create_topic(&t).await;
     let mut consumer = consume(&t, &membership, &redis, None);
     produce(&t, &root().join("fixtures/invalid/events.jsonl")).await;
     let got = collect(&mut ann, 2, Duration::from_secs(30)).await;

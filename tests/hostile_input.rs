@@ -494,7 +494,16 @@ async fn ping_without_reading(
 
 #[tokio::test]
 async fn clients_that_never_read_their_replies_are_timed_out() {
-    let server = Server::start(&["--write-timeout", "1s", "--auth-timeout", "2s"]).await;
+    // No frame rate limit here: this is about writes, and the limit would end it first.
+    let server = Server::start(&[
+        "--write-timeout",
+        "1s",
+        "--auth-timeout",
+        "2s",
+        "--max-frames-per-sec",
+        "0",
+    ])
+    .await;
     // Authenticated: the pongs fill the socket, and the write timeout ends it.
     let authed =
         ping_without_reading(&server.addr, Some(&token("alice")), Duration::from_secs(30)).await;
@@ -509,4 +518,327 @@ async fn clients_that_never_read_their_replies_are_timed_out() {
         "an unauthenticated non-reader held on for 30 s"
     );
     eprintln!("closed after {authed:?} (authenticated) and {anonymous:?} (not)");
+}
+
+/// A TCP connection with a small receive buffer, so a client that does not read stalls the
+/// server's writes after little data.
+async fn small_buffer_tcp(addr: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(addr.parse().unwrap()).await.unwrap()
+}
+
+/// True once the server closed `tcp` (a read returns end of stream or an error) within `wait`.
+async fn closed_by_server(tcp: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(wait, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn slow_and_silent_http_clients_are_timed_out_and_capped() {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::start(&["--header-timeout", "1s", "--max-connections", "40"]).await;
+    // Silent clients, and one sending its headers a byte at a time.
+    let mut silent = Vec::new();
+    for _ in 0..30 {
+        silent.push(tokio::net::TcpStream::connect(&server.addr).await.unwrap());
+    }
+    let mut dribbling = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let dribble = tokio::spawn(async move {
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n" {
+            if dribbling.write_all(&[*byte]).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        false
+    });
+    // Past the cap, new connections are closed at once.
+    let mut over = Vec::new();
+    for _ in 0..15 {
+        over.push(tokio::net::TcpStream::connect(&server.addr).await.unwrap());
+    }
+    let mut closed_at_once = 0;
+    for tcp in &mut over {
+        closed_at_once += usize::from(closed_by_server(tcp, Duration::from_millis(500)).await);
+    }
+    assert!(
+        closed_at_once >= 5,
+        "{closed_at_once} of 15 over the cap closed"
+    );
+    // The header timeout frees every silent slot.
+    for tcp in &mut silent {
+        assert!(
+            closed_by_server(tcp, Duration::from_secs(5)).await,
+            "a silent client held on"
+        );
+    }
+    assert!(dribble.await.unwrap(), "a dribbling client held on");
+    let health = reqwest::get(server.url("/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let stats = server.stats().await;
+    assert!(
+        stats["refused_connections"].as_u64().unwrap() >= 5,
+        "{stats}"
+    );
+}
+
+#[tokio::test]
+async fn a_non_reading_sse_client_is_closed_by_the_write_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let mut server = Server::start(&["--send-queue", "8", "--write-timeout", "1s"]).await;
+    let mut tcp = small_buffer_tcp(&server.addr).await;
+    let request = format!(
+        "GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\n\r\n",
+        token("alice")
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while server.stats().await["connections"] != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the SSE client never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ~30 KB per message; paced, so the pipeline (a debug build here) never starves the
+    // connection's task, and the socket's buffers fill long before the queue would drain.
+    let deep: String = (0..30).map(|i| format!("/{}{i}", "d".repeat(30))).collect();
+    for round in 0..400 {
+        // Fewer per burst than the queue holds: only a stalled socket gets this client evicted.
+        let events: String = (0..4)
+            .map(|i| format!(r#"{{"id":"sse-{round}-{i}","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{{"space_id":"s-eng","path":"/projects{deep}/f{i}","kind":"file","size":1}}}}"#) + "\n")
+            .collect();
+        server.send_events(&events).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let stats = server.stats().await;
+        if stats["evicted"].as_u64().unwrap() >= 1 || stats["connections"] == 0 {
+            break;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = server.stats().await;
+        // Closed by the write timeout (whether or not the queue overflowed first).
+        if stats["connections"] == 0 {
+            assert!(stats["write_stalls"].as_u64().unwrap() >= 1, "{stats}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the evicted SSE client is still open: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn connection_limits_hold() {
+    let server = Server::start(&[
+        "--max-connections-per-user",
+        "3",
+        "--max-frames-per-sec",
+        "10",
+    ])
+    .await;
+    // A fourth connection of one user is refused, on both transports; other users are not.
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut ws = connect(&server.ws_url("/ws"), Some(&token("carol"))).await;
+        assert_eq!(
+            frame(&mut ws, Duration::from_secs(5)).await["type"],
+            "ready"
+        );
+        open.push(ws);
+    }
+    let mut fourth = connect(&server.ws_url("/ws"), Some(&token("carol"))).await;
+    let refused = frame(&mut fourth, Duration::from_secs(5)).await;
+    assert_eq!(refused["code"], "too-many-connections", "{refused}");
+    assert!(matches!(
+        next(&mut fourth, Duration::from_secs(5)).await,
+        Got::Closed(Some(1008))
+    ));
+    let sse = Sse::open(&server.url("/sse"), Some(&token("carol"))).await;
+    assert_eq!(sse.status(), 429);
+    let mut other = connect(&server.ws_url("/ws"), Some(&token("dave"))).await;
+    assert_eq!(
+        frame(&mut other, Duration::from_secs(5)).await["type"],
+        "ready"
+    );
+    // A closed connection frees its slot.
+    drop(open.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut again = connect(&server.ws_url("/ws"), Some(&token("carol"))).await;
+        if frame(&mut again, Duration::from_secs(5)).await["type"] == "ready" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Frames over the rate: an error frame, then 1008.
+    for _ in 0..100 {
+        common::ws::send(&mut other, json!({"type": "ping"})).await;
+    }
+    let mut codes = Vec::new();
+    loop {
+        match next(&mut other, Duration::from_secs(5)).await {
+            Got::Frame(f) => codes.push(
+                f["type"].as_str().unwrap_or("").to_owned()
+                    + ":"
+                    + f["code"].as_str().unwrap_or(""),
+            ),
+            Got::Closed(code) => {
+                assert_eq!(code, Some(1008), "{codes:?}");
+                break;
+            }
+            Got::TimedOut => panic!("still open after 100 frames at once: {codes:?}"),
+        }
+    }
+    assert_eq!(
+        codes.iter().filter(|c| c.starts_with("pong")).count(),
+        20,
+        "{codes:?}"
+    );
+    assert_eq!(codes.last().map(String::as_str), Some("error:rate-limited"));
+
+    // Watches are bounded: a huge space id gets an error frame, the connection stays.
+    let mut ws = connect(&server.ws_url("/ws"), Some(&token("dave"))).await;
+    assert_eq!(
+        frame(&mut ws, Duration::from_secs(5)).await["type"],
+        "ready"
+    );
+    common::ws::send(
+        &mut ws,
+        json!({"type": "watch", "space_id": "s".repeat(16_000), "path": "/"}),
+    )
+    .await;
+    assert_eq!(
+        frame(&mut ws, Duration::from_secs(5)).await["code"],
+        "bad-watch"
+    );
+    common::ws::send(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(frame(&mut ws, Duration::from_secs(5)).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn stats_need_an_admin_and_tickets_are_rate_limited() {
+    let server = Server::start(&[]).await;
+    let http = reqwest::Client::new();
+    let stats = |bearer: Option<String>| {
+        let mut request = http.get(server.url("/api/stats"));
+        if let Some(t) = bearer {
+            request = request.bearer_auth(t);
+        }
+        request.send()
+    };
+    assert_eq!(stats(None).await.unwrap().status(), 401);
+    assert_eq!(stats(Some(token("bob"))).await.unwrap().status(), 403);
+    assert_eq!(
+        stats(Some(token(common::ADMIN))).await.unwrap().status(),
+        200
+    );
+
+    // 5 per second, bursts of 10: one token cannot mint tickets without end.
+    let mut issued = 0;
+    let mut limited = 0;
+    for _ in 0..100 {
+        let r = http
+            .post(server.url("/api/tickets"))
+            .bearer_auth(token("bob"))
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            201 => issued += 1,
+            429 => limited += 1,
+            other => panic!("ticket answer {other}"),
+        }
+    }
+    assert!((10..=15).contains(&issued), "{issued} issued");
+    assert_eq!(issued + limited, 100);
+    let other = http
+        .post(server.url("/api/tickets"))
+        .bearer_auth(token("carol"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 201, "another user is not limited");
+}
+
+#[tokio::test]
+async fn a_configured_secret_keeps_the_demo_off_unless_asked() {
+    // `run` with a configured --jwt-secret: the demo must not mint tokens with it.
+    let membership = demo_membership().display().to_string();
+    let args = |extra: &[&str]| -> Vec<String> {
+        [
+            "run",
+            "--events",
+            "-",
+            "--listen",
+            "127.0.0.1:0",
+            "--jwt-secret",
+            SECRET,
+            "--membership",
+            &membership,
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let server = Server::spawn(&args(&[]), true).await;
+    for path in ["/", "/api/demo/users"] {
+        let status = reqwest::get(server.url(path)).await.unwrap().status();
+        assert_eq!(status, 404, "{path} served with a configured secret");
+    }
+    let minted = reqwest::Client::new()
+        .post(server.url("/api/demo/token"))
+        .json(&json!({"user": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(minted.status(), 404);
+    let asked = Server::spawn(&args(&["--demo"]), true).await;
+    assert_eq!(
+        reqwest::get(asked.url("/api/demo/users"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn oversized_events_are_rejected_with_a_reason_and_the_rest_is_delivered() {
+    let huge = format!(
+        r#"{{"specversion":"1.0","id":"huge","source":"t","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{{"space_id":"s-eng","path":"/projects/f","kind":"file","size":1,"pad":"{}"}}}}"#,
+        "x".repeat(200_000)
+    ) + "\n";
+    let lines = huge + &upload("after", "2026-11-22T10:00:00Z", 1);
+    let (code, stdout, stderr) = replay(&lines, &["--strict", "--max-event-bytes", "10000"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("too-large"), "{stderr}");
+    assert!(
+        stdout.contains("\"after\""),
+        "the next event is delivered: {stdout}"
+    );
+    assert!(!stdout.contains("\"huge\""));
+    // Within the default (64 KiB) it passes.
+    let (code, _, stderr) = replay(&upload("small", "2026-11-22T10:00:00Z", 1), &["--strict"]);
+    assert_eq!(code, 0, "{stderr}");
 }

@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Bus, RedisBus};
 use crate::config::ConsumeArgs;
 use crate::consumer::{Driver, Settings};
-use crate::notify::Pipeline;
 use crate::notify::throttle::Buckets;
 use crate::source::kafka::{KafkaSettings, KafkaSource};
 use crate::telemetry::PipelineStats;
@@ -30,7 +29,7 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
 
 async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
     let resolver = super::setup::resolver(&args.membership, None)?;
-    let pipeline = Pipeline::new(super::dedup(&args.shaping), resolver);
+    let pipeline = super::pipeline(&args.shaping, resolver);
     let bus = RedisBus::connect(
         &super::redis_target(&args.redis),
         super::redis_options(&args.redis),

@@ -33,7 +33,12 @@ pub fn gateway(args: GatewayCommandArgs) -> anyhow::Result<ExitCode> {
         let listener = super::bind_and_announce(&args.gateway).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(super::cancel_on_signal(shutdown.clone()));
-        let server = tokio::spawn(gateway::serve(listener, app, shutdown.clone()));
+        let server = tokio::spawn(gateway::serve(
+            listener,
+            app,
+            state.clone(),
+            shutdown.clone(),
+        ));
         shutdown.cancelled().await;
         // New connections are refused now; open ones are told to reconnect and resume.
         state.drain().await;

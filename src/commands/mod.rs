@@ -54,6 +54,14 @@ fn dedup(s: &ShapingArgs) -> Dedup {
     Dedup::new(s.dedup_capacity, s.dedup_ttl)
 }
 
+/// The pipeline of `consume`, `run` and `replay`: de-duplication, size cap, `resolver`.
+fn pipeline(
+    s: &ShapingArgs,
+    resolver: Arc<dyn crate::membership::MembershipResolver>,
+) -> crate::notify::Pipeline {
+    crate::notify::Pipeline::new(dedup(s), resolver).with_max_event_bytes(s.max_event_bytes)
+}
+
 fn redis_target(r: &RedisArgs) -> RedisTarget {
     match (&r.redis, &r.redis_cluster) {
         (_, Some(nodes)) => RedisTarget::Cluster(nodes.clone()),
@@ -81,6 +89,17 @@ fn gateway_config(g: &GatewayArgs) -> GatewayConfig {
         ws_write_buffer: g.ws_write_buffer,
         ws_max_write_buffer: g.ws_max_write_buffer,
         max_client_frame: g.max_frame_bytes as usize,
+        max_frames_per_sec: g.max_frames_per_sec,
+        admin_users: g
+            .admin_users
+            .iter()
+            .map(|u| Arc::from(u.as_str()))
+            .collect(),
+        tickets_per_sec: g.tickets_per_sec,
+        header_timeout: g.header_timeout,
+        max_connections: g
+            .max_connections
+            .unwrap_or_else(crate::gateway::server::ServerLimits::default_max_connections),
         ticket_ttl: g.ticket_ttl,
         token_grace: g.token_grace,
         ping_interval: g.ws_ping_interval,
@@ -98,7 +117,7 @@ fn gateway_app(
     auth: Arc<Authenticator>,
     g: &GatewayArgs,
 ) -> (Router, Arc<AppState>) {
-    let hub = Hub::new(bus, g.send_queue);
+    let hub = Hub::new(bus, g.send_queue, g.max_connections_per_user);
     sink.bind(&(hub.clone() as Arc<dyn DeliverySink>));
     let state = AppState::new(auth, hub, gateway_config(g));
     (gw::router(state.clone()), state)

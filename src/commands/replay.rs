@@ -11,7 +11,6 @@ use anyhow::Context;
 use crate::bus::{Bus, LinesBus};
 use crate::config::ReplayArgs;
 use crate::consumer::{AtEnd, Driver, DriverError, Ended, EventTimeClock, Settings};
-use crate::notify::Pipeline;
 use crate::notify::throttle::Buckets;
 use crate::source::kafka::KafkaProducer;
 use crate::source::{FixtureSource, Passes};
@@ -31,7 +30,9 @@ async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let resolver = super::setup::resolver(&args.membership, None)?;
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(super::cancel_on_signal(stop.clone()));
-    let source = FixtureSource::open(&args.events, Passes::Once).await?;
+    let source = FixtureSource::open(&args.events, Passes::Once)
+        .await?
+        .with_max_line(args.shaping.max_event_bytes);
     // Event time drives the throttle's clock, so a throttled replay is deterministic.
     let clock = EventTimeClock::default();
     let output: Option<Box<dyn Write + Send>> = args.print.then(|| {
@@ -45,7 +46,7 @@ async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let progress = progress_spinner("{spinner} {pos} messages {per_sec} {msg}");
     let driver = Driver {
         source: Arc::new(source),
-        pipeline: Arc::new(Pipeline::new(super::dedup(&args.shaping), resolver)),
+        pipeline: Arc::new(super::pipeline(&args.shaping, resolver)),
         buckets: if args.throttle {
             Buckets::new(super::throttle_config(&args.shaping), clock.clone())
         } else {
@@ -126,7 +127,9 @@ async fn to_kafka(args: &ReplayArgs) -> anyhow::Result<ExitCode> {
         .as_deref()
         .context("--to-kafka needs --brokers")?;
     let producer = KafkaProducer::connect(brokers, &args.topic, args.partitions).await?;
-    let source = FixtureSource::open(&args.events, Passes::Once).await?;
+    let source = FixtureSource::open(&args.events, Passes::Once)
+        .await?
+        .with_max_line(args.shaping.max_event_bytes);
     let progress = progress_spinner("{spinner} {pos} events produced {per_sec}");
     let mut batch = Vec::with_capacity(1000);
     let mut produced = 0u64;

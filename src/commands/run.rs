@@ -16,7 +16,6 @@ use crate::consumer::{Driver, Observer, Settings};
 use crate::demo::DemoState;
 use crate::gateway;
 use crate::membership::Directory;
-use crate::notify::Pipeline;
 use crate::notify::throttle::Buckets;
 use crate::source::{FixtureSource, Passes};
 use crate::telemetry::PipelineStats;
@@ -37,8 +36,18 @@ const DEMO_MEMBERSHIP: &str = "fixtures/demo/membership.json";
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let resolver = super::setup::resolver(&args.membership, Some(Path::new(DEMO_MEMBERSHIP)))?;
     let auth = super::setup::authenticator(&args.gateway, &args.oidc).await?;
-    // The demo page lists the fixture's users and mints their tokens: it needs both.
-    let demo_directory = match (&args.membership.ocis_url, auth.can_mint(), args.no_demo) {
+    // The demo page lists the fixture's users and mints their tokens: it needs both. With a
+    // secret the operator configured, minting would hand out real tokens: only on request.
+    let configured_secret = args.gateway.jwt_secret.is_some()
+        || args.gateway.jwt_secret_file.is_some()
+        || std::env::var_os("FOLDERCAST_JWT_SECRET").is_some();
+    if configured_secret && !args.demo && !args.no_demo && auth.can_mint() {
+        tracing::warn!(
+            "demo page off: it would mint tokens for every fixture user with the configured --jwt-secret; add --demo to serve it anyway"
+        );
+    }
+    let demo_wanted = !args.no_demo && (args.demo || !configured_secret);
+    let demo_directory = match (&args.membership.ocis_url, auth.can_mint(), !demo_wanted) {
         (None, true, false) => Some(Directory::load(
             args.membership
                 .membership
@@ -72,14 +81,21 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(super::cancel_on_signal(shutdown.clone()));
-    let server = tokio::spawn(gateway::serve(listener, app, shutdown.clone()));
+    let server = tokio::spawn(gateway::serve(
+        listener,
+        app,
+        gateway_state.clone(),
+        shutdown.clone(),
+    ));
 
     let passes = if args.events.as_os_str() == "-" {
         Passes::Once
     } else {
         Passes::Loop(args.passes)
     };
-    let source = FixtureSource::open(&args.events, passes).await?;
+    let source = FixtureSource::open(&args.events, passes)
+        .await?
+        .with_max_line(args.shaping.max_event_bytes);
     let stats = Arc::new(PipelineStats::default());
     let clock = DefaultClock::default();
     let observer: Option<Observer> = demo.clone().map(|demo| {
@@ -87,7 +103,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     });
     let driver = Driver {
         source: Arc::new(source),
-        pipeline: Arc::new(Pipeline::new(super::dedup(&args.shaping), resolver)),
+        pipeline: Arc::new(super::pipeline(&args.shaping, resolver)),
         buckets: Buckets::new(super::throttle_config(&args.shaping), clock.clone()),
         clock,
         bus: bus.clone() as Arc<dyn Bus>,

@@ -27,6 +27,8 @@ pub struct GatewayStats {
     pub delivered: AtomicU64,
     pub evicted: AtomicU64,
     pub auth_failures: AtomicU64,
+    /// Connections refused because their user had `--max-connections-per-user` open.
+    pub refused_per_user: AtomicU64,
 }
 
 pub struct Hub {
@@ -39,9 +41,24 @@ pub struct Hub {
     subscription_order: tokio::sync::Mutex<()>,
     bus: Arc<dyn Bus>,
     queue_capacity: usize,
+    /// Open connections per user at most (`--max-connections-per-user`).
+    max_per_user: usize,
     wakeups: Arc<SessionWakeups>,
     pub stats: GatewayStats,
 }
+
+/// Why a connection could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("this user already has {0} open connections (--max-connections-per-user)")]
+    TooManyConnections(usize),
+}
+
+/// The default of `--max-connections-per-user`: as many tabs and devices as a person uses,
+/// far fewer than one token opening thousands (Centrifugo's default client limit is 64 too).
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 64;
 
 #[derive(Default)]
 struct FeedDown {
@@ -63,7 +80,9 @@ pub struct Registration {
 }
 
 impl Hub {
-    pub fn new(bus: Arc<dyn Bus>, queue_capacity: usize) -> Arc<Self> {
+    /// A hub over `bus` whose sessions queue up to `queue_capacity` frames, with at most
+    /// `max_per_user` connections per user (0 = no limit).
+    pub fn new(bus: Arc<dyn Bus>, queue_capacity: usize, max_per_user: usize) -> Arc<Self> {
         Arc::new(Hub {
             sessions: Mutex::new(HashMap::new()),
             feed_down: Mutex::new(FeedDown::default()),
@@ -71,6 +90,11 @@ impl Hub {
             subscription_order: tokio::sync::Mutex::new(()),
             bus,
             queue_capacity,
+            max_per_user: if max_per_user == 0 {
+                usize::MAX
+            } else {
+                max_per_user
+            },
             wakeups: SessionWakeups::start(),
             stats: GatewayStats::default(),
         })
@@ -100,7 +124,7 @@ impl Hub {
         self.sessions.lock().map(|s| s.len()).unwrap_or(0)
     }
 
-    pub async fn register(self: &Arc<Self>, user: Arc<str>) -> Result<Registration, BusError> {
+    pub async fn register(self: &Arc<Self>, user: Arc<str>) -> Result<Registration, RegisterError> {
         let queue = Arc::new(SessionQueue::new(self.queue_capacity));
         let _order = self.subscription_order.lock().await;
         let first = {
@@ -112,12 +136,16 @@ impl Hub {
                 queue.drain();
             }
             let list = sessions.entry(user.clone()).or_default();
+            if list.len() >= self.max_per_user {
+                self.stats.refused_per_user.fetch_add(1, Relaxed);
+                return Err(RegisterError::TooManyConnections(self.max_per_user));
+            }
             list.push(queue.clone());
             list.len() == 1
         };
         if first && let Err(e) = self.bus.subscribe(&user).await {
             self.remove(&user, &queue);
-            return Err(e);
+            return Err(e.into());
         }
         self.stats.connections.fetch_add(1, Relaxed);
         self.stats.connections_total.fetch_add(1, Relaxed);

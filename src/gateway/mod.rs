@@ -8,6 +8,7 @@ pub mod auth;
 pub mod hub;
 pub mod protocol;
 pub mod resume;
+pub mod server;
 pub mod session;
 mod sse;
 pub mod wakeups;
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use auth::{AuthError, Authenticator, Identity, TicketStore};
 use hub::Hub;
+use server::{ServerLimits, ServerStats};
 
 /// Gateway tuning; defaults suit many mostly idle connections.
 #[derive(Debug, Clone)]
@@ -39,6 +41,16 @@ pub struct GatewayConfig {
     pub ws_read_buffer: usize,
     pub ws_write_buffer: usize,
     pub ws_max_write_buffer: usize,
+    /// A request head, and an idle keep-alive connection's next one, must arrive within this.
+    pub header_timeout: Duration,
+    /// Open connections at most (below the descriptor limit); more are closed on arrival.
+    pub max_connections: usize,
+    /// Users allowed the operator's routes (`/api/stats`).
+    pub admin_users: Vec<Arc<str>>,
+    /// Tickets per second one user may obtain (bursts of twice that).
+    pub tickets_per_sec: u32,
+    /// Frames per second a WebSocket client may send (bursts of twice that); 0 = no limit.
+    pub max_frames_per_sec: u32,
     /// The largest frame a client may send (`--max-frame-bytes`).
     pub max_client_frame: usize,
     pub ticket_ttl: Duration,
@@ -68,6 +80,11 @@ impl Default for GatewayConfig {
             ws_write_buffer: 8192,
             ws_max_write_buffer: 16 << 20,
             max_client_frame: 64 * 1024,
+            max_frames_per_sec: 50,
+            admin_users: Vec::new(),
+            tickets_per_sec: 5,
+            header_timeout: Duration::from_secs(10),
+            max_connections: ServerLimits::default_max_connections(),
             ticket_ttl: Duration::from_secs(30),
             token_grace: Duration::from_secs(2),
             ping_interval: Duration::from_secs(30),
@@ -81,17 +98,27 @@ impl Default for GatewayConfig {
 pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub tickets: TicketStore,
+    /// Tickets issued per user and second (one token obtained 150,000 in 2.7 s before).
+    ticket_rate: Option<governor::DefaultKeyedRateLimiter<Arc<str>>>,
     pub hub: Arc<Hub>,
     pub config: GatewayConfig,
+    /// What the HTTP server refused or cut (connection cap, stalled writes, accept errors).
+    pub server: Arc<ServerStats>,
 }
 
 impl AppState {
     pub fn new(auth: Arc<Authenticator>, hub: Arc<Hub>, config: GatewayConfig) -> Arc<Self> {
+        let ticket_rate = std::num::NonZeroU32::new(config.tickets_per_sec).map(|rate| {
+            let burst = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(1));
+            governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst))
+        });
         Arc::new(AppState {
             auth,
             tickets: TicketStore::new(config.ticket_ttl, 100_000),
+            ticket_rate,
             hub,
             config,
+            server: Arc::default(),
         })
     }
 
@@ -125,16 +152,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves `app` on `listener` until `shutdown` fires; open connections are cut by the caller's
-/// runtime shutdown rather than awaited (axum does not drain upgraded sockets).
+/// Serves `app` on `listener` until `shutdown` fires, within the limits of `server` (header
+/// and write timeouts, a connection cap); upgraded sockets are drained by [`AppState::drain`].
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    state: Arc<AppState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let limits = ServerLimits {
+        header_timeout: state.config.header_timeout,
+        write_timeout: state.config.write_timeout,
+        max_connections: state.config.max_connections,
+    };
+    server::serve(listener, app, limits, state.server.clone(), shutdown).await
 }
 
 /// Credentials of a request: the bearer header wins over a ticket; `None` if neither is given.
@@ -165,6 +196,19 @@ async fn issue_ticket(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
             );
         }
     };
+    if let Some(limiter) = &state.ticket_rate {
+        if limiter.check_key(&identity.user).is_err() {
+            return error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "too many tickets for this user; --tickets-per-sec",
+            );
+        }
+        // Forget users idle for a while, so the limiter does not grow with every user seen.
+        if limiter.len() > 10_000 {
+            limiter.retain_recent();
+        }
+    }
     let ticket = state.tickets.issue(identity);
     (
         StatusCode::CREATED,
@@ -183,7 +227,34 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+/// The caller, if it presents a token of one of `--admin-users`; otherwise the response to send.
+async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Identity, Response> {
+    let Some(token) = ws::header_token(headers) else {
+        return Err(error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "send Authorization: Bearer <token> of an --admin-users user",
+        ));
+    };
+    let identity = state
+        .auth
+        .verify(token)
+        .await
+        .map_err(|e| error_response(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()))?;
+    if !state.config.admin_users.contains(&identity.user) {
+        return Err(error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this route is for --admin-users",
+        ));
+    }
+    Ok(identity)
+}
+
+async fn stats(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(refused) = admin(&state, &headers).await {
+        return refused;
+    }
     let s = &state.hub.stats;
     Json(serde_json::json!({
         "connections": s.connections.load(Relaxed),
@@ -192,7 +263,12 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "delivered": s.delivered.load(Relaxed),
         "evicted": s.evicted.load(Relaxed),
         "auth_failures": s.auth_failures.load(Relaxed),
+        "refused_per_user": s.refused_per_user.load(Relaxed),
+        "refused_connections": state.server.refused.load(Relaxed),
+        "write_stalls": state.server.write_stalls.load(Relaxed),
+        "accept_errors": state.server.accept_errors.load(Relaxed),
     }))
+    .into_response()
 }
 
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {

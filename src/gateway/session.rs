@@ -148,7 +148,12 @@ impl SessionQueue {
         if state.evicted {
             return Push::Gone;
         }
-        if state.frames.len() + frames.len() > self.capacity {
+        // A batch is taken whole while the queue has room, however large it is (a consumer
+        // catching up publishes up to a whole batch per user at once, and a session that keeps
+        // up must not be evicted for that). A queue still full when more arrives belongs to a
+        // session that is not draining it: that is what eviction is for. At most capacity +
+        // one batch is held.
+        if state.frames.len() >= self.capacity {
             state.evicted = true;
             state.frames = VecDeque::new();
             drop(state);
@@ -228,6 +233,14 @@ impl SessionQueue {
 /// Upper bound on watches per connection (each one is checked for every message).
 pub const MAX_WATCHES: usize = 64;
 
+/// The longest space id a watch may name. oCIS ids (`<storage>$<space>!<opaque>`) are about
+/// 80 bytes.
+pub const MAX_SPACE_ID_BYTES: usize = 256;
+
+/// What one connection's watches may hold in all (space ids and paths), so that 64 watches of
+/// 4 KB paths cannot pin a quarter megabyte per connection.
+pub const MAX_WATCH_BYTES: usize = 16 * 1024;
+
 /// The folders a connection is looking at; empty means "everything I may see".
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Watches {
@@ -243,10 +256,27 @@ impl Watches {
         {
             return Ok(());
         }
+        if space_id.len() > MAX_SPACE_ID_BYTES {
+            return Err(FrameError::new(
+                "bad-watch",
+                format!("a space id is at most {MAX_SPACE_ID_BYTES} bytes"),
+            ));
+        }
         if self.entries.len() >= MAX_WATCHES {
             return Err(FrameError::new(
                 "too-many-watches",
                 format!("at most {MAX_WATCHES} watches per connection"),
+            ));
+        }
+        let held: usize = self
+            .entries
+            .iter()
+            .map(|(s, p)| s.len() + p.as_str().len())
+            .sum();
+        if held + space_id.len() + path.as_str().len() > MAX_WATCH_BYTES {
+            return Err(FrameError::new(
+                "too-many-watches",
+                format!("a connection's watches hold at most {MAX_WATCH_BYTES} bytes in all"),
             ));
         }
         self.entries.push((space_id.into(), path));
@@ -320,16 +350,42 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_that_overflows_the_queue_evicts() {
+    fn a_batch_may_overshoot_a_queue_with_room_once() {
         let wakeups = Wakeups::start();
         let q = Arc::new(SessionQueue::new(3));
         assert_eq!(q.push(&[frame("1"), frame("2")], &wakeups), Push::Queued);
         assert_eq!(
             q.push(&[frame("3"), frame("4")], &wakeups),
-            Push::Evicted,
-            "two more do not fit in three"
+            Push::Queued,
+            "room for one: the batch is taken whole"
         );
-        assert_eq!(push(&q, frame("5"), &wakeups), Push::Gone);
+        assert_eq!(push(&q, frame("5"), &wakeups), Push::Evicted, "full");
+        assert_eq!(push(&q, frame("6"), &wakeups), Push::Gone);
+    }
+
+    #[tokio::test]
+    async fn a_batch_larger_than_the_queue_reaches_a_session_that_keeps_up() {
+        let wakeups = Wakeups::start();
+        let q = Arc::new(SessionQueue::new(3));
+        let burst: Vec<_> = (0..10).map(|i| frame(&i.to_string())).collect();
+        assert_eq!(
+            q.push(&burst, &wakeups),
+            Push::Queued,
+            "the queue was empty"
+        );
+        let mut out = Vec::new();
+        assert_eq!(q.next_batch(&mut out).await, Next::Frames);
+        assert_eq!(out.len(), 10);
+        assert_eq!(
+            q.push(&burst, &wakeups),
+            Push::Queued,
+            "drained: empty again"
+        );
+        assert_eq!(
+            push(&q, frame("more"), &wakeups),
+            Push::Evicted,
+            "not drained: full"
+        );
     }
 
     #[tokio::test]
@@ -409,6 +465,27 @@ mod tests {
             w.add("s", SpacePath::parse("/more").unwrap())
                 .unwrap_err()
                 .code,
+            "too-many-watches"
+        );
+    }
+
+    #[test]
+    fn watches_are_bounded_in_bytes() {
+        let mut w = Watches::default();
+        let long_space = "s".repeat(MAX_SPACE_ID_BYTES + 1);
+        let root = SpacePath::parse("/").unwrap();
+        assert_eq!(
+            w.add(&long_space, root.clone()).unwrap_err().code,
+            "bad-watch"
+        );
+        let deep = SpacePath::parse(&format!("/{}", "d".repeat(4000))).unwrap();
+        let mut added = 0;
+        while w.add(&format!("s{added}"), deep.clone()).is_ok() {
+            added += 1;
+        }
+        assert_eq!(added, 4, "16 KB of 4 KB paths");
+        assert_eq!(
+            w.add("s", deep.clone()).unwrap_err().code,
             "too-many-watches"
         );
     }

@@ -25,7 +25,7 @@ use tokio::time::{Instant, sleep_until};
 use std::time::Duration;
 
 use super::AppState;
-use super::hub::{Hub, Registration};
+use super::hub::{Hub, RegisterError, Registration};
 use super::resume::{self, Admit, Cursor, Resumed};
 use super::session::{Frame, Next, Watches};
 use crate::path::SpacePath;
@@ -71,6 +71,13 @@ pub async fn handler(
     };
     let registration = match state.hub.register(identity.user.clone()).await {
         Ok(r) => r,
+        Err(e @ RegisterError::TooManyConnections(_)) => {
+            return super::error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-connections",
+                &e.to_string(),
+            );
+        }
         Err(e) => {
             return super::error_response(
                 StatusCode::SERVICE_UNAVAILABLE,

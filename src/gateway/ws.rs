@@ -23,6 +23,7 @@ use tokio::time::{Instant, sleep_until};
 
 use super::AppState;
 use super::auth::{AuthError, Identity, bearer};
+use super::hub::RegisterError;
 use super::protocol::{
     ClientFrame, FrameError, PONG_FRAME, error_frame, error_frame_at, parse_client_frame,
     ready_frame, reconnect_frame,
@@ -165,6 +166,16 @@ async fn session(
     let since = auth_since.or(query_since);
     let registration = match state.hub.register(identity.user.clone()).await {
         Ok(r) => r,
+        Err(e @ RegisterError::TooManyConnections(_)) => {
+            close_with(
+                &mut socket,
+                "too-many-connections",
+                &e.to_string(),
+                CLOSE_POLICY,
+            )
+            .await;
+            return;
+        }
         Err(e) => {
             close_with(&mut socket, "unavailable", &e.to_string(), CLOSE_ERROR).await;
             return;
@@ -224,6 +235,7 @@ async fn session(
     let deadline = sleep_until(next_deadline(expiry, next_ping));
     tokio::pin!(deadline);
     let mut batch = Vec::new();
+    let mut frame_budget = FrameBudget::new(state.config.max_frames_per_sec);
     loop {
         tokio::select! {
             incoming = socket.recv() => {
@@ -242,6 +254,11 @@ async fn session(
                     Some(Ok(Message::Close(_))) | None => break,
                     Some(Ok(_)) => continue, // ping/pong: answered by the library
                 };
+                if !frame_budget.take(Instant::now()) {
+                    tracing::info!(user = %identity.user, "client frames over the rate; closing");
+                    close_with(&mut socket, "rate-limited", &frame_budget.describe(), CLOSE_POLICY).await;
+                    break;
+                }
                 let reply = match parse_client_frame(&text) {
                     Ok(ClientFrame::Ping) => Some(PONG_FRAME.to_owned()),
                     Ok(ClientFrame::Watch { space_id, path }) => {
@@ -402,9 +419,11 @@ async fn await_auth_frame(
     let until = Instant::now() + state.config.auth_timeout;
     let deadline = sleep_until(until);
     tokio::pin!(deadline);
+    let mut frame_budget = FrameBudget::new(state.config.max_frames_per_sec);
     loop {
         tokio::select! {
             _ = &mut deadline => {
+                state.hub.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 close_with(socket, "auth-timeout", "no auth frame in time", CLOSE_POLICY).await;
                 return None;
             }
@@ -418,6 +437,10 @@ async fn await_auth_frame(
                     Some(Ok(Message::Close(_))) | None => return None,
                     Some(Ok(_)) => continue,
                 };
+                if !frame_budget.take(Instant::now()) {
+                    close_with(socket, "rate-limited", &frame_budget.describe(), CLOSE_POLICY).await;
+                    return None;
+                }
                 let reply = match parse_client_frame(&text) {
                     Ok(ClientFrame::Auth { token, since }) => match state.auth.verify(&token).await {
                         Ok(identity) => return Some((identity, since)),
@@ -460,7 +483,7 @@ async fn send_within(socket: &mut WebSocket, text: String, limit: Duration) -> R
 /// for the client; `None` when the connection is simply gone (I/O error, reset).
 fn unreadable(error: &axum::Error, max_frame: usize) -> Option<(&'static str, u16, String)> {
     use tokio_tungstenite::tungstenite::Error as WsError;
-    use tokio_tungstenite::tungstenite::error::CapacityError;
+    use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
     let inner = error.source_ws()?;
     match inner {
         WsError::Capacity(CapacityError::MessageTooLong { size, .. }) => Some((
@@ -476,6 +499,8 @@ fn unreadable(error: &axum::Error, max_frame: usize) -> Option<(&'static str, u1
             CLOSE_INVALID_PAYLOAD,
             "a text frame that is not valid UTF-8".to_owned(),
         )),
+        // The client vanished: nobody to tell.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
         WsError::Protocol(e) => Some((
             "protocol-error",
             CLOSE_PROTOCOL,
@@ -594,6 +619,57 @@ fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86400 * 365)
 }
 
+/// How many frames a client may send: `rate` per second on average, bursts of twice that. A
+/// generic cell rate: one instant per connection (the moment the bucket would be empty again),
+/// no timer, nothing allocated.
+struct FrameBudget {
+    /// Time one frame costs (zero: no limit).
+    interval: Duration,
+    /// How far ahead of now the bucket may be drawn (the burst).
+    burst: Duration,
+    /// When the frames taken so far are paid off.
+    paid_until: Option<Instant>,
+    rate: u32,
+}
+
+impl FrameBudget {
+    fn new(rate: u32) -> Self {
+        let interval = if rate == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(1) / rate
+        };
+        FrameBudget {
+            interval,
+            burst: interval * 2 * rate,
+            paid_until: None,
+            rate,
+        }
+    }
+
+    /// Takes one frame's cost; false when the client is over its budget.
+    fn take(&mut self, now: Instant) -> bool {
+        if self.interval.is_zero() {
+            return true;
+        }
+        let from = self.paid_until.map_or(now, |t| t.max(now));
+        let next = from + self.interval;
+        if next.saturating_duration_since(now) > self.burst {
+            return false;
+        }
+        self.paid_until = Some(next);
+        true
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "more than {} frames per second (bursts of {}); --max-frames-per-sec",
+            self.rate,
+            self.rate * 2
+        )
+    }
+}
+
 /// Reads a bearer token from request headers.
 pub fn header_token(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -604,7 +680,24 @@ pub fn header_token(headers: &HeaderMap) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use super::close_reason;
+    use super::{FrameBudget, close_reason};
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    #[test]
+    fn frame_budget_allows_bursts_then_the_rate() {
+        let now = Instant::now();
+        let mut budget = FrameBudget::new(10);
+        let taken = (0..100).take_while(|_| budget.take(now)).count();
+        assert_eq!(taken, 20, "a burst of twice the rate");
+        assert!(!budget.take(now));
+        // A second later, ten more.
+        let later = now + Duration::from_secs(1);
+        let taken = (0..100).take_while(|_| budget.take(later)).count();
+        assert_eq!(taken, 10);
+        let mut unlimited = FrameBudget::new(0);
+        assert!((0..10_000).all(|_| unlimited.take(now)));
+    }
 
     #[test]
     fn close_reasons_fit_a_close_frame() {

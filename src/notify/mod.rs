@@ -47,16 +47,36 @@ pub struct MembershipUnavailable(pub String);
 pub struct Pipeline {
     dedup: Dedup,
     resolver: Arc<dyn MembershipResolver>,
+    max_event_bytes: usize,
 }
 
 impl Pipeline {
     pub fn new(dedup: Dedup, resolver: Arc<dyn MembershipResolver>) -> Self {
-        Pipeline { dedup, resolver }
+        Pipeline {
+            dedup,
+            resolver,
+            max_event_bytes: event::DEFAULT_MAX_EVENT_BYTES,
+        }
+    }
+
+    /// Events larger than `bytes` are rejected (`too-large`) before they are parsed.
+    pub fn with_max_event_bytes(mut self, bytes: usize) -> Self {
+        self.max_event_bytes = bytes;
+        self
     }
 
     /// Processes one raw event. `Err` means membership is unavailable right now: the event was
     /// not consumed (not even remembered for dedup) and must be retried, never dropped.
     pub async fn process(&self, raw: &[u8]) -> Result<Outcome, MembershipUnavailable> {
+        if raw.len() > self.max_event_bytes {
+            return Ok(Outcome::Rejected(event::Rejection::new(
+                "too-large",
+                format!(
+                    "the event is over {} bytes (--max-event-bytes)",
+                    self.max_event_bytes
+                ),
+            )));
+        }
         let event = match event::decode(raw) {
             Ok(e) => e,
             Err(rejection) => return Ok(Outcome::Rejected(rejection)),

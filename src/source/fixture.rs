@@ -33,6 +33,9 @@ struct Reading {
     pass: u64,
     line: u64,
     reader: Box<dyn AsyncBufRead + Send + Unpin>,
+    /// Bytes of a line kept at most; the rest of a longer line is skipped unread into memory,
+    /// and what is kept (one byte over the limit) is rejected downstream as `too-large`.
+    max_line: usize,
 }
 
 impl FixtureSource {
@@ -45,8 +48,16 @@ impl FixtureSource {
                 pass: 1,
                 line: 0,
                 reader,
+                max_line: crate::event::DEFAULT_MAX_EVENT_BYTES,
             }),
         })
+    }
+
+    /// Lines longer than `bytes` are cut to `bytes + 1` (so the pipeline's size check rejects
+    /// them) without reading the rest into memory.
+    pub fn with_max_line(mut self, bytes: usize) -> Self {
+        self.reading.get_mut().max_line = bytes;
+        self
     }
 
     /// The next line as a raw event (what `replay --to-kafka` produces).
@@ -88,9 +99,7 @@ impl Reading {
         let mut buf = Vec::new();
         loop {
             buf.clear();
-            let n = self
-                .reader
-                .read_until(b'\n', &mut buf)
+            let (n, cut) = read_line_capped(&mut self.reader, &mut buf, self.max_line + 1)
                 .await
                 .map_err(|source| SourceError::Io {
                     path: self.path.display().to_string(),
@@ -112,13 +121,13 @@ impl Reading {
                 continue;
             }
             self.line += 1;
-            let line = buf.trim_ascii();
+            let line = if cut { &buf[..] } else { buf.trim_ascii() };
             if line.is_empty() {
                 continue;
             }
             let bytes = match self.passes {
-                Passes::Once => line.to_vec(),
-                Passes::Loop(_) => refresh(line, self.pass),
+                Passes::Loop(_) if !cut => refresh(line, self.pass),
+                _ => line.to_vec(),
             };
             let shown = if FixtureSource::is_stdin(&self.path) {
                 "stdin".to_owned()
@@ -132,6 +141,36 @@ impl Reading {
                 _ => format!("{shown}:{}", self.line),
             };
             return Ok(Some(RawEvent::new(bytes, position)));
+        }
+    }
+}
+
+/// Reads one line (through its `\n`) and keeps at most `cap` bytes of it in `buf`. Returns the
+/// bytes consumed (0 at the end of the input) and whether the line was cut.
+async fn read_line_capped<R: AsyncBufRead + Unpin + ?Sized>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    cap: usize,
+) -> std::io::Result<(usize, bool)> {
+    let mut consumed = 0;
+    let mut cut = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok((consumed, cut));
+        }
+        let (chunk, ends) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (&available[..=i], true),
+            None => (available, false),
+        };
+        let room = cap.saturating_sub(buf.len());
+        cut |= chunk.len() > room;
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let n = chunk.len();
+        reader.consume(n);
+        consumed += n;
+        if ends {
+            return Ok((consumed, cut));
         }
     }
 }
@@ -158,6 +197,27 @@ fn refresh(line: &[u8], pass: u64) -> Vec<u8> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[tokio::test]
+    async fn long_lines_are_cut_one_byte_over_the_limit_and_reading_goes_on() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "{}", "x".repeat(1_000_000)).unwrap();
+        writeln!(f, r#"{{"id":"after"}}"#).unwrap();
+        write!(f, "{}", "y".repeat(50)).unwrap(); // no final newline
+        let source = FixtureSource::open(f.path(), Passes::Once)
+            .await
+            .unwrap()
+            .with_max_line(100);
+        let long = source.next_raw().await.unwrap().unwrap();
+        assert_eq!(long.bytes.len(), 101, "cut, not read whole");
+        assert!(long.position.ends_with(":1"));
+        let next = source.next_raw().await.unwrap().unwrap();
+        assert_eq!(&next.bytes[..], br#"{"id":"after"}"#);
+        assert!(next.position.ends_with(":2"));
+        let last = source.next_raw().await.unwrap().unwrap();
+        assert_eq!(last.bytes.len(), 50);
+        assert!(source.next_raw().await.unwrap().is_none());
+    }
 
     #[tokio::test]
     async fn reads_lines_with_positions_and_loops_with_fresh_ids() {

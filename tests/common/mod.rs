@@ -18,6 +18,9 @@ use tokio::process::{Child, ChildStdin, Command};
 
 pub const SECRET: &str = "test-secret-of-at-least-thirty-two-bytes";
 
+/// The operator of test servers started by [`Server::start`] (`--admin-users`).
+pub const ADMIN: &str = "ops";
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -59,6 +62,7 @@ impl Server {
             "0".into(),
             "--membership".into(),
             demo_membership().display().to_string(),
+            "--no-demo".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         Self::spawn(&args, true).await
@@ -75,6 +79,8 @@ impl Server {
     ) -> Server {
         let mut child = Command::new(bin())
             .args(args)
+            // Every test server has the same operator, so `stats()` works on all of them.
+            .env("FOLDERCAST_ADMIN_USERS", ADMIN)
             .envs(env.iter().copied())
             .current_dir(root())
             .env(
@@ -128,7 +134,10 @@ impl Server {
     }
 
     pub async fn stats(&self) -> Value {
-        reqwest::get(self.url("/api/stats"))
+        reqwest::Client::new()
+            .get(self.url("/api/stats"))
+            .bearer_auth(token(ADMIN))
+            .send()
             .await
             .expect("stats")
             .json()

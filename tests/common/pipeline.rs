@@ -127,6 +127,14 @@ pub async fn produce(t: &Topic, events: &Path) {
     assert!(status.success(), "replay --to-kafka failed");
 }
 
+/// Creates the 3-partition topic before a consumer subscribes: a consumer that starts on a
+/// missing topic may see it only at its next metadata refresh (minutes), which made tests that
+/// start the consumer first flaky.
+pub async fn create_topic(t: &Topic) {
+    let empty = tempfile::NamedTempFile::new().unwrap();
+    produce(t, empty.path()).await;
+}
+
 pub async fn connect(server: &Server, user: &str) -> Ws {
     let mut request = server.ws_url("/ws").into_client_request().unwrap();
     request.headers_mut().insert(
