@@ -515,4 +515,59 @@ mod tests {
         assert_eq!(item.path.as_str(), "/b");
         assert_eq!(item.old_path.unwrap().as_str(), "/a");
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Every code a rejection may carry (the README and the metrics list them).
+        const CODES: &[&str] = &[
+            "invalid-json",
+            "missing-field",
+            "invalid-field",
+            "unknown-type",
+            "invalid-path",
+            "unsupported-specversion",
+        ];
+
+        fn valid_line() -> impl Strategy<Value = String> {
+            (
+                "[a-z0-9-]{1,12}",
+                prop::sample::select(vec!["file-uploaded", "item-trashed", "item-moved", "folder-created"]),
+                "(/[a-z]{1,4}){1,5}",
+                any::<u64>(),
+                any::<i64>(),
+            )
+                .prop_map(|(id, kind, path, size, delta)| {
+                    format!(
+                        r#"{{"specversion":"1.0","id":"{id}","type":"{kind}","time":"2026-11-22T10:00:00Z","data":{{"space_id":"s","path":"{path}","old_path":"/old{path}","kind":"file","size":{size},"size_delta":{delta}}}}}"#
+                    )
+                })
+        }
+
+        proptest! {
+            /// Arbitrary bytes: no panic, and a rejection always names its category.
+            #[test]
+            fn any_bytes_decode_or_are_rejected_with_a_code(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+                if let Err(r) = decode(&bytes) {
+                    prop_assert!(CODES.contains(&r.code), "{}", r.code);
+                }
+            }
+
+            /// Well-formed events with any numbers: accepted exactly when sizes are in range.
+            #[test]
+            fn sizes_are_accepted_only_in_range(line in valid_line()) {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let size = v["data"]["size"].as_u64().unwrap();
+                let delta = v["data"]["size_delta"].as_i64().unwrap();
+                match decode(line.as_bytes()) {
+                    Ok(_) => prop_assert!(size <= MAX_SIZE && delta.unsigned_abs() <= MAX_SIZE),
+                    Err(r) => {
+                        prop_assert_eq!(r.code, "invalid-field");
+                        prop_assert!(size > MAX_SIZE || delta.unsigned_abs() > MAX_SIZE);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -186,4 +186,33 @@ mod tests {
         assert!(!p("/a").is_within(&p("/a/b")));
         assert!(!p("/").is_within(&p("/a")));
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any string: no panic; an accepted path is canonical (parsing it again gives
+            /// itself), has no empty or dot segment, and its ancestors are its proper prefixes
+            /// ending at the root.
+            #[test]
+            fn accepted_paths_round_trip(raw in "(/[a-z.]{0,3}){0,6}/?|\\PC{0,40}") {
+                if let Ok(path) = SpacePath::parse(&raw) {
+                    let again = SpacePath::parse(path.as_str());
+                    prop_assert_eq!(again.as_ref(), Ok(&path));
+                    prop_assert!(path.as_str() == "/" || !path.as_str().ends_with('/'));
+                    prop_assert!(!path.as_str().contains("//"));
+                    let ancestors: Vec<&str> = path.ancestors().collect();
+                    let depth = path.as_str().matches('/').count();
+                    prop_assert_eq!(ancestors.len(), if path.as_str() == "/" { 0 } else { depth });
+                    for a in &ancestors {
+                        prop_assert!(path.as_str().starts_with(a));
+                    }
+                    if let Some(last) = ancestors.last() {
+                        prop_assert_eq!(*last, "/");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -24,6 +24,8 @@ pub struct PipelineStats {
     pub events: AtomicU64,
     pub delivered_events: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Group membership changes applied to the cache (they change no folder view).
+    pub applied: AtomicU64,
     pub messages: AtomicU64,
     pub rejected: AtomicU64,
     rejected_by_code: Mutex<BTreeMap<&'static str, u64>>,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::pipeline::{
     NO_LIMIT, Redis, collect, connect, consume, consume_with, create_topic, gateway, next_frame,
-    produce, topic,
+    produce, tagged_fixture, topic,
 };
 use common::{
     PrivateRedis, Server, demo_membership, kafka_brokers, redis_cluster_nodes, redis_url,
@@ -40,7 +40,8 @@ fn by_space(messages: &[Value]) -> BTreeMap<String, Vec<Value>> {
 }
 
 async fn kafka_to_clients(redis: Redis) {
-    let events = root().join("fixtures/demo/events.jsonl");
+    let tagged = tagged_fixture(&root().join("fixtures/demo/events.jsonl"), &unique("k2c"));
+    let events = tagged.path().to_owned();
     let (pairs, _, _) = replay_print(&events, &demo_membership(), &[]);
     let mut expected: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for (u, m) in pairs {
@@ -425,11 +426,16 @@ async fn malformed_events_go_to_the_dead_letter_topic_and_the_rest_is_delivered(
     let t = topic();
     create_topic(&t).await;
     let mut consumer = consume(&t, &membership, &redis, None);
-    produce(&t, &root().join("fixtures/invalid/events.jsonl")).await;
+    let tag = unique("dlq");
+    let tagged = tagged_fixture(&root().join("fixtures/invalid/events.jsonl"), &tag);
+    produce(&t, tagged.path()).await;
     let got = collect(&mut ann, 2, Duration::from_secs(30)).await;
     let ids: HashSet<String> = got
         .iter()
-        .map(|(_, m)| m["event_id"].as_str().unwrap().to_owned())
+        .map(|(_, m)| {
+            let id = m["event_id"].as_str().unwrap();
+            id.strip_suffix(&format!(".{tag}")).unwrap_or(id).to_owned()
+        })
         .collect();
     assert_eq!(
         ids,
@@ -672,11 +678,18 @@ async fn a_partition_waiting_for_membership_does_not_stall_the_others() {
     // More events of the stuck space than its worker can queue (4,096 + a batch of 64), then
     // time for them to pile up: the reader must pause that partition, not wait on it.
     let stuck_events = 5000;
-    produce_to_partition(&t.name, 0, &stuck_space, "stuck", stuck_events).await;
+    // Ids of this run only: the exactly-once guard in the shared Redis remembers earlier runs'.
+    let stuck_prefix = unique("stuck");
+    produce_to_partition(&t.name, 0, &stuck_space, &stuck_prefix, stuck_events).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    produce_to_partition(&t.name, 1, &free_space, "free", 20).await;
+    produce_to_partition(&t.name, 1, &free_space, &unique("free"), 20).await;
     let got = collect(&mut free_ws, 20, Duration::from_secs(20)).await;
-    assert_eq!(got.len(), 20, "the other partition keeps flowing");
+    assert_eq!(
+        got.len(),
+        20,
+        "the other partition keeps flowing; consumer log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     assert!(
         next_frame(&mut stuck_ws, Duration::from_millis(300))
             .await
@@ -696,7 +709,9 @@ async fn a_partition_waiting_for_membership_does_not_stall_the_others() {
         .iter()
         .map(|(_, m)| m["event_id"].as_str().unwrap().to_owned())
         .collect();
-    let expected: Vec<String> = (0..stuck_events).map(|n| format!("stuck-{n}")).collect();
+    let expected: Vec<String> = (0..stuck_events)
+        .map(|n| format!("{stuck_prefix}-{n}"))
+        .collect();
     assert_eq!(ids, expected, "in partition order");
     let _ = consumer.kill().await;
     let log = std::fs::read_to_string(&log).unwrap();

@@ -85,10 +85,11 @@ async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         .map(|(code, n)| format!("{code}: {n}"))
         .collect();
     eprintln!(
-        "replay: {} events, {} delivered, {} duplicates, {} rejected{}; {} messages to {} users",
+        "replay: {} events, {} delivered, {} duplicates, {} applied, {} rejected{}; {} messages to {} users",
         stats.events.load(Relaxed),
         stats.delivered_events.load(Relaxed),
         stats.duplicates.load(Relaxed),
+        stats.applied.load(Relaxed),
         rejected,
         if reasons.is_empty() {
             String::new()

@@ -48,6 +48,7 @@ pub fn route<C: Clock + Clone>(
             Routed::default()
         }
         Outcome::Applied { event_id } => {
+            stats.applied.fetch_add(1, Relaxed);
             tracing::debug!(%position, %event_id, "group change applied");
             Routed::default()
         }

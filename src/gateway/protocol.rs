@@ -380,4 +380,22 @@ mod tests {
         assert_eq!(frame["type"], "resync");
         assert_eq!(frame["space_id"], "s");
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any text a client sends: no panic, and a refusal carries a code.
+            #[test]
+            fn any_text_parses_or_is_refused_with_a_code(
+                text in r#"\{"type":"(watch|unwatch|ping|auth|resume|x)"(,"[a-z_]{1,9}":("[^"]{0,12}"|[0-9]{1,3}|null|\[\]|\{\}))*\}|\PC{0,60}"#
+            ) {
+                if let Err(e) = parse_client_frame(&text) {
+                    prop_assert!(!e.code.is_empty());
+                    prop_assert!(e.to_frame().contains(e.code));
+                }
+            }
+        }
+    }
 }

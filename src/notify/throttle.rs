@@ -722,4 +722,38 @@ mod tests {
         t.flush_ready(&mut out);
         assert_eq!(t.buckets.limiter.len(), 0);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Folding any deltas gives their saturating sum per folder: never a wrapped sign.
+            #[test]
+            fn folded_deltas_are_saturating_sums(deltas in prop::collection::vec(any::<i64>(), 1..12)) {
+                let parts: Vec<Prepared> = deltas
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        let mut m = UserMessage::from_event(
+                            &decode(
+                                format!(r#"{{"id":"e{i}","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{{"space_id":"s","path":"/a/f","kind":"file","size":1}}}}"#).as_bytes(),
+                            )
+                            .unwrap(),
+                        );
+                        for f in m.folders.iter_mut().flatten() {
+                            f.size_delta = *d;
+                        }
+                        Prepared::new(m)
+                    })
+                    .collect();
+                let expected = deltas.iter().fold(0i64, |a, d| a.saturating_add(*d));
+                let folded = fold(&Arc::from("s"), &parts);
+                for f in folded.folders.iter().flatten() {
+                    // Saturating addition is not associative at the edges; in order it is exact.
+                    prop_assert_eq!(f.size_delta, expected);
+                }
+            }
+        }
+    }
 }

@@ -127,6 +127,29 @@ pub async fn produce(t: &Topic, events: &Path) {
     assert!(status.success(), "replay --to-kafka failed");
 }
 
+/// A copy of the fixture at `path` whose event ids end in `.<tag>`. Redis outlives a test
+/// (and, on a developer's machine, a whole run): the exactly-once guard rightly drops an event
+/// id it has delivered before, so tests against shared servers need ids of their own. Lines
+/// that are not JSON objects with a string id are copied as they are (bad input stays bad).
+pub fn tagged_fixture(path: &Path, tag: &str) -> tempfile::NamedTempFile {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        match serde_json::from_str::<Value>(line) {
+            Ok(mut v) if v["id"].is_string() => {
+                let id = format!("{}.{tag}", v["id"].as_str().unwrap_or_default());
+                v["id"] = Value::String(id);
+                out.push_str(&v.to_string());
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), out).unwrap();
+    file
+}
+
 /// Creates the 3-partition topic before a consumer subscribes: a consumer that starts on a
 /// missing topic may see it only at its next metadata refresh (minutes), which made tests that
 /// start the consumer first flaky.

@@ -60,6 +60,17 @@ pub async fn frame(ws: &mut Ws, wait: Duration) -> Value {
     }
 }
 
+/// Sends raw text (anything, valid JSON or not) on a WebSocket or its write half.
+pub async fn send_text<S>(ws: &mut S, text: &str)
+where
+    S: futures_util::Sink<Message> + Unpin,
+    S::Error: std::fmt::Debug,
+{
+    ws.send(Message::Text(text.to_owned().into()))
+        .await
+        .expect("send");
+}
+
 pub async fn send(ws: &mut Ws, frame: Value) {
     ws.send(Message::Text(frame.to_string().into()))
         .await
