@@ -157,7 +157,9 @@ async fn session(
             close_with(&mut socket, e.code(), &e.to_string(), CLOSE_POLICY).await;
             return;
         }
-        None => match await_auth_frame(&mut socket, &state).await {
+        // Boxed: most clients authenticate on the upgrade, and this wait's state (timers, the
+        // verification) would otherwise be part of every connection's task.
+        None => match Box::pin(await_auth_frame(&mut socket, &state)).await {
             Some(authed) => authed,
             None => return,
         },
@@ -248,7 +250,7 @@ async fn session(
                         continue;
                     }
                     Some(Err(e)) => {
-                        refuse_unreadable(&mut socket, &e, &identity.user, state.config.max_client_frame).await;
+                        Box::pin(refuse_unreadable(&mut socket, &e, &identity.user, state.config.max_client_frame)).await;
                         break;
                     }
                     Some(Ok(Message::Close(_))) | None => break,
@@ -257,6 +259,7 @@ async fn session(
                 if !frame_budget.take(Instant::now()) {
                     tracing::info!(user = %identity.user, "client frames over the rate; closing");
                     close_with(&mut socket, "rate-limited", &frame_budget.describe(), CLOSE_POLICY).await;
+                    Box::pin(linger(&mut socket)).await;
                     break;
                 }
                 let reply = match parse_client_frame(&text) {
@@ -341,14 +344,14 @@ async fn session(
                             reason: Utf8Bytes::from_static("shutting-down: reconnect and resume"),
                         }))).await
                     };
-                    let _ = tokio::time::timeout(Duration::from_secs(1), told).await;
+                    let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), told)).await;
                     break;
                 }
                 if next == Next::Evicted {
                     tracing::info!(user = %identity.user, position = %cursor.position(), "slow client evicted");
                     let message = "the client did not read fast enough; resume from position";
                     let frame = error_frame_at("slow-consumer", message, &cursor.position());
-                    close_after(&mut socket, frame, "slow-consumer", message, CLOSE_TRY_LATER).await;
+                    Box::pin(close_after(&mut socket, frame, "slow-consumer", message, CLOSE_TRY_LATER)).await;
                     break;
                 }
                 if let Written::Failed = write_frames(&mut socket, &mut batch, &watches, &mut cursor, write_timeout, &identity.user).await {
@@ -363,7 +366,7 @@ async fn session(
                             code: CLOSE_POLICY,
                             reason: Utf8Bytes::from(close_reason("token-expired", "no fresh auth frame in time")),
                         })));
-                        let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
+                        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), close)).await;
                         break;
                     }
                     // Told, not yet dropped: a fresh auth frame within the grace keeps the
@@ -431,7 +434,7 @@ async fn await_auth_frame(
                 let text = match incoming {
                     Some(Ok(Message::Text(text))) => text,
                     Some(Err(e)) => {
-                        refuse_unreadable(socket, &e, "(unauthenticated)", state.config.max_client_frame).await;
+                        Box::pin(refuse_unreadable(socket, &e, "(unauthenticated)", state.config.max_client_frame)).await;
                         return None;
                     }
                     Some(Ok(Message::Close(_))) | None => return None,
@@ -439,6 +442,7 @@ async fn await_auth_frame(
                 };
                 if !frame_budget.take(Instant::now()) {
                     close_with(socket, "rate-limited", &frame_budget.describe(), CLOSE_POLICY).await;
+                    linger(socket).await;
                     return None;
                 }
                 let reply = match parse_client_frame(&text) {
@@ -522,16 +526,20 @@ async fn refuse_unreadable(
         Some((code, close_code, message)) => {
             tracing::info!(%user, %code, %message, "unreadable client frame; closing");
             close_with(socket, code, &message, close_code).await;
-            // Linger a moment before dropping the socket: closing with unread input (the rest
-            // of an oversized frame) makes the kernel send a reset, which destroys the error
-            // and close frames in the client's receive buffer before it reads them. The
-            // stream cannot be parsed past the bad frame, so this waits rather than reads.
-            let linger = Instant::now() + Duration::from_millis(500);
-            while let Ok(Some(Ok(_))) = tokio::time::timeout_at(linger, socket.recv()).await {}
-            sleep_until(linger).await;
+            linger(socket).await;
         }
         None => tracing::debug!(%user, error = %error, "connection lost"),
     }
+}
+
+/// Waits a moment before the socket is dropped after a close the client caused: closing with
+/// unread input (the rest of an oversized frame, a flood of frames) makes the kernel send a
+/// reset, which destroys the error and close frames in the client's receive buffer before it
+/// reads them. Reads what still parses, then waits out the rest.
+async fn linger(socket: &mut WebSocket) {
+    let until = Instant::now() + Duration::from_millis(500);
+    while let Ok(Some(Ok(_))) = tokio::time::timeout_at(until, socket.recv()).await {}
+    sleep_until(until).await;
 }
 
 /// The WebSocket library's error inside axum's.
@@ -546,16 +554,22 @@ impl SourceWs for axum::Error {
 }
 
 /// Sends the error frame and the close frame, giving up after a second: the client may be the
-/// reason for closing (not reading, gone), and must not hold the task.
-async fn close_with(socket: &mut WebSocket, code: &str, message: &str, close_code: u16) {
-    close_after(
+/// reason for closing (not reading, gone), and must not hold the task. Boxed, like every rare
+/// await in a connection's task: inline, its timer would make every idle connection's task as
+/// large as this path's state.
+fn close_with<'a>(
+    socket: &'a mut WebSocket,
+    code: &'a str,
+    message: &'a str,
+    close_code: u16,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    Box::pin(close_after(
         socket,
         error_frame(code, message),
         code,
         message,
         close_code,
-    )
-    .await;
+    ))
 }
 
 /// Sends `frame`, then a close frame whose reason is `code: message`, within a second.
@@ -580,7 +594,8 @@ async fn close_after(
 
 /// Runs `write`, failing it after `limit`. Almost every write completes at its first poll (the
 /// kernel takes the bytes), so the timer, which costs a timer-wheel entry per batch, is only
-/// armed for a write that has to wait.
+/// armed for a write that has to wait, and boxed: inline, the timer would be part of every
+/// idle connection's task (the socket's own stall guard holds the same limit underneath).
 async fn write_within<F: std::future::Future>(
     limit: Duration,
     write: F,
@@ -589,7 +604,7 @@ async fn write_within<F: std::future::Future>(
     let first = std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
     match first {
         std::task::Poll::Ready(output) => Ok(output),
-        std::task::Poll::Pending => tokio::time::timeout(limit, write).await,
+        std::task::Poll::Pending => Box::pin(tokio::time::timeout(limit, write)).await,
     }
 }
 
