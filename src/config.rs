@@ -512,6 +512,16 @@ pub struct GatewayArgs {
     )]
     pub send_queue: usize,
 
+    /// Bytes queued per connection at most; a client that falls this far behind is
+    /// disconnected like one over `--send-queue` (one batch may overshoot either bound).
+    #[arg(
+        long,
+        env = "FOLDERCAST_SEND_QUEUE_BYTES",
+        default_value_t = 4 << 20,
+        value_name = "BYTES"
+    )]
+    pub send_queue_bytes: usize,
+
     /// The largest frame a WebSocket client may send (an `auth` frame carries the whole token,
     /// and OIDC tokens with many groups run to several KB). A larger one gets a
     /// `frame-too-large` error frame and a 1009 close.

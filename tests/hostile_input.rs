@@ -847,3 +847,41 @@ async fn oversized_events_are_rejected_with_a_reason_and_the_rest_is_delivered()
     let (code, _, stderr) = replay(&upload("small", "2026-11-22T10:00:00Z", 1), &["--strict"]);
     assert_eq!(code, 0, "{stderr}");
 }
+
+#[tokio::test]
+async fn a_non_reading_client_is_evicted_by_queued_bytes_not_only_count() {
+    use tokio::io::AsyncWriteExt;
+    // A count no one reaches here, and a byte bound a few messages exceed.
+    let mut server = Server::start(&[
+        "--send-queue",
+        "100000",
+        "--send-queue-bytes",
+        "300000",
+        "--write-timeout",
+        "60s",
+        "--user-rate",
+        "0",
+    ])
+    .await;
+    let mut tcp = small_buffer_tcp(&server.addr).await;
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {}\r\n\r\n",
+        token("alice")
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let deep: String = (0..30).map(|i| format!("/{}{i}", "d".repeat(30))).collect();
+    for round in 0..200 {
+        let events: String = (0..4)
+            .map(|i| format!(r#"{{"id":"qb-{round}-{i}","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{{"space_id":"s-eng","path":"/projects{deep}/f{i}","kind":"file","size":1}}}}"#) + "\n")
+            .collect();
+        server.send_events(&events).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let stats = server.stats().await;
+        if stats["evicted"].as_u64().unwrap() >= 1 {
+            // Evicted long before the write timeout (60 s) or the count (100,000) could act.
+            assert_eq!(stats["write_stalls"], 0, "{stats}");
+            return;
+        }
+    }
+    panic!("never evicted: {}", server.stats().await);
+}

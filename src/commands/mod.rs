@@ -117,7 +117,12 @@ fn gateway_app(
     auth: Arc<Authenticator>,
     g: &GatewayArgs,
 ) -> (Router, Arc<AppState>) {
-    let hub = Hub::new(bus, g.send_queue, g.max_connections_per_user);
+    let hub = Hub::new(
+        bus,
+        g.send_queue,
+        g.send_queue_bytes,
+        g.max_connections_per_user,
+    );
     sink.bind(&(hub.clone() as Arc<dyn DeliverySink>));
     let state = AppState::new(auth, hub, gateway_config(g));
     (gw::router(state.clone()), state)

@@ -41,6 +41,8 @@ pub struct Hub {
     subscription_order: tokio::sync::Mutex<()>,
     bus: Arc<dyn Bus>,
     queue_capacity: usize,
+    /// Bytes queued per connection at most (`--send-queue-bytes`).
+    queue_bytes: usize,
     /// Open connections per user at most (`--max-connections-per-user`).
     max_per_user: usize,
     wakeups: Arc<SessionWakeups>,
@@ -80,9 +82,15 @@ pub struct Registration {
 }
 
 impl Hub {
-    /// A hub over `bus` whose sessions queue up to `queue_capacity` frames, with at most
+    /// A hub over `bus` whose sessions queue up to `queue_capacity` frames and `queue_bytes`
+    /// bytes, with at most
     /// `max_per_user` connections per user (0 = no limit).
-    pub fn new(bus: Arc<dyn Bus>, queue_capacity: usize, max_per_user: usize) -> Arc<Self> {
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        queue_capacity: usize,
+        queue_bytes: usize,
+        max_per_user: usize,
+    ) -> Arc<Self> {
         Arc::new(Hub {
             sessions: Mutex::new(HashMap::new()),
             feed_down: Mutex::new(FeedDown::default()),
@@ -90,6 +98,7 @@ impl Hub {
             subscription_order: tokio::sync::Mutex::new(()),
             bus,
             queue_capacity,
+            queue_bytes,
             max_per_user: if max_per_user == 0 {
                 usize::MAX
             } else {
@@ -125,7 +134,7 @@ impl Hub {
     }
 
     pub async fn register(self: &Arc<Self>, user: Arc<str>) -> Result<Registration, RegisterError> {
-        let queue = Arc::new(SessionQueue::new(self.queue_capacity));
+        let queue = Arc::new(SessionQueue::bounded(self.queue_capacity, self.queue_bytes));
         let _order = self.subscription_order.lock().await;
         let first = {
             let mut sessions = self.sessions.lock().map_err(|_| BusError::Closed)?;

@@ -109,18 +109,30 @@ pub struct SessionQueue {
     /// Set while a wake-up is pending in [`Wakeups`], so a burst marks the session once.
     marked: AtomicBool,
     capacity: usize,
+    /// Bytes queued at most: a count alone let 256 messages of 8 MB pin 2 GB for one client.
+    max_bytes: usize,
 }
 
 struct QueueState {
     frames: VecDeque<Arc<Frame>>,
+    /// The WebSocket text of the queued frames, in bytes.
+    bytes: usize,
     evicted: bool,
 }
 
 impl SessionQueue {
+    /// A queue bounded by frame count only.
     pub fn new(capacity: usize) -> Self {
+        Self::bounded(capacity, usize::MAX)
+    }
+
+    /// A queue of at most `capacity` frames and `max_bytes` bytes (each bound may be overshot
+    /// by one batch, see [`Self::push`]).
+    pub fn bounded(capacity: usize, max_bytes: usize) -> Self {
         SessionQueue {
             state: Mutex::new(QueueState {
                 frames: VecDeque::new(),
+                bytes: 0,
                 evicted: false,
             }),
             gap: AtomicU8::new(GAP_NONE),
@@ -128,6 +140,7 @@ impl SessionQueue {
             notify: Notify::new(),
             marked: AtomicBool::new(false),
             capacity: capacity.max(1),
+            max_bytes: max_bytes.max(1),
         }
     }
 
@@ -153,14 +166,16 @@ impl SessionQueue {
         // up must not be evicted for that). A queue still full when more arrives belongs to a
         // session that is not draining it: that is what eviction is for. At most capacity +
         // one batch is held.
-        if state.frames.len() >= self.capacity {
+        if state.frames.len() >= self.capacity || state.bytes >= self.max_bytes {
             state.evicted = true;
             state.frames = VecDeque::new();
+            state.bytes = 0;
             drop(state);
             self.notify.notify_one();
             return Push::Evicted;
         }
         state.frames.extend(frames.iter().cloned());
+        state.bytes += frames.iter().map(|f| f.ws_text.len()).sum::<usize>();
         Push::Queued
     }
 
@@ -215,6 +230,7 @@ impl SessionQueue {
                     GAP_HELD => {}
                     _ if !state.frames.is_empty() => {
                         out.extend(state.frames.drain(..));
+                        state.bytes = 0;
                         if state.frames.capacity() > 64 {
                             // Give back what a burst grew, so an idle session stays small.
                             state.frames.shrink_to(0);
@@ -361,6 +377,40 @@ mod tests {
         );
         assert_eq!(push(&q, frame("5"), &wakeups), Push::Evicted, "full");
         assert_eq!(push(&q, frame("6"), &wakeups), Push::Gone);
+    }
+
+    #[tokio::test]
+    async fn queues_are_bounded_in_bytes_too() {
+        let wakeups = Wakeups::start();
+        let big = |id: &str| {
+            Arc::new(Frame::new(
+                Utf8Bytes::from(id.to_owned()),
+                "x".into(),
+                Bytes::new(),
+                Utf8Bytes::from("x".repeat(1000)),
+                None,
+            ))
+        };
+        let q = Arc::new(SessionQueue::bounded(100, 2500));
+        for i in 0..3 {
+            assert_eq!(q.push(&[big(&i.to_string())], &wakeups), Push::Queued);
+        }
+        assert_eq!(
+            q.push(&[big("4")], &wakeups),
+            Push::Evicted,
+            "3,000 bytes held"
+        );
+        let q = Arc::new(SessionQueue::bounded(100, 2500));
+        q.push(&[big("1"), big("2")], &wakeups);
+        let mut out = Vec::new();
+        assert_eq!(q.next_batch(&mut out).await, Next::Frames);
+        for i in 0..3 {
+            assert_eq!(
+                q.push(&[big(&i.to_string())], &wakeups),
+                Push::Queued,
+                "drained"
+            );
+        }
     }
 
     #[tokio::test]
