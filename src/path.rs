@@ -99,7 +99,7 @@ pub fn is_within(path: &str, folder: &str) -> bool {
     }
 }
 
-fn parent_str(path: &str) -> Option<&str> {
+pub(crate) fn parent_str(path: &str) -> Option<&str> {
     if path == "/" {
         return None;
     }

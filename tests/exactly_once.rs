@@ -167,11 +167,11 @@ async fn watch(
                         });
                         top = top.max(Some(n));
                     }
-                    for f in m["folders"].as_array().into_iter().flatten() {
+                    for (folder, delta) in common::folder_changes(m) {
                         seen.push(Seen::Delta {
                             space: space.clone(),
-                            folder: f["path"].as_str().unwrap().to_owned(),
-                            delta: f["size_delta"].as_i64().unwrap(),
+                            folder,
+                            delta,
                         });
                     }
                 }

@@ -448,10 +448,11 @@ async fn a_client_that_does_not_read_is_evicted_and_others_are_unharmed() {
     let mut healthy = connect(&server.ws_url("/ws"), Some(&token("bob"))).await;
     ready(&mut healthy, "bob").await;
 
-    // 400 events with deep, long paths (~70 KB per message, 28 MB in all), paced so a reading
-    // client keeps up while the other one's socket buffers and queue fill.
-    const EVENTS: usize = 400;
-    let deep: String = (0..60).map(|i| format!("/{}{i}", "d".repeat(38))).collect();
+    // 2,000 events with 4 KB paths (~8 KB per message, 16 MB in all: more than the socket
+    // buffers hold), paced so a reading client keeps up while the other one's socket buffers
+    // and queue fill.
+    const EVENTS: usize = 2000;
+    let deep: String = (0..60).map(|i| format!("/{}{i}", "d".repeat(62))).collect();
     let events: Vec<String> = (0..EVENTS)
         .map(|i| format!(r#"{{"id":"big-{i}","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{{"space_id":"s-eng","path":"{deep}/f{i}","kind":"file","size":1}}}}"#) + "\n")
         .collect();
@@ -468,11 +469,11 @@ async fn a_client_that_does_not_read_is_evicted_and_others_are_unharmed() {
         // Kept open: the count below must see this connection and not the evicted one.
         (n, healthy)
     });
-    // 10 events per 100 ms: about 7 MB/s to each client, which this test's own reader (a
-    // debug build parsing every 70 KB frame) keeps up with; 25 ms was at its limit and flaky.
-    for chunk in events.chunks(10) {
+    // 20 events per 50 ms: about 3 MB/s to each client, which this test's own reader (a debug
+    // build parsing every frame) keeps up with.
+    for chunk in events.chunks(20) {
         server.send_events(&chunk.concat()).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (received, healthy) = reader.await.unwrap();
     assert_eq!(received, EVENTS, "a reading client gets everything");

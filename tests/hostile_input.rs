@@ -611,9 +611,10 @@ async fn a_non_reading_sse_client_is_closed_by_the_write_timeout() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // ~30 KB per message; paced, so the pipeline (a debug build here) never starves the
-    // connection's task, and the socket's buffers fill long before the queue would drain.
-    let deep: String = (0..30).map(|i| format!("/{}{i}", "d".repeat(30))).collect();
+    // ~8 KB per message (4 KB paths); paced, so the pipeline (a debug build here) never
+    // starves the connection's task, and the socket's buffers fill long before the queue would
+    // drain.
+    let deep: String = (0..60).map(|i| format!("/{}{i}", "d".repeat(62))).collect();
     for round in 0..400 {
         // Fewer per burst than the queue holds: only a stalled socket gets this client evicted.
         let events: String = (0..4)
@@ -869,9 +870,10 @@ async fn a_non_reading_client_is_evicted_by_queued_bytes_not_only_count() {
         token("alice")
     );
     tcp.write_all(request.as_bytes()).await.unwrap();
-    let deep: String = (0..30).map(|i| format!("/{}{i}", "d".repeat(30))).collect();
-    for round in 0..200 {
-        let events: String = (0..4)
+    // ~8 KB per message (4 KB paths): the socket's buffers fill first, then the queue's bytes.
+    let deep: String = (0..60).map(|i| format!("/{}{i}", "d".repeat(62))).collect();
+    for round in 0..400 {
+        let events: String = (0..8)
             .map(|i| format!(r#"{{"id":"qb-{round}-{i}","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{{"space_id":"s-eng","path":"/projects{deep}/f{i}","kind":"file","size":1}}}}"#) + "\n")
             .collect();
         server.send_events(&events).await;
@@ -884,4 +886,51 @@ async fn a_non_reading_client_is_evicted_by_queued_bytes_not_only_count() {
         }
     }
     panic!("never evicted: {}", server.stats().await);
+}
+
+#[test]
+fn a_message_grows_linearly_with_its_event() {
+    // A 4,000-byte path of 2,000 levels used to become an 8 MB message per recipient.
+    let deep = "/d".repeat(1999) + "/f";
+    let event = |id: &str, path: &str, old: Option<&str>| {
+        let (kind, old) = match old {
+            Some(o) => ("item-moved", format!(r#","old_path":"{o}""#)),
+            None => ("file-uploaded", String::new()),
+        };
+        format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"t","type":"{kind}","time":"2026-11-22T10:00:00Z","data":{{"space_id":"s-eng","path":"{path}"{old},"kind":"file","size":1}}}}"#
+        ) + "\n"
+    };
+    let moved = format!("/x{deep}");
+    let lines = event("deep-up", &deep, None) + &event("deep-mv", &moved, Some(&deep));
+    let (code, stdout, stderr) = replay(&lines, &["--strict"]);
+    assert_eq!(code, 0, "{stderr}");
+    let mut seen = 0;
+    for line in stdout.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let input = if v["message"]["event_id"] == "deep-up" {
+            lines.lines().next()
+        } else {
+            lines.lines().nth(1)
+        };
+        let input = input.unwrap().len();
+        assert!(
+            line.len() < 4 * input,
+            "a {input}-byte event became a {}-byte message",
+            line.len()
+        );
+        // Still every folder's change, for a client that applies the runs.
+        let changes = common::folder_changes(&v["message"]);
+        if v["message"]["event_id"] == "deep-up" {
+            assert_eq!(changes.len(), 2000, "1,999 folders and the root");
+        } else {
+            assert!(
+                changes.len() >= 4000,
+                "old and new ancestors: {}",
+                changes.len()
+            );
+        }
+        seen += 1;
+    }
+    assert!(seen >= 2, "{stdout}");
 }

@@ -1,8 +1,18 @@
 //! Folder deltas: how each ancestor folder's size and mtime change with one event.
 //!
 //! This is what lets a user looking at `/f1/f2` see `/f1/f2/f3` grow when a file lands in
-//! `/f1/f2/f3/f4`: every folder from the item's parent up to the space root is listed, nearest
-//! first, with the size it gained or lost and the event time as its new mtime.
+//! `/f1/f2/f3/f4`: every folder from the item's parent up to the space root changes, with the
+//! size it gained or lost and the event time as its new mtime.
+//!
+//! # Runs, not lists: a message grows linearly with its event
+//! Listing every ancestor with its full path made a message quadratic in the path's length:
+//! one event with a 4,000-byte path of 2,000 levels became 8 MB per recipient. Ancestors that
+//! change alike form a *run*: `{"path": P, "levels": n}` stands for `P` and the `n - 1`
+//! folders above it. An upload, a trash or a restore is one run from the item's parent to the
+//! root; a move is at most three (folders only above the new place gain the size, folders only
+//! above the old place lose it, the common ancestors are touched). A client applies a run by
+//! walking up from `P`, or, for the folder on screen `V`, by checking whether a child `C` of
+//! `V` lies on it: `P` is `C` or below it, at most `n - 1` levels down.
 
 use std::sync::Arc;
 
@@ -10,17 +20,27 @@ use serde::Serialize;
 
 use crate::event::{EventType, ItemChange};
 
-/// One ancestor folder's change.
+/// A change shared by a folder and the `levels - 1` folders above it (nearest first).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FolderDelta {
     pub path: Arc<str>,
     pub size_delta: i64,
     pub mtime: Arc<str>,
+    /// How many folders the change applies to, from `path` upwards (1: `path` alone).
+    pub levels: u32,
 }
 
-/// The deltas of every folder above `item` (and above `old_path` for moves), each once, never
-/// the item itself. For a move, folders above only the old path lose the size, folders above
-/// only the new path gain it, and common ancestors are unchanged in size but touched.
+impl FolderDelta {
+    /// Every folder the run covers, nearest first.
+    pub fn folders(&self) -> impl Iterator<Item = &str> {
+        std::iter::successors(Some(&*self.path), |p| crate::path::parent_str(p))
+            .take(self.levels as usize)
+    }
+}
+
+/// The runs of folder changes above `item` (and above `old_path` for moves), each folder once,
+/// never the item itself. For a move, folders above only the old path lose the size, folders
+/// above only the new path gain it, and common ancestors are unchanged in size but touched.
 pub fn folder_deltas(
     event_type: EventType,
     item: &ItemChange,
@@ -34,36 +54,81 @@ pub fn folder_deltas(
         EventType::ItemMoved => size,
         _ => 0,
     };
-    let delta_at = |path: &str| FolderDelta {
-        path: Arc::from(path),
-        size_delta: delta,
-        mtime: time.clone(),
+    let run = |folders: &[&str], size_delta: i64| -> Option<FolderDelta> {
+        let first = folders.first()?;
+        Some(FolderDelta {
+            path: Arc::from(*first),
+            size_delta,
+            mtime: time.clone(),
+            levels: u32::try_from(folders.len()).unwrap_or(u32::MAX),
+        })
     };
 
-    let Some(old) = &item.old_path else {
-        return item.path.ancestors().map(delta_at).collect();
-    };
     let new_ancestors: Vec<&str> = item.path.ancestors().collect();
+    let Some(old) = &item.old_path else {
+        return run(&new_ancestors, delta).into_iter().collect();
+    };
     let old_ancestors: Vec<&str> = old.ancestors().collect();
-    let is_item = |p: &str| p == item.path.as_str() || p == old.as_str();
-    let mut out = Vec::with_capacity(new_ancestors.len() + old_ancestors.len());
-    for p in &new_ancestors {
-        if is_item(p) {
-            continue;
-        }
-        let mut d = delta_at(p);
-        if old_ancestors.contains(p) {
-            d.size_delta = 0;
-        }
-        out.push(d);
+    // Ancestor lists end at the root; the common part is their shared tail.
+    let common = new_ancestors
+        .iter()
+        .rev()
+        .zip(old_ancestors.iter().rev())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let new_only = &new_ancestors[..new_ancestors.len() - common];
+    let old_only = &old_ancestors[..old_ancestors.len() - common];
+    let is_item = |p: &&str| *p == item.path.as_str() || *p == old.as_str();
+    if new_only.iter().chain(old_only).any(is_item) {
+        // A folder moved into itself or out of its own parent chain: not a real move, but
+        // keep each folder once, one by one.
+        return per_folder(
+            &new_ancestors,
+            &old_ancestors,
+            common,
+            delta,
+            size,
+            time,
+            is_item,
+        );
     }
-    for p in &old_ancestors {
-        if is_item(p) || new_ancestors.contains(p) {
-            continue;
+    [
+        run(new_only, delta),
+        run(&new_ancestors[new_ancestors.len() - common..], 0),
+        run(old_only, -size),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// The one-folder-per-entry fallback for moves whose paths contain each other.
+fn per_folder(
+    new_ancestors: &[&str],
+    old_ancestors: &[&str],
+    common: usize,
+    delta: i64,
+    size: i64,
+    time: &Arc<str>,
+    is_item: impl Fn(&&str) -> bool,
+) -> Vec<FolderDelta> {
+    let one = |p: &str, size_delta| FolderDelta {
+        path: Arc::from(p),
+        size_delta,
+        mtime: time.clone(),
+        levels: 1,
+    };
+    let new_only = new_ancestors.len() - common;
+    let mut out = Vec::new();
+    for (i, p) in new_ancestors.iter().enumerate() {
+        if !is_item(p) {
+            out.push(one(p, if i < new_only { delta } else { 0 }));
         }
-        let mut d = delta_at(p);
-        d.size_delta = -size;
-        out.push(d);
+    }
+    for p in &old_ancestors[..old_ancestors.len() - common] {
+        if !is_item(p) && !new_ancestors.contains(p) {
+            out.push(one(p, -size));
+        }
     }
     out
 }
@@ -86,8 +151,11 @@ mod tests {
         }
     }
 
+    /// Each folder with its delta, runs expanded.
     fn summary(d: &[FolderDelta]) -> Vec<(&str, i64)> {
-        d.iter().map(|f| (&*f.path, f.size_delta)).collect()
+        d.iter()
+            .flat_map(|f| f.folders().map(move |p| (p, f.size_delta)))
+            .collect()
     }
 
     #[test]
@@ -145,5 +213,28 @@ mod tests {
             summary(&folder_deltas(EventType::ItemMoved, &up, &t)),
             [("/", 0), ("/a", -7)]
         );
+    }
+
+    #[test]
+    fn a_deep_path_is_one_run_not_a_list() {
+        let t: Arc<str> = Arc::from("2026-11-22T10:00:00Z");
+        let deep = format!("{}/f", "/d".repeat(2000));
+        let up = item(&deep, None, 1, 1);
+        let runs = folder_deltas(EventType::FileUploaded, &up, &t);
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].levels, 2001, "2,000 folders and the root");
+        assert_eq!(runs[0].folders().count(), 2001);
+        assert_eq!(runs[0].folders().last(), Some("/"));
+        let bytes = serde_json::to_vec(&runs).unwrap().len();
+        assert!(
+            bytes < deep.len() + 200,
+            "{bytes} bytes for a {}-byte path",
+            deep.len()
+        );
+        let mv = item(&format!("{deep}2"), Some(&format!("/x{deep}")), 1, 0);
+        let runs = folder_deltas(EventType::ItemMoved, &mv, &t);
+        assert!(runs.len() <= 3);
+        let bytes = serde_json::to_vec(&runs).unwrap().len();
+        assert!(bytes < 3 * deep.len() + 600, "{bytes}");
     }
 }

@@ -209,9 +209,7 @@ mod tests {
             m,
             serde_json::json!({"event_id":"e-42","type":"file-uploaded","space_id":"s-eng","actor":"alice","time":"2026-11-22T10:00:00.123Z",
               "item":{"path":"/f1/f2/report.pdf","old_path":null,"kind":"file","size":2048,"item_id":"i","etag":"t"},
-              "folders":[{"path":"/f1/f2","size_delta":2048,"mtime":"2026-11-22T10:00:00.123Z"},
-                         {"path":"/f1","size_delta":2048,"mtime":"2026-11-22T10:00:00.123Z"},
-                         {"path":"/","size_delta":2048,"mtime":"2026-11-22T10:00:00.123Z"}]})
+              "folders":[{"path":"/f1/f2","size_delta":2048,"mtime":"2026-11-22T10:00:00.123Z","levels":3}]})
         );
     }
 

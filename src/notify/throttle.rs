@@ -326,7 +326,7 @@ fn fold(space: &Arc<str>, parts: &[Prepared]) -> UserMessage {
     let mut mixed_actors = false;
     let mut time: Arc<str> = Arc::from("");
     let mut items: IndexMap<String, ItemUpdate> = IndexMap::new();
-    let mut folders: IndexMap<Arc<str>, (i64, Arc<str>)> = IndexMap::new();
+    let mut folders: IndexMap<(Arc<str>, u32), (i64, Arc<str>)> = IndexMap::new();
     for part in parts {
         let m = &part.message;
         if let Some(ids) = &m.event_ids {
@@ -352,13 +352,18 @@ fn fold(space: &Arc<str>, parts: &[Prepared]) -> UserMessage {
                 },
             );
         }
+        // Summed per run (a folder and how far up): as linear as the parts, and exact for a
+        // client that applies every run.
         for FolderDelta {
             path,
             size_delta,
             mtime,
+            levels,
         } in m.folders.iter().flatten()
         {
-            let slot = folders.entry(path.clone()).or_insert((0, mtime.clone()));
+            let slot = folders
+                .entry((path.clone(), *levels))
+                .or_insert((0, mtime.clone()));
             // Each event's delta is bounded (`event::MAX_SIZE`), but a long coalesced run must
             // still never wrap around into a wrong sign.
             slot.0 = slot.0.saturating_add(*size_delta);
@@ -375,10 +380,11 @@ fn fold(space: &Arc<str>, parts: &[Prepared]) -> UserMessage {
         folders: Some(
             folders
                 .into_iter()
-                .map(|(path, (size_delta, mtime))| FolderDelta {
+                .map(|((path, levels), (size_delta, mtime))| FolderDelta {
                     path,
                     size_delta,
                     mtime,
+                    levels,
                 })
                 .collect(),
         ),
@@ -402,6 +408,20 @@ mod tests {
             r#"{{"id":"{id}","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{{"space_id":"{space}","path":"{path}","kind":"file","size":{size},"actor":"alice"}}}}"#
         );
         Prepared::new(UserMessage::from_event(&decode(json.as_bytes()).unwrap()))
+    }
+
+    /// A message's folder changes, runs expanded and summed per folder.
+    fn per_folder(m: &Value) -> std::collections::BTreeMap<String, i64> {
+        let mut sums = std::collections::BTreeMap::new();
+        for f in m["folders"].as_array().into_iter().flatten() {
+            let mut path = Some(f["path"].as_str().unwrap().to_owned());
+            for _ in 0..f["levels"].as_u64().unwrap() {
+                let Some(p) = path else { break };
+                *sums.entry(p.clone()).or_insert(0) += f["size_delta"].as_i64().unwrap();
+                path = crate::path::parent_str(&p).map(str::to_owned);
+            }
+        }
+        sums
     }
 
     fn parse(out: &[Outgoing]) -> Vec<Value> {
@@ -487,20 +507,9 @@ mod tests {
         );
         assert_eq!(c["items"][0]["size"], 30);
         assert_eq!(c["items"][0]["event_id"], "e3");
-        let folders: Vec<(String, i64)> = c["folders"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| {
-                (
-                    f["path"].as_str().unwrap().to_owned(),
-                    f["size_delta"].as_i64().unwrap(),
-                )
-            })
-            .collect();
         assert_eq!(
-            folders,
-            [("/a/b".into(), 50), ("/a".into(), 50), ("/".into(), 50)],
+            per_folder(c),
+            [("/a/b".into(), 50), ("/a".into(), 50), ("/".into(), 50)].into(),
             "deltas summed per folder"
         );
         assert_eq!(t.pending_users(), 0);
@@ -652,10 +661,15 @@ mod tests {
         let rebuilt = without(&["e3"]).unwrap();
         let m: Value = serde_json::from_slice(&rebuilt.payload).unwrap();
         assert_eq!(m["event_ids"], serde_json::json!(["e2", "e4"]));
-        assert_eq!(m["folders"][0]["path"], "/a");
-        assert_eq!(m["folders"][0]["size_delta"], 10);
-        assert_eq!(m["folders"][1]["path"], "/");
-        assert_eq!(m["folders"][1]["size_delta"], 1010);
+        assert_eq!(
+            per_folder(&m),
+            [
+                ("/".to_owned(), 1010),
+                ("/a".to_owned(), 10),
+                ("/b".to_owned(), 1000)
+            ]
+            .into()
+        );
         assert_eq!(rebuilt.user, bob);
         // One left: the original message, as it was.
         let single = without(&["e2", "e4"]).unwrap();

@@ -146,6 +146,33 @@ impl Server {
     }
 }
 
+/// A message's folder changes as (folder, delta), one per folder: each `folders` entry is a
+/// run covering its `path` and the `levels - 1` folders above it.
+pub fn folder_changes(message: &Value) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for run in message["folders"].as_array().into_iter().flatten() {
+        let delta = run["size_delta"].as_i64().expect("size_delta");
+        let mut path = run["path"].as_str().expect("path").to_owned();
+        for n in 0..run["levels"].as_u64().expect("levels") {
+            out.push((path.clone(), delta));
+            if path == "/" {
+                assert_eq!(
+                    n + 1,
+                    run["levels"].as_u64().unwrap(),
+                    "a run past the root"
+                );
+                break;
+            }
+            path = match path.rfind('/') {
+                Some(0) => "/".to_owned(),
+                Some(i) => path[..i].to_owned(),
+                None => panic!("relative path in a run: {path}"),
+            };
+        }
+    }
+    out
+}
+
 /// `replay --print` of a fixture: the expected deliveries, as (user, message) pairs.
 pub fn replay_print(
     events: &Path,
