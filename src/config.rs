@@ -750,6 +750,14 @@ pub struct BenchConsumeArgs {
     /// drifts over minutes). The median round is reported.
     #[arg(long, env = "FOLDERCAST_BENCH_ROUNDS", default_value_t = 3)]
     pub rounds: usize,
+    /// The consumer's `--user-rate` (0: limit off). The trace gives each user about 4
+    /// messages a second, so at the default 20 nothing is coalesced and every message still
+    /// counts: this measures what the limiter costs on the way.
+    #[arg(long, env = "FOLDERCAST_BENCH_USER_RATE", default_value_t = 0.0)]
+    pub user_rate: f64,
+    /// The consumer's `--user-burst`.
+    #[arg(long, env = "FOLDERCAST_BENCH_USER_BURST", default_value_t = 40)]
+    pub user_burst: u32,
 }
 
 #[derive(Debug, Args)]
