@@ -318,7 +318,16 @@ async fn a_users_burst_is_one_channel_message() {
     let log = history(&target, &alice).await;
     let expected: Vec<u8> = log
         .iter()
-        .flat_map(|(id, m)| format!("{id} {}\n{m}", m.len()).into_bytes())
+        .enumerate()
+        .flat_map(|(i, (position, m))| {
+            // A new stream's first entry names the epoch; the others only their stream id.
+            let id = if i == 0 {
+                position.as_str()
+            } else {
+                position.split_once(':').map_or("", |(_, id)| id)
+            };
+            format!("{id} {}\n{m}", m.len()).into_bytes()
+        })
         .collect();
     assert_eq!(log.len(), 3);
     assert_eq!(
@@ -1078,4 +1087,117 @@ async fn coalesced_messages_deliver_each_event_once_on_standalone_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalesced_messages_deliver_each_event_once_on_a_cluster() {
     coalesced_messages_deliver_each_event_once(RedisTarget::Cluster(redis_cluster_nodes())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipients_of_one_payload_share_its_bytes() {
+    let (tx, mut rx) = mpsc::channel(256);
+    let bus = RedisBus::connect(
+        &RedisTarget::Standalone(redis_url()),
+        RedisOptions::default(),
+        Some(tx),
+    )
+    .await
+    .expect("connect");
+    let users: Vec<Arc<str>> = (0..50)
+        .map(|i| Arc::from(unique(&format!("sharer{i}"))))
+        .collect();
+    for u in &users {
+        bus.subscribe(u).await.expect("subscribe");
+    }
+    let event = unique("shared-event");
+    let payload = Bytes::from(format!(
+        r#"{{"event_id":"{event}","pad":"{}"}}"#,
+        "x".repeat(4000)
+    ));
+    let batch: Vec<Outgoing> = users
+        .iter()
+        .map(|u| Outgoing::for_event(u.clone(), payload.clone(), Some(Arc::from(event.as_str()))))
+        .collect();
+    bus.publish(&batch).await.expect("publish");
+    let mut delivered = Vec::new();
+    for _ in &users {
+        delivered.push(recv(&mut rx).await);
+    }
+    // Fifty pushes, one per user's channel, and one buffer behind every delivery.
+    assert!(delivered.iter().all(|d| d.payload == payload));
+    let first = delivered[0].payload.as_ptr();
+    assert!(
+        delivered.iter().all(|d| d.payload.as_ptr() == first),
+        "every recipient shares the first one's buffer"
+    );
+}
+
+/// The epoch a user's deliveries carry is the one their history holds, however it began: by a
+/// publish to a new stream, by a read before any publish, or anew after the meta key was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_carry_the_epoch_the_history_holds() {
+    let target = RedisTarget::Standalone(redis_url());
+    let (tx, mut rx) = mpsc::channel(64);
+    let bus = RedisBus::connect(&target, RedisOptions::default(), Some(tx))
+        .await
+        .expect("connect");
+    let epoch_of = |position: &str| position.split_once(':').unwrap().0.to_owned();
+
+    // Published to a new stream: the first entry announces the epoch.
+    let newcomer: Arc<str> = Arc::from(unique("newcomer"));
+    bus.subscribe(&newcomer).await.unwrap();
+    bus.publish(&[
+        msg(&newcomer, &unique("n1"), "a"),
+        msg(&newcomer, &unique("n2"), "b"),
+    ])
+    .await
+    .unwrap();
+    let (d1, d2) = (recv(&mut rx).await, recv(&mut rx).await);
+    let log = history(&target, &newcomer).await;
+    assert_eq!([&*d1.id, &*d2.id], [log[0].0.as_str(), log[1].0.as_str()]);
+
+    // Read before anything was published: the read starts the history and announces it.
+    let reader: Arc<str> = Arc::from(unique("reader"));
+    bus.subscribe(&reader).await.unwrap();
+    let top = bus
+        .catch_up(&reader, None, 10)
+        .await
+        .unwrap()
+        .top()
+        .to_owned();
+    bus.publish(&[msg(&reader, &unique("r1"), "a")])
+        .await
+        .unwrap();
+    let d = recv(&mut rx).await;
+    assert_eq!(epoch_of(&d.id), epoch_of(&top));
+    assert_eq!(&*d.id, history(&target, &reader).await[0].0.as_str());
+
+    // The meta key is lost while the stream lives: the next read starts a new epoch, and the
+    // deliveries after it carry that one, so positions handed out match the history again.
+    let mut c = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = c
+        .del(foldercast::bus::redis::keys::meta(&reader))
+        .await
+        .unwrap();
+    let top = bus
+        .catch_up(&reader, None, 10)
+        .await
+        .unwrap()
+        .top()
+        .to_owned();
+    assert_ne!(epoch_of(&top), epoch_of(&d.id), "a new epoch");
+    bus.publish(&[msg(&reader, &unique("r2"), "b")])
+        .await
+        .unwrap();
+    let after = recv(&mut rx).await;
+    assert_eq!(epoch_of(&after.id), epoch_of(&top));
+    let log = history(&target, &reader).await;
+    assert_eq!(&*after.id, log.last().unwrap().0.as_str());
+    // A client resuming from it recovers (nothing missed since).
+    let since = Position::parse(&after.id).unwrap();
+    assert!(matches!(
+        bus.catch_up(&reader, Some(&since), 10).await.unwrap(),
+        Catchup::Recovered { .. }
+    ));
+    nothing_more(&mut rx).await;
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 
-use super::protocol::{Route, message_type_of, server_frame, write_server_frame};
+use super::protocol::{Route, message_type_of};
 use super::session::{Frame, Push, SessionQueue, SessionWakeups};
 use crate::bus::{Bus, BusError, Delivery, DeliverySink, FeedEvents};
 
@@ -208,61 +208,24 @@ impl Hub {
     }
 }
 
-/// The frames every connection of the user is sent, built once, all in one buffer: each frame's
-/// text and id are slices of it, so a batch costs one allocation there, not two per message
+/// The frames every connection of the user is sent, built once. Each keeps the payload it was
+/// handed (a buffer shared by every recipient of the same bytes, not a copy per user); the ids
+/// are slices of one buffer, so a batch costs one allocation for them, not one per message
 /// (freed on another thread, those showed in the profile).
 pub(super) fn frames_of(messages: &[(&str, Bytes)]) -> Vec<Arc<Frame>> {
-    struct Span {
-        text: std::ops::Range<usize>,
-        id: std::ops::Range<usize>,
-        message_type: Cow<'static, str>,
-        resync: Option<Route>,
-    }
-    let size = messages
-        .iter()
-        .map(|(id, payload)| payload.len() + 2 * id.len() + 96)
-        .sum();
-    let mut buf = Vec::with_capacity(size);
-    let mut spans = Vec::with_capacity(messages.len());
-    for (id, payload) in messages {
-        // Only the type is needed for every delivery; a resync (rare) also needs its space.
-        let message_type = intern_type(message_type_of(payload).unwrap_or_default());
-        let resync = (message_type == "resync").then(|| Route::of_payload(payload));
-        let start = buf.len();
-        write_server_frame(
-            &mut buf,
-            id,
-            payload,
-            resync.as_ref().map(|r| r.space_id.as_str()),
-        );
-        let text_end = buf.len();
-        buf.extend_from_slice(id.as_bytes());
-        spans.push(Span {
-            text: start..text_end,
-            id: text_end..buf.len(),
-            message_type,
-            resync,
-        });
-    }
-    let buf = Bytes::from(buf);
+    let ids = Bytes::from(messages.iter().map(|(id, _)| *id).collect::<String>());
+    let mut at = 0;
     messages
         .iter()
-        .zip(spans)
-        .map(|((id, payload), span)| {
-            let text = Utf8Bytes::try_from(buf.slice(span.text)).unwrap_or_else(|_| {
-                // A payload that is not UTF-8: the frame carries `null` instead.
-                let space = span.resync.as_ref().map(|r| r.space_id.as_str());
-                Utf8Bytes::from(server_frame(id, payload, space))
-            });
+        .map(|(id, payload)| {
+            // Only the type is needed for every delivery; a resync (rare) also needs its space.
+            let message_type = intern_type(message_type_of(payload).unwrap_or_default());
+            let resync = (message_type == "resync").then(|| Route::of_payload(payload));
+            let end = at + id.len();
             let id =
-                Utf8Bytes::try_from(buf.slice(span.id)).unwrap_or_else(|_| Utf8Bytes::from(*id));
-            Arc::new(Frame::new(
-                id,
-                span.message_type,
-                payload.clone(),
-                text,
-                span.resync,
-            ))
+                Utf8Bytes::try_from(ids.slice(at..end)).unwrap_or_else(|_| Utf8Bytes::from(*id));
+            at = end;
+            Arc::new(Frame::new(id, message_type, payload.clone(), resync))
         })
         .collect()
 }
@@ -373,7 +336,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_batch_of_frames_shares_one_buffer_and_each_is_whole() {
+    fn frames_keep_the_payload_they_were_handed_and_each_is_whole() {
         let resync = Bytes::from_static(br#"{"type":"resync","space_id":"s1","reason":"behind"}"#);
         let upload = Bytes::from_static(br#"{"type":"file-uploaded","space_id":"s1"}"#);
         let not_utf8 = Bytes::from_static(b"\xff\xfe");
@@ -385,9 +348,12 @@ mod tests {
         ];
         let frames = frames_of(&messages);
         assert_eq!(frames.len(), 4);
+        // The payload is the bus's buffer, not a copy: every recipient of it shares it.
+        assert_eq!(frames[0].payload.as_ptr(), messages[0].1.as_ptr());
+        assert_eq!(frames[2].payload.as_ptr(), messages[0].1.as_ptr());
         let json: Vec<serde_json::Value> = frames
             .iter()
-            .map(|f| serde_json::from_str(f.ws_text.as_str()).expect("each frame is JSON"))
+            .map(|f| serde_json::from_str(f.ws_text().as_str()).expect("each frame is JSON"))
             .collect();
         assert_eq!(json[0]["type"], "event");
         assert_eq!(json[0]["id"], "1-0");

@@ -243,10 +243,9 @@ pub fn server_frame(id: &str, payload: &[u8], resync_space: Option<&str>) -> Str
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// Appends [`server_frame`]'s bytes to `out`, with the payload's bytes as they are: the caller
-/// checks the result is UTF-8 (the gateway builds a batch of frames in one buffer and checks
-/// each frame once).
-pub fn write_server_frame(out: &mut Vec<u8>, id: &str, payload: &[u8], resync_space: Option<&str>) {
+/// Appends [`server_frame`]'s bytes to `out`, with the payload's bytes as they are (checked to
+/// be UTF-8 by the caller).
+fn write_server_frame(out: &mut Vec<u8>, id: &str, payload: &[u8], resync_space: Option<&str>) {
     let quoted = |out: &mut Vec<u8>, s: &str| {
         if s.bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')

@@ -20,7 +20,7 @@ use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::protocol::{FrameError, Route};
+use super::protocol::{FrameError, Route, server_frame};
 use super::wakeups::{Wake, Wakeups};
 
 /// The hub's wake-ups, batched per burst of arrivals.
@@ -33,9 +33,10 @@ pub struct Frame {
     pub id: Utf8Bytes,
     /// The user message's `type` (the SSE `event:` name).
     pub message_type: std::borrow::Cow<'static, str>,
+    /// The message as the bus handed it over: one buffer shared by every recipient of the same
+    /// bytes (see `frames_of` in the hub and the Redis bus's payload sharing), never copied per
+    /// user, so a queue holds a reference rather than its own copy.
     pub payload: Bytes,
-    /// The WebSocket text frame, built once.
-    pub ws_text: Utf8Bytes,
     /// Parsed only when a connection with watches needs it.
     route: OnceLock<Route>,
 }
@@ -45,7 +46,6 @@ impl Frame {
         id: Utf8Bytes,
         message_type: std::borrow::Cow<'static, str>,
         payload: Bytes,
-        ws_text: Utf8Bytes,
         route: Option<Route>,
     ) -> Self {
         let cell = OnceLock::new();
@@ -56,9 +56,21 @@ impl Frame {
             id,
             message_type,
             payload,
-            ws_text,
             route: cell,
         }
+    }
+
+    /// The WebSocket text frame, built when it is sent rather than kept: a copy per user of
+    /// every queued message is what let a few large events pin gigabytes (issue 12).
+    pub fn ws_text(&self) -> Utf8Bytes {
+        let resync_space = (self.message_type == "resync").then(|| self.route().space_id.as_str());
+        Utf8Bytes::from(server_frame(&self.id, &self.payload, resync_space))
+    }
+
+    /// Bytes the frame accounts for in a queue: its payload (perhaps shared), its id, and about
+    /// what its WebSocket text adds.
+    pub fn size(&self) -> usize {
+        self.payload.len() + self.id.len() + 48
     }
 
     pub fn route(&self) -> &Route {
@@ -175,7 +187,7 @@ impl SessionQueue {
             return Push::Evicted;
         }
         state.frames.extend(frames.iter().cloned());
-        state.bytes += frames.iter().map(|f| f.ws_text.len()).sum::<usize>();
+        state.bytes += frames.iter().map(|f| f.size()).sum::<usize>();
         Push::Queued
     }
 
@@ -332,8 +344,7 @@ mod tests {
         Arc::new(Frame::new(
             Utf8Bytes::from(id),
             "x".into(),
-            Bytes::new(),
-            Utf8Bytes::from_static("{}"),
+            Bytes::from_static(b"{}"),
             None,
         ))
     }
@@ -386,8 +397,7 @@ mod tests {
             Arc::new(Frame::new(
                 Utf8Bytes::from(id.to_owned()),
                 "x".into(),
-                Bytes::new(),
-                Utf8Bytes::from("x".repeat(1000)),
+                Bytes::from("x".repeat(1000 - 48 - id.len())),
                 None,
             ))
         };
@@ -562,8 +572,7 @@ mod wakeup_tests {
         Arc::new(Frame::new(
             Utf8Bytes::from_static("1"),
             "x".into(),
-            bytes::Bytes::new(),
-            Utf8Bytes::from_static("{}"),
+            bytes::Bytes::from_static(b"{}"),
             None,
         ))
     }

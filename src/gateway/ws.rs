@@ -85,7 +85,7 @@ async fn write_frames(
         for frame in frames.drain(..) {
             match cursor.admit(&frame.id) {
                 Admit::Deliver if frame.passes(watches) => {
-                    socket.feed(Message::Text(frame.ws_text.clone())).await?;
+                    socket.feed(Message::Text(frame.ws_text())).await?;
                 }
                 Admit::Deliver | Admit::Duplicate => {}
                 Admit::NewEpoch => {
@@ -93,7 +93,7 @@ async fn write_frames(
                     let lost = Resumed::epoch_lost(&frame.id);
                     socket.feed(Message::Text(lost.frame(0).into())).await?;
                     if frame.passes(watches) {
-                        socket.feed(Message::Text(frame.ws_text.clone())).await?;
+                        socket.feed(Message::Text(frame.ws_text())).await?;
                     }
                 }
             }

@@ -8,7 +8,7 @@
 //! `fc:{user}:meta` holds `epoch` and `floor` (where this lifetime of the stream begins: a
 //! position below it cannot be continued from), and, only while the stream is missing, `top`
 //! (the position handed out meanwhile). Publishing never writes it but when a stream is
-//! (re)created, so the common path costs one `HGET` per user and call. Its TTL is refreshed with
+//! (re)created, and reads it only then: the common path costs one `PTTL` per user and call. Its TTL is refreshed with
 //! the stream's and is at least 30 days (four times the maximum age when that is longer), so
 //! when an idle user's stream expires the epoch lives on: positions from before are `too-old`
 //! (the entries are gone, and the old top was not kept: a client idle for longer than the
@@ -24,8 +24,9 @@ use redis::{RedisError, Value};
 use super::{Conn, RedisBus, keys};
 use crate::bus::position::{self, Catchup, HistoryView, Position, StreamId};
 
-/// KEYS: 1 meta, 2 stream. ARGV: 1 the random part of a new epoch, 2 the meta key's TTL (ms),
-/// 3 the client's epoch ('' = position only), 4 the id to read after, 5 how many to read.
+/// KEYS: 1 meta, 2 stream, 3 channel. ARGV: 1 the random part of a new epoch, 2 the meta key's
+/// TTL (ms), 3 the client's epoch ('' = position only), 4 the id to read after, 5 how many to
+/// read, 6 PUBLISH or SPUBLISH (to announce a new epoch on the channel).
 /// Returns {epoch, user check, top (the stream's last id, or the meta key's while the stream is
 /// missing), floor, stream exists, max deleted id, entries added, length, first id, entries}.
 pub(super) const HISTORY_SCRIPT: &str = r#"
@@ -39,6 +40,8 @@ if not epoch then
   top, floor = '0-0', '0-0'
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', top, 'floor', floor)
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  -- Subscribers stamp entries with the epoch they know: tell them, in channel order.
+  redis.call(ARGV[6], KEYS[3], epoch .. ': 0\n')
 end
 local max_deleted, added, length, first, entries = '0-0', 0, 0, '0-0', {}
 if exists == 1 then
@@ -174,11 +177,16 @@ impl RedisBus {
         invocation
             .key(keys::meta(user))
             .key(keys::stream(user))
+            .key(keys::channel(user))
             .arg(epoch_base())
             .arg(self.options.meta_ttl().as_millis() as u64)
             .arg(since.map(|p| &*p.epoch).unwrap_or(""))
             .arg(since.map(|p| p.id.to_string()).unwrap_or_default())
-            .arg(limit.saturating_add(1));
+            .arg(limit.saturating_add(1))
+            .arg(match self.publisher {
+                Conn::Standalone(_) => "PUBLISH",
+                Conn::Cluster(_) => "SPUBLISH",
+            });
         let reply: Value = match self.publisher.clone() {
             Conn::Standalone(mut c) => invocation.invoke_async(&mut c).await?,
             Conn::Cluster(mut c) => invocation.invoke_async(&mut c).await?,
@@ -187,6 +195,7 @@ impl RedisBus {
             return Err(malformed("not an array"));
         };
         let (view, after) = view_of(&parts).ok_or_else(|| malformed("fields"))?;
+        self.subscriptions.learn_epoch(user, &view.epoch);
         Ok(match since {
             None => Catchup::Recovered {
                 entries: Vec::new(),

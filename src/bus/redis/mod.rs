@@ -14,9 +14,21 @@
 //! between the maximum age and twice it after the last append, because the TTL is only rewritten
 //! once less than the maximum age is left, so most appends read it rather than write it). At the
 //! end of the call it publishes, once per user, the user's messages of that call in order, each
-//! as `<epoch>:<stream id> <payload bytes>\n<payload>`. That position is the frame id clients
-//! see, so ids increase per user across gateways and restarts, and a subscriber never sees a
-//! message that is not in the stream.
+//! as `<stream id> <payload bytes>\n<payload>`. The subscriber makes it the position
+//! `<epoch>:<stream id>`, the frame id clients see, so ids increase per user across gateways and
+//! restarts, and a subscriber never sees a message that is not in the stream.
+//!
+//! # Who knows the epoch
+//! Reading a user's epoch on every publish cost Redis a quarter of its time per message
+//! (`docs/benchmarks.md`, session 8). The epoch only changes when a history starts anew (a new
+//! or expired stream, a lost meta key), so whoever starts one tells the channel, in order with
+//! the messages: the publish script writes the first entry after a new stream as
+//! `<epoch>:<stream id> …`, the history script announces an epoch it creates with an empty
+//! entry `<epoch>: 0\n`. The subscriber keeps each subscribed user's epoch: read when it
+//! subscribes and by every history read (unless an announcement came first), replaced by
+//! announcements, forgotten when the connection drops. A message that arrives while its user's
+//! epoch is unknown is not delivered live: the user's sessions are told of a gap and catch up
+//! from the history, which learns the epoch.
 //!
 //! One publish per user per call rather than per message, because a gateway spends about 1 µs
 //! parsing each pushed message with redis-rs (about 30 % of its CPU in bursts): a burst of 16
@@ -35,6 +47,7 @@
 
 mod history;
 mod publish;
+mod shared;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
@@ -163,6 +176,8 @@ struct Subscriptions {
     /// connections_are_killed`), so the bus does not rely on it.
     everything: AtomicBool,
     wake: tokio::sync::Notify,
+    /// Each subscribed user's current epoch (see the module doc).
+    epochs: std::sync::Mutex<std::collections::HashMap<Arc<str>, Arc<str>>>,
 }
 
 impl Subscriptions {
@@ -171,12 +186,47 @@ impl Subscriptions {
         self.wake.notify_one();
     }
 
+    /// The epoch of `user`'s messages that do not name one.
+    fn epoch_of(&self, user: &str) -> Option<Arc<str>> {
+        self.epochs.lock().ok()?.get(user).cloned()
+    }
+
+    /// An epoch announced on `user`'s channel: it holds from there on.
+    fn announced_epoch(&self, user: &str, epoch: &str) {
+        if let Ok(mut epochs) = self.epochs.lock()
+            && self.is_wanted(user)
+        {
+            epochs.insert(Arc::from(user), Arc::from(epoch));
+        }
+    }
+
+    /// An epoch read from Redis. Kept only when none is known: an announcement pushed after
+    /// the read may have overtaken its reply.
+    fn learn_epoch(&self, user: &str, epoch: &str) {
+        if let Ok(mut epochs) = self.epochs.lock()
+            && !epochs.contains_key(user)
+            && self.is_wanted(user)
+        {
+            epochs.insert(Arc::from(user), Arc::from(epoch));
+        }
+    }
+
+    /// The connection dropped: announcements may have been missed.
+    fn forget_epochs(&self) {
+        if let Ok(mut epochs) = self.epochs.lock() {
+            epochs.clear();
+        }
+    }
+
     fn want(&self, user: &Arc<str>, wanted: bool) {
         if let Ok(mut w) = self.wanted.lock() {
             if wanted {
                 w.insert(user.clone());
             } else {
                 w.remove(user);
+                if let Ok(mut epochs) = self.epochs.lock() {
+                    epochs.remove(user);
+                }
             }
         }
     }
@@ -214,21 +264,38 @@ struct PushToDeliveries {
     connected: Arc<AtomicBool>,
     subscriptions: Arc<Subscriptions>,
     cluster: bool,
+    /// One buffer per payload, whatever the number of its recipients.
+    shared: shared::SharedPayloads,
 }
 
 impl AsyncPushSender for PushToDeliveries {
     fn send(&self, info: PushInfo) -> Result<(), SendError> {
         match info.kind {
             PushKind::Message | PushKind::SMessage => {
-                match delivery_of(info.data, &*self.deliveries) {
-                    Some(true) => {}
-                    Some(false) => tracing::warn!("delivery dropped: no receiver ready for it"),
+                match delivery_of(
+                    info.data,
+                    &*self.deliveries,
+                    &self.subscriptions,
+                    &self.shared,
+                ) {
+                    Pushed::Delivered => {}
+                    Pushed::NotTaken => {
+                        tracing::warn!("delivery dropped: no receiver ready for it")
+                    }
+                    Pushed::EpochUnknown(user) => {
+                        // In the history all the same: the sessions catch up from it, and the
+                        // read learns the epoch.
+                        tracing::info!(%user, "a message came before its user's epoch was known; sessions catch up from the history");
+                        self.deliveries.feed_gap(Some(&user));
+                        self.deliveries.feed_restored(Some(&user));
+                    }
                     // Another writer on our channel, or a foldercast of another format.
-                    None => tracing::warn!("malformed channel message skipped"),
+                    Pushed::Malformed => tracing::warn!("malformed channel message skipped"),
                 }
             }
             PushKind::Disconnection => {
                 self.connected.store(false, Relaxed);
+                self.subscriptions.forget_epochs();
                 // Whatever is published until the subscription is back reaches no one live:
                 // sessions hold, then catch up from the history (health loop: feed_restored).
                 self.deliveries.feed_gap(None);
@@ -254,34 +321,81 @@ impl AsyncPushSender for PushToDeliveries {
     }
 }
 
-/// Hands each message of a pushed `[channel, entries]` to `sink`, where every entry is
-/// `<stream id> <payload bytes>\n<payload>` (see the module doc); `None` if it is not such a
-/// message. Payloads are slices of the pushed buffer, so they share it without a copy.
-fn delivery_of(data: Vec<Value>, sink: &dyn DeliverySink) -> Option<bool> {
+/// What became of a pushed channel message.
+#[derive(Debug, PartialEq)]
+enum Pushed {
+    /// Every message handed to the sink (or none was in it).
+    Delivered,
+    /// The sink refused some (a full or closed receiver).
+    NotTaken,
+    /// Messages of a user whose epoch is not known yet: not delivered live.
+    EpochUnknown(Arc<str>),
+    /// Not a channel message of this format; what parsed before the fault was delivered.
+    Malformed,
+}
+
+/// Hands each message of a pushed `[channel, entries]` to `sink` with its position, where every
+/// entry is `[<epoch>:]<stream id> <payload bytes>\n<payload>` or an announcement
+/// `<epoch>: 0\n` (see the module doc). Small payloads are slices of the pushed buffer; large
+/// ones are shared with the other recipients of the same bytes (`shared.rs`).
+fn delivery_of(
+    data: Vec<Value>,
+    sink: &dyn DeliverySink,
+    subscriptions: &Subscriptions,
+    shared: &shared::SharedPayloads,
+) -> Pushed {
     let bytes = |v: Value| match v {
         Value::BulkString(b) => Some(b),
         Value::SimpleString(s) => Some(s.into_bytes()),
         _ => None,
     };
     let mut data = data.into_iter();
-    let channel = bytes(data.next()?)?;
-    let message = Bytes::from(bytes(data.next()?)?);
-    let user = keys::user_of_channel(&channel)?;
-    let mut entries = Vec::new();
+    let Some(channel) = data.next().and_then(bytes) else {
+        return Pushed::Malformed;
+    };
+    let Some(message) = data.next().and_then(bytes).map(Bytes::from) else {
+        return Pushed::Malformed;
+    };
+    let Some(user) = keys::user_of_channel(&channel) else {
+        return Pushed::Malformed;
+    };
+    let mut epoch = subscriptions.epoch_of(user);
+    let mut entries: Vec<(String, Bytes)> = Vec::new();
     let mut at = 0;
-    let mut malformed = false;
+    let mut outcome = Pushed::Delivered;
     while at < message.len() {
         let Some(entry) = parse_entry(&message[at..]) else {
-            malformed = true;
+            outcome = Pushed::Malformed;
             break;
         };
-        let payload = message.slice(at + entry.payload_start..at + entry.end);
-        entries.push((entry.id, payload));
+        let id = match entry.id.split_once(':') {
+            Some((announced, id)) => {
+                subscriptions.announced_epoch(user, announced);
+                epoch = Some(Arc::from(announced));
+                id
+            }
+            None => entry.id,
+        };
+        if !id.is_empty() {
+            let Some(epoch) = &epoch else {
+                outcome = Pushed::EpochUnknown(Arc::from(user));
+                break;
+            };
+            let payload = shared.share(message.slice(at + entry.payload_start..at + entry.end));
+            entries.push((format!("{epoch}:{id}"), payload));
+        }
         at += entry.end;
     }
-    // What parsed before a malformed entry is delivered; the rest cannot be delimited.
-    let all_taken = entries.is_empty() || sink.deliver_all(user, &entries);
-    (!malformed).then_some(all_taken)
+    // What parsed before a fault is delivered, in order; the rest is in the history.
+    let messages: Vec<(&str, Bytes)> = entries
+        .iter()
+        .map(|(id, payload)| (id.as_str(), payload.clone()))
+        .collect();
+    let taken = messages.is_empty() || sink.deliver_all(user, &messages);
+    match outcome {
+        Pushed::Delivered if !taken => Pushed::NotTaken,
+        outcome => outcome,
+    }
 }
 
 /// One `<id> <length>\n<payload>` entry at the start of a channel message, as offsets into it.
@@ -300,6 +414,7 @@ fn parse_entry(buf: &[u8]) -> Option<Entry<'_>> {
         .parse()
         .ok()?;
     let end = (newline + 1).checked_add(length)?;
+    // An announcement (`<epoch>:`) has an empty stream id and no payload.
     (!id.is_empty() && end <= buf.len()).then_some(Entry {
         id,
         payload_start: newline + 1,
@@ -340,6 +455,7 @@ impl RedisBus {
                         connected: connected.clone(),
                         subscriptions: subscriptions.clone(),
                         cluster: matches!(target, RedisTarget::Cluster(_)),
+                        shared: shared::SharedPayloads::default(),
                     }),
                 )
                 .await?,
@@ -398,6 +514,7 @@ impl RedisBus {
                     }
                 } else if !ok && was {
                     tracing::warn!("redis unreachable; retrying");
+                    bus.subscriptions.forget_epochs();
                     if let Some(sink) = &bus.sink {
                         sink.feed_gap(None);
                     }
@@ -599,8 +716,24 @@ impl Bus for RedisBus {
         };
         if result.is_err() {
             self.subscriptions.want(user, false);
+            return result;
         }
-        result
+        // The epoch of the messages that will arrive (none yet: the first publish or read
+        // announces it). A failed read is not fatal: such messages are caught up instead.
+        let mut read = redis::cmd("HGET");
+        read.arg(keys::meta(user)).arg("epoch");
+        let epoch: Result<Option<String>, RedisError> = match self.publisher.clone() {
+            Conn::Standalone(mut c) => read.query_async(&mut c).await,
+            Conn::Cluster(mut c) => read.query_async(&mut c).await,
+        };
+        match epoch {
+            Ok(Some(epoch)) => self.subscriptions.learn_epoch(user, &epoch),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(%user, error = %e, "reading the epoch failed; the history will tell")
+            }
+        }
+        Ok(())
     }
 
     async fn unsubscribe(&self, user: &Arc<str>) -> Result<(), BusError> {
@@ -654,39 +787,121 @@ mod tests {
         ]
     }
 
+    /// Subscriptions wanting bob, with his epoch known when `epoch` is given.
+    fn bob(epoch: Option<&str>) -> Subscriptions {
+        let subs = Subscriptions::default();
+        subs.want(&Arc::from("bob"), true);
+        if let Some(epoch) = epoch {
+            subs.learn_epoch("bob", epoch);
+        }
+        subs
+    }
+
     #[test]
     fn pushed_messages_become_deliveries() {
         let (tx, mut rx) = mpsc::channel(8);
+        let subs = bob(Some("e1"));
         assert_eq!(
-            delivery_of(push("1700000000000-0 7\n{\"a\":1}"), &tx),
-            Some(true)
+            delivery_of(
+                push("1700000000000-0 7\n{\"a\":1}"),
+                &tx,
+                &subs,
+                &Default::default()
+            ),
+            Pushed::Delivered
         );
         let d = rx.try_recv().unwrap();
         assert_eq!(
             (&*d.user, &*d.id, &d.payload[..]),
-            ("bob", "1700000000000-0", &b"{\"a\":1}"[..])
+            ("bob", "e1:1700000000000-0", &b"{\"a\":1}"[..])
         );
         // One push carries a user's messages of one script call, in order; payloads may hold
         // newlines and spaces, since the length decides where they end.
         let spaced = "{\"b\":\n\"x y\"}";
         let two = format!("1-0 2\n{{}}1-1 {}\n{spaced}", spaced.len());
-        assert_eq!(delivery_of(push(&two), &tx), Some(true));
+        assert_eq!(
+            delivery_of(push(&two), &tx, &subs, &Default::default()),
+            Pushed::Delivered
+        );
         let first = rx.try_recv().unwrap();
         let second = rx.try_recv().unwrap();
-        assert_eq!((&*first.id, &first.payload[..]), ("1-0", &b"{}"[..]));
+        assert_eq!((&*first.id, &first.payload[..]), ("e1:1-0", &b"{}"[..]));
         assert_eq!(
             (&*second.id, &second.payload[..]),
-            ("1-1", spaced.as_bytes())
+            ("e1:1-1", spaced.as_bytes())
         );
         let long_id = format!("{} 2\n{{}}", "9".repeat(60));
-        assert_eq!(delivery_of(push(&long_id), &tx), Some(true));
-        assert_eq!(rx.try_recv().unwrap().id.len(), 60);
+        assert_eq!(
+            delivery_of(push(&long_id), &tx, &subs, &Default::default()),
+            Pushed::Delivered
+        );
+        assert_eq!(rx.try_recv().unwrap().id.len(), 63);
+    }
+
+    #[test]
+    fn announced_epochs_hold_from_where_they_are_announced() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let subs = bob(Some("e1"));
+        // A new stream's first entry names its epoch; the entries after it use it.
+        assert_eq!(
+            delivery_of(
+                push("1-0 2\n{}e2:5-0 2\n{}5-1 2\n{}"),
+                &tx,
+                &subs,
+                &Default::default()
+            ),
+            Pushed::Delivered
+        );
+        let ids: Vec<Arc<str>> = (0..3).map(|_| rx.try_recv().unwrap().id).collect();
+        assert_eq!(ids, [Arc::from("e1:1-0"), "e2:5-0".into(), "e2:5-1".into()]);
+        // An announcement alone delivers nothing and is remembered for the next push.
+        assert_eq!(
+            delivery_of(push("e3: 0\n"), &tx, &subs, &Default::default()),
+            Pushed::Delivered
+        );
+        assert!(rx.try_recv().is_err());
+        assert_eq!(
+            delivery_of(push("6-0 2\n{}"), &tx, &subs, &Default::default()),
+            Pushed::Delivered
+        );
+        assert_eq!(&*rx.try_recv().unwrap().id, "e3:6-0");
+        // A read does not override an announcement that overtook its reply.
+        subs.learn_epoch("bob", "e2");
+        assert_eq!(subs.epoch_of("bob").as_deref(), Some("e3"));
+    }
+
+    #[test]
+    fn messages_of_an_unknown_epoch_are_not_delivered_live() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let subs = bob(None);
+        assert_eq!(
+            delivery_of(push("1-0 2\n{}"), &tx, &subs, &Default::default()),
+            Pushed::EpochUnknown(Arc::from("bob"))
+        );
+        assert!(rx.try_recv().is_err());
+        // A dropped connection forgets what it knew: announcements may have been missed.
+        subs.learn_epoch("bob", "e1");
+        subs.forget_epochs();
+        assert!(subs.epoch_of("bob").is_none());
+        // Unsubscribed users' epochs are neither learned nor kept.
+        subs.want(&Arc::from("bob"), false);
+        subs.learn_epoch("bob", "e1");
+        assert!(subs.epoch_of("bob").is_none());
     }
 
     #[test]
     fn malformed_channel_messages_are_refused() {
         let (tx, mut rx) = mpsc::channel(8);
-        assert!(delivery_of(vec![Value::BulkString(b"fc:{bob}:live".to_vec())], &tx).is_none());
+        let subs = bob(Some("e1"));
+        assert_eq!(
+            delivery_of(
+                vec![Value::BulkString(b"fc:{bob}:live".to_vec())],
+                &tx,
+                &subs,
+                &Default::default()
+            ),
+            Pushed::Malformed
+        );
         for bad in [
             "1-0\n{}",       // the old format, no length
             "1-0 9\n{}",     // longer than what follows
@@ -694,10 +909,14 @@ mod tests {
             " 2\n{}",        // no id
             "1-0 2\n{}junk", // a second entry that does not parse
         ] {
-            assert!(delivery_of(push(bad), &tx).is_none(), "{bad:?}");
+            assert_eq!(
+                delivery_of(push(bad), &tx, &subs, &Default::default()),
+                Pushed::Malformed,
+                "{bad:?}"
+            );
         }
         // Entries before a malformed one were delivered; nothing after it.
-        assert_eq!(rx.try_recv().unwrap().id.as_ref(), "1-0");
+        assert_eq!(rx.try_recv().unwrap().id.as_ref(), "e1:1-0");
         assert!(rx.try_recv().is_err());
     }
 

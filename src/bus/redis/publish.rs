@@ -32,7 +32,8 @@ use crate::bus::Outgoing;
 
 pub(super) const PUBLISH_SCRIPT: &str = r#"
 -- Appends messages in order, then publishes each channel's share once: its messages of this
--- call, each as '<epoch>:<stream id> <payload bytes>\n<payload>'.
+-- call, each as '<stream id> <payload bytes>\n<payload>', the first after a new stream as
+-- '<epoch>:<stream id> …' (see the module doc of `mod.rs`).
 -- Per message 5 KEYS: stream, seen ids (current window), seen ids (previous window), channel,
 -- meta; then one KEY per event guard; then, when ARGV 8 is '1', the batch's abort key. Shared
 -- ARGV: 1 max length, 2 max age ms, 3 window ms, 4 PUBLISH or SPUBLISH, 5 message count, 6 the
@@ -99,7 +100,8 @@ end
 
 local published = 0
 local channels, entries, guards = {}, {}, {}
--- Per user touched by this call (by meta key): the epoch and the stream's TTL.
+-- Per user touched by this call (by meta key): the stream's TTL and, when it was missing, the
+-- epoch to announce.
 local users = {}
 for i = 0, count - 1 do
   local k, a = i * 5, 8 + i * 6
@@ -149,24 +151,27 @@ for i = 0, count - 1 do
     local stream, meta = KEYS[k + 1], KEYS[k + 5]
     local u = users[meta]
     if u == nil then
-      u = {epoch = redis.call('HGET', meta, 'epoch'), ttl = redis.call('PTTL', stream)}
-      if not u.epoch or u.ttl == -2 then
-        -- Rare: no epoch (a new history, or the meta key was lost), or the stream is gone
-        -- (expired while idle, or evicted) while the epoch lives on. Either way positions
-        -- before now cannot be continued from: 'floor' marks where this lifetime's entries
-        -- start (a read while the stream was missing may have handed out a later top).
+      u = {ttl = redis.call('PTTL', stream)}
+      if u.ttl == -2 then
+        -- Rare: the stream is gone (new, expired while idle, or evicted). Only then is the
+        -- epoch read: while the stream lives, its meta key (which outlives it) holds the epoch
+        -- the subscribers already know. Positions before now cannot be continued from: 'floor'
+        -- marks where this lifetime's entries start (a read while the stream was missing may
+        -- have handed out a later top). The channel is told the epoch with the first entry.
         local t = redis.call('TIME')
         local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
         local floor = string.format('%d-0', now + 1)
+        u.epoch = redis.call('HGET', meta, 'epoch')
         if not u.epoch then
           u.epoch = new_epoch .. string.sub(redis.sha1hex(meta), 1, 6)
-          if u.ttl == -2 then floor = '0-0' end
+          floor = '0-0'
           redis.call('HSET', meta, 'epoch', u.epoch, 'floor', floor)
         else
           floor = redis.call('HGET', meta, 'top') or floor
           redis.call('HSET', meta, 'floor', floor)
         end
         redis.call('HDEL', meta, 'top')
+        u.announce = u.epoch .. ':'
         -- Ids of this lifetime start above the floor, even within its millisecond.
         local ms, seq = string.match(floor, '^(%d+)-(%d+)$')
         if ms and tonumber(ms) >= now then
@@ -195,7 +200,12 @@ for i = 0, count - 1 do
       entries[channel] = mine
       channels[#channels + 1] = channel
     end
-    mine[#mine + 1] = u.epoch .. ':' .. id .. ' ' .. #payload .. '\n' .. payload
+    if u.announce then
+      mine[#mine + 1] = u.announce .. id .. ' ' .. #payload .. '\n' .. payload
+      u.announce = nil
+    else
+      mine[#mine + 1] = id .. ' ' .. #payload .. '\n' .. payload
+    end
     published = published + 1
   end
 end
