@@ -3,8 +3,8 @@
 # reproduces it. Usage: scripts/bench.sh [replay|idle|consume|fanout|storm|membership]… (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release
-BIN=./target/release/foldercast
+cargo build --release --workspace
+BIN=./target/release/foldercast-bench
 which=("$@")
 ((${#which[@]})) || which=(replay idle consume fanout storm membership)
 needs_servers=0
@@ -13,12 +13,12 @@ if ((needs_servers)); then source scripts/servers.sh; fi
 ulimit -n 20000
 for b in "${which[@]}"; do
   case "$b" in
-    replay)  $BIN bench replay --events 1000000 --members 20 --depth 8 --spaces 1000 ;;
-    idle)    $BIN bench idle --connections 19000 --users 1000 ;;
-    consume) $BIN bench consume --brokers "$FOLDERCAST_TEST_KAFKA" --redis "$FOLDERCAST_TEST_REDIS" --events 100000 --members 20 --spaces 1000 --rounds 3 ;;
-    fanout)  $BIN bench fanout --redis "$FOLDERCAST_TEST_REDIS" --connections 1000 --rate 1000 --seconds 10 --rounds 3 ;;
-    storm)   $BIN bench storm --redis "$FOLDERCAST_TEST_REDIS" --connections 10000 --missed 10 ;;
-    membership) $BIN bench membership --events 500000 --spaces 1000 --members 20 --paced-events 100000 --paced-seconds 10 --short-ttl 2s ;;
+    replay)  $BIN replay --events 1000000 --members 20 --depth 8 --spaces 1000 ;;
+    idle)    $BIN idle --connections 19000 --users 1000 ;;
+    consume) $BIN consume --brokers "$FOLDERCAST_TEST_KAFKA" --redis "$FOLDERCAST_TEST_REDIS" --events 100000 --members 20 --spaces 1000 --rounds 3 ;;
+    fanout)  $BIN fanout --redis "$FOLDERCAST_TEST_REDIS" --connections 1000 --rate 1000 --seconds 10 --rounds 3 ;;
+    storm)   $BIN storm --redis "$FOLDERCAST_TEST_REDIS" --connections 10000 --missed 10 ;;
+    membership) $BIN membership --events 500000 --spaces 1000 --members 20 --paced-events 100000 --paced-seconds 10 --short-ttl 2s ;;
     *) echo "unknown benchmark $b" >&2; exit 2 ;;
   esac
 done

@@ -26,7 +26,7 @@ Start with `foldercast run`: it replays the demo fixtures in a loop and serves a
 http://127.0.0.1:8080/ with no Kafka, Redis or oCIS needed.\n\n\
 Every flag can also be set through the environment variable shown with it, or in a TOML file given \
 with --config (keys are flag names, e.g. `user-rate = 5`, at the top level or under [run], [replay], …).",
-    after_help = "Examples:\n  foldercast run\n  foldercast replay --events fixtures/demo/events.jsonl --membership fixtures/demo/membership.json --print\n  foldercast bench replay --events 1000000"
+    after_help = "Examples:\n  foldercast run\n  foldercast replay --events fixtures/demo/events.jsonl --membership fixtures/demo/membership.json --print"
 )]
 pub struct Cli {
     /// TOML file with default values for flags (keys are flag names without dashes' prefix).
@@ -62,9 +62,6 @@ pub enum Command {
     Consume(ConsumeArgs),
     /// Serve WebSocket and SSE clients from Redis (run several behind a load balancer).
     Gateway(GatewayCommandArgs),
-    /// Measure throughput and memory (prints figures and the command that reproduces them).
-    #[command(subcommand)]
-    Bench(BenchCommand),
 }
 
 #[derive(Debug, Args)]
@@ -657,166 +654,6 @@ pub struct GatewayArgs {
         value_name = "BYTES"
     )]
     pub ws_max_write_buffer: usize,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Pipeline throughput on a generated trace (events/s and messages/s, one core).
-    Replay(BenchReplayArgs),
-    /// Gateway resident memory per idle authenticated WebSocket connection.
-    Idle(BenchIdleArgs),
-    /// Kafka → `consume` → Redis throughput, next to redis-benchmark's limit on the same Redis.
-    Consume(BenchConsumeArgs),
-    /// Gateway fan-out from Redis to 1 000 WebSocket clients: throughput, latency, CPU, next to a
-    /// bare axum loop.
-    Fanout(BenchFanoutArgs),
-    /// The oCIS membership resolver: warm-cache throughput next to the fixture resolver, and
-    /// requests to oCIS per space per TTL under paced load.
-    Membership(BenchMembershipArgs),
-    /// A reconnect storm: clients of a killed gateway all resume at once from a new one (time to
-    /// catch up, peak memory, Redis commands per resume).
-    Storm(BenchStormArgs),
-    /// The baseline `bench idle` compares with: a bare axum WebSocket loop (internal use).
-    #[command(hide = true)]
-    BareGateway {
-        #[arg(long, env = "FOLDERCAST_LISTEN", default_value = "127.0.0.1:0")]
-        listen: SocketAddr,
-        /// WebSocket write buffer per connection, bytes (the gateway's `--ws-write-buffer`).
-        #[arg(long, env = "FOLDERCAST_WS_WRITE_BUFFER", default_value_t = 8192)]
-        write_buffer: usize,
-    },
-}
-
-#[derive(Debug, Args)]
-pub struct BenchReplayArgs {
-    /// Events in the generated trace.
-    #[arg(long, env = "FOLDERCAST_BENCH_EVENTS", default_value_t = 1_000_000)]
-    pub events: u64,
-    /// Members per space.
-    #[arg(long, env = "FOLDERCAST_BENCH_MEMBERS", default_value_t = 20)]
-    pub members: usize,
-    /// Folder depth of every path.
-    #[arg(long, env = "FOLDERCAST_BENCH_DEPTH", default_value_t = 8)]
-    pub depth: usize,
-    /// Spaces in the trace.
-    #[arg(long, env = "FOLDERCAST_BENCH_SPACES", default_value_t = 1000)]
-    pub spaces: usize,
-}
-
-#[derive(Debug, Args)]
-pub struct BenchMembershipArgs {
-    /// Events in the warm-cache throughput trace.
-    #[arg(long, env = "FOLDERCAST_BENCH_EVENTS", default_value_t = 500_000)]
-    pub events: u64,
-    /// Spaces (each a project space in the bench's LibreGraph server).
-    #[arg(long, env = "FOLDERCAST_BENCH_SPACES", default_value_t = 1000)]
-    pub spaces: usize,
-    /// Members per space.
-    #[arg(long, env = "FOLDERCAST_BENCH_MEMBERS", default_value_t = 20)]
-    pub members: usize,
-    /// Events paced across --paced-seconds for the request count.
-    #[arg(long, env = "FOLDERCAST_BENCH_PACED_EVENTS", default_value_t = 100_000)]
-    pub paced_events: u64,
-    /// Length of the paced run, seconds.
-    #[arg(long, env = "FOLDERCAST_BENCH_PACED_SECONDS", default_value_t = 10)]
-    pub paced_seconds: u64,
-    /// The short TTL of the second paced run.
-    #[arg(long, env = "FOLDERCAST_BENCH_SHORT_TTL", default_value = "2s", value_parser = parse_duration)]
-    pub short_ttl: Duration,
-}
-
-#[derive(Debug, Args)]
-pub struct BenchConsumeArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "FOLDERCAST_KAFKA_BROKERS")]
-    pub brokers: String,
-    /// Standalone Redis URL (redis-benchmark runs against the same server).
-    #[arg(long, env = "FOLDERCAST_REDIS")]
-    pub redis: String,
-    /// Events in the trace.
-    #[arg(long, env = "FOLDERCAST_BENCH_EVENTS", default_value_t = 100_000)]
-    pub events: u64,
-    /// Members per space.
-    #[arg(long, env = "FOLDERCAST_BENCH_MEMBERS", default_value_t = 20)]
-    pub members: usize,
-    /// Spaces in the trace.
-    #[arg(long, env = "FOLDERCAST_BENCH_SPACES", default_value_t = 1000)]
-    pub spaces: usize,
-    /// The foldercast binary to run as the consumer (default: this one).
-    #[arg(long, env = "FOLDERCAST_BENCH_BINARY")]
-    pub binary: Option<PathBuf>,
-    /// Rounds; each produces the trace, consumes it, then measures the Redis-bound limit right
-    /// after, so every ratio compares two measurements taken seconds apart (the machine's speed
-    /// drifts over minutes). The median round is reported.
-    #[arg(long, env = "FOLDERCAST_BENCH_ROUNDS", default_value_t = 3)]
-    pub rounds: usize,
-    /// The consumer's `--user-rate` (0: limit off). The trace gives each user about 4
-    /// messages a second, so at the default 20 nothing is coalesced and every message still
-    /// counts: this measures what the limiter costs on the way.
-    #[arg(long, env = "FOLDERCAST_BENCH_USER_RATE", default_value_t = 0.0)]
-    pub user_rate: f64,
-    /// The consumer's `--user-burst`.
-    #[arg(long, env = "FOLDERCAST_BENCH_USER_BURST", default_value_t = 40)]
-    pub user_burst: u32,
-}
-
-#[derive(Debug, Args)]
-pub struct BenchStormArgs {
-    /// Standalone Redis URL the gateway subscribes to.
-    #[arg(long, env = "FOLDERCAST_REDIS")]
-    pub redis: String,
-    /// WebSocket clients, one user each (the fd limit, 20,000 here, bounds one process).
-    #[arg(long, env = "FOLDERCAST_BENCH_CONNECTIONS", default_value_t = 10_000)]
-    pub connections: usize,
-    /// Messages each user misses while the gateway is down.
-    #[arg(long, env = "FOLDERCAST_BENCH_MISSED", default_value_t = 10)]
-    pub missed: u64,
-}
-
-#[derive(Debug, Args)]
-pub struct BenchFanoutArgs {
-    /// Standalone Redis URL the gateway subscribes to.
-    #[arg(long, env = "FOLDERCAST_REDIS")]
-    pub redis: String,
-    /// WebSocket clients, one user each.
-    #[arg(long, env = "FOLDERCAST_BENCH_CONNECTIONS", default_value_t = 1000)]
-    pub connections: usize,
-    /// Messages per second in the latency phase.
-    #[arg(long, env = "FOLDERCAST_BENCH_RATE", default_value_t = 1000)]
-    pub rate: u64,
-    /// Seconds of each paced phase.
-    #[arg(long, env = "FOLDERCAST_BENCH_SECONDS", default_value_t = 10)]
-    pub seconds: u64,
-    /// Messages per second in the cost phases that compare the gateway with the bare loop at
-    /// the same rate (below what either saturates at).
-    #[arg(long, env = "FOLDERCAST_BENCH_PACED_RATE", default_value_t = 20_000)]
-    pub paced_rate: u64,
-    /// Messages in a row to one connection in the burst phase.
-    #[arg(long, env = "FOLDERCAST_BENCH_BURST", default_value_t = 16)]
-    pub burst: usize,
-    /// Rounds of the cost phases; each round runs every pattern on the bare loop, then on the
-    /// gateway, and the medians are reported.
-    #[arg(long, env = "FOLDERCAST_BENCH_ROUNDS", default_value_t = 3)]
-    pub rounds: usize,
-    /// WebSocket write buffer per connection for both servers, bytes (default: the gateway's).
-    #[arg(long, env = "FOLDERCAST_WS_WRITE_BUFFER")]
-    pub ws_write_buffer: Option<usize>,
-    /// The foldercast binary to run as the gateway (default: this one).
-    #[arg(long, env = "FOLDERCAST_BENCH_BINARY")]
-    pub binary: Option<PathBuf>,
-}
-
-#[derive(Debug, Args)]
-pub struct BenchIdleArgs {
-    /// Idle authenticated connections to open (the open-file limit is 20 000 per process).
-    #[arg(long, env = "FOLDERCAST_BENCH_CONNECTIONS", default_value_t = 19_000)]
-    pub connections: usize,
-    /// Distinct users the connections belong to.
-    #[arg(long, env = "FOLDERCAST_BENCH_USERS", default_value_t = 1000)]
-    pub users: usize,
-    /// The foldercast binary to start as the gateway under test (default: this one).
-    #[arg(long, env = "FOLDERCAST_BENCH_BINARY")]
-    pub binary: Option<PathBuf>,
 }
 
 /// `90`, `1.5s`, `250ms`, `2m`, `1h`.

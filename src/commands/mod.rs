@@ -1,6 +1,5 @@
 //! One file per subcommand; each builds its runtime and wires the stages together.
 
-mod bench;
 mod consume;
 mod gateway;
 mod replay;
@@ -16,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, DeliverySink, LateSink, RedisOptions, RedisTarget};
-use crate::config::{BenchCommand, Cli, Command, GatewayArgs, RedisArgs, ShapingArgs};
+use crate::config::{Cli, Command, GatewayArgs, RedisArgs, ShapingArgs};
 use crate::gateway::auth::Authenticator;
 use crate::gateway::hub::Hub;
 use crate::gateway::{self as gw, AppState, GatewayConfig};
@@ -29,16 +28,6 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => replay::replay(args),
         Command::Consume(args) => consume::consume(args),
         Command::Gateway(args) => gateway::gateway(args),
-        Command::Bench(BenchCommand::Replay(args)) => bench::replay(args),
-        Command::Bench(BenchCommand::Idle(args)) => bench::idle(args),
-        Command::Bench(BenchCommand::Consume(args)) => bench::consume(args),
-        Command::Bench(BenchCommand::Fanout(args)) => bench::fanout(args),
-        Command::Bench(BenchCommand::Membership(args)) => bench::membership(args),
-        Command::Bench(BenchCommand::Storm(args)) => bench::storm(args),
-        Command::Bench(BenchCommand::BareGateway {
-            listen,
-            write_buffer,
-        }) => bench::bare_gateway(listen, write_buffer),
     }
 }
 

@@ -1,4 +1,7 @@
-//! `foldercast bench`: measured figures, never asserted in tests.
+//! `foldercast-bench`: measured figures, never asserted in tests.
+//!
+//! Outside the product binary (issue 10): the benchmarks run the real `foldercast` binary as a
+//! child process where they measure it, and use the library directly where they measure a stage.
 //!
 //! `bench replay` runs the pipeline over a generated trace on one thread and reports events/s
 //! and messages/s next to a baseline measured in the same run (only parsing each event's JSON).
@@ -12,13 +15,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::config::{BenchIdleArgs, BenchReplayArgs};
-use crate::consumer::route;
-use crate::membership::{Directory, FixtureResolver, GrantEntry, SpaceEntry, UserEntry};
-use crate::notify::Pipeline;
-use crate::notify::dedup::Dedup;
-use crate::telemetry::PipelineStats;
+use crate::args::{BenchCommand, BenchIdleArgs, BenchReplayArgs};
+use foldercast::consumer::route;
+use foldercast::membership::{Directory, FixtureResolver, GrantEntry, SpaceEntry, UserEntry};
+use foldercast::notify::Pipeline;
+use foldercast::notify::dedup::Dedup;
+use foldercast::telemetry::PipelineStats;
 
+mod args;
 mod bare;
 mod consume;
 mod fanout;
@@ -26,6 +30,50 @@ mod idle;
 mod membership;
 mod proc;
 mod storm;
+
+/// mimalloc, as in the product: measured stages must allocate as they do there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    use clap::Parser;
+    let cli = args::Cli::parse();
+    foldercast::telemetry::init_logging(&cli.log);
+    let result = match cli.command {
+        BenchCommand::Replay(args) => replay(args),
+        BenchCommand::Idle(args) => idle(args),
+        BenchCommand::Consume(args) => consume(args),
+        BenchCommand::Fanout(args) => fanout(args),
+        BenchCommand::Membership(args) => membership(args),
+        BenchCommand::Storm(args) => storm(args),
+        BenchCommand::BareGateway {
+            listen,
+            write_buffer,
+        } => bare_gateway(listen, write_buffer),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("foldercast-bench: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The `foldercast` binary a benchmark runs: `given`, or the one cargo built next to this one.
+pub fn product_binary(given: Option<&std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(given) = given {
+        return Ok(given.clone());
+    }
+    let me = std::env::current_exe().context("cannot find this binary")?;
+    let product = me.with_file_name("foldercast");
+    anyhow::ensure!(
+        product.exists(),
+        "no foldercast binary next to {} (build it: cargo build --release)",
+        me.display()
+    );
+    Ok(product)
+}
 
 pub fn replay(args: BenchReplayArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -126,7 +174,7 @@ async fn replay_async(args: BenchReplayArgs) -> anyhow::Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         route::<governor::clock::DefaultClock>(outcome, "bench", None, &stats, &mut out);
         for msg in out.drain(..) {
-            crate::bus::write_line(&mut sink, &msg)?;
+            foldercast::bus::write_line(&mut sink, &msg)?;
             stats
                 .messages
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -164,7 +212,7 @@ async fn replay_async(args: BenchReplayArgs) -> anyhow::Result<ExitCode> {
         secs / baseline.as_secs_f64()
     );
     println!(
-        "  reproduce: foldercast bench replay --events {} --members {} --depth {} --spaces {}",
+        "  reproduce: foldercast-bench replay --events {} --members {} --depth {} --spaces {}",
         args.events, args.members, args.depth, args.spaces
     );
     Ok(ExitCode::SUCCESS)
@@ -174,19 +222,19 @@ pub fn idle(args: BenchIdleArgs) -> anyhow::Result<ExitCode> {
     idle::run(args)
 }
 
-pub fn consume(args: crate::config::BenchConsumeArgs) -> anyhow::Result<ExitCode> {
+pub fn consume(args: crate::args::BenchConsumeArgs) -> anyhow::Result<ExitCode> {
     consume::run(args)
 }
 
-pub fn fanout(args: crate::config::BenchFanoutArgs) -> anyhow::Result<ExitCode> {
+pub fn fanout(args: crate::args::BenchFanoutArgs) -> anyhow::Result<ExitCode> {
     fanout::run(args)
 }
 
-pub fn storm(args: crate::config::BenchStormArgs) -> anyhow::Result<ExitCode> {
+pub fn storm(args: crate::args::BenchStormArgs) -> anyhow::Result<ExitCode> {
     storm::run(args)
 }
 
-pub fn membership(args: crate::config::BenchMembershipArgs) -> anyhow::Result<ExitCode> {
+pub fn membership(args: crate::args::BenchMembershipArgs) -> anyhow::Result<ExitCode> {
     membership::run(args)
 }
 

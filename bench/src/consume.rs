@@ -14,8 +14,8 @@ use anyhow::{Context, bail};
 
 use super::proc::{cpu_seconds, redis_benchmark, redis_cpu_seconds, redis_host_port, redis_info};
 use super::{generated_directory, generated_event};
-use crate::config::BenchConsumeArgs;
-use crate::source::kafka::KafkaProducer;
+use crate::args::BenchConsumeArgs;
+use foldercast::source::kafka::KafkaProducer;
 
 pub fn run(args: BenchConsumeArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -60,10 +60,7 @@ impl Round {
 }
 
 async fn run_async(args: BenchConsumeArgs) -> anyhow::Result<ExitCode> {
-    let exe = match &args.binary {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?,
-    };
+    let exe = crate::product_binary(args.binary.as_ref())?;
     let dir = std::env::temp_dir().join(format!("foldercast-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let membership = dir.join("membership.json");
@@ -152,7 +149,7 @@ async fn run_async(args: BenchConsumeArgs) -> anyhow::Result<ExitCode> {
         ratios.join(", ")
     );
     println!(
-        "  reproduce: scripts/bench.sh consume   (or: foldercast bench consume --brokers B --redis URL --events {} --members {} --spaces {} --rounds {})",
+        "  reproduce: scripts/bench.sh consume   (or: foldercast-bench consume --brokers B --redis URL --events {} --members {} --spaces {} --rounds {})",
         args.events,
         args.members,
         args.spaces,
@@ -163,18 +160,18 @@ async fn run_async(args: BenchConsumeArgs) -> anyhow::Result<ExitCode> {
 
 /// The per-user message of the trace's first event, for the baseline's payload size.
 async fn sample_payload(args: &BenchConsumeArgs) -> Vec<u8> {
-    let resolver = std::sync::Arc::new(crate::membership::FixtureResolver::new(
+    let resolver = std::sync::Arc::new(foldercast::membership::FixtureResolver::new(
         &generated_directory(args.spaces, args.members),
     ));
-    let p = crate::notify::Pipeline::new(
-        crate::notify::dedup::Dedup::new(10, Duration::from_secs(1)),
+    let p = foldercast::notify::Pipeline::new(
+        foldercast::notify::dedup::Dedup::new(10, Duration::from_secs(1)),
         resolver,
     );
     match p
         .process(generated_event(0, args.spaces, 8).as_bytes())
         .await
     {
-        Ok(crate::notify::Outcome::Deliver(f)) => f.message.payload.to_vec(),
+        Ok(foldercast::notify::Outcome::Deliver(f)) => f.message.payload.to_vec(),
         _ => Vec::new(),
     }
 }

@@ -20,9 +20,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::idle::listening_addr;
 use super::proc::redis_info;
-use crate::bus::{Bus, Outgoing, RedisBus, RedisOptions, RedisTarget};
-use crate::config::BenchStormArgs;
-use crate::gateway::auth::Authenticator;
+use crate::args::BenchStormArgs;
+use foldercast::bus::{Bus, Outgoing, RedisBus, RedisOptions, RedisTarget};
+use foldercast::gateway::auth::Authenticator;
 
 const SECRET: &str = "bench-storm-secret-of-at-least-32-bytes";
 
@@ -85,7 +85,7 @@ async fn next_json(ws: &mut Ws) -> anyhow::Result<serde_json::Value> {
 }
 
 async fn run_async(args: BenchStormArgs) -> anyhow::Result<ExitCode> {
-    let exe = std::env::current_exe()?;
+    let exe = crate::product_binary(None)?;
     let n = args.connections;
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -228,7 +228,7 @@ async fn run_async(args: BenchStormArgs) -> anyhow::Result<ExitCode> {
         "  target: all caught up within 2 s of their reconnect; at most 2 Redis round trips per resuming session"
     );
     println!(
-        "  reproduce: ulimit -n 20000 && foldercast bench storm --redis URL --connections {n} --missed {missed}"
+        "  reproduce: ulimit -n 20000 && foldercast-bench storm --redis URL --connections {n} --missed {missed}"
     );
     drop(open_sockets);
     drop(second);

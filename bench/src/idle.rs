@@ -18,8 +18,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::config::BenchIdleArgs;
-use crate::gateway::auth::Authenticator;
+use crate::args::BenchIdleArgs;
+use foldercast::gateway::auth::Authenticator;
 
 const SECRET: &str = "bench-idle-secret-of-at-least-32-bytes";
 const SETTLE: Duration = Duration::from_secs(10);
@@ -36,13 +36,10 @@ pub fn run(args: BenchIdleArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let exe = match &args.binary {
-            Some(b) => b.clone(),
-            None => std::env::current_exe().context("cannot find this binary")?,
-        };
+        let exe = crate::product_binary(args.binary.as_ref())?;
         let bare = measure(
-            &exe,
-            &["bench", "bare-gateway", "--listen", "127.0.0.1:0"],
+            &std::env::current_exe().context("cannot find this binary")?,
+            &["bare-gateway", "--listen", "127.0.0.1:0"],
             &args,
             false,
         )
@@ -87,7 +84,7 @@ pub fn run(args: BenchIdleArgs) -> anyhow::Result<ExitCode> {
             ours.connect_secs
         );
         println!(
-            "  reproduce: ulimit -n 20000 && foldercast bench idle --connections {} --users {}",
+            "  reproduce: ulimit -n 20000 && foldercast-bench idle --connections {} --users {}",
             args.connections, args.users
         );
         Ok(ExitCode::SUCCESS)

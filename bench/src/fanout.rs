@@ -29,9 +29,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::idle::listening_addr;
 use super::proc::cpu_seconds;
-use crate::bus::{Bus, Outgoing, RedisBus, RedisOptions, RedisTarget};
-use crate::config::BenchFanoutArgs;
-use crate::gateway::auth::Authenticator;
+use crate::args::BenchFanoutArgs;
+use foldercast::bus::{Bus, Outgoing, RedisBus, RedisOptions, RedisTarget};
+use foldercast::gateway::auth::Authenticator;
 
 const SECRET: &str = "bench-fanout-secret-of-at-least-32-bytes";
 const PAYLOAD_BYTES: usize = 300;
@@ -133,7 +133,7 @@ async fn tap_redis(
     let mut pubsub = redis::Client::open(redis)?.get_async_pubsub().await?;
     let channels: Vec<String> = users
         .iter()
-        .map(|u| crate::bus::redis::keys::channel(u))
+        .map(|u| foldercast::bus::redis::keys::channel(u))
         .collect();
     pubsub.subscribe(channels).await?;
     let seen = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
@@ -268,10 +268,7 @@ pub fn run(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
-    let exe = match &args.binary {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?,
-    };
+    let exe = crate::product_binary(args.binary.as_ref())?;
     let n = args.connections;
     let patterns = [
         Pattern {
@@ -290,14 +287,14 @@ async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
     };
     let write_buffer = args
         .ws_write_buffer
-        .unwrap_or_else(|| crate::gateway::GatewayConfig::default().ws_write_buffer)
+        .unwrap_or_else(|| foldercast::gateway::GatewayConfig::default().ws_write_buffer)
         .to_string();
 
     // Both servers run side by side, each with its own clients, and take turns phase by phase:
     // this machine's speed drifts by tens of percent over minutes, and a ratio of two phases
     // measured seconds apart is steadier than one of two phases a minute apart.
-    let mut bare = tokio::process::Command::new(&exe)
-        .args(["bench", "bare-gateway", "--listen", "127.0.0.1:0"])
+    let mut bare = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["bare-gateway", "--listen", "127.0.0.1:0"])
         .args(["--write-buffer", &write_buffer])
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -452,7 +449,7 @@ async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
         "  target: ratio ≤ 1.3x; compare at equal rates (CPU per message falls as the rate rises)"
     );
     println!(
-        "  reproduce: scripts/bench.sh fanout   (or: foldercast bench fanout --redis URL --connections {n} --rate {} --seconds {} --paced-rate {} --burst {} --rounds {rounds})",
+        "  reproduce: scripts/bench.sh fanout   (or: foldercast-bench fanout --redis URL --connections {n} --rate {} --seconds {} --paced-rate {} --burst {} --rounds {rounds})",
         args.rate, args.seconds, args.paced_rate, args.burst
     );
     Ok(ExitCode::SUCCESS)

@@ -1,4 +1,4 @@
-//! `foldercast bench membership`: the oCIS resolver under load.
+//! `foldercast-bench membership`: the oCIS resolver under load.
 //!
 //! A LibreGraph-shaped server runs in this process on its own thread (1 000 project spaces with
 //! 20 viewers each, unified role ids, one request counter). Two figures:
@@ -18,15 +18,15 @@ use std::time::{Duration, Instant};
 use axum::extract::{Path, State};
 use axum::routing::get;
 
-use crate::config::BenchMembershipArgs;
-use crate::consumer::route;
-use crate::membership::ocis::{
+use crate::args::BenchMembershipArgs;
+use foldercast::consumer::route;
+use foldercast::membership::ocis::{
     CacheSettings, CredentialsConfig, OcisResolver, OcisSettings, RetryPolicy, Secret, SecretSource,
 };
-use crate::membership::{FixtureResolver, MembershipResolver};
-use crate::notify::Pipeline;
-use crate::notify::dedup::Dedup;
-use crate::telemetry::PipelineStats;
+use foldercast::membership::{FixtureResolver, MembershipResolver};
+use foldercast::notify::Pipeline;
+use foldercast::notify::dedup::Dedup;
+use foldercast::telemetry::PipelineStats;
 
 const SPACE_VIEWER: &str = "a8d5fe5e-96e3-418d-825b-534dbdf22b99";
 
@@ -246,7 +246,7 @@ async fn measure(
         );
     }
     println!(
-        "  reproduce: foldercast bench membership --events {} --spaces {} --members {} --paced-events {} --paced-seconds {} --short-ttl {}s",
+        "  reproduce: foldercast-bench membership --events {} --spaces {} --members {} --paced-events {} --paced-seconds {} --short-ttl {}s",
         args.events,
         args.spaces,
         args.members,
