@@ -7,59 +7,27 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::sse::Sse;
+use common::ws::{Got, Ws, connect, send};
 use common::{Schemas, Server, assert_valid, demo_membership, replay_print, root, token};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
+use tokio_tungstenite::MaybeTlsStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Message, http::HeaderValue};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const WAIT: Duration = Duration::from_secs(15);
-
-async fn connect(url: &str, bearer: Option<&str>) -> Ws {
-    let mut request = url.into_client_request().unwrap();
-    if let Some(t) = bearer {
-        request.headers_mut().insert(
-            "Authorization",
-            HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
-        );
-    }
-    tokio_tungstenite::connect_async(request)
-        .await
-        .expect("connect")
-        .0
-}
 
 /// The next JSON text frame, or `None` if the connection closed.
 async fn next_json(ws: &mut Ws) -> Option<Value> {
-    loop {
-        match tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("no frame in time")
-        {
-            Some(Ok(Message::Text(t))) => {
-                return Some(serde_json::from_str(&t).expect("frame is JSON"));
-            }
-            Some(Ok(Message::Close(c))) => {
-                eprintln!("closed: {c:?}");
-                return None;
-            }
-            Some(Err(e)) => {
-                eprintln!("connection error: {e}");
-                return None;
-            }
-            None => return None,
-            Some(Ok(_)) => continue,
+    match common::ws::next(ws, WAIT).await {
+        Got::Frame(v) => Some(v),
+        Got::Closed(code) => {
+            eprintln!("closed: {code:?}");
+            None
         }
+        Got::TimedOut => panic!("no frame in time"),
+        Got::Text(t) => panic!("frame is not JSON: {t}"),
     }
-}
-
-async fn send(ws: &mut Ws, frame: Value) {
-    ws.send(Message::Text(frame.to_string().into()))
-        .await
-        .unwrap();
 }
 
 /// Sends a ping and returns everything that arrived before its pong.

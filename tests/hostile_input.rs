@@ -713,6 +713,7 @@ async fn connection_limits_hold() {
                 break;
             }
             Got::TimedOut => panic!("still open after 100 frames at once: {codes:?}"),
+            Got::Text(t) => panic!("frame is not JSON: {t}"),
         }
     }
     assert_eq!(

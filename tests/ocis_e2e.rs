@@ -56,10 +56,7 @@ async fn send(ws: &mut Ws, v: Value) {
 }
 
 async fn open(server: &Server) -> Ws {
-    tokio_tungstenite::connect_async(server.ws_url("/ws"))
-        .await
-        .expect("connect")
-        .0
+    common::ws::connect(&server.ws_url("/ws"), None).await
 }
 
 /// Connects, authenticates with an `auth` frame, and returns the socket and the first answer.
@@ -155,16 +152,7 @@ async fn oidc_tokens_are_verified_and_forgeries_refused_with_clear_reasons() {
         );
     }
     // The bearer header works too.
-    let mut request =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-            server.ws_url("/ws"),
-        )
-        .unwrap();
-    request.headers_mut().insert(
-        "Authorization",
-        format!("Bearer {}", issuer.token("bob")).parse().unwrap(),
-    );
-    let mut ws = tokio_tungstenite::connect_async(request).await.unwrap().0;
+    let mut ws = common::ws::connect(&server.ws_url("/ws"), Some(&issuer.token("bob"))).await;
     let ready = frame(&mut ws).await;
     assert_eq!(
         (&ready["type"], &ready["user"]),

@@ -109,6 +109,7 @@ async fn client(url: String, user: String, ready: Arc<tokio::sync::Barrier>) -> 
                     break;
                 }
                 Got::TimedOut => panic!("{user}: stalled at {} of {ROUNDS}", got.len()),
+                Got::Text(t) => panic!("{user}: a frame that is not JSON: {t}"),
             };
             match frame["type"].as_str() {
                 Some("event") => {

@@ -23,8 +23,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::idle::listening_addr;
@@ -58,21 +56,13 @@ async fn open_clients(addr: &str, n: usize, tokens: Option<&[String]>) -> anyhow
         latencies: Arc::new(std::sync::Mutex::new(Vec::new())),
     };
     for i in 0..n {
-        let mut request = format!("ws://{addr}/ws").into_client_request()?;
-        if let Some(tokens) = tokens {
-            request.headers_mut().insert(
-                "Authorization",
-                HeaderValue::from_str(&format!("Bearer {}", tokens[i]))?,
-            );
-        }
         let config = WebSocketConfig::default().read_buffer_size(4096);
-        let (mut ws, _) =
-            tokio_tungstenite::connect_async_with_config(request, Some(config), false).await?;
-        if tokens.is_some() {
-            match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
-                Ok(Some(Ok(m))) if m.to_text().unwrap_or("").contains("ready") => {}
-                other => bail!("expected a ready frame, got {other:?}"),
-            }
+        let token = tokens.map(|t| t[i].as_str());
+        let mut ws = testkit::ws::open(&format!("ws://{addr}/ws"), token, Some(config)).await?;
+        if token.is_some() {
+            testkit::ws::ready(&mut ws, Duration::from_secs(30))
+                .await
+                .map_err(anyhow::Error::msg)?;
         }
         let (received, recording, latencies) = (
             clients.received.clone(),

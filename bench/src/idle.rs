@@ -11,11 +11,8 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures_util::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::args::BenchIdleArgs;
@@ -160,25 +157,16 @@ type ClientWs =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn open(addr: &str, token: Option<&str>) -> anyhow::Result<ClientWs> {
-    let mut request = format!("ws://{addr}/ws").into_client_request()?;
-    if let Some(t) = token {
-        request.headers_mut().insert(
-            "Authorization",
-            HeaderValue::from_str(&format!("Bearer {t}"))?,
-        );
-    }
+    // Small client buffers: 19,000 clients share this process with nothing to send.
     let config = WebSocketConfig::default()
         .read_buffer_size(1024)
         .write_buffer_size(1024)
         .max_write_buffer_size(64 * 1024);
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async_with_config(request, Some(config), false).await?;
+    let mut ws = testkit::ws::open(&format!("ws://{addr}/ws"), token, Some(config)).await?;
     if token.is_some() {
-        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
-            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))))
-                if t.contains("\"ready\"") => {}
-            other => bail!("expected a ready frame, got {other:?}"),
-        }
+        testkit::ws::ready(&mut ws, Duration::from_secs(30))
+            .await
+            .map_err(anyhow::Error::msg)?;
     }
     Ok(ws)
 }

@@ -104,13 +104,7 @@ async fn run_async(args: BenchStormArgs) -> anyhow::Result<ExitCode> {
     let mut sockets = Vec::with_capacity(n);
     for user in &users {
         let token = auth.mint(user, Duration::from_secs(3600))?;
-        let url = format!("ws://{listen}/ws");
-        let mut request =
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)?;
-        request
-            .headers_mut()
-            .insert("Authorization", format!("Bearer {token}").parse()?);
-        let mut ws = tokio_tungstenite::connect_async(request).await?.0;
+        let mut ws = testkit::ws::open(&format!("ws://{listen}/ws"), Some(&token), None).await?;
         let ready = next_json(&mut ws).await?;
         positions.push(
             ready["position"]
@@ -161,14 +155,7 @@ async fn run_async(args: BenchStormArgs) -> anyhow::Result<ExitCode> {
         let url = format!("ws://{listen}/ws?since={position}");
         tokio::spawn(async move {
             let reconnect = Instant::now();
-            let mut request =
-                tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-                    url,
-                )?;
-            request
-                .headers_mut()
-                .insert("Authorization", format!("Bearer {token}").parse()?);
-            let mut ws = tokio_tungstenite::connect_async(request).await?.0;
+            let mut ws = testkit::ws::open(&url, Some(&token), None).await?;
             let ready = next_json(&mut ws).await?;
             anyhow::ensure!(ready["type"] == "ready", "{ready}");
             let resumed = next_json(&mut ws).await?;

@@ -9,8 +9,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::process::{Child, Command};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::{Message, http::HeaderValue};
+
+use tokio_tungstenite::tungstenite::Message;
 
 use super::{Server, kafka_brokers, token, unique};
 
@@ -159,18 +159,12 @@ pub async fn create_topic(t: &Topic) {
 }
 
 pub async fn connect(server: &Server, user: &str) -> Ws {
-    let mut request = server.ws_url("/ws").into_client_request().unwrap();
-    request.headers_mut().insert(
-        "Authorization",
-        HeaderValue::from_str(&format!("Bearer {}", token(user))).unwrap(),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(request)
+    let mut ws = testkit::ws::open(&server.ws_url("/ws"), Some(&token(user)), None)
         .await
         .expect("connect");
-    let ready = next_frame(&mut ws, Duration::from_secs(10))
+    testkit::ws::ready(&mut ws, Duration::from_secs(10))
         .await
         .expect("ready");
-    assert_eq!(ready["type"], "ready");
     ws
 }
 
