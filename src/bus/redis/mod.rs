@@ -27,8 +27,8 @@
 //! entry `<epoch>: 0\n`. The subscriber keeps each subscribed user's epoch: read when it
 //! subscribes and by every history read (unless an announcement came first), replaced by
 //! announcements, forgotten when the connection drops. A message that arrives while its user's
-//! epoch is unknown is not delivered live: the user's sessions are told of a gap and catch up
-//! from the history, which learns the epoch.
+//! epoch is unknown is not delivered live: the user's sessions hold (a gap) while the bus reads
+//! the epoch, then catch up from the history, which holds that message.
 //!
 //! One publish per user per call rather than per message, because a gateway spends about 1 µs
 //! parsing each pushed message with redis-rs (about 30 % of its CPU in bursts): a burst of 16
@@ -178,6 +178,8 @@ struct Subscriptions {
     wake: tokio::sync::Notify,
     /// Each subscribed user's current epoch (see the module doc).
     epochs: std::sync::Mutex<std::collections::HashMap<Arc<str>, Arc<str>>>,
+    /// Users whose epoch is being read again, so a burst of their messages asks once.
+    relearning: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 impl Subscriptions {
@@ -193,21 +195,50 @@ impl Subscriptions {
 
     /// An epoch announced on `user`'s channel: it holds from there on.
     fn announced_epoch(&self, user: &str, epoch: &str) {
-        if let Ok(mut epochs) = self.epochs.lock()
-            && self.is_wanted(user)
-        {
+        self.with_epoch_of_wanted(user, |epochs| {
             epochs.insert(Arc::from(user), Arc::from(epoch));
-        }
+        });
     }
 
     /// An epoch read from Redis. Kept only when none is known: an announcement pushed after
     /// the read may have overtaken its reply.
     fn learn_epoch(&self, user: &str, epoch: &str) {
-        if let Ok(mut epochs) = self.epochs.lock()
-            && !epochs.contains_key(user)
-            && self.is_wanted(user)
+        self.with_epoch_of_wanted(user, |epochs| {
+            if !epochs.contains_key(user) {
+                epochs.insert(Arc::from(user), Arc::from(epoch));
+            }
+        });
+    }
+
+    /// Runs `f` on the epochs if `user` is wanted, holding both locks in the one order used
+    /// everywhere (`wanted`, then `epochs`): a push callback and an unsubscribe once took them
+    /// in opposite orders and deadlocked.
+    fn with_epoch_of_wanted(
+        &self,
+        user: &str,
+        f: impl FnOnce(&mut std::collections::HashMap<Arc<str>, Arc<str>>),
+    ) {
+        let Ok(wanted) = self.wanted.lock() else {
+            return;
+        };
+        if wanted.contains(user)
+            && let Ok(mut epochs) = self.epochs.lock()
         {
-            epochs.insert(Arc::from(user), Arc::from(epoch));
+            f(&mut epochs);
+        }
+    }
+
+    /// True if `user`'s epoch was not already being read again.
+    fn start_relearning(&self, user: &Arc<str>) -> bool {
+        self.relearning
+            .lock()
+            .map(|mut r| r.insert(user.clone()))
+            .unwrap_or(false)
+    }
+
+    fn done_relearning(&self, user: &str) {
+        if let Ok(mut r) = self.relearning.lock() {
+            r.remove(user);
         }
     }
 
@@ -266,6 +297,8 @@ struct PushToDeliveries {
     cluster: bool,
     /// One buffer per payload, whatever the number of its recipients.
     shared: shared::SharedPayloads,
+    /// Users whose epoch must be read again (see [`relearn_epochs`]).
+    relearn: mpsc::Sender<Arc<str>>,
 }
 
 impl AsyncPushSender for PushToDeliveries {
@@ -283,11 +316,18 @@ impl AsyncPushSender for PushToDeliveries {
                         tracing::warn!("delivery dropped: no receiver ready for it")
                     }
                     Pushed::EpochUnknown(user) => {
-                        // In the history all the same: the sessions catch up from it, and the
-                        // read learns the epoch.
-                        tracing::info!(%user, "a message came before its user's epoch was known; sessions catch up from the history");
-                        self.deliveries.feed_gap(Some(&user));
-                        self.deliveries.feed_restored(Some(&user));
+                        // In the history all the same: the user's sessions hold while the
+                        // epoch is read, then catch up from the history.
+                        if self.subscriptions.start_relearning(&user) {
+                            tracing::info!(%user, "a message came before its user's epoch was known; reading it, then sessions catch up");
+                            self.deliveries.feed_gap(Some(&user));
+                            if self.relearn.try_send(user.clone()).is_err() {
+                                // The reader is gone or behind: the sessions' own catch-up
+                                // reads the history, which learns the epoch too.
+                                self.subscriptions.done_relearning(&user);
+                                self.deliveries.feed_restored(Some(&user));
+                            }
+                        }
                     }
                     // Another writer on our channel, or a foldercast of another format.
                     Pushed::Malformed => tracing::warn!("malformed channel message skipped"),
@@ -318,6 +358,28 @@ impl AsyncPushSender for PushToDeliveries {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// Users whose epoch is waiting to be read again; a full queue falls back on the sessions'
+/// own catch-up.
+const RELEARN_QUEUE: usize = 4096;
+
+/// Reads the epoch of each user sent here (a history read: it learns the epoch, and starts one
+/// if the meta key was lost), then tells the user's sessions to catch up from the history,
+/// which holds whatever arrived meanwhile. Runs until the bus is dropped.
+async fn relearn_epochs(
+    mut users: mpsc::Receiver<Arc<str>>,
+    bus: Weak<RedisBus>,
+    sink: Arc<dyn DeliverySink>,
+) {
+    while let Some(user) = users.recv().await {
+        let Some(bus) = bus.upgrade() else { return };
+        if let Err(e) = bus.read_history(&user, None, 0).await {
+            tracing::warn!(%user, error = %e, "reading the epoch failed; the sessions' catch-up will");
+        }
+        bus.subscriptions.done_relearning(&user);
+        sink.feed_restored(Some(&user));
     }
 }
 
@@ -446,6 +508,7 @@ impl RedisBus {
         let connected = Arc::new(AtomicBool::new(false));
         let subscriptions = Arc::new(Subscriptions::default());
         let publisher = open(target, None).await?;
+        let (relearn, relearn_rx) = mpsc::channel(RELEARN_QUEUE);
         let subscriber = match deliveries.clone() {
             Some(tx) => Some(
                 open(
@@ -456,6 +519,7 @@ impl RedisBus {
                         subscriptions: subscriptions.clone(),
                         cluster: matches!(target, RedisTarget::Cluster(_)),
                         shared: shared::SharedPayloads::default(),
+                        relearn,
                     }),
                 )
                 .await?,
@@ -482,6 +546,13 @@ impl RedisBus {
         });
         bus.load_script().await?;
         bus.connected.store(true, Relaxed);
+        if let Some(sink) = &bus.sink {
+            tokio::spawn(relearn_epochs(
+                relearn_rx,
+                Arc::downgrade(&bus),
+                sink.clone(),
+            ));
+        }
         Ok(bus)
     }
 
