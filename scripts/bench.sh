@@ -15,7 +15,8 @@ for b in "${which[@]}"; do
   case "$b" in
     replay)  $BIN replay --events 1000000 --members 20 --depth 8 --spaces 1000 ;;
     idle)    $BIN idle --connections 19000 --users 1000 ;;
-    consume) $BIN consume --brokers "$FOLDERCAST_TEST_KAFKA" --redis "$FOLDERCAST_TEST_REDIS" --events 100000 --members 20 --spaces 1000 --rounds 3 ;;
+    consume) $BIN consume --brokers "$FOLDERCAST_TEST_KAFKA" --redis "$FOLDERCAST_TEST_REDIS" --events 100000 --members 20 --spaces 1000 --rounds 3
+             $BIN consume --brokers "$FOLDERCAST_TEST_KAFKA" --redis "$FOLDERCAST_TEST_REDIS" --events 100000 --members 20 --spaces 1000 --rounds 3 --user-rate 20 --user-burst 5 ;;
     fanout)  $BIN fanout --redis "$FOLDERCAST_TEST_REDIS" --connections 1000 --rate 1000 --seconds 10 --rounds 3 ;;
     storm)   $BIN storm --redis "$FOLDERCAST_TEST_REDIS" --connections 10000 --missed 10 ;;
     membership) $BIN membership --events 500000 --spaces 1000 --members 20 --paced-events 100000 --paced-seconds 10 --short-ttl 2s ;;

@@ -339,6 +339,10 @@ async fn a_real_gateway_answers_mutated_frames_and_stays_up() {
         200
     );
     // And its memory stayed bounded (it idles at about 10 MB).
-    let peak = server.child.id().and_then(peak_rss_kb).expect("the gateway's VmHWM");
+    let peak = server
+        .child
+        .id()
+        .and_then(peak_rss_kb)
+        .expect("the gateway's VmHWM");
     assert!(peak < 256 * 1024, "gateway peak RSS {} MB", peak / 1024);
 }

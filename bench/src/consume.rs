@@ -149,11 +149,13 @@ async fn run_async(args: BenchConsumeArgs) -> anyhow::Result<ExitCode> {
         ratios.join(", ")
     );
     println!(
-        "  reproduce: scripts/bench.sh consume   (or: foldercast-bench consume --brokers B --redis URL --events {} --members {} --spaces {} --rounds {})",
+        "  reproduce: scripts/bench.sh consume   (or: foldercast-bench consume --brokers B --redis URL --events {} --members {} --spaces {} --rounds {} --user-rate {} --user-burst {})",
         args.events,
         args.members,
         args.spaces,
-        rounds.len()
+        rounds.len(),
+        args.user_rate,
+        args.user_burst
     );
     Ok(ExitCode::SUCCESS)
 }
