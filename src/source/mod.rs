@@ -15,6 +15,7 @@
 
 mod fixture;
 pub mod kafka;
+pub mod nats;
 
 use async_trait::async_trait;
 
