@@ -4,6 +4,7 @@
 #   FOLDERCAST_TEST_REDIS          redis://127.0.0.1:PORT (standalone)
 #   FOLDERCAST_TEST_REDIS_CLUSTER  redis://…,redis://…,redis://… (3 nodes, no replicas)
 #   FOLDERCAST_TEST_KAFKA          127.0.0.1:PORT (tansu, sqlite storage)
+#   FOLDERCAST_TEST_NATS           nats://127.0.0.1:PORT (nats-server with JetStream)
 #   FOLDERCAST_CHROMIUM, FOLDERCAST_COMPOSE_SCHEMA
 # Needs: set -euo pipefail in the caller.
 
@@ -19,6 +20,8 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+# oCIS's event bus: Debian's nats-server (2.9), with JetStream.
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
 if ((${#missing[@]})); then
   if [ "$(id -u)" != 0 ]; then
     log "missing ${missing[*]} and not root: install them (apt-get install ${missing[*]})"
@@ -132,5 +135,24 @@ PIDS+=($!)
 wait_for "the tansu broker on $KAFKA_PORT" bash -c "exec 3<>/dev/tcp/127.0.0.1/$KAFKA_PORT"
 export FOLDERCAST_TEST_KAFKA="127.0.0.1:$KAFKA_PORT"
 
-log "setup took $(( $(date +%s) - setup_start )) s: redis $FOLDERCAST_TEST_REDIS, cluster $FOLDERCAST_TEST_REDIS_CLUSTER, kafka $FOLDERCAST_TEST_KAFKA"
+# NATS with JetStream, as oCIS runs it (`-p -1` would pick a port too, but a free one we chose
+# keeps the log and the URL simple). A taken port is tried again on another.
+NATS_BIN=$(command -v nats-server || echo /usr/sbin/nats-server)
+for _ in 1 2 3; do
+  NATS_PORT=$(free_port)
+  mkdir -p "$WORK/nats-$NATS_PORT"
+  "$NATS_BIN" -js -sd "$WORK/nats-$NATS_PORT" -a 127.0.0.1 -p "$NATS_PORT" \
+    >"$WORK/nats-$NATS_PORT/nats.log" 2>&1 &
+  NATS_PID=$!
+  PIDS+=("$NATS_PID")
+  if wait_for "nats-server on $NATS_PORT" bash -c "kill -0 $NATS_PID && exec 3<>/dev/tcp/127.0.0.1/$NATS_PORT"; then
+    break
+  fi
+  tail -n 5 "$WORK/nats-$NATS_PORT/nats.log" >&2 || true
+  NATS_PORT=""
+done
+[ -n "$NATS_PORT" ] || { log "could not start nats-server"; exit 1; }
+export FOLDERCAST_TEST_NATS="nats://127.0.0.1:$NATS_PORT"
+
+log "setup took $(( $(date +%s) - setup_start )) s: redis $FOLDERCAST_TEST_REDIS, cluster $FOLDERCAST_TEST_REDIS_CLUSTER, kafka $FOLDERCAST_TEST_KAFKA, nats $FOLDERCAST_TEST_NATS"
 

@@ -148,6 +148,29 @@ pub struct ReplayArgs {
     )]
     pub partitions: i32,
 
+    /// Instead of running the pipeline, write the file's lines (oCIS event envelopes, as in
+    /// `fixtures/ocis/`) into a NATS JetStream stream, as oCIS would (nats://host:port).
+    #[arg(
+        long,
+        env = "FOLDERCAST_TO_NATS",
+        value_name = "URL",
+        conflicts_with = "to_kafka"
+    )]
+    pub to_nats: Option<String>,
+
+    /// The JetStream stream for --to-nats (created with one subject if missing). oCIS: `main-queue`.
+    #[arg(
+        long,
+        env = "FOLDERCAST_NATS_STREAM",
+        default_value = "main-queue",
+        value_name = "NAME"
+    )]
+    pub nats_stream: String,
+
+    /// The subject for --to-nats (default: the stream's name, as oCIS uses).
+    #[arg(long, env = "FOLDERCAST_NATS_SUBJECT", value_name = "SUBJECT")]
+    pub nats_subject: Option<String>,
+
     /// Print one JSON line per delivered message: {"user":…,"message":…}, in event order, users sorted.
     #[arg(long, env = "FOLDERCAST_PRINT")]
     pub print: bool,

@@ -13,6 +13,7 @@ use crate::config::ReplayArgs;
 use crate::consumer::{AtEnd, Driver, DriverError, Ended, EventTimeClock, Settings};
 use crate::notify::throttle::Buckets;
 use crate::source::kafka::KafkaProducer;
+use crate::source::nats::jetstream::{EnvelopeProducer, StreamTarget};
 use crate::source::{FixtureSource, Passes};
 use crate::telemetry::PipelineStats;
 
@@ -26,6 +27,9 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
 async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     if args.to_kafka {
         return to_kafka(&args).await;
+    }
+    if let Some(url) = &args.to_nats {
+        return to_nats(&args, url).await;
     }
     let resolver = super::setup::resolver(&args.membership, None)?;
     let stop = tokio_util::sync::CancellationToken::new();
@@ -158,6 +162,45 @@ async fn to_kafka(args: &ReplayArgs) -> anyhow::Result<ExitCode> {
     eprintln!(
         "replay: produced {produced} events to {} at {brokers}",
         args.topic
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `replay --to-nats`: every line of the file into the stream, in order, each stored by
+/// JetStream before the command ends.
+async fn to_nats(args: &ReplayArgs, url: &str) -> anyhow::Result<ExitCode> {
+    let target = StreamTarget {
+        url: url.to_owned(),
+        stream: args.nats_stream.clone(),
+        subject: args
+            .nats_subject
+            .clone()
+            .unwrap_or_else(|| args.nats_stream.clone()),
+    };
+    let producer = EnvelopeProducer::connect(&target).await?;
+    let source = FixtureSource::open(&args.events, Passes::Once)
+        .await?
+        .with_max_line(args.shaping.max_event_bytes);
+    let mut batch = Vec::with_capacity(256);
+    let mut published = 0u64;
+    loop {
+        let next = source.next_raw().await?;
+        let done = next.is_none();
+        if let Some(raw) = next {
+            batch.push(raw.bytes);
+        }
+        if batch.len() >= 256 || (done && !batch.is_empty()) {
+            producer.publish_all(&batch).await?;
+            published += batch.len() as u64;
+            batch.clear();
+        }
+        if done {
+            break;
+        }
+    }
+    eprintln!(
+        "replay: published {published} events to stream {} (subject {}) at {url}",
+        target.stream, target.subject
     );
     Ok(ExitCode::SUCCESS)
 }

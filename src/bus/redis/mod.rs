@@ -27,8 +27,10 @@
 //! entry `<epoch>: 0\n`. The subscriber keeps each subscribed user's epoch: read when it
 //! subscribes and by every history read (unless an announcement came first), replaced by
 //! announcements, forgotten when the connection drops. A message that arrives while its user's
-//! epoch is unknown is not delivered live: the user's sessions hold (a gap) while the bus reads
-//! the epoch, then catch up from the history, which holds that message.
+//! epoch is unknown is held, with the user's later ones, while the bus reads the epoch, then
+//! delivered in order (if the read fails, the user's sessions catch up from the history). An
+//! earlier version made the sessions hold and catch up instead; that released sessions whose
+//! channel a cluster had just dropped (`resume_chaos`), and a gap has one owner now.
 //!
 //! One publish per user per call rather than per message, because a gateway spends about 1 µs
 //! parsing each pushed message with redis-rs (about 30 % of its CPU in bursts): a burst of 16
@@ -178,9 +180,22 @@ struct Subscriptions {
     wake: tokio::sync::Notify,
     /// Each subscribed user's current epoch (see the module doc).
     epochs: std::sync::Mutex<std::collections::HashMap<Arc<str>, Arc<str>>>,
-    /// Users whose epoch is being read again, so a burst of their messages asks once.
-    relearning: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
+    /// Users whose epoch is being read again, with the channel messages that arrived meanwhile:
+    /// delivered in order once the epoch is known (see [`relearn_epochs`]).
+    held: std::sync::Mutex<std::collections::HashMap<Arc<str>, Held>>,
 }
+
+/// Channel messages of a user held while the user's epoch is read.
+#[derive(Default)]
+struct Held {
+    messages: Vec<Bytes>,
+    /// More arrived than [`MAX_HELD`]: the rest is left to the sessions' catch-up.
+    overflowed: bool,
+}
+
+/// Channel messages held per user while its epoch is read (a read takes a millisecond; a
+/// user's burst of thousands means something else is wrong).
+const MAX_HELD: usize = 1024;
 
 impl Subscriptions {
     fn resubscribe_everything(&self) {
@@ -225,20 +240,6 @@ impl Subscriptions {
             && let Ok(mut epochs) = self.epochs.lock()
         {
             f(&mut epochs);
-        }
-    }
-
-    /// True if `user`'s epoch was not already being read again.
-    fn start_relearning(&self, user: &Arc<str>) -> bool {
-        self.relearning
-            .lock()
-            .map(|mut r| r.insert(user.clone()))
-            .unwrap_or(false)
-    }
-
-    fn done_relearning(&self, user: &str) {
-        if let Ok(mut r) = self.relearning.lock() {
-            r.remove(user);
         }
     }
 
@@ -296,7 +297,7 @@ struct PushToDeliveries {
     subscriptions: Arc<Subscriptions>,
     cluster: bool,
     /// One buffer per payload, whatever the number of its recipients.
-    shared: shared::SharedPayloads,
+    shared: Arc<shared::SharedPayloads>,
     /// Users whose epoch must be read again (see [`relearn_epochs`]).
     relearn: mpsc::Sender<Arc<str>>,
 }
@@ -305,8 +306,27 @@ impl AsyncPushSender for PushToDeliveries {
     fn send(&self, info: PushInfo) -> Result<(), SendError> {
         match info.kind {
             PushKind::Message | PushKind::SMessage => {
-                match delivery_of(
-                    info.data,
+                let Some((user, message)) = channel_message(info.data) else {
+                    // Another writer on our channel, or a foldercast of another format.
+                    tracing::warn!("malformed channel message skipped");
+                    return Ok(());
+                };
+                // One lock around holding and delivering, so that messages held for a user and
+                // the ones after them reach the sink in order.
+                let Ok(mut held) = self.subscriptions.held.lock() else {
+                    return Ok(());
+                };
+                if let Some(h) = held.get_mut(&*user) {
+                    if h.messages.len() < MAX_HELD {
+                        h.messages.push(message);
+                    } else {
+                        h.overflowed = true;
+                    }
+                    return Ok(());
+                }
+                match deliver_message(
+                    &user,
+                    message,
                     &*self.deliveries,
                     &self.subscriptions,
                     &self.shared,
@@ -315,21 +335,24 @@ impl AsyncPushSender for PushToDeliveries {
                     Pushed::NotTaken => {
                         tracing::warn!("delivery dropped: no receiver ready for it")
                     }
-                    Pushed::EpochUnknown(user) => {
-                        // In the history all the same: the user's sessions hold while the
-                        // epoch is read, then catch up from the history.
-                        if self.subscriptions.start_relearning(&user) {
-                            tracing::info!(%user, "a message came before its user's epoch was known; reading it, then sessions catch up");
+                    Pushed::EpochUnknown(rest) => {
+                        // Held until the bus has read the user's epoch, then delivered.
+                        tracing::info!(%user, "a message came before its user's epoch was known; held while it is read");
+                        held.insert(
+                            user.clone(),
+                            Held {
+                                messages: vec![rest],
+                                overflowed: false,
+                            },
+                        );
+                        if self.relearn.try_send(user.clone()).is_err() {
+                            // The reader is gone or behind: the sessions catch up from the
+                            // history instead, which learns the epoch too.
+                            held.remove(&user);
                             self.deliveries.feed_gap(Some(&user));
-                            if self.relearn.try_send(user.clone()).is_err() {
-                                // The reader is gone or behind: the sessions' own catch-up
-                                // reads the history, which learns the epoch too.
-                                self.subscriptions.done_relearning(&user);
-                                self.deliveries.feed_restored(Some(&user));
-                            }
+                            self.deliveries.feed_restored(Some(&user));
                         }
                     }
-                    // Another writer on our channel, or a foldercast of another format.
                     Pushed::Malformed => tracing::warn!("malformed channel message skipped"),
                 }
             }
@@ -366,20 +389,41 @@ impl AsyncPushSender for PushToDeliveries {
 const RELEARN_QUEUE: usize = 4096;
 
 /// Reads the epoch of each user sent here (a history read: it learns the epoch, and starts one
-/// if the meta key was lost), then tells the user's sessions to catch up from the history,
-/// which holds whatever arrived meanwhile. Runs until the bus is dropped.
+/// if the meta key was lost), then delivers the messages held for the user meanwhile, in order.
+/// If the epoch is still unknown (the read failed) or too many were held, the user's sessions
+/// catch up from the history instead. Runs until the bus is dropped.
 async fn relearn_epochs(
     mut users: mpsc::Receiver<Arc<str>>,
     bus: Weak<RedisBus>,
     sink: Arc<dyn DeliverySink>,
+    shared: Arc<shared::SharedPayloads>,
 ) {
     while let Some(user) = users.recv().await {
         let Some(bus) = bus.upgrade() else { return };
         if let Err(e) = bus.read_history(&user, None, 0).await {
-            tracing::warn!(%user, error = %e, "reading the epoch failed; the sessions' catch-up will");
+            tracing::warn!(%user, error = %e, "reading the epoch failed; the sessions catch up instead");
         }
-        bus.subscriptions.done_relearning(&user);
-        sink.feed_restored(Some(&user));
+        let subs = &bus.subscriptions;
+        let Ok(mut held) = subs.held.lock() else {
+            return;
+        };
+        let Some(h) = held.remove(&user) else {
+            continue;
+        };
+        let mut caught_up = !h.overflowed;
+        for message in h.messages {
+            if !caught_up {
+                break;
+            }
+            caught_up = !matches!(
+                deliver_message(&user, message, &*sink, subs, &shared),
+                Pushed::EpochUnknown(_)
+            );
+        }
+        if !caught_up {
+            sink.feed_gap(Some(&user));
+            sink.feed_restored(Some(&user));
+        }
     }
 }
 
@@ -390,37 +434,38 @@ enum Pushed {
     Delivered,
     /// The sink refused some (a full or closed receiver).
     NotTaken,
-    /// Messages of a user whose epoch is not known yet: not delivered live.
-    EpochUnknown(Arc<str>),
+    /// From this entry on (the rest of the channel message), the user's epoch is not known:
+    /// not delivered; what came before it was.
+    EpochUnknown(Bytes),
     /// Not a channel message of this format; what parsed before the fault was delivered.
     Malformed,
 }
 
-/// Hands each message of a pushed `[channel, entries]` to `sink` with its position, where every
-/// entry is `[<epoch>:]<stream id> <payload bytes>\n<payload>` or an announcement
-/// `<epoch>: 0\n` (see the module doc). Small payloads are slices of the pushed buffer; large
-/// ones are shared with the other recipients of the same bytes (`shared.rs`).
-fn delivery_of(
-    data: Vec<Value>,
-    sink: &dyn DeliverySink,
-    subscriptions: &Subscriptions,
-    shared: &shared::SharedPayloads,
-) -> Pushed {
+/// The user and message of a pushed `[channel, message]`.
+fn channel_message(data: Vec<Value>) -> Option<(Arc<str>, Bytes)> {
     let bytes = |v: Value| match v {
         Value::BulkString(b) => Some(b),
         Value::SimpleString(s) => Some(s.into_bytes()),
         _ => None,
     };
     let mut data = data.into_iter();
-    let Some(channel) = data.next().and_then(bytes) else {
-        return Pushed::Malformed;
-    };
-    let Some(message) = data.next().and_then(bytes).map(Bytes::from) else {
-        return Pushed::Malformed;
-    };
-    let Some(user) = keys::user_of_channel(&channel) else {
-        return Pushed::Malformed;
-    };
+    let channel = data.next().and_then(bytes)?;
+    let message = Bytes::from(data.next().and_then(bytes)?);
+    let user = keys::user_of_channel(&channel)?;
+    Some((Arc::from(user), message))
+}
+
+/// Hands each message of `user`'s channel message to `sink` with its position, where every
+/// entry is `[<epoch>:]<stream id> <payload bytes>\n<payload>` or an announcement
+/// `<epoch>: 0\n` (see the module doc). Small payloads are slices of the pushed buffer; large
+/// ones are shared with the other recipients of the same bytes (`shared.rs`).
+fn deliver_message(
+    user: &str,
+    message: Bytes,
+    sink: &dyn DeliverySink,
+    subscriptions: &Subscriptions,
+    shared: &shared::SharedPayloads,
+) -> Pushed {
     let mut epoch = subscriptions.epoch_of(user);
     let mut entries: Vec<(String, Bytes)> = Vec::new();
     let mut at = 0;
@@ -440,7 +485,7 @@ fn delivery_of(
         };
         if !id.is_empty() {
             let Some(epoch) = &epoch else {
-                outcome = Pushed::EpochUnknown(Arc::from(user));
+                outcome = Pushed::EpochUnknown(message.slice(at..));
                 break;
             };
             let payload = shared.share(message.slice(at + entry.payload_start..at + entry.end));
@@ -457,6 +502,19 @@ fn delivery_of(
     match outcome {
         Pushed::Delivered if !taken => Pushed::NotTaken,
         outcome => outcome,
+    }
+}
+
+#[cfg(test)]
+fn delivery_of(
+    data: Vec<Value>,
+    sink: &dyn DeliverySink,
+    subscriptions: &Subscriptions,
+    shared: &shared::SharedPayloads,
+) -> Pushed {
+    match channel_message(data) {
+        Some((user, message)) => deliver_message(&user, message, sink, subscriptions, shared),
+        None => Pushed::Malformed,
     }
 }
 
@@ -509,6 +567,7 @@ impl RedisBus {
         let subscriptions = Arc::new(Subscriptions::default());
         let publisher = open(target, None).await?;
         let (relearn, relearn_rx) = mpsc::channel(RELEARN_QUEUE);
+        let shared = Arc::new(shared::SharedPayloads::default());
         let subscriber = match deliveries.clone() {
             Some(tx) => Some(
                 open(
@@ -518,7 +577,7 @@ impl RedisBus {
                         connected: connected.clone(),
                         subscriptions: subscriptions.clone(),
                         cluster: matches!(target, RedisTarget::Cluster(_)),
-                        shared: shared::SharedPayloads::default(),
+                        shared: shared.clone(),
                         relearn,
                     }),
                 )
@@ -551,6 +610,7 @@ impl RedisBus {
                 relearn_rx,
                 Arc::downgrade(&bus),
                 sink.clone(),
+                shared,
             ));
         }
         Ok(bus)
@@ -947,7 +1007,7 @@ mod tests {
         let subs = bob(None);
         assert_eq!(
             delivery_of(push("1-0 2\n{}"), &tx, &subs, &Default::default()),
-            Pushed::EpochUnknown(Arc::from("bob"))
+            Pushed::EpochUnknown(Bytes::from_static(b"1-0 2\n{}"))
         );
         assert!(rx.try_recv().is_err());
         // A dropped connection forgets what it knew: announcements may have been missed.

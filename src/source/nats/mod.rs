@@ -8,8 +8,11 @@
 //! event does not carry (an item's size, the path of an item known by id) needs the oCIS API:
 //! the mapping says so ([`reva::Mapped::Lookup`]) rather than guess.
 //!
-//! Not here yet (issue 11): the JetStream pull consumer (acks after the bus accepted, progress
-//! acks while waiting on oCIS, bounded redeliveries, dead letters), and the lookups.
+//! [`jetstream`] holds the stream itself: today, writing a fixture of envelopes into it
+//! (`replay --to-nats`). Not here yet (issue 11): the JetStream pull consumer (acks after the
+//! bus accepted, progress acks while waiting on oCIS, bounded redeliveries, dead letters), and
+//! the lookups.
 
 pub mod envelope;
+pub mod jetstream;
 pub mod reva;
