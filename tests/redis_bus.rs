@@ -1128,6 +1128,11 @@ async fn recipients_of_one_payload_share_its_bytes() {
     );
 }
 
+/// The position at the top of `user`'s history (a read without a position).
+async fn top_of(bus: &RedisBus, user: &Arc<str>) -> String {
+    bus.catch_up(user, None, 10).await.unwrap().top().to_owned()
+}
+
 /// The epoch a user's deliveries carry is the one their history holds, however it began: by a
 /// publish to a new stream, by a read before any publish, or anew after the meta key was lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1155,12 +1160,7 @@ async fn deliveries_carry_the_epoch_the_history_holds() {
     // Read before anything was published: the read starts the history and announces it.
     let reader: Arc<str> = Arc::from(unique("reader"));
     bus.subscribe(&reader).await.unwrap();
-    let top = bus
-        .catch_up(&reader, None, 10)
-        .await
-        .unwrap()
-        .top()
-        .to_owned();
+    let top = top_of(&bus, &reader).await;
     bus.publish(&[msg(&reader, &unique("r1"), "a")])
         .await
         .unwrap();
@@ -1179,12 +1179,7 @@ async fn deliveries_carry_the_epoch_the_history_holds() {
         .del(foldercast::bus::redis::keys::meta(&reader))
         .await
         .unwrap();
-    let top = bus
-        .catch_up(&reader, None, 10)
-        .await
-        .unwrap()
-        .top()
-        .to_owned();
+    let top = top_of(&bus, &reader).await;
     assert_ne!(epoch_of(&top), epoch_of(&d.id), "a new epoch");
     bus.publish(&[msg(&reader, &unique("r2"), "b")])
         .await

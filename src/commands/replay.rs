@@ -132,30 +132,16 @@ async fn to_kafka(args: &ReplayArgs) -> anyhow::Result<ExitCode> {
         .as_deref()
         .context("--to-kafka needs --brokers")?;
     let producer = KafkaProducer::connect(brokers, &args.topic, args.partitions).await?;
-    let source = FixtureSource::open(&args.events, Passes::Once)
-        .await?
-        .with_max_line(args.shaping.max_event_bytes);
     let progress = progress_spinner("{spinner} {pos} events produced {per_sec}");
-    let mut batch = Vec::with_capacity(1000);
-    let mut produced = 0u64;
-    loop {
-        let next = source.next_raw().await?;
-        let done = next.is_none();
-        if let Some(raw) = next {
-            batch.push((space_key(&raw.bytes), raw.bytes));
+    let produced = in_batches(args, 1000, async |batch: Vec<Vec<u8>>| {
+        let keyed: Vec<_> = batch.into_iter().map(|b| (space_key(&b), b)).collect();
+        producer.send_all(&keyed).await?;
+        if let Some(bar) = &progress {
+            bar.inc(keyed.len() as u64);
         }
-        if batch.len() >= 1000 || (done && !batch.is_empty()) {
-            producer.send_all(&batch).await?;
-            produced += batch.len() as u64;
-            if let Some(bar) = &progress {
-                bar.inc(batch.len() as u64);
-            }
-            batch.clear();
-        }
-        if done {
-            break;
-        }
-    }
+        Ok(())
+    })
+    .await?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
@@ -178,31 +164,44 @@ async fn to_nats(args: &ReplayArgs, url: &str) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| args.nats_stream.clone()),
     };
     let producer = EnvelopeProducer::connect(&target).await?;
+    let published = in_batches(args, 256, async |batch: Vec<Vec<u8>>| {
+        producer.publish_all(&batch).await?;
+        Ok(())
+    })
+    .await?;
+    eprintln!(
+        "replay: published {published} events to stream {} (subject {}) at {url}",
+        target.stream, target.subject
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads the file's lines (bad ones too: they are what dead letters are for) and hands them
+/// to `send` in batches of `size`, in order; returns how many went.
+async fn in_batches(
+    args: &ReplayArgs,
+    size: usize,
+    mut send: impl AsyncFnMut(Vec<Vec<u8>>) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
     let source = FixtureSource::open(&args.events, Passes::Once)
         .await?
         .with_max_line(args.shaping.max_event_bytes);
-    let mut batch = Vec::with_capacity(256);
-    let mut published = 0u64;
+    let mut batch = Vec::with_capacity(size);
+    let mut sent = 0u64;
     loop {
         let next = source.next_raw().await?;
         let done = next.is_none();
         if let Some(raw) = next {
             batch.push(raw.bytes);
         }
-        if batch.len() >= 256 || (done && !batch.is_empty()) {
-            producer.publish_all(&batch).await?;
-            published += batch.len() as u64;
-            batch.clear();
+        if batch.len() >= size || (done && !batch.is_empty()) {
+            sent += batch.len() as u64;
+            send(std::mem::replace(&mut batch, Vec::with_capacity(size))).await?;
         }
         if done {
-            break;
+            return Ok(sent);
         }
     }
-    eprintln!(
-        "replay: published {published} events to stream {} (subject {}) at {url}",
-        target.stream, target.subject
-    );
-    Ok(ExitCode::SUCCESS)
 }
 
 fn space_key(bytes: &[u8]) -> Option<String> {
