@@ -37,6 +37,10 @@ pub struct Frame {
     /// bytes (see `frames_of` in the hub and the Redis bus's payload sharing), never copied per
     /// user, so a queue holds a reference rather than its own copy.
     pub payload: Bytes,
+    /// The WebSocket text frame, built once for the user's connections when the payload is
+    /// small ([`PREBUILT_TEXT_MAX`]); a large one is built when sent, so queues hold only the
+    /// shared payload.
+    prebuilt: Option<Utf8Bytes>,
     /// Parsed only when a connection with watches needs it.
     route: OnceLock<Route>,
 }
@@ -52,17 +56,29 @@ impl Frame {
         if let Some(r) = route {
             let _ = cell.set(r);
         }
-        Frame {
+        let mut frame = Frame {
             id,
             message_type,
             payload,
+            prebuilt: None,
             route: cell,
+        };
+        if frame.payload.len() <= PREBUILT_TEXT_MAX {
+            frame.prebuilt = Some(frame.build_text());
+        }
+        frame
+    }
+
+    /// The WebSocket text frame. Large ones are built when sent rather than kept: a copy per
+    /// user of every queued message is what let a few large events pin gigabytes (issue 12).
+    pub fn ws_text(&self) -> Utf8Bytes {
+        match &self.prebuilt {
+            Some(text) => text.clone(),
+            None => self.build_text(),
         }
     }
 
-    /// The WebSocket text frame, built when it is sent rather than kept: a copy per user of
-    /// every queued message is what let a few large events pin gigabytes (issue 12).
-    pub fn ws_text(&self) -> Utf8Bytes {
+    fn build_text(&self) -> Utf8Bytes {
         let resync_space = (self.message_type == "resync").then(|| self.route().space_id.as_str());
         Utf8Bytes::from(server_frame(&self.id, &self.payload, resync_space))
     }
@@ -70,7 +86,7 @@ impl Frame {
     /// Bytes the frame accounts for in a queue: its payload (perhaps shared), its id, and about
     /// what its WebSocket text adds.
     pub fn size(&self) -> usize {
-        self.payload.len() + self.id.len() + 48
+        self.payload.len() + self.id.len() + self.prebuilt.as_ref().map_or(48, |t| t.len())
     }
 
     pub fn route(&self) -> &Route {
@@ -82,6 +98,10 @@ impl Frame {
         watches.is_empty() || watches.allows(self.route())
     }
 }
+
+/// Payloads up to this size get their WebSocket text built once per user (cheaper on the hot
+/// path: `bench fanout`); larger ones share the bus's buffer and are framed when sent.
+pub const PREBUILT_TEXT_MAX: usize = 2048;
 
 /// What became of a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -397,20 +417,21 @@ mod tests {
             Arc::new(Frame::new(
                 Utf8Bytes::from(id.to_owned()),
                 "x".into(),
-                Bytes::from("x".repeat(1000 - 48 - id.len())),
+                // Above PREBUILT_TEXT_MAX: 3,000 bytes in all, payload, id and framing.
+                Bytes::from("x".repeat(3000 - 48 - id.len())),
                 None,
             ))
         };
-        let q = Arc::new(SessionQueue::bounded(100, 2500));
+        let q = Arc::new(SessionQueue::bounded(100, 7500));
         for i in 0..3 {
             assert_eq!(q.push(&[big(&i.to_string())], &wakeups), Push::Queued);
         }
         assert_eq!(
             q.push(&[big("4")], &wakeups),
             Push::Evicted,
-            "3,000 bytes held"
+            "9,000 bytes held"
         );
-        let q = Arc::new(SessionQueue::bounded(100, 2500));
+        let q = Arc::new(SessionQueue::bounded(100, 7500));
         q.push(&[big("1"), big("2")], &wakeups);
         let mut out = Vec::new();
         assert_eq!(q.next_batch(&mut out).await, Next::Frames);

@@ -467,7 +467,9 @@ fn deliver_message(
     shared: &shared::SharedPayloads,
 ) -> Pushed {
     let mut epoch = subscriptions.epoch_of(user);
-    let mut entries: Vec<(String, Bytes)> = Vec::new();
+    // Every position written into one buffer: one allocation per push, not one per message.
+    let mut positions = String::new();
+    let mut entries: Vec<(std::ops::Range<usize>, Bytes)> = Vec::new();
     let mut at = 0;
     let mut outcome = Pushed::Delivered;
     while at < message.len() {
@@ -489,14 +491,18 @@ fn deliver_message(
                 break;
             };
             let payload = shared.share(message.slice(at + entry.payload_start..at + entry.end));
-            entries.push((format!("{epoch}:{id}"), payload));
+            let start = positions.len();
+            positions.push_str(epoch);
+            positions.push(':');
+            positions.push_str(id);
+            entries.push((start..positions.len(), payload));
         }
         at += entry.end;
     }
     // What parsed before a fault is delivered, in order; the rest is in the history.
     let messages: Vec<(&str, Bytes)> = entries
-        .iter()
-        .map(|(id, payload)| (id.as_str(), payload.clone()))
+        .into_iter()
+        .map(|(span, payload)| (&positions[span], payload))
         .collect();
     let taken = messages.is_empty() || sink.deliver_all(user, &messages);
     match outcome {
