@@ -741,7 +741,7 @@ fn file_args(
     matches: &clap::ArgMatches,
     table: &toml::Table,
 ) -> Result<Vec<OsString>, String> {
-    // Walk down to the innermost subcommand the user chose (e.g. `bench replay`).
+    // Walk down to the innermost subcommand the user chose (e.g. `consume`; nested subcommands left with the benchmarks).
     let mut cmd = command;
     let mut m = matches;
     let mut path = Vec::new();
