@@ -380,7 +380,9 @@ async fn watches_filter_to_the_folder_on_screen() {
     );
 
     // Without watches, everything arrives again.
+    // The pong proves the unwatch was applied before the event is read (it raced it once).
     send(&mut ws, json!({"type": "unwatch"})).await;
+    assert!(sync(&mut ws).await.is_empty());
     server
         .send_events(r#"{"id":"late-1","type":"file-uploaded","time":"2026-11-22T11:00:00Z","data":{"space_id":"s-mkt","path":"/elsewhere.txt","kind":"file","size":1}}"#)
         .await;
