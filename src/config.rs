@@ -58,7 +58,8 @@ pub enum Command {
     /// Run the pipeline over a fixture file without a server and print what each user would
     /// receive, or load the file into a Kafka topic (--to-kafka).
     Replay(ReplayArgs),
-    /// Consume storage events from Kafka (a consumer group) and publish per-user messages to Redis.
+    /// Consume storage events from Kafka (a consumer group), or oCIS's own events from NATS
+    /// JetStream (--nats), and publish per-user messages to Redis.
     Consume(ConsumeArgs),
     /// Serve WebSocket and SSE clients from Redis (run several behind a load balancer).
     Gateway(GatewayCommandArgs),
@@ -194,9 +195,15 @@ pub struct ReplayArgs {
 
 #[derive(Debug, Args)]
 pub struct ConsumeArgs {
-    /// Kafka bootstrap servers (host:port[,host:port…]).
-    #[arg(long, env = "FOLDERCAST_KAFKA_BROKERS", value_name = "HOSTS")]
-    pub brokers: String,
+    /// Kafka bootstrap servers (host:port[,host:port…]). Either this or --nats.
+    #[arg(
+        long,
+        env = "FOLDERCAST_KAFKA_BROKERS",
+        value_name = "HOSTS",
+        required_unless_present = "nats",
+        conflicts_with = "nats"
+    )]
+    pub brokers: Option<String>,
 
     /// Topic of storage events (keyed by space id).
     #[arg(
@@ -259,6 +266,9 @@ pub struct ConsumeArgs {
     pub kafka_options: Vec<String>,
 
     #[command(flatten)]
+    pub nats: NatsArgs,
+
+    #[command(flatten)]
     pub redis: RedisArgs,
 
     #[command(flatten)]
@@ -267,6 +277,101 @@ pub struct ConsumeArgs {
     // Last: its help heading applies to every flag after it.
     #[command(flatten)]
     pub membership: MembershipArgs,
+}
+
+/// oCIS's own events: reva events on NATS JetStream, read by a durable pull consumer.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "oCIS events on NATS JetStream (consume --nats)")]
+pub struct NatsArgs {
+    /// Read oCIS's events from this NATS server (oCIS's OCIS_EVENTS_ENDPOINT, e.g.
+    /// nats://ocis-nats:9233) instead of Kafka. Item sizes and paths the events lack are looked
+    /// up with --ocis-url's credentials; without --ocis-url such events resync their space.
+    #[arg(long, env = "FOLDERCAST_NATS_URL", value_name = "URL")]
+    pub nats: Option<String>,
+
+    /// The JetStream stream oCIS publishes to.
+    #[arg(
+        long = "nats-stream",
+        env = "FOLDERCAST_NATS_STREAM",
+        default_value = "main-queue",
+        value_name = "STREAM"
+    )]
+    pub stream: String,
+
+    /// The subject read from the stream (default: the stream's name, as oCIS uses).
+    #[arg(
+        long = "nats-subject",
+        env = "FOLDERCAST_NATS_SUBJECT",
+        value_name = "SUBJECT"
+    )]
+    pub subject: Option<String>,
+
+    /// The durable consumer's name. Never an oCIS service's (clientlog, search, …): consumers
+    /// of one name share the messages, so that service would miss some.
+    #[arg(
+        long = "nats-durable",
+        env = "FOLDERCAST_NATS_DURABLE",
+        default_value = "foldercast",
+        value_name = "NAME"
+    )]
+    pub durable: String,
+
+    /// Where a consumer created now starts: `new` (events from now on), `all` (everything the
+    /// stream holds), or an RFC 3339 time. An existing consumer resumes where it stopped.
+    #[arg(
+        long = "nats-start",
+        env = "FOLDERCAST_NATS_START",
+        default_value = "new",
+        value_name = "new|all|TIME"
+    )]
+    pub start: String,
+
+    /// How long an event may stay unacknowledged before the server delivers it again (lookups
+    /// that wait on oCIS keep it alive with progress acks).
+    #[arg(long = "nats-ack-wait", env = "FOLDERCAST_NATS_ACK_WAIT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub ack_wait: Duration,
+
+    /// Deliveries of one event before the server gives up on it; the last one resyncs the
+    /// space instead of trying a lookup again.
+    #[arg(
+        long = "nats-max-deliver",
+        env = "FOLDERCAST_NATS_MAX_DELIVER",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(i64).range(2..),
+        value_name = "N"
+    )]
+    pub max_deliver: i64,
+
+    /// Events delivered and not yet acknowledged, at most (the server pauses beyond).
+    #[arg(
+        long = "nats-max-ack-pending",
+        env = "FOLDERCAST_NATS_MAX_ACK_PENDING",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(i64).range(1..),
+        value_name = "N"
+    )]
+    pub max_ack_pending: i64,
+
+    /// Subject (and stream, created if missing) for envelopes that cannot be read, with the
+    /// reason in `Foldercast-Rejection`/`-Reason`/`-Position` headers.
+    #[arg(
+        long = "nats-dead-letter-subject",
+        env = "FOLDERCAST_NATS_DEAD_LETTER_SUBJECT",
+        default_value = "foldercast-dead-letters",
+        value_name = "SUBJECT"
+    )]
+    pub dead_letter_subject: String,
+
+    /// Ordered lanes: each space's events are handled in order in one lane; lanes wait on oCIS
+    /// independently.
+    #[arg(
+        long = "nats-lanes",
+        env = "FOLDERCAST_NATS_LANES",
+        default_value_t = 8,
+        value_parser = clap::value_parser!(u32).range(1..=1024),
+        value_name = "N"
+    )]
+    pub lanes: u32,
 }
 
 #[derive(Debug, Args)]

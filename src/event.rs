@@ -27,10 +27,12 @@ pub enum EventType {
     SpaceMemberRemoved,
     GroupMemberAdded,
     GroupMemberRemoved,
+    /// The space changed in a way no exact message can describe: its listers refetch it.
+    SpaceResync,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 10] = [
+    pub const ALL: [EventType; 11] = [
         EventType::FileUploaded,
         EventType::FileTouched,
         EventType::FolderCreated,
@@ -41,6 +43,7 @@ impl EventType {
         EventType::SpaceMemberRemoved,
         EventType::GroupMemberAdded,
         EventType::GroupMemberRemoved,
+        EventType::SpaceResync,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +58,7 @@ impl EventType {
             EventType::SpaceMemberRemoved => "space-member-removed",
             EventType::GroupMemberAdded => "group-member-added",
             EventType::GroupMemberRemoved => "group-member-removed",
+            EventType::SpaceResync => "space-resync",
         }
     }
 
@@ -112,6 +116,9 @@ pub struct StorageEvent {
     /// The space the event is about; empty for group events, which concern no single space.
     pub space_id: String,
     pub actor: Option<String>,
+    /// The client (a browser tab) that made the change, so it can skip its own (oCIS's
+    /// `Initiator-ID`).
+    pub initiator_id: Option<String>,
     pub body: EventBody,
 }
 
@@ -120,6 +127,10 @@ pub enum EventBody {
     Item(ItemChange),
     Membership(MembershipChange),
     Group(GroupChange),
+    /// `space-resync`: why no exact change could be given.
+    Resync {
+        reason: String,
+    },
 }
 
 /// A user joining (`group-member-added`) or leaving (`-removed`) a group.
@@ -211,8 +222,10 @@ struct WireData {
     size: Option<u64>,
     size_delta: Option<i64>,
     actor: Option<String>,
+    initiator_id: Option<String>,
     item_id: Option<String>,
     etag: Option<String>,
+    reason: Option<String>,
     user: Option<String>,
     group: Option<String>,
     role: Option<String>,
@@ -270,10 +283,25 @@ pub fn decode(bytes: &[u8]) -> Result<StorageEvent, Rejection> {
             time_millis,
             space_id: String::new(),
             actor: data.actor,
+            initiator_id: data.initiator_id,
             body: EventBody::Group(GroupChange { group, user }),
         });
     }
     let space_id = required(data.space_id, "data.space_id")?;
+    if event_type == EventType::SpaceResync {
+        return Ok(StorageEvent {
+            id,
+            event_type,
+            time: time.into(),
+            time_millis,
+            space_id,
+            actor: data.actor,
+            initiator_id: data.initiator_id,
+            body: EventBody::Resync {
+                reason: data.reason.unwrap_or_default(),
+            },
+        });
+    }
 
     let body = if event_type.is_membership() {
         let member = match (data.user, data.group) {
@@ -356,6 +384,7 @@ pub fn decode(bytes: &[u8]) -> Result<StorageEvent, Rejection> {
         time_millis,
         space_id,
         actor: data.actor,
+        initiator_id: data.initiator_id,
         body,
     })
 }

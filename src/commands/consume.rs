@@ -1,9 +1,10 @@
-//! `foldercast consume`: Kafka (consumer group) → the driver → Redis, each event exactly once
-//! per user.
+//! `foldercast consume`: Kafka (consumer group) or oCIS's NATS JetStream → the driver → Redis,
+//! each event exactly once per user.
 //!
-//! Only wiring: the Kafka source (a partition is a lane, offsets committed below what is in
-//! flight), the pipeline, the rate limiter's buckets, the Redis bus, and the driver that runs
-//! them until SIGINT/SIGTERM.
+//! Only wiring: the source (Kafka: a partition is a lane, offsets committed below what is in
+//! flight; JetStream: a durable consumer, lanes by space, lookups through oCIS), the pipeline,
+//! the rate limiter's buckets, the Redis bus, and the driver that runs them until
+//! SIGINT/SIGTERM.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -15,8 +16,13 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Bus, RedisBus};
 use crate::config::ConsumeArgs;
 use crate::consumer::{Driver, Settings};
+use crate::membership::MembershipResolver;
 use crate::notify::throttle::Buckets;
+use crate::source::EventSource;
 use crate::source::kafka::{KafkaSettings, KafkaSource};
+use crate::source::nats::consumer::{JetStreamSettings, JetStreamSource, StartAt};
+use crate::source::nats::jetstream::StreamTarget;
+use crate::source::nats::lookup::Completer;
 use crate::telemetry::PipelineStats;
 
 pub fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
@@ -29,34 +35,18 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
 
 async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
     let resolver = super::setup::resolver(&args.membership, None)?;
-    let pipeline = super::pipeline(&args.shaping, resolver);
+    let pipeline = super::pipeline(&args.shaping, resolver.clone());
     let bus = RedisBus::connect(
         &super::redis_target(&args.redis),
         super::redis_options(&args.redis),
         None,
     )
     .await?;
-    let options = args
-        .kafka_options
-        .iter()
-        .map(|kv| {
-            kv.split_once('=')
-                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                .ok_or_else(|| anyhow::anyhow!("--kafka-option {kv:?} is not key=value"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let settings = KafkaSettings {
-        brokers: args.brokers.clone(),
-        topic: args.topic.clone(),
-        group: args.group.clone(),
-        dead_letter_topic: args.dead_letter_topic.clone(),
-        session_timeout: args.session_timeout,
-        commit_interval: args.commit_interval,
-        commit_batch: args.commit_batch,
-        options,
+    let source: Arc<dyn EventSource> = match (&args.nats.nats, &args.brokers) {
+        (Some(url), _) => nats_source(&args, url, resolver.clone()).await?,
+        (None, Some(brokers)) => kafka_source(&args, brokers).await?,
+        (None, None) => anyhow::bail!("give --brokers HOSTS (Kafka) or --nats URL (oCIS)"),
     };
-    let source = Arc::new(KafkaSource::connect(settings).await?);
-    tracing::info!(topic = %args.topic, group = %args.group, "consuming");
 
     let stop = CancellationToken::new();
     tokio::spawn(super::cancel_on_signal(stop.clone()));
@@ -84,4 +74,71 @@ async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
         "stopped"
     );
     Ok(())
+}
+
+async fn kafka_source(args: &ConsumeArgs, brokers: &str) -> anyhow::Result<Arc<dyn EventSource>> {
+    let options = args
+        .kafka_options
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| anyhow::anyhow!("--kafka-option {kv:?} is not key=value"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let settings = KafkaSettings {
+        brokers: brokers.to_owned(),
+        topic: args.topic.clone(),
+        group: args.group.clone(),
+        dead_letter_topic: args.dead_letter_topic.clone(),
+        session_timeout: args.session_timeout,
+        commit_interval: args.commit_interval,
+        commit_batch: args.commit_batch,
+        options,
+    };
+    let source = KafkaSource::connect(settings).await?;
+    tracing::info!(topic = %args.topic, group = %args.group, "consuming from Kafka");
+    Ok(Arc::new(source))
+}
+
+async fn nats_source(
+    args: &ConsumeArgs,
+    url: &str,
+    resolver: Arc<dyn MembershipResolver>,
+) -> anyhow::Result<Arc<dyn EventSource>> {
+    let n = &args.nats;
+    let start = match n.start.as_str() {
+        "new" => StartAt::New,
+        "all" => StartAt::All,
+        time => StartAt::Time(
+            chrono::DateTime::parse_from_rfc3339(time)
+                .map_err(|e| {
+                    anyhow::anyhow!("--nats-start {time:?}: new, all or an RFC 3339 time ({e})")
+                })?
+                .to_utc(),
+        ),
+    };
+    let settings = JetStreamSettings {
+        target: StreamTarget {
+            url: url.to_owned(),
+            stream: n.stream.clone(),
+            subject: n.subject.clone().unwrap_or_else(|| n.stream.clone()),
+        },
+        durable: n.durable.clone(),
+        start,
+        ack_wait: n.ack_wait,
+        max_deliver: n.max_deliver,
+        max_ack_pending: n.max_ack_pending,
+        dead_letter_subject: n.dead_letter_subject.clone(),
+        lanes: n.lanes,
+    };
+    let items = super::setup::item_lookups(&args.membership)?;
+    if items.is_none() {
+        tracing::warn!(
+            "no --ocis-url: events that need a lookup (uploads, moves, trash, restores) resync their space"
+        );
+    }
+    let source = JetStreamSource::connect(settings, Completer::new(items), resolver).await?;
+    tracing::info!(stream = %n.stream, durable = %n.durable, "consuming oCIS events from NATS JetStream");
+    Ok(Arc::new(source))
 }

@@ -35,6 +35,18 @@ pub fn resolver(
     Ok(Arc::new(FixtureResolver::load(path)?))
 }
 
+/// The oCIS client the NATS source completes events with: `--ocis-url` and its credentials,
+/// or `None` without oCIS.
+pub fn item_lookups(
+    m: &MembershipArgs,
+) -> anyhow::Result<Option<Box<dyn crate::source::nats::lookup::Items>>> {
+    let Some(url) = &m.ocis_url else {
+        return Ok(None);
+    };
+    let client = crate::membership::ocis::GraphClient::from_settings(ocis_settings(m, url)?)?;
+    Ok(Some(Box::new(client)))
+}
+
 /// Logs the cache's counters once a minute while they change, and while the resolver lives.
 async fn log_cache_stats(resolver: std::sync::Weak<OcisResolver>) {
     use std::sync::atomic::Ordering::Relaxed;

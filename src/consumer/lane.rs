@@ -128,9 +128,11 @@ impl<C: LaneClock> LaneState<'_, C> {
         let mut out = Vec::new();
         let mut handled: Vec<(EventRef, u32, crate::source::Ack)> = Vec::with_capacity(batch.len());
         for event in batch.drain(..) {
-            let Some(mut outcome) =
-                process_with_retry(&shared.pipeline, &event.raw, &shared.stop).await
-            else {
+            let processed = match &event.raw.rejected {
+                Some(rejection) => Some(Outcome::Rejected(rejection.clone())),
+                None => process_with_retry(&shared.pipeline, &event.raw, &shared.stop).await,
+            };
+            let Some(mut outcome) = processed else {
                 // Stopped while membership was down: nothing of this batch went out.
                 return Err(self.abandon(handled.len() + 1));
             };

@@ -61,7 +61,7 @@ pub fn route<C: Clock + Clone>(
                 Some(t) => {
                     // A membership message is never held (admit may still report it as not
                     // "as it is": it flushed a pending change before it).
-                    let holdable = !fanout.message.message.is_membership();
+                    let holdable = !fanout.message.message.is_never_held();
                     for user in fanout.recipients.iter() {
                         let as_is = t.admit(user, &fanout.message, out);
                         whole &= as_is;

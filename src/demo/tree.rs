@@ -94,7 +94,8 @@ impl DemoTree {
             EventType::SpaceMemberAdded
             | EventType::SpaceMemberRemoved
             | EventType::GroupMemberAdded
-            | EventType::GroupMemberRemoved => {}
+            | EventType::GroupMemberRemoved
+            | EventType::SpaceResync => {}
         }
         tree.touch_ancestors(&item.path, time);
     }

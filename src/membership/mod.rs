@@ -54,4 +54,10 @@ pub trait MembershipResolver: Send + Sync {
     /// Applies a `group-member-added` (`added = true`) or `-removed` event: `user` joined or
     /// left `group`, which changes the members of every space that grants the group.
     async fn apply_group(&self, group: &str, user: &str, added: bool) -> Result<(), ResolveError>;
+
+    /// Forgets what is known of a space's members (a role changed, a grant expired, the space
+    /// was disabled or deleted): the next question asks the directory. `space_id` may be a
+    /// drive id (`storage$space`) or a bare space id. A directory read fresh each time (a
+    /// fixture) has nothing to forget.
+    fn invalidate(&self, _space_id: &str) {}
 }

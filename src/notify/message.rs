@@ -16,6 +16,9 @@ use crate::path::SpacePath;
 /// Message `type` values that are not event types.
 pub const COALESCED: &str = "coalesced";
 pub const RESYNC: &str = "resync";
+/// The `reason` of a resync the source asked for (`space-resync`): oCIS could not say exactly
+/// what changed.
+pub const LOOKUP_REASON: &str = "source";
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UserMessage {
@@ -26,6 +29,9 @@ pub struct UserMessage {
     pub message_type: &'static str,
     pub space_id: Arc<str>,
     pub actor: Option<String>,
+    /// The client that made the change (oCIS's `Initiator-ID`), so it can skip its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initiator_id: Option<String>,
     pub time: Arc<str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub item: Option<Item>,
@@ -118,6 +124,7 @@ impl UserMessage {
             message_type: event.event_type.as_str(),
             space_id: Arc::from(event.space_id.as_str()),
             actor: event.actor.clone(),
+            initiator_id: event.initiator_id.clone(),
             time: event.time.clone(),
             item: None,
             folders: None,
@@ -133,6 +140,12 @@ impl UserMessage {
                 msg.item = Some(Item::from_change(change));
             }
             EventBody::Membership(change) => msg.member = Some(MemberInfo::from_change(change)),
+            // The space's listers refetch it: one event stands behind this resync.
+            EventBody::Resync { .. } => {
+                msg.message_type = RESYNC;
+                msg.reason = Some(LOOKUP_REASON);
+                msg.skipped = Some(1);
+            }
             // Group changes reach no user directly (the pipeline never builds a message for them).
             EventBody::Group(_) => {}
         }
@@ -147,6 +160,7 @@ impl UserMessage {
             message_type: RESYNC,
             space_id,
             actor: None,
+            initiator_id: None,
             time,
             item: None,
             folders: None,
@@ -160,6 +174,12 @@ impl UserMessage {
 
     pub fn is_membership(&self) -> bool {
         self.member.is_some()
+    }
+
+    /// Membership changes and resyncs go out at once, never held or coalesced by the rate
+    /// limiter (what it held for the user's space goes out before them).
+    pub fn is_never_held(&self) -> bool {
+        self.member.is_some() || self.message_type == RESYNC
     }
 }
 

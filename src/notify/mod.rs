@@ -126,7 +126,9 @@ impl Pipeline {
 
     async fn recipients(&self, event: &StorageEvent) -> Result<UserList, ResolveError> {
         let change = match &event.body {
-            EventBody::Item(_) => return self.resolver.listers(&event.space_id).await,
+            EventBody::Item(_) | EventBody::Resync { .. } => {
+                return self.resolver.listers(&event.space_id).await;
+            }
             EventBody::Membership(change) => change,
             EventBody::Group(_) => return Ok(UserList::from(Vec::new())),
         };

@@ -138,7 +138,7 @@ impl<C: Clock + Clone> Throttle<C> {
     /// `msg` went out, as it is (nothing held, nothing flushed with it).
     pub fn admit(&mut self, user: &Arc<str>, msg: &Prepared, out: &mut Vec<Outgoing>) -> bool {
         let space = &msg.message.space_id;
-        if msg.message.is_membership() {
+        if msg.message.is_never_held() {
             let mut as_is = true;
             if let Some(state) = self.users.get_mut(user) {
                 if let Some(pending) = state.pending.shift_remove(space) {
@@ -375,6 +375,8 @@ fn fold(space: &Arc<str>, parts: &[Prepared]) -> UserMessage {
         message_type: COALESCED,
         space_id: space.clone(),
         actor: if mixed_actors { None } else { actor.flatten() },
+        // A client skipping its own changes must not skip the others' folded in with them.
+        initiator_id: None,
         time,
         item: None,
         folders: Some(

@@ -254,6 +254,7 @@ impl KafkaSource {
                         position: format!("{}/{}@{}", m.topic(), partition, offset),
                         key: m.key().map(<[u8]>::to_vec),
                         headers,
+                        rejected: None,
                     };
                     self.tracker.read(partition, offset);
                     let tracker = self.tracker.clone();

@@ -35,6 +35,9 @@ pub struct RawEvent {
     /// The record's key and headers where the source has them: a dead letter keeps them.
     pub key: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// Set by a source that already refused the event (a reva envelope that does not open):
+    /// the driver counts, logs and dead-letters it like any refused event.
+    pub rejected: Option<Rejection>,
 }
 
 impl RawEvent {
@@ -44,6 +47,7 @@ impl RawEvent {
             position,
             key: None,
             headers: Vec::new(),
+            rejected: None,
         }
     }
 }
@@ -92,6 +96,8 @@ pub enum SourceError {
     },
     #[error("kafka: {0}")]
     Kafka(String),
+    #[error("nats: {0}")]
+    Nats(String),
 }
 
 #[async_trait]

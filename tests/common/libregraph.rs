@@ -7,6 +7,11 @@
 //!   `grantedToIdentities`, a personal drive's owner, a project drive's synthetic owner;
 //! - `GET /graph/v1.0/groups/{id}/members`: a bare JSON array (or, for a "paged" group, the
 //!   spec's `{"value"}` with `@odata.nextLink`);
+//! - `GET /graph/v1.0/drives/{drive}/items/{item}`: a driveItem (`size`, `eTag`,
+//!   `parentReference.path`, `file` or `folder`), 404 odata when unknown;
+//! - `PROPFIND /remote.php/dav/spaces/{drive}/{path}` and
+//!   `/remote.php/dav/spaces/trash-bin/{drive}/{key}` (`Depth: 0`): a WebDAV multistatus with
+//!   `oc:size`, `oc:fileid`, `d:getetag`, `d:resourcetype`, `oc:trashbin-original-location`;
 //! - errors: 401 with an empty body and `Www-Authenticate`, odata errors for 404/422/500.
 //!
 //! Latency, failures and the expected credentials are injectable; every call is counted.
@@ -54,6 +59,20 @@ struct Graph {
     /// Spaces whose permission requests answer 503 (an outage seen by some spaces only).
     failing_spaces: std::collections::HashSet<String>,
     calls: HashMap<String, u64>,
+    /// Items by (drive, item id), and trashed ones by (drive, trash key).
+    items: HashMap<(String, String), Item>,
+    trash: HashMap<(String, String), Item>,
+}
+
+/// An item as oCIS describes it.
+#[derive(Clone, Debug)]
+pub struct Item {
+    pub id: String,
+    /// Space-root-relative: `/reports/q1.pdf`.
+    pub path: String,
+    pub size: u64,
+    pub etag: String,
+    pub folder: bool,
 }
 
 #[derive(Clone)]
@@ -109,6 +128,11 @@ impl LibreGraph {
             )
             .route("/graph/v1.0/drives/{id}", get(drive))
             .route("/graph/v1.0/groups/{id}/members", get(members))
+            .route("/graph/v1.0/drives/{drive}/items/{item}", get(drive_item))
+            .route(
+                "/remote.php/dav/spaces/{*rest}",
+                axum::routing::any(propfind),
+            )
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -176,6 +200,20 @@ impl LibreGraph {
                 id.into(),
                 (members.iter().map(|m| m.to_string()).collect(), true),
             )
+        });
+    }
+
+    /// An item of `drive` (replaces one of the same id).
+    pub fn item(&self, drive: &str, item: Item) {
+        self.with(|g| g.items.insert((drive.into(), item.id.clone()), item));
+    }
+
+    /// Moves an item into the trash bin under `key` (its opaque id, as oCIS does).
+    pub fn trash(&self, drive: &str, id: &str, key: &str) {
+        self.with(|g| {
+            if let Some(item) = g.items.remove(&(drive.to_owned(), id.to_owned())) {
+                g.trash.insert((drive.into(), key.into()), item);
+            }
         });
     }
 
@@ -415,4 +453,140 @@ async fn members(
         ));
     }
     axum::Json(body).into_response()
+}
+
+async fn drive_item(
+    State(state): State<Arc<Mutex<Graph>>>,
+    Path((drive, item)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = gate(&state, format!("item:{item}"), &headers).await {
+        return r;
+    }
+    let found = state
+        .lock()
+        .unwrap()
+        .items
+        .get(&(drive.clone(), item))
+        .cloned();
+    let Some(item) = found else {
+        return odata(StatusCode::NOT_FOUND, "itemNotFound", "item not found");
+    };
+    let (parent, name) = item.path.rsplit_once('/').unwrap_or(("", &item.path));
+    let mut body = json!({
+        "id": item.id, "name": name, "size": item.size, "eTag": item.etag,
+        "lastModifiedDateTime": "2026-11-30T08:00:02Z",
+        "parentReference": {"driveId": drive, "driveType": "project", "id": format!("{drive}!parent"),
+                            "name": parent.rsplit('/').next().unwrap_or(""),
+                            "path": if parent.is_empty() { "/" } else { parent }},
+        "webDavUrl": format!("https://ocis.test/dav/spaces/{drive}{}", item.path),
+    });
+    if item.folder {
+        body["folder"] = json!({"childCount": 0});
+    } else {
+        body["file"] = json!({"mimeType": "application/octet-stream"});
+    }
+    axum::Json(body).into_response()
+}
+
+/// WebDAV `PROPFIND` (Depth 0) on an item by path, or on an item in the trash bin.
+async fn propfind(
+    State(state): State<Arc<Mutex<Graph>>>,
+    method: axum::http::Method,
+    Path(rest): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if method.as_str() != "PROPFIND" {
+        return StatusCode::METHOD_NOT_ALLOWED.into_response();
+    }
+    if headers.get("depth").and_then(|d| d.to_str().ok()) != Some("0") {
+        return (StatusCode::BAD_REQUEST, "only Depth: 0 here").into_response();
+    }
+    if let Some(r) = gate(&state, format!("propfind:{rest}"), &headers).await {
+        return r;
+    }
+    let decoded = percent_decode;
+    let found = {
+        let g = state.lock().unwrap();
+        match rest.strip_prefix("trash-bin/") {
+            Some(trashed) => {
+                let (drive, key) = trashed.split_once('/').unwrap_or((trashed, ""));
+                g.trash
+                    .get(&(decoded(drive), decoded(key)))
+                    .cloned()
+                    .map(|i| (i, true))
+            }
+            None => {
+                let (drive, path) = rest.split_once('/').unwrap_or((&rest, ""));
+                let (drive, path) = (decoded(drive), format!("/{}", decoded(path)));
+                g.items
+                    .iter()
+                    .find(|((d, _), i)| *d == drive && i.path == path)
+                    .map(|(_, i)| (i.clone(), false))
+            }
+        }
+    };
+    let Some((item, trashed)) = found else {
+        // Sabre's 404: an XML error body.
+        return (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "application/xml; charset=utf-8")],
+            r#"<?xml version="1.0" encoding="utf-8"?><d:error xmlns:d="DAV:" xmlns:s="http://sabredav.org/ns"><s:exception>Sabre\DAV\Exception\NotFound</s:exception><s:message>Resource not found</s:message></d:error>"#,
+        )
+            .into_response();
+    };
+    let kind = if item.folder {
+        "<d:resourcetype><d:collection/></d:resourcetype>"
+    } else {
+        "<d:resourcetype/>"
+    };
+    let location = if trashed {
+        format!(
+            "<oc:trashbin-original-location>{}</oc:trashbin-original-location>",
+            item.path.trim_start_matches('/')
+        )
+    } else {
+        String::new()
+    };
+    let length = if item.folder {
+        String::new()
+    } else {
+        format!("<d:getcontentlength>{}</d:getcontentlength>", item.size)
+    };
+    let body = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<d:multistatus xmlns:s="http://sabredav.org/ns" xmlns:d="DAV:" xmlns:oc="http://owncloud.org/ns">
+<d:response><d:href>/remote.php/dav/spaces/{rest}</d:href>
+<d:propstat><d:prop><oc:fileid>{id}</oc:fileid><oc:size>{size}</oc:size>{length}<d:getetag>&quot;{etag}&quot;</d:getetag>{kind}{location}</d:prop>
+<d:status>HTTP/1.1 200 OK</d:status></d:propstat>
+</d:response></d:multistatus>"#,
+        id = item.id,
+        size = item.size,
+        etag = item.etag.trim_matches('"'),
+    );
+    (
+        StatusCode::MULTI_STATUS,
+        [(header::CONTENT_TYPE, "application/xml; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -143,6 +143,16 @@ impl SpaceCache {
     }
 
     /// Cached spaces whose grants include `group`.
+    /// Cached drive ids naming `space`: itself, or `<storage>$<space>` for a bare space id.
+    fn naming(&self, space: &str) -> Vec<Arc<str>> {
+        let suffix = format!("${space}");
+        self.owner
+            .iter()
+            .filter(|(id, _)| &***id == space || id.ends_with(&suffix))
+            .map(|(id, _)| id.as_ref().clone())
+            .collect()
+    }
+
     fn granting(&self, group: &str) -> Vec<Arc<str>> {
         self.owner
             .iter()
@@ -431,6 +441,16 @@ impl<D: Directory> Inner<D> {
 
 #[async_trait]
 impl<D: Directory> MembershipResolver for CachedResolver<D> {
+    fn invalidate(&self, space_id: &str) {
+        let named = self.inner.spaces.naming(space_id);
+        tracing::debug!(space_id, cached = named.len(), "membership invalidated");
+        for id in named {
+            self.inner.invalidate_space(&id);
+        }
+        // A fetch in flight for an id not cached yet must not be cached either.
+        self.inner.invalidate_space(space_id);
+    }
+
     async fn listers(&self, space_id: &str) -> Result<UserList, ResolveError> {
         let inner = &self.inner;
         let now = Instant::now();

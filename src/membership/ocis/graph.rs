@@ -61,7 +61,7 @@ pub struct SpaceGrants {
 /// A LibreGraph client: base URL, credentials, retries.
 pub struct GraphClient {
     http: reqwest::Client,
-    base: String,
+    pub(super) base: String,
     credentials: Credentials,
     retry: RetryPolicy,
 }
@@ -156,12 +156,42 @@ impl GraphClient {
     }
 
     /// GET with credentials, retries and error mapping; the body of a 2xx answer.
-    async fn get(&self, url: &str) -> Result<bytes::Bytes, GraphError> {
+    pub(super) async fn get(&self, url: &str) -> Result<bytes::Bytes, GraphError> {
+        self.call(url, || self.http.get(url)).await
+    }
+
+    /// A WebDAV `PROPFIND` with `Depth: 0` asking for `body`'s properties.
+    pub(super) async fn propfind(
+        &self,
+        url: &str,
+        body: &'static str,
+    ) -> Result<bytes::Bytes, GraphError> {
+        let method = reqwest::Method::from_bytes(b"PROPFIND").map_err(|e| GraphError::Refused {
+            status: 0,
+            detail: e.to_string(),
+        })?;
+        self.call(url, || {
+            self.http
+                .request(method.clone(), url)
+                .header("Depth", "0")
+                .header(reqwest::header::CONTENT_TYPE, "application/xml")
+                .body(body)
+        })
+        .await
+    }
+
+    /// Sends what `build` makes with credentials, retries and error mapping; the body of a 2xx
+    /// answer.
+    async fn call(
+        &self,
+        url: &str,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<bytes::Bytes, GraphError> {
         let mut refreshed = false;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let mut request = self.http.get(url).timeout(self.retry.timeout);
+            let mut request = build().timeout(self.retry.timeout);
             if let Some(auth) = self.credentials.authorization().await? {
                 request = request.header(reqwest::header::AUTHORIZATION, auth);
             }
@@ -275,7 +305,10 @@ fn role_of(permission: &Permission) -> Option<Role> {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8], url: &str) -> Result<T, GraphError> {
+pub(super) fn parse<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    url: &str,
+) -> Result<T, GraphError> {
     serde_json::from_slice(body)
         .map_err(|e| GraphError::Unavailable(format!("{url}: unreadable answer: {e}")))
 }
@@ -309,7 +342,7 @@ fn jittered(d: Duration) -> Duration {
 
 /// Percent-encodes what may not appear raw in a path segment. oCIS ids use `$` and `!`, which
 /// may, and which the server expects raw.
-fn path_segment(s: &str) -> String {
+pub(super) fn path_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         let keep = b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b);

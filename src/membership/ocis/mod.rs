@@ -3,12 +3,14 @@
 //! - [`graph`]: the HTTP calls and the parsing of what oCIS really answers;
 //! - [`roles`]: oCIS role ids and names → foldercast roles;
 //! - [`credentials`]: how foldercast signs in to oCIS, and keeping secrets out of logs;
-//! - [`cache`]: fresh / stale / wait, single flight, invalidation.
+//! - [`cache`]: fresh / stale / wait, single flight, invalidation;
+//! - [`items`]: sizes, kinds and paths of items, for the NATS source's lookups.
 
 pub mod cache;
 pub mod credentials;
 pub mod error;
 pub mod graph;
+pub mod items;
 pub mod roles;
 
 use async_trait::async_trait;
@@ -41,6 +43,17 @@ pub enum OcisError {
 impl OcisResolver {
     /// Builds the resolver; nothing is fetched until the first event asks.
     pub fn from_settings(settings: OcisSettings) -> Result<Self, OcisError> {
+        let cache = settings.cache.clone();
+        Ok(CachedResolver::new(
+            GraphClient::from_settings(settings)?,
+            cache,
+        ))
+    }
+}
+
+impl GraphClient {
+    /// A client of the oCIS at `settings.url`, signing in as `settings.credentials` say.
+    pub fn from_settings(settings: OcisSettings) -> Result<Self, OcisError> {
         if !(settings.url.starts_with("http://") || settings.url.starts_with("https://")) {
             return Err(OcisError::BadUrl { url: settings.url });
         }
@@ -48,8 +61,12 @@ impl OcisResolver {
             .connect_timeout(settings.retry.timeout)
             .build()?;
         let credentials = credentials::Credentials::new(settings.credentials, http.clone());
-        let client = GraphClient::new(http, &settings.url, credentials, settings.retry);
-        Ok(CachedResolver::new(client, settings.cache))
+        Ok(GraphClient::new(
+            http,
+            &settings.url,
+            credentials,
+            settings.retry,
+        ))
     }
 }
 

@@ -13,6 +13,8 @@
 //! bus accepted, progress acks while waiting on oCIS, bounded redeliveries, dead letters), and
 //! the lookups.
 
+pub mod consumer;
 pub mod envelope;
 pub mod jetstream;
+pub mod lookup;
 pub mod reva;

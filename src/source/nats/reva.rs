@@ -37,7 +37,8 @@ pub enum Mapped {
     Skip(&'static str),
 }
 
-/// What is missing, and for which event.
+/// What is missing, and for which event: everything the event said, for the lookup to
+/// complete ([`Lookup::event`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lookup {
     /// The reva type without `events.`: `UploadReady`.
@@ -47,9 +48,67 @@ pub struct Lookup {
     pub space_id: Option<String>,
     /// The space-root-relative path, when the reference has one.
     pub path: Option<String>,
+    /// `ItemMoved`: where the item was, when the old reference has a space-relative path.
+    pub old_path: Option<String>,
     /// The item's resource id (`storage$space!opaque`), when the event names it.
     pub item_id: Option<String>,
+    /// `ItemTrashed`: the trashed node's opaque id, its key in the space's trash bin.
+    pub trash_key: Option<String>,
+    /// An upload or version restore over an existing file: the event does not say the old size.
+    pub overwrite: bool,
     pub missing: &'static str,
+    /// RFC 3339, as the mapped event would carry it.
+    pub time: String,
+    pub actor: Option<String>,
+    pub initiator_id: Option<String>,
+}
+
+impl Lookup {
+    /// The foldercast event this lookup completes.
+    pub fn event(&self, event_type: &str, space_id: &str, data: Value) -> Vec<u8> {
+        storage_event(
+            &self.event_id,
+            event_type,
+            &self.time,
+            Some(space_id),
+            self.actor.as_deref(),
+            self.initiator_id.as_deref(),
+            data,
+        )
+    }
+}
+
+/// A foldercast storage event's bytes (CloudEvents JSON, `schemas/storage-event.schema.json`).
+fn storage_event(
+    id: &str,
+    event_type: &str,
+    time: &str,
+    space_id: Option<&str>,
+    actor: Option<&str>,
+    initiator_id: Option<&str>,
+    mut data: Value,
+) -> Vec<u8> {
+    if let Some(obj) = data.as_object_mut() {
+        if let Some(space) = space_id {
+            obj.insert("space_id".into(), json!(space));
+        }
+        if let Some(actor) = actor {
+            obj.insert("actor".into(), json!(actor));
+        }
+        if let Some(initiator) = initiator_id {
+            obj.insert("initiator_id".into(), json!(initiator));
+        }
+    }
+    json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": "ocis/reva",
+        "type": event_type,
+        "time": time,
+        "data": data,
+    })
+    .to_string()
+    .into_bytes()
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -122,6 +181,8 @@ struct Payload {
     executing_user: Option<ExecutingUser>,
     #[serde(rename = "Ref")]
     reference: Option<Reference>,
+    old_reference: Option<Reference>,
+    is_version: Option<bool>,
     file_ref: Option<Reference>,
     #[serde(rename = "ID")]
     id: Option<Value>,
@@ -206,26 +267,17 @@ pub fn map(envelope: &Envelope, fallback_time: &str) -> Result<Mapped, Rejection
         .unwrap_or_else(|| fallback_time.to_owned());
     let actor = opaque(p.executant.as_ref())
         .or_else(|| opaque(p.executing_user.as_ref().and_then(|u| u.id.as_ref())));
+    let initiator = envelope.initiator_id.as_deref();
     let event = |event_type: &str, space_id: Option<&str>, data: Value| {
-        let mut data = data;
-        if let (Some(space), Some(obj)) = (space_id, data.as_object_mut()) {
-            obj.insert("space_id".into(), json!(space));
-        }
-        if let (Some(actor), Some(obj)) = (&actor, data.as_object_mut()) {
-            obj.insert("actor".into(), json!(actor));
-        }
-        Mapped::Event(
-            json!({
-                "specversion": "1.0",
-                "id": envelope.event_id,
-                "source": "ocis/reva",
-                "type": event_type,
-                "time": time,
-                "data": data,
-            })
-            .to_string()
-            .into_bytes(),
-        )
+        Mapped::Event(storage_event(
+            &envelope.event_id,
+            event_type,
+            &time,
+            space_id,
+            actor.as_deref(),
+            initiator,
+            data,
+        ))
     };
     let lookup = |missing: &'static str, reference: Option<&Reference>, item: Option<String>| {
         Mapped::Lookup(Lookup {
@@ -233,8 +285,14 @@ pub fn map(envelope: &Envelope, fallback_time: &str) -> Result<Mapped, Rejection
             event_id: envelope.event_id.clone(),
             space_id: reference.and_then(Reference::drive_id),
             path: reference.and_then(Reference::space_path),
+            old_path: p.old_reference.as_ref().and_then(Reference::space_path),
             item_id: item,
+            trash_key: None,
+            overwrite: p.is_version == Some(true) || reva_type == "FileVersionRestored",
             missing,
+            time: time.clone(),
+            actor: actor.clone(),
+            initiator_id: envelope.initiator_id.clone(),
         })
     };
     let missing_ref = || Rejection::new("missing-field", format!("{reva_type} without Ref"));
@@ -271,11 +329,24 @@ pub fn map(envelope: &Envelope, fallback_time: &str) -> Result<Mapped, Rejection
             p.resource_id.as_ref().and_then(ResourceId::item_id),
         ),
         "ItemTrashed" | "ItemRestored" | "ItemMoved" | "FileVersionRestored" => {
-            let item =
+            let id =
                 p.id.as_ref()
-                    .and_then(|v| serde_json::from_value::<ResourceId>(v.clone()).ok())
-                    .and_then(|id| id.item_id());
-            lookup("size", p.reference.as_ref(), item)
+                    .and_then(|v| serde_json::from_value::<ResourceId>(v.clone()).ok());
+            let mut found = lookup(
+                "size",
+                p.reference.as_ref(),
+                id.as_ref().and_then(ResourceId::item_id),
+            );
+            if let (Mapped::Lookup(l), "ItemTrashed") = (&mut found, reva_type) {
+                l.trash_key = id.and_then(|id| id.opaque_id).filter(|k| !k.is_empty());
+                if l.space_id.is_none() {
+                    return Err(Rejection::new(
+                        "missing-field",
+                        "ItemTrashed names no space",
+                    ));
+                }
+            }
+            found
         }
         "SpaceShared" | "SpaceUnshared" => {
             let space = space_of(p.id.as_ref()).ok_or_else(|| {

@@ -1,0 +1,509 @@
+//! The JetStream source: a durable pull consumer on oCIS's stream, reva events in, foldercast
+//! events out, each acknowledged only once the bus accepted what it became.
+//!
+//! One reader pulls from the consumer (durable, explicit acks, its own name: never an oCIS
+//! service's, which would steal that service's messages). Each message is opened and mapped
+//! ([`super::reva`]) and handed to a **lane** chosen by its space, so one space's events keep
+//! their order while lanes wait on oCIS independently. A lane:
+//! - hands mapped events to the driver, whose [`Ack`] sends JetStream's `+ACK`;
+//! - completes lookups through oCIS ([`super::lookup`]), sending `+WPI` (work in progress)
+//!   while it waits so the server does not redeliver, and retrying while oCIS is unreachable;
+//! - acknowledges at once what changes no folder view (counted by kind), and what only
+//!   invalidates a space's members (after invalidating them);
+//! - hands refused envelopes to the driver as rejected, which dead-letters them (the original
+//!   bytes, with the reason in headers, on a subject of their own) and then acknowledges.
+//!
+//! A message delivered `max_deliver` times is the last chance the server gives it (the process
+//! died handling it that often): a lookup is then not tried again, the space is resynced.
+//! Whatever is not acknowledged (a kill -9, a stop before the bus accepted) is delivered again
+//! after `ack_wait`; the pipeline's and the bus's guards keep a redelivery from reaching a user
+//! twice.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer, message::Acker};
+use async_trait::async_trait;
+use chrono::SecondsFormat;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::envelope;
+use super::jetstream::{NatsError, StreamTarget};
+use super::lookup::{Completer, Completion};
+use super::reva::{self, Mapped};
+use crate::event::Rejection;
+use crate::membership::MembershipResolver;
+use crate::source::{Ack, EventSource, Lane, RawEvent, SourceError, SourceEvent};
+
+/// Where a new consumer starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartAt {
+    /// Only events published from now on (oCIS's own services start so).
+    New,
+    /// Everything the stream still holds.
+    All,
+    /// Events published at or after this time (RFC 3339).
+    Time(chrono::DateTime<chrono::Utc>),
+}
+
+#[derive(Debug, Clone)]
+pub struct JetStreamSettings {
+    pub target: StreamTarget,
+    /// The durable consumer's name.
+    pub durable: String,
+    /// Where a consumer created now starts; an existing one resumes where it was.
+    pub start: StartAt,
+    pub ack_wait: Duration,
+    /// Deliveries of one message before the server gives up on it.
+    pub max_deliver: i64,
+    /// Messages delivered but not yet acknowledged, at most.
+    pub max_ack_pending: i64,
+    /// Where refused envelopes go (a stream of that name is created for it if missing).
+    pub dead_letter_subject: String,
+    /// Lanes: spaces are spread over this many ordered lanes.
+    pub lanes: u32,
+}
+
+impl Default for JetStreamSettings {
+    fn default() -> Self {
+        JetStreamSettings {
+            target: StreamTarget {
+                url: "nats://127.0.0.1:9233".into(),
+                stream: "main-queue".into(),
+                subject: "main-queue".into(),
+            },
+            durable: "foldercast".into(),
+            start: StartAt::New,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+            max_ack_pending: 10_000,
+            dead_letter_subject: "foldercast-dead-letters".into(),
+            lanes: 8,
+        }
+    }
+}
+
+/// What the source did that reached no user, by kind: readable while it runs.
+#[derive(Debug, Default)]
+pub struct NatsStats {
+    pub received: AtomicU64,
+    pub redelivered: AtomicU64,
+    pub lookups: AtomicU64,
+    pub lookup_retries: AtomicU64,
+    pub resyncs: AtomicU64,
+    pub invalidations: AtomicU64,
+    pub skipped: Mutex<HashMap<&'static str, u64>>,
+}
+
+/// One message on its way through a lane.
+struct Pulled {
+    envelope: Vec<u8>,
+    mapped: Result<Mapped, Rejection>,
+    acker: Arc<Acker>,
+    position: String,
+    delivered: i64,
+}
+
+pub struct JetStreamSource {
+    events: tokio::sync::Mutex<mpsc::Receiver<SourceEvent>>,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    dead_letter_subject: String,
+    stats: Arc<NatsStats>,
+    stop: CancellationToken,
+}
+
+/// Events waiting between the lanes and the driver.
+const HANDED_OVER: usize = 1024;
+/// Messages waiting in each lane.
+const LANE_QUEUE: usize = 1024;
+
+impl JetStreamSource {
+    /// Connects, finds the stream, and creates or reopens the durable consumer. The dead-letter
+    /// stream is created if missing.
+    pub async fn connect(
+        settings: JetStreamSettings,
+        completer: Completer,
+        resolver: Arc<dyn MembershipResolver>,
+    ) -> Result<Self, NatsError> {
+        let target = &settings.target;
+        let client = async_nats::connect(&target.url)
+            .await
+            .map_err(|e| NatsError::Connect {
+                url: target.url.clone(),
+                reason: e.to_string(),
+            })?;
+        let js = jetstream::new(client.clone());
+        let stream_error = |stream: &str, e: &dyn std::fmt::Display| NatsError::Stream {
+            stream: stream.to_owned(),
+            reason: e.to_string(),
+        };
+        let stream = js
+            .get_stream(&target.stream)
+            .await
+            .map_err(|e| stream_error(&target.stream, &e))?;
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: settings.dead_letter_subject.clone(),
+            subjects: vec![settings.dead_letter_subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| stream_error(&settings.dead_letter_subject, &e))?;
+        let deliver_policy = match &settings.start {
+            StartAt::New => consumer::DeliverPolicy::New,
+            StartAt::All => consumer::DeliverPolicy::All,
+            StartAt::Time(t) => consumer::DeliverPolicy::ByStartTime { start_time: *t },
+        };
+        let config = consumer::pull::Config {
+            durable_name: Some(settings.durable.clone()),
+            description: Some("foldercast: folder changes to browsers and sync clients".into()),
+            deliver_policy,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: settings.ack_wait,
+            max_deliver: settings.max_deliver,
+            max_ack_pending: settings.max_ack_pending,
+            filter_subject: target.subject.clone(),
+            ..Default::default()
+        };
+        let consumer: consumer::PullConsumer = stream
+            .get_or_create_consumer(&settings.durable, config)
+            .await
+            .map_err(|e| stream_error(&target.stream, &e))?;
+        tracing::info!(stream = %target.stream, durable = %settings.durable, "JetStream consumer ready");
+
+        let stop = CancellationToken::new();
+        let stats = Arc::new(NatsStats::default());
+        let (events_tx, events) = mpsc::channel(HANDED_OVER);
+        let completer = Arc::new(completer);
+        let mut lanes = Vec::new();
+        for lane in 0..settings.lanes.max(1) {
+            let (tx, rx) = mpsc::channel(LANE_QUEUE);
+            lanes.push(tx);
+            tokio::spawn(
+                LaneWorker {
+                    lane,
+                    completer: completer.clone(),
+                    resolver: resolver.clone(),
+                    events: events_tx.clone(),
+                    stats: stats.clone(),
+                    settings: settings.clone(),
+                    stop: stop.clone(),
+                }
+                .run(rx),
+            );
+        }
+        tokio::spawn(read(
+            consumer,
+            lanes,
+            stats.clone(),
+            target.stream.clone(),
+            stop.clone(),
+        ));
+        Ok(JetStreamSource {
+            events: tokio::sync::Mutex::new(events),
+            client,
+            js,
+            dead_letter_subject: settings.dead_letter_subject,
+            stats,
+            stop,
+        })
+    }
+
+    pub fn stats(&self) -> &Arc<NatsStats> {
+        &self.stats
+    }
+}
+
+/// Pulls messages, maps them, and hands each to its space's lane, in stream order.
+async fn read(
+    consumer: consumer::PullConsumer,
+    lanes: Vec<mpsc::Sender<Pulled>>,
+    stats: Arc<NatsStats>,
+    stream: String,
+    stop: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot pull from JetStream; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        delay = Duration::from_millis(100);
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                next = messages.next() => next,
+            };
+            let message = match next {
+                Some(Ok(m)) => m,
+                // Missed heartbeats, a server restart: the stream keeps pulling after it.
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "JetStream pull interrupted");
+                    continue;
+                }
+                None => break,
+            };
+            let (position, delivered, published) = match message.info() {
+                Ok(info) => (
+                    format!("{stream}#{}", info.stream_sequence),
+                    info.delivered,
+                    info.published.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+                ),
+                Err(_) => (format!("{stream}#?"), 1, chrono::Utc::now().to_rfc3339()),
+            };
+            stats.received.fetch_add(1, Relaxed);
+            if delivered > 1 {
+                stats.redelivered.fetch_add(1, Relaxed);
+            }
+            let (message, acker) = message.split();
+            let envelope = message.payload.to_vec();
+            let mapped = envelope::open(&envelope).and_then(|e| reva::map(&e, &published));
+            let lane = lane_of(&mapped, lanes.len());
+            let pulled = Pulled {
+                envelope,
+                mapped,
+                acker: Arc::new(acker),
+                position,
+                delivered,
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                sent = lanes[lane].send(pulled) => if sent.is_err() { return },
+            }
+        }
+    }
+}
+
+/// The lane of a mapped message: by its space, so a space's events stay in order.
+fn lane_of(mapped: &Result<Mapped, Rejection>, lanes: usize) -> usize {
+    #[derive(Deserialize)]
+    struct Probe {
+        data: Option<ProbeData>,
+    }
+    #[derive(Deserialize)]
+    struct ProbeData {
+        space_id: Option<String>,
+        group: Option<String>,
+    }
+    let key = match mapped {
+        Ok(Mapped::Event(bytes)) => serde_json::from_slice::<Probe>(bytes)
+            .ok()
+            .and_then(|p| p.data)
+            .and_then(|d| d.space_id.or(d.group)),
+        Ok(Mapped::Lookup(l)) => l.space_id.clone(),
+        _ => None,
+    };
+    let Some(key) = key else { return 0 };
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    (hasher.finish() % lanes.max(1) as u64) as usize
+}
+
+struct LaneWorker {
+    lane: Lane,
+    completer: Arc<Completer>,
+    resolver: Arc<dyn MembershipResolver>,
+    events: mpsc::Sender<SourceEvent>,
+    stats: Arc<NatsStats>,
+    settings: JetStreamSettings,
+    stop: CancellationToken,
+}
+
+impl LaneWorker {
+    async fn run(self, mut rx: mpsc::Receiver<Pulled>) {
+        loop {
+            let pulled = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                p = rx.recv() => match p { Some(p) => p, None => return },
+            };
+            let span = tracing::debug_span!("nats", position = %pulled.position);
+            if !self.handle(pulled).instrument(span).await {
+                return;
+            }
+        }
+    }
+
+    /// False once stopped.
+    async fn handle(&self, pulled: Pulled) -> bool {
+        let Pulled {
+            envelope,
+            mapped,
+            acker,
+            position,
+            delivered,
+        } = pulled;
+        let bytes = match mapped {
+            Ok(Mapped::Event(bytes)) => bytes,
+            Ok(Mapped::Skip(reason)) => {
+                if let Ok(mut skipped) = self.stats.skipped.lock() {
+                    *skipped.entry(reason).or_default() += 1;
+                }
+                tracing::debug!(%position, reason, "reva event skipped");
+                ack_now(acker);
+                return true;
+            }
+            Ok(Mapped::Invalidate { space_id }) => {
+                self.stats.invalidations.fetch_add(1, Relaxed);
+                self.resolver.invalidate(&space_id);
+                tracing::debug!(%position, %space_id, "space members to be read again");
+                ack_now(acker);
+                return true;
+            }
+            Ok(Mapped::Lookup(lookup)) => {
+                self.stats.lookups.fetch_add(1, Relaxed);
+                if delivered >= self.settings.max_deliver {
+                    // The last delivery the server makes: do not risk it again.
+                    self.stats.resyncs.fetch_add(1, Relaxed);
+                    tracing::warn!(%position, delivered, "last delivery of a lookup; the space is resynced");
+                    lookup.event(
+                        "space-resync",
+                        lookup.space_id.as_deref().unwrap_or_default(),
+                        serde_json::json!({"reason": format!("{}: delivered {delivered} times", lookup.reva_type)}),
+                    )
+                } else {
+                    match self.complete(&lookup, &acker, &position).await {
+                        Some(bytes) => bytes,
+                        None => return false,
+                    }
+                }
+            }
+            Err(rejection) => {
+                let mut raw = RawEvent::new(envelope, position);
+                raw.rejected = Some(rejection);
+                return self.hand_over(raw, acker).await;
+            }
+        };
+        self.hand_over(RawEvent::new(bytes, position), acker).await
+    }
+
+    /// Asks oCIS until it answers, keeping the delivery alive meanwhile. `None` once stopped.
+    async fn complete(
+        &self,
+        lookup: &reva::Lookup,
+        acker: &Arc<Acker>,
+        position: &str,
+    ) -> Option<Vec<u8>> {
+        let progress_every = (self.settings.ack_wait / 3).max(Duration::from_millis(100));
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let asked = self.completer.complete(lookup);
+            tokio::pin!(asked);
+            let completion = loop {
+                tokio::select! {
+                    _ = self.stop.cancelled() => return None,
+                    c = &mut asked => break c,
+                    _ = tokio::time::sleep(progress_every) => in_progress(acker).await,
+                }
+            };
+            match completion {
+                Completion::Event(bytes) => {
+                    if bytes.windows(14).any(|w| w == b"\"space-resync\"") {
+                        self.stats.resyncs.fetch_add(1, Relaxed);
+                    }
+                    return Some(bytes);
+                }
+                Completion::Unavailable(reason) => {
+                    self.stats.lookup_retries.fetch_add(1, Relaxed);
+                    tracing::warn!(%position, %reason, retry_in = ?delay, "oCIS unavailable for a lookup; holding the event");
+                    let until = tokio::time::Instant::now() + delay;
+                    loop {
+                        tokio::select! {
+                            _ = self.stop.cancelled() => return None,
+                            _ = tokio::time::sleep_until(until) => break,
+                            _ = tokio::time::sleep(progress_every) => in_progress(acker).await,
+                        }
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn hand_over(&self, raw: RawEvent, acker: Arc<Acker>) -> bool {
+        let event = SourceEvent {
+            raw,
+            lane: self.lane,
+            ack: Ack::new(move || ack_now(acker)),
+        };
+        tokio::select! {
+            _ = self.stop.cancelled() => false,
+            sent = self.events.send(event) => sent.is_ok(),
+        }
+    }
+}
+
+/// Sends `+ACK` (from a synchronous acknowledgement: in a task of its own).
+fn ack_now(acker: Arc<Acker>) {
+    tokio::spawn(async move {
+        if let Err(e) = acker.ack().await {
+            // Not acknowledged means delivered again: a duplicate the guards drop, never a loss.
+            tracing::warn!(error = %e, "JetStream ack failed; the event comes again");
+        }
+    });
+}
+
+async fn in_progress(acker: &Acker) {
+    if let Err(e) = acker.ack_with(AckKind::Progress).await {
+        tracing::debug!(error = %e, "progress ack failed");
+    }
+}
+
+#[async_trait]
+impl EventSource for JetStreamSource {
+    async fn next(&self) -> Result<Option<SourceEvent>, SourceError> {
+        match self.events.lock().await.recv().await {
+            Some(event) => Ok(Some(event)),
+            None => Err(SourceError::Nats("the JetStream reader stopped".into())),
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        event: &SourceEvent,
+        rejection: &Rejection,
+    ) -> Result<(), SourceError> {
+        let mut headers = async_nats::HeaderMap::new();
+        let clean = |s: &str| s.replace(['\r', '\n'], " ");
+        headers.insert("Foldercast-Rejection", rejection.code);
+        headers.insert("Foldercast-Reason", clean(&rejection.reason).as_str());
+        headers.insert("Foldercast-Position", clean(&event.raw.position).as_str());
+        let failed = |e: &dyn std::fmt::Display| {
+            SourceError::Nats(format!("dead letter to {}: {e}", self.dead_letter_subject))
+        };
+        let ack = self
+            .js
+            .publish_with_headers(
+                self.dead_letter_subject.clone(),
+                headers,
+                event.raw.bytes.clone().into(),
+            )
+            .await
+            .map_err(|e| failed(&e))?;
+        ack.await.map_err(|e| failed(&e))?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.stop.cancel();
+        // Acknowledgements are published asynchronously: let them reach the server.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Err(e) = self.client.flush().await {
+            tracing::warn!(error = %e, "flushing acknowledgements to NATS failed");
+        }
+    }
+}
