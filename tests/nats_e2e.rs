@@ -24,7 +24,6 @@ use common::libregraph::{
 };
 use common::pipeline::{Redis, Ws, connect, gateway, next_frame};
 use common::{PrivateRedis, Schemas, assert_valid, bin, root, server_env, unique};
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
@@ -292,4 +291,229 @@ async fn every_reva_event_of_the_fixture_reaches_the_members_as_its_table_says()
         logged().contains("event rejected"),
         "rejections are logged with their position"
     );
+}
+
+/// A go-micro envelope as oCIS writes it: the reva event's JSON, standard base64.
+fn envelope(reva_type: &str, event_id: &str, payload: &Value) -> String {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(payload.to_string());
+    json!({
+        "Timestamp": "2026-11-30T08:00:00.5+01:00",
+        "Metadata": {"eventtype": format!("events.{reva_type}"), "eventid": event_id,
+                     "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                     "initiatorid": ""},
+        "ID": format!("env-{event_id}"),
+        "Topic": "main-queue",
+        "Payload": encoded,
+    })
+    .to_string()
+}
+
+fn resource(space: &str, opaque: &str) -> Value {
+    json!({"storage_id": STORAGE, "opaque_id": opaque, "space_id": space})
+}
+
+/// `UploadReady` of `path` in `space` (a bare space uuid), item `opaque`.
+fn upload_ready(space: &str, path: &str, opaque: &str, is_version: bool, seconds: u64) -> Value {
+    json!({
+        "UploadID": format!("up-{opaque}"), "Filename": path.rsplit('/').next(),
+        "SpaceOwner": {"idp": "https://ocis.example", "opaque_id": space, "type": 8},
+        "ExecutingUser": {"id": {"idp": "https://ocis.example", "opaque_id": EINSTEIN, "type": 1},
+                          "username": "einstein"},
+        "ImpersonatingUser": null,
+        "FileRef": {"resource_id": resource(space, space), "path": format!(".{path}")},
+        "ResourceID": resource(space, opaque),
+        "Timestamp": {"seconds": seconds},
+        "Failed": false,
+        "IsVersion": is_version,
+    })
+}
+
+/// What one user's client saw: each event id with how often it came, folder sizes summed from
+/// every `size_delta`, and resyncs.
+#[derive(Default, Debug)]
+struct Seen {
+    ids: HashMap<String, u32>,
+    sizes: BTreeMap<(String, String), i64>,
+    resyncs: Vec<Value>,
+}
+
+impl Seen {
+    fn take(&mut self, m: &Value) {
+        let space = m["space_id"].as_str().unwrap_or_default().to_owned();
+        match m["type"].as_str() {
+            Some("resync") => self.resyncs.push(m.clone()),
+            Some("coalesced") => {
+                for id in m["event_ids"].as_array().unwrap() {
+                    *self.ids.entry(id.as_str().unwrap().to_owned()).or_default() += 1;
+                }
+            }
+            _ => {
+                *self
+                    .ids
+                    .entry(m["event_id"].as_str().unwrap().to_owned())
+                    .or_default() += 1
+            }
+        }
+        for (folder, delta) in common::folder_changes(m) {
+            *self.sizes.entry((space.clone(), folder)).or_default() += delta;
+        }
+    }
+}
+
+/// Reads `ws` into a shared [`Seen`] until the task is aborted.
+fn watch(
+    mut ws: Ws,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Seen>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let shared = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Some(frame) = next_frame(&mut ws, Duration::from_secs(3600)).await {
+            if frame["type"] == "event" {
+                shared.lock().unwrap().take(&frame["data"]);
+            }
+        }
+    });
+    (seen, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_mid_stream_under_the_rate_limit_delivers_every_event_once() {
+    const EVENTS: usize = 900;
+    let spaces: Vec<String> = (0..3).map(|s| format!("{}-{s}", unique("sp"))).collect();
+    let drive_of = |s: usize| format!("{STORAGE}${}", spaces[s]);
+    let users: Vec<String> = (0..4).map(|u| unique(&format!("user{u}"))).collect();
+    // u0 everywhere, u1 in 0 and 1, u2 in 2, u3 in 1 and 2.
+    let member = |u: usize, s: usize| matches!((u, s), (0, _) | (1, 0 | 1) | (2, 2) | (3, 1 | 2));
+    let graph = LibreGraph::start().await;
+    for s in 0..3 {
+        graph.project(
+            &drive_of(s),
+            (0..4)
+                .filter(|&u| member(u, s))
+                .map(|u| user_grant(&users[u], SPACE_EDITOR))
+                .collect(),
+        );
+    }
+    let prefix = unique("kill");
+    let mut lines = String::new();
+    let mut expected: Vec<(Vec<String>, BTreeMap<(String, String), i64>)> =
+        vec![Default::default(); 4];
+    for i in 0..EVENTS {
+        let s = i % 3;
+        let path = format!("/d{}/sub/f{i}.bin", i % 5);
+        let opaque = format!("n{i}");
+        let size = (i + 1) as u64;
+        graph.item(
+            &drive_of(s),
+            Item {
+                id: format!("{}!{opaque}", drive_of(s)),
+                path: path.clone(),
+                size,
+                etag: format!("\"{i}\""),
+                folder: false,
+            },
+        );
+        let id = format!("{prefix}-{i}");
+        lines.push_str(&envelope(
+            "UploadReady",
+            &id,
+            &upload_ready(&spaces[s], &path, &opaque, false, 1_795_942_800 + i as u64),
+        ));
+        lines.push('\n');
+        for (u, (ids, sizes)) in expected.iter_mut().enumerate() {
+            if member(u, s) {
+                ids.push(id.clone());
+                for folder in [
+                    format!("/d{}/sub", i % 5),
+                    format!("/d{}", i % 5),
+                    "/".into(),
+                ] {
+                    *sizes.entry((drive_of(s), folder)).or_default() += size as i64;
+                }
+            }
+        }
+    }
+    // Slow enough lookups that the kill lands mid-stream.
+    graph.latency(Duration::from_millis(8));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("envelopes.jsonl");
+    std::fs::write(&file, lines).unwrap();
+
+    let redis = PrivateRedis::start();
+    let server = gateway(&Redis::Standalone(redis.url()), &["--send-queue", "10000"]).await;
+    let mut watched = Vec::new();
+    for user in &users {
+        watched.push(watch(connect(&server, user).await));
+    }
+    let stream = Stream::new();
+    stream.load(&file).await;
+    let log = dir.path().join("consume.log");
+    // The default shaping: the rate limiter engaged.
+    let mut consumer = stream.consume(&graph, &redis.url(), &[], &log);
+    let progress = || watched[0].0.lock().unwrap().ids.len();
+    for _ in 0..600 {
+        if progress() >= EVENTS / 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let at_kill = progress();
+    assert!(
+        at_kill >= EVENTS / 4 && at_kill < EVENTS,
+        "killed mid-stream ({at_kill} of {EVENTS}); log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    consumer.start_kill().unwrap();
+    consumer.wait().await.unwrap();
+    eprintln!("killed with SIGKILL after {at_kill} of {EVENTS} events reached user 0");
+    let log2 = dir.path().join("consume-2.log");
+    let mut consumer = stream.consume(&graph, &redis.url(), &[], &log2);
+    for _ in 0..1200 {
+        let done = (0..4).all(|u| watched[u].0.lock().unwrap().ids.len() >= expected[u].0.len());
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stream.until_all_acknowledged(&log2).await;
+    // Anything late would show now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = consumer.id().unwrap();
+    let _ = std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(30), consumer.wait())
+        .await
+        .expect("a SIGTERM'd consumer exits within its grace")
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    for (u, (seen, task)) in watched.iter().enumerate() {
+        task.abort();
+        let seen = seen.lock().unwrap();
+        let (ids, sizes) = &expected[u];
+        let missing: Vec<&String> = ids
+            .iter()
+            .filter(|id| !seen.ids.contains_key(*id))
+            .collect();
+        let twice: Vec<(&String, &u32)> = seen.ids.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            missing.is_empty() && twice.is_empty() && seen.ids.len() == ids.len(),
+            "user {u}: {} missing (first {:?}), {} twice (first {:?}), {} received for {} expected; killed at {at_kill}",
+            missing.len(),
+            missing.first(),
+            twice.len(),
+            twice.first(),
+            seen.ids.len(),
+            ids.len()
+        );
+        assert!(seen.resyncs.is_empty(), "user {u}: {:?}", seen.resyncs);
+        assert_eq!(
+            &seen.sizes, sizes,
+            "user {u}: folder sizes from every size_delta"
+        );
+    }
 }
