@@ -128,7 +128,7 @@ async fn events(ws: &mut Ws, count: usize, wait: Duration) -> Vec<Value> {
         let Some(frame) = next_frame(ws, wait).await else {
             break;
         };
-        if frame["type"] == "event" {
+        if frame["type"] == "event" || frame["type"] == "resync" {
             got.push(frame["data"].clone());
         }
     }
@@ -254,7 +254,7 @@ async fn every_reva_event_of_the_fixture_reaches_the_members_as_its_table_says()
     // The upload's change is exact (a new file); the move and the trash carry the size.
     let reports: i64 = got
         .iter()
-        .flat_map(|m| common::folder_changes(m))
+        .flat_map(common::folder_changes)
         .filter(|(f, _)| f == "/reports")
         .map(|(_, d)| d)
         .sum();
@@ -328,12 +328,15 @@ fn upload_ready(space: &str, path: &str, opaque: &str, is_version: bool, seconds
     })
 }
 
+/// Folder sizes by (space, folder).
+type Sizes = BTreeMap<(String, String), i64>;
+
 /// What one user's client saw: each event id with how often it came, folder sizes summed from
 /// every `size_delta`, and resyncs.
 #[derive(Default, Debug)]
 struct Seen {
     ids: HashMap<String, u32>,
-    sizes: BTreeMap<(String, String), i64>,
+    sizes: Sizes,
     resyncs: Vec<Value>,
 }
 
@@ -371,7 +374,7 @@ fn watch(
     let shared = seen.clone();
     let task = tokio::spawn(async move {
         while let Some(frame) = next_frame(&mut ws, Duration::from_secs(3600)).await {
-            if frame["type"] == "event" {
+            if frame["type"] == "event" || frame["type"] == "resync" {
                 shared.lock().unwrap().take(&frame["data"]);
             }
         }
@@ -399,8 +402,7 @@ async fn a_consumer_killed_mid_stream_under_the_rate_limit_delivers_every_event_
     }
     let prefix = unique("kill");
     let mut lines = String::new();
-    let mut expected: Vec<(Vec<String>, BTreeMap<(String, String), i64>)> =
-        vec![Default::default(); 4];
+    let mut expected: Vec<(Vec<String>, Sizes)> = vec![Default::default(); 4];
     for i in 0..EVENTS {
         let s = i % 3;
         let path = format!("/d{}/sub/f{i}.bin", i % 5);
@@ -462,7 +464,7 @@ async fn a_consumer_killed_mid_stream_under_the_rate_limit_delivers_every_event_
     }
     let at_kill = progress();
     assert!(
-        at_kill >= EVENTS / 4 && at_kill < EVENTS,
+        (EVENTS / 4..EVENTS).contains(&at_kill),
         "killed mid-stream ({at_kill} of {EVENTS}); log:\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
@@ -516,4 +518,238 @@ async fn a_consumer_killed_mid_stream_under_the_rate_limit_delivers_every_event_
             "user {u}: folder sizes from every size_delta"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_that_cannot_be_exact_resync_the_space_and_exact_ones_carry_the_change() {
+    let graph = LibreGraph::start().await;
+    physics(&graph);
+    let item = |opaque: &str, path: &str, size: u64| Item {
+        id: format!("{}!{opaque}", drive()),
+        path: path.into(),
+        size,
+        etag: format!("\"{opaque}-{size}\""),
+        folder: false,
+    };
+    graph.item(&drive(), item("a", "/docs/a.txt", 100));
+    graph.item(&drive(), item("b", "/docs/b.txt", 50));
+    let redis = PrivateRedis::start();
+    let server = gateway(&Redis::Standalone(redis.url()), &[]).await;
+    let mut einstein = connect(&server, EINSTEIN).await;
+    let stream = Stream::new();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, lines: Vec<String>| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        path
+    };
+    let prefix = unique("exact");
+    let id = |n: u32| format!("{prefix}-{n}");
+    // An overwrite of a file never seen, a new file, a file gone by the time it is asked for,
+    // and a move whose old path is relative to a folder (not the space root).
+    let moved = json!({
+        "Executant": {"idp": "https://ocis.example", "opaque_id": EINSTEIN, "type": 1},
+        "Ref": {"resource_id": resource(SPACE_UUID, SPACE_UUID), "path": "./docs/b.txt"},
+        "OldReference": {"resource_id": resource(SPACE_UUID, "some-folder"), "path": "./b.txt"},
+        "Timestamp": {"seconds": 1_795_942_900u64},
+    });
+    stream
+        .load(&write(
+            "first.jsonl",
+            vec![
+                envelope(
+                    "UploadReady",
+                    &id(1),
+                    &upload_ready(SPACE_UUID, "/docs/a.txt", "a", true, 1_795_942_801),
+                ),
+                envelope(
+                    "UploadReady",
+                    &id(2),
+                    &upload_ready(SPACE_UUID, "/docs/b.txt", "b", false, 1_795_942_802),
+                ),
+                envelope(
+                    "UploadReady",
+                    &id(3),
+                    &upload_ready(SPACE_UUID, "/docs/gone.txt", "gone", false, 1_795_942_803),
+                ),
+                envelope("ItemMoved", &id(4), &moved),
+            ],
+        ))
+        .await;
+    let log = dir.path().join("consume.log");
+    let _consumer = stream.consume(&graph, &redis.url(), &["--user-rate", "0"], &log);
+    let got = events(&mut einstein, 4, WAIT).await;
+    let schemas = Schemas::load();
+    for m in &got {
+        assert_valid(&schemas.message, m, "a message from a lookup");
+    }
+    let kinds: Vec<(&str, &str)> = got
+        .iter()
+        .map(|m| (m["type"].as_str().unwrap(), m["event_id"].as_str().unwrap()))
+        .collect();
+    let (i1, i2, i3, i4) = (id(1), id(2), id(3), id(4));
+    assert_eq!(
+        kinds,
+        [
+            ("resync", i1.as_str()),
+            ("file-uploaded", i2.as_str()),
+            ("resync", i3.as_str()),
+            ("resync", i4.as_str())
+        ],
+        "{got:?}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    for r in [&got[0], &got[2], &got[3]] {
+        assert_eq!(
+            (&r["reason"], &r["space_id"]),
+            (&json!("source"), &json!(drive()))
+        );
+    }
+    assert_eq!(
+        common::folder_changes(&got[1]),
+        [("/docs".to_owned(), 50), ("/".to_owned(), 50)]
+    );
+
+    // b was seen at 50 bytes: an overwrite to 80 is an exact +30.
+    graph.item(&drive(), item("b", "/docs/b.txt", 80));
+    stream
+        .load(&write(
+            "second.jsonl",
+            vec![envelope(
+                "UploadReady",
+                &id(5),
+                &upload_ready(SPACE_UUID, "/docs/b.txt", "b", true, 1_795_942_805),
+            )],
+        ))
+        .await;
+    let got = events(&mut einstein, 1, WAIT).await;
+    assert_eq!(got[0]["type"], "file-uploaded", "{got:?}");
+    assert_eq!(got[0]["item"]["size"], 80);
+    assert_eq!(
+        common::folder_changes(&got[0]),
+        [("/docs".to_owned(), 30), ("/".to_owned(), 30)]
+    );
+    stream.until_all_acknowledged(&log).await;
+}
+
+/// A nats-server of the test's own, to stop and start again (JetStream on disk).
+struct PrivateNats {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateNats {
+    fn start() -> PrivateNats {
+        let mut n = PrivateNats {
+            port: common::free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        n.restart();
+        n
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("nats-server");
+        let child = std::process::Command::new(binary)
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("nats-server did not start on {}", self.port);
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_loses_nothing_and_the_consumer_carries_on() {
+    let graph = LibreGraph::start().await;
+    physics(&graph);
+    let mut nats = PrivateNats::start();
+    let mut stream = Stream::new();
+    stream.url = nats.url();
+    let redis = PrivateRedis::start();
+    let server = gateway(&Redis::Standalone(redis.url()), &[]).await;
+    let mut einstein = connect(&server, EINSTEIN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("restart");
+    let created = |n: u32| {
+        envelope(
+            "ContainerCreated",
+            &format!("{prefix}-{n}"),
+            &json!({
+                "Executant": {"idp": "https://ocis.example", "opaque_id": EINSTEIN, "type": 1},
+                "Ref": {"resource_id": resource(SPACE_UUID, SPACE_UUID), "path": format!("./folder-{n}")},
+                "Timestamp": {"seconds": 1_795_942_800u64 + u64::from(n)},
+            }),
+        )
+    };
+    let batch = |name: &str, range: std::ops::Range<u32>| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, range.map(created).collect::<Vec<_>>().join("\n")).unwrap();
+        path
+    };
+    stream.load(&batch("first.jsonl", 0..20)).await;
+    let log = dir.path().join("consume.log");
+    let mut consumer = stream.consume(&graph, &redis.url(), &["--user-rate", "0"], &log);
+    let first = events(&mut einstein, 20, WAIT).await;
+    assert_eq!(first.len(), 20);
+
+    nats.restart();
+    stream.load(&batch("second.jsonl", 20..40)).await;
+    let second = events(&mut einstein, 20, Duration::from_secs(30)).await;
+    let paths: Vec<String> = first
+        .iter()
+        .chain(&second)
+        .map(|m| m["item"]["path"].as_str().unwrap().to_owned())
+        .collect();
+    let want: Vec<String> = (0..40).map(|n| format!("/folder-{n}")).collect();
+    assert_eq!(
+        paths,
+        want,
+        "every event once, in order, across the restart; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        consumer.try_wait().unwrap().is_none(),
+        "the consumer rode the restart out"
+    );
+    stream.until_all_acknowledged(&log).await;
 }

@@ -514,3 +514,34 @@ async fn client_credentials_by_post_when_the_issuer_wants_it() {
         assert_eq!(issuer.token_requests(), if announce { 1 } else { 2 });
     }
 }
+
+/// oCIS's space events (a role changed, a grant expired, a space disabled) make the NATS source
+/// invalidate the space: named by its drive id or, as `SpaceMembershipExpired` does, by the bare
+/// space id. The next question asks oCIS; other spaces stay cached.
+#[tokio::test]
+async fn invalidating_by_drive_id_or_bare_space_id_reads_the_members_again() {
+    let graph = LibreGraph::start().await;
+    let other = "storage-users-1$6f3c1a9e-0000-4000-8000-000000000002";
+    graph.project(SPACE, vec![user_grant("alice", MANAGER)]);
+    graph.project(other, vec![user_grant("alice", MANAGER)]);
+    let r = resolver(&graph, Duration::from_secs(3600), Duration::from_secs(3600));
+    assert_eq!(listers(&r, SPACE).await, ["alice"]);
+    assert_eq!(listers(&r, other).await, ["alice"]);
+    let calls = graph.total_calls();
+
+    graph.project(SPACE, vec![user_grant("alice", MANAGER), user_grant("bob", SPACE_VIEWER)]);
+    assert_eq!(listers(&r, SPACE).await, ["alice"], "cached until told");
+    r.invalidate(SPACE);
+    assert_eq!(listers(&r, SPACE).await, ["alice", "bob"]);
+
+    graph.project(SPACE, vec![user_grant("alice", MANAGER)]);
+    let bare = SPACE.split('$').nth(1).unwrap();
+    r.invalidate(bare);
+    assert_eq!(listers(&r, SPACE).await, ["alice"], "a bare space id names the drive");
+    assert_eq!(listers(&r, other).await, ["alice"]);
+    assert_eq!(
+        graph.total_calls() - calls,
+        2,
+        "one request per invalidation; the other space stayed cached"
+    );
+}

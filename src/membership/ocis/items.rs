@@ -146,11 +146,7 @@ pub fn parse_propfind(body: &[u8]) -> Result<ItemInfo, String> {
                 open = Some(name);
                 text.clear();
             }
-            Xml::Empty(e) => {
-                if e.local_name().as_ref() == b"collection" {
-                    info.folder = true;
-                }
-            }
+            Xml::Empty(e) if e.local_name().as_ref() == b"collection" => info.folder = true,
             // Entities (`&quot;` in an etag) arrive as events of their own.
             Xml::Text(t) => text.push_str(&t.decode().map_err(|e| e.to_string())?),
             Xml::GeneralRef(r) => {

@@ -30,7 +30,7 @@ pub enum Mapped {
     /// A foldercast storage event (CloudEvents JSON, `schemas/storage-event.schema.json`).
     Event(Vec<u8>),
     /// Needs the oCIS API before it can become an event.
-    Lookup(Lookup),
+    Lookup(Box<Lookup>),
     /// The members of a space are to be read again.
     Invalidate { space_id: String },
     /// Changes no folder view; the reason names the kind, for counting.
@@ -280,7 +280,7 @@ pub fn map(envelope: &Envelope, fallback_time: &str) -> Result<Mapped, Rejection
         ))
     };
     let lookup = |missing: &'static str, reference: Option<&Reference>, item: Option<String>| {
-        Mapped::Lookup(Lookup {
+        Mapped::Lookup(Box::new(Lookup {
             reva_type: reva_type.to_owned(),
             event_id: envelope.event_id.clone(),
             space_id: reference.and_then(Reference::drive_id),
@@ -293,7 +293,7 @@ pub fn map(envelope: &Envelope, fallback_time: &str) -> Result<Mapped, Rejection
             time: time.clone(),
             actor: actor.clone(),
             initiator_id: envelope.initiator_id.clone(),
-        })
+        }))
     };
     let missing_ref = || Rejection::new("missing-field", format!("{reva_type} without Ref"));
     Ok(match reva_type {
@@ -524,10 +524,7 @@ mod tests {
         let no_path = format!(r#"{{"Ref":{{"resource_id":{ROOT}}}}}"#);
         assert!(matches!(
             mapped("events.FileTouched", &no_path).unwrap(),
-            Mapped::Lookup(Lookup {
-                missing: "path",
-                ..
-            })
+            Mapped::Lookup(l) if l.missing == "path"
         ));
     }
 
