@@ -529,7 +529,13 @@ async fn invalidating_by_drive_id_or_bare_space_id_reads_the_members_again() {
     assert_eq!(listers(&r, other).await, ["alice"]);
     let calls = graph.total_calls();
 
-    graph.project(SPACE, vec![user_grant("alice", MANAGER), user_grant("bob", SPACE_VIEWER)]);
+    graph.project(
+        SPACE,
+        vec![
+            user_grant("alice", MANAGER),
+            user_grant("bob", SPACE_VIEWER),
+        ],
+    );
     assert_eq!(listers(&r, SPACE).await, ["alice"], "cached until told");
     r.invalidate(SPACE);
     assert_eq!(listers(&r, SPACE).await, ["alice", "bob"]);
@@ -537,7 +543,11 @@ async fn invalidating_by_drive_id_or_bare_space_id_reads_the_members_again() {
     graph.project(SPACE, vec![user_grant("alice", MANAGER)]);
     let bare = SPACE.split('$').nth(1).unwrap();
     r.invalidate(bare);
-    assert_eq!(listers(&r, SPACE).await, ["alice"], "a bare space id names the drive");
+    assert_eq!(
+        listers(&r, SPACE).await,
+        ["alice"],
+        "a bare space id names the drive"
+    );
     assert_eq!(listers(&r, other).await, ["alice"]);
     assert_eq!(
         graph.total_calls() - calls,

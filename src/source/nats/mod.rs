@@ -6,12 +6,13 @@
 //! what a folder view shows to foldercast's input contract, so the rest of the pipeline (decode,
 //! dedup, recipients, ancestors, throttle) stays the one it is for every source. What a reva
 //! event does not carry (an item's size, the path of an item known by id) needs the oCIS API:
-//! the mapping says so ([`reva::Mapped::Lookup`]) rather than guess.
+//! the mapping says so ([`reva::Mapped::Lookup`]) rather than guess, and [`lookup`] completes
+//! it through oCIS, or resyncs the space when nothing exact can be said.
 //!
-//! [`jetstream`] holds the stream itself: today, writing a fixture of envelopes into it
-//! (`replay --to-nats`). Not here yet (issue 11): the JetStream pull consumer (acks after the
-//! bus accepted, progress acks while waiting on oCIS, bounded redeliveries, dead letters), and
-//! the lookups.
+//! [`consumer`] is the source the driver reads: a durable JetStream pull consumer, lanes by
+//! space, acknowledgements after the bus accepted, progress acks while oCIS is asked, dead
+//! letters. [`jetstream`] writes a fixture of envelopes into a stream, as oCIS would
+//! (`replay --to-nats`).
 
 pub mod consumer;
 pub mod envelope;
