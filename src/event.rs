@@ -159,6 +159,8 @@ pub struct ItemChange {
     /// For `file-uploaded`: new size − old size.
     pub size_delta: i64,
     pub item_id: Option<String>,
+    /// The id of the folder holding the item (oCIS: `storage$space!node`), when the source knows it.
+    pub parent_id: Option<String>,
     pub etag: Option<String>,
 }
 
@@ -224,6 +226,7 @@ struct WireData {
     actor: Option<String>,
     initiator_id: Option<String>,
     item_id: Option<String>,
+    parent_id: Option<String>,
     etag: Option<String>,
     reason: Option<String>,
     user: Option<String>,
@@ -373,6 +376,7 @@ pub fn decode(bytes: &[u8]) -> Result<StorageEvent, Rejection> {
             size,
             size_delta,
             item_id: data.item_id,
+            parent_id: data.parent_id,
             etag: data.etag,
         })
     };

@@ -164,6 +164,17 @@ async fn every_reva_event_of_the_fixture_reaches_the_members_as_its_table_says()
         },
     );
     graph.trash(&drive(), &q1, "9f1c0e3a");
+    let reports = format!("{}!7d2e", drive());
+    graph.item(
+        &drive(),
+        Item {
+            id: reports.clone(),
+            path: "/reports".into(),
+            size: 0,
+            etag: "\"e-reports\"".into(),
+            folder: true,
+        },
+    );
     graph.item(
         &drive(),
         Item {
@@ -250,6 +261,18 @@ async fn every_reva_event_of_the_fixture_reaches_the_members_as_its_table_says()
     assert_eq!(got[0]["actor"], EINSTEIN);
     assert_eq!(got[2]["actor"], MARIE, "UploadReady's ExecutingUser");
     assert_eq!(got[2]["item"]["item_id"], q1.as_str());
+    // Ids come from oCIS, for clients that fetch items by id (ownCloud Web): a created folder's
+    // by path (WebDAV), an upload's parent from the graph item.
+    assert_eq!(got[0]["item"]["item_id"], reports.as_str());
+    assert_eq!(
+        got[0]["item"]["parent_id"],
+        format!("{}!{SPACE_UUID}", drive())
+    );
+    assert_eq!(got[2]["item"]["parent_id"], reports.as_str());
+    assert!(
+        got[1]["item"].get("parent_id").is_none(),
+        "not in oCIS: sent without ids"
+    );
     assert_eq!(got[2]["item"]["etag"], "\"e-q1\"");
     // The upload's change is exact (a new file); the move and the trash carry the size.
     let reports: i64 = got

@@ -147,6 +147,7 @@ mod tests {
             size,
             size_delta,
             item_id: None,
+            parent_id: None,
             etag: None,
         }
     }

@@ -59,6 +59,10 @@ pub struct Item {
     pub kind: &'static str,
     pub size: u64,
     pub item_id: Option<String>,
+    /// The folder holding the item, by id (oCIS sources only): what ownCloud Web matches against
+    /// the folder on screen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
     pub etag: Option<String>,
 }
 
@@ -191,6 +195,7 @@ impl Item {
             kind: change.kind.as_str(),
             size: change.size,
             item_id: change.item_id.clone(),
+            parent_id: change.parent_id.clone(),
             etag: change.etag.clone(),
         }
     }

@@ -473,10 +473,11 @@ async fn drive_item(
         return odata(StatusCode::NOT_FOUND, "itemNotFound", "item not found");
     };
     let (parent, name) = item.path.rsplit_once('/').unwrap_or(("", &item.path));
+    let parent_id = parent_id_of(&state, &drive, &item.path);
     let mut body = json!({
         "id": item.id, "name": name, "size": item.size, "eTag": item.etag,
         "lastModifiedDateTime": "2026-11-30T08:00:02Z",
-        "parentReference": {"driveId": drive, "driveType": "project", "id": format!("{drive}!parent"),
+        "parentReference": {"driveId": drive, "driveType": "project", "id": parent_id,
                             "name": parent.rsplit('/').next().unwrap_or(""),
                             "path": if parent.is_empty() { "/" } else { parent }},
         "webDavUrl": format!("https://ocis.test/dav/spaces/{drive}{}", item.path),
@@ -487,6 +488,18 @@ async fn drive_item(
         body["file"] = json!({"mimeType": "application/octet-stream"});
     }
     axum::Json(body).into_response()
+}
+
+/// The id of the folder holding `path`: a registered folder, else the space root
+/// (`storage$space!space`).
+fn parent_id_of(state: &Arc<Mutex<Graph>>, drive: &str, path: &str) -> String {
+    let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
+    let g = state.lock().unwrap();
+    g.items
+        .iter()
+        .find(|((d, _), i)| d == drive && i.path == parent)
+        .map(|(_, i)| i.id.clone())
+        .unwrap_or_else(|| format!("{drive}!{}", drive.rsplit('$').next().unwrap_or(drive)))
 }
 
 /// WebDAV `PROPFIND` (Depth 0) on an item by path, or on an item in the trash bin.
@@ -553,11 +566,19 @@ async fn propfind(
     } else {
         format!("<d:getcontentlength>{}</d:getcontentlength>", item.size)
     };
+    let drive = rest
+        .strip_prefix("trash-bin/")
+        .unwrap_or(&rest)
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let parent_id = parent_id_of(&state, &percent_decode(&drive), &item.path);
     let body = format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <d:multistatus xmlns:s="http://sabredav.org/ns" xmlns:d="DAV:" xmlns:oc="http://owncloud.org/ns">
 <d:response><d:href>/remote.php/dav/spaces/{rest}</d:href>
-<d:propstat><d:prop><oc:fileid>{id}</oc:fileid><oc:size>{size}</oc:size>{length}<d:getetag>&quot;{etag}&quot;</d:getetag>{kind}{location}</d:prop>
+<d:propstat><d:prop><oc:fileid>{id}</oc:fileid><oc:file-parent>{parent_id}</oc:file-parent><oc:size>{size}</oc:size>{length}<d:getetag>&quot;{etag}&quot;</d:getetag>{kind}{location}</d:prop>
 <d:status>HTTP/1.1 200 OK</d:status></d:propstat>
 </d:response></d:multistatus>"#,
         id = item.id,

@@ -29,11 +29,13 @@ pub struct ItemInfo {
     pub size: u64,
     pub etag: Option<String>,
     pub folder: bool,
+    /// The folder holding it (`storage$space!node`), when the answer names it.
+    pub parent_id: Option<String>,
 }
 
 const ITEM_PROPS: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
 <d:propfind xmlns:d="DAV:" xmlns:oc="http://owncloud.org/ns"><d:prop>
-<oc:fileid/><oc:size/><d:getcontentlength/><d:getetag/><d:resourcetype/><oc:trashbin-original-location/>
+<oc:fileid/><oc:file-parent/><oc:size/><d:getcontentlength/><d:getetag/><d:resourcetype/><oc:trashbin-original-location/>
 </d:prop></d:propfind>"#;
 
 impl GraphClient {
@@ -49,6 +51,11 @@ impl GraphClient {
         let Some(item): Option<DriveItem> = parse(&body, &url)? else {
             return Err(GraphError::NotFound(format!("{url}: null item")));
         };
+        let parent_id = item
+            .parent_reference
+            .as_ref()
+            .and_then(|p| p.id.clone())
+            .filter(|id| !id.is_empty());
         let path = item.parent_reference.and_then(|p| p.path).map(|parent| {
             let parent = parent.trim_end_matches('/');
             let parent = parent.strip_prefix('.').unwrap_or(parent);
@@ -60,6 +67,7 @@ impl GraphClient {
             size: item.size.unwrap_or(0).max(0) as u64,
             etag: item.etag,
             folder: item.folder.is_some(),
+            parent_id,
         })
     }
 
@@ -106,6 +114,7 @@ struct DriveItem {
 
 #[derive(Deserialize)]
 struct ParentReference {
+    id: Option<String>,
     path: Option<String>,
 }
 
@@ -166,6 +175,7 @@ pub fn parse_propfind(body: &[u8]) -> Result<ItemInfo, String> {
                     Some(b"getcontentlength") => length = value.parse().ok(),
                     Some(b"getetag") => info.etag = Some(value),
                     Some(b"fileid") => info.id = Some(value),
+                    Some(b"file-parent") if !value.is_empty() => info.parent_id = Some(value),
                     Some(b"trashbin-original-location") => {
                         info.path = Some(format!("/{}", value.trim_matches('/')));
                     }
@@ -212,11 +222,12 @@ mod tests {
     #[test]
     fn a_file_without_oc_size_answers_its_content_length() {
         let body = br#"<d:multistatus xmlns:d="DAV:" xmlns:oc="http://owncloud.org/ns"><d:response>
-<d:propstat><d:prop><d:getcontentlength>17</d:getcontentlength><oc:fileid>s$p!n</oc:fileid><d:resourcetype/></d:prop></d:propstat>
+<d:propstat><d:prop><d:getcontentlength>17</d:getcontentlength><oc:fileid>s$p!n</oc:fileid><oc:file-parent>s$p!d</oc:file-parent><d:resourcetype/></d:prop></d:propstat>
 </d:response></d:multistatus>"#;
         let info = parse_propfind(body).unwrap();
         assert_eq!((info.size, info.folder), (17, false));
         assert_eq!(info.id.as_deref(), Some("s$p!n"));
+        assert_eq!(info.parent_id.as_deref(), Some("s$p!d"));
         assert!(parse_propfind(b"<d:multistatus xmlns:d=\"DAV:\"/>").is_err());
         assert!(parse_propfind(b"<not xml").is_err());
     }

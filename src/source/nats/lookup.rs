@@ -84,6 +84,9 @@ impl Completer {
                 json!({"reason": format!("{}: {reason}", lookup.reva_type)}),
             ))
         };
+        if let Some(exact) = &lookup.exact {
+            return self.add_ids(lookup, space, exact).await;
+        }
         let Some(items) = &self.items else {
             return resync("no oCIS to look the item up (--ocis-url)".into());
         };
@@ -120,6 +123,7 @@ impl Completer {
             "kind": kind,
             "size": info.size,
             "item_id": info.id.clone().or_else(|| lookup.item_id.clone()),
+            "parent_id": info.parent_id,
             "etag": info.etag,
         });
         let event_type = match lookup.reva_type.as_str() {
@@ -150,5 +154,30 @@ impl Completer {
             other => return resync(format!("{other} is not looked up")),
         };
         Completion::Event(lookup.event(event_type, space, data))
+    }
+
+    /// An event exact without oCIS, with the item's ids (and etag) added when oCIS knows them.
+    async fn add_ids(&self, lookup: &Lookup, space: &str, exact: &[u8]) -> Completion {
+        let as_is = || Completion::Event(exact.to_vec());
+        let (Some(items), Some(path)) = (&self.items, &lookup.path) else {
+            return as_is();
+        };
+        let info = match items.by_path(space, path).await {
+            Ok(info) => info,
+            Err(GraphError::Unavailable(reason)) => return Completion::Unavailable(reason),
+            Err(other) => {
+                tracing::debug!(event_id = %lookup.event_id, error = %other, "no ids for an item; sent without");
+                return as_is();
+            }
+        };
+        let Ok(mut event) = serde_json::from_slice::<serde_json::Value>(exact) else {
+            return as_is();
+        };
+        if let Some(data) = event.get_mut("data").and_then(|d| d.as_object_mut()) {
+            data.insert("item_id".into(), json!(info.id));
+            data.insert("parent_id".into(), json!(info.parent_id));
+            data.insert("etag".into(), json!(info.etag));
+        }
+        Completion::Event(event.to_string().into_bytes())
     }
 }

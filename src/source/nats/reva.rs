@@ -57,6 +57,9 @@ pub struct Lookup {
     /// An upload or version restore over an existing file: the event does not say the old size.
     pub overwrite: bool,
     pub missing: &'static str,
+    /// `missing == "ids"`: the event is exact without oCIS, which only adds the item's ids; this
+    /// is that event, for when oCIS cannot say.
+    pub exact: Option<Vec<u8>>,
     /// RFC 3339, as the mapped event would carry it.
     pub time: String,
     pub actor: Option<String>,
@@ -268,8 +271,8 @@ pub fn map(envelope: &Envelope, fallback_time: &str) -> Result<Mapped, Rejection
     let actor = opaque(p.executant.as_ref())
         .or_else(|| opaque(p.executing_user.as_ref().and_then(|u| u.id.as_ref())));
     let initiator = envelope.initiator_id.as_deref();
-    let event = |event_type: &str, space_id: Option<&str>, data: Value| {
-        Mapped::Event(storage_event(
+    let event_bytes = |event_type: &str, space_id: Option<&str>, data: Value| {
+        storage_event(
             &envelope.event_id,
             event_type,
             &time,
@@ -277,7 +280,10 @@ pub fn map(envelope: &Envelope, fallback_time: &str) -> Result<Mapped, Rejection
             actor.as_deref(),
             initiator,
             data,
-        ))
+        )
+    };
+    let event = |event_type: &str, space_id: Option<&str>, data: Value| {
+        Mapped::Event(event_bytes(event_type, space_id, data))
     };
     let lookup = |missing: &'static str, reference: Option<&Reference>, item: Option<String>| {
         Mapped::Lookup(Box::new(Lookup {
@@ -288,6 +294,7 @@ pub fn map(envelope: &Envelope, fallback_time: &str) -> Result<Mapped, Rejection
             old_path: p.old_reference.as_ref().and_then(Reference::space_path),
             item_id: item,
             trash_key: None,
+            exact: None,
             overwrite: p.is_version == Some(true) || reva_type == "FileVersionRestored",
             missing,
             time: time.clone(),
@@ -305,11 +312,20 @@ pub fn map(envelope: &Envelope, fallback_time: &str) -> Result<Mapped, Rejection
                 ("file", "file-touched")
             };
             match (reference.drive_id(), reference.space_path()) {
-                (Some(space), Some(path)) if path != "/" => event(
-                    foldercast_type,
-                    Some(&space),
-                    json!({"path": path, "kind": kind, "size": 0}),
-                ),
+                // Exact as it is (an empty item); oCIS is asked only for its ids, which clients
+                // such as ownCloud Web need to fetch it.
+                (Some(space), Some(path)) if path != "/" => {
+                    let exact = event_bytes(
+                        foldercast_type,
+                        Some(&space),
+                        json!({"path": path, "kind": kind, "size": 0}),
+                    );
+                    let mut ids = lookup("ids", Some(reference), None);
+                    if let Mapped::Lookup(l) = &mut ids {
+                        l.exact = Some(exact);
+                    }
+                    ids
+                }
                 (Some(space), Some(_)) => {
                     return Err(Rejection::new(
                         "invalid-path",
@@ -471,10 +487,13 @@ mod tests {
         map(&envelope, "2026-11-30T00:00:00Z")
     }
 
-    /// The foldercast event a mapping produced, through the pipeline's own decoder.
+    /// The foldercast event a mapping produced (for a lookup of ids only, the event it makes
+    /// without oCIS), through the pipeline's own decoder.
     fn decoded(m: Mapped) -> crate::event::StorageEvent {
-        let Mapped::Event(bytes) = m else {
-            panic!("not an event: {m:?}")
+        let bytes = match m {
+            Mapped::Event(bytes) => bytes,
+            Mapped::Lookup(l) if l.missing == "ids" => l.exact.unwrap(),
+            other => panic!("not an event: {other:?}"),
         };
         decode(&bytes).unwrap_or_else(|r| panic!("{r}: {}", String::from_utf8_lossy(&bytes)))
     }
