@@ -5,7 +5,7 @@
 #   FOLDERCAST_TEST_REDIS_CLUSTER  redis://…,redis://…,redis://… (3 nodes, no replicas)
 #   FOLDERCAST_TEST_KAFKA          127.0.0.1:PORT (tansu, sqlite storage)
 #   FOLDERCAST_TEST_NATS           nats://127.0.0.1:PORT (nats-server with JetStream)
-#   FOLDERCAST_CHROMIUM, FOLDERCAST_COMPOSE_SCHEMA
+#   FOLDERCAST_CHROMIUM, FOLDERCAST_COMPOSE_SCHEMA, FOLDERCAST_TEST_WEB_CLIENT
 # Needs: set -euo pipefail in the caller.
 
 TANSU_VERSION=0.6.0
@@ -48,6 +48,18 @@ if [ ! -f "$COMPOSE_SCHEMA" ]; then
   cp "$CACHE/compose-spec/pkg/usr/lib/python3/dist-packages/compose/config/compose_spec.json" "$COMPOSE_SCHEMA"
 fi
 export FOLDERCAST_COMPOSE_SCHEMA="$COMPOSE_SCHEMA"
+# ownCloud Web's own SSE client, the published npm package, unchanged: the gateway's oCIS route
+# is tested with it. Pinned; the tarball's checksum is npm's own (npm pack verifies it).
+WEB_CLIENT_VERSION=12.5.0
+WEB_CLIENT="$CACHE/npm/web-client-$WEB_CLIENT_VERSION/package/dist/web-client/sse.js"
+if [ ! -f "$WEB_CLIENT" ]; then
+  command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm >/dev/null; }
+  mkdir -p "$CACHE/npm/web-client-$WEB_CLIENT_VERSION"
+  ( cd "$CACHE/npm/web-client-$WEB_CLIENT_VERSION" \
+      && npm pack --silent "@ownclouders/web-client@$WEB_CLIENT_VERSION" >/dev/null \
+      && tar xzf ownclouders-web-client-"$WEB_CLIENT_VERSION".tgz )
+fi
+export FOLDERCAST_TEST_WEB_CLIENT="$WEB_CLIENT"
 
 # --- servers -----------------------------------------------------------------------------
 WORK="$(mktemp -d -t foldercast-test.XXXXXX)"

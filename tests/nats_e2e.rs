@@ -17,109 +17,16 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use base64::Engine;
-use common::libregraph::{
-    Item, LibreGraph, MANAGER, SPACE_EDITOR, SPACE_VIEWER, group_grant, user_grant,
+use common::libregraph::{Item, LibreGraph, SPACE_EDITOR, user_grant};
+use common::nats::{
+    EINSTEIN, MARIE, PHYSICS_GROUP, RICHARD, SPACE_UUID, STORAGE, Stream, drive, physics,
 };
 use common::pipeline::{Redis, Ws, connect, gateway, next_frame};
-use common::{PrivateRedis, Schemas, assert_valid, bin, root, server_env, unique};
+use common::{PrivateRedis, Schemas, assert_valid, root, unique};
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
 
-const STORAGE: &str = "1284d238-aa92-42ce-bdc4-0b0000009157";
-const SPACE_UUID: &str = "b6a1c2d3-5e6f-4a1b-9c8d-7e6f5a4b3c2d";
-const EINSTEIN: &str = "4c510ada-c86b-4815-8820-42cdf82c3d51";
-const MARIE: &str = "f7fbf8c8-139b-4376-b307-cf0a8c2d0d9c";
-const RICHARD: &str = "932b4540-8d16-481e-8ef4-588e4b6b151c";
-const PHYSICS_GROUP: &str = "167cbee2-0518-455a-bfb2-031fe0621e5d";
 const WAIT: Duration = Duration::from_secs(20);
-
-fn drive() -> String {
-    format!("{STORAGE}${SPACE_UUID}")
-}
-
-struct Stream {
-    url: String,
-    name: String,
-    durable: String,
-    dead_letters: String,
-}
-
-impl Stream {
-    fn new() -> Stream {
-        Stream {
-            url: server_env("FOLDERCAST_TEST_NATS"),
-            name: unique("reva").replace('.', "-"),
-            durable: unique("fc").replace('.', "-"),
-            dead_letters: unique("dlq").replace('.', "-"),
-        }
-    }
-
-    /// Writes a file of envelopes into the stream with `replay --to-nats`.
-    async fn load(&self, envelopes: &Path) {
-        let out = Command::new(bin())
-            .args(["replay", "--events"])
-            .arg(envelopes)
-            .args(["--to-nats", &self.url, "--nats-stream", &self.name])
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// `foldercast consume --nats` against this stream, oCIS at `graph`, and `redis`.
-    fn consume(&self, graph: &LibreGraph, redis: &str, shaping: &[&str], log: &Path) -> Child {
-        Command::new(bin())
-            .args(["consume", "--nats", &self.url, "--nats-stream", &self.name])
-            .args(["--nats-durable", &self.durable, "--nats-start", "all"])
-            .args(["--nats-dead-letter-subject", &self.dead_letters])
-            .args(["--nats-ack-wait", "3s"])
-            .args(["--ocis-url", &graph.url, "--redis", redis])
-            .args(shaping)
-            .env("FOLDERCAST_OCIS_TOKEN", "admin-token")
-            .env("FOLDERCAST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start consume")
-    }
-
-    async fn context(&self) -> jetstream::Context {
-        jetstream::new(async_nats::connect(&self.url).await.unwrap())
-    }
-
-    /// Waits until the durable consumer has nothing pending and nothing unacknowledged.
-    async fn until_all_acknowledged(&self, log: &Path) {
-        let js = self.context().await;
-        let mut last = String::new();
-        for _ in 0..100 {
-            let mut stream = js.get_stream(&self.name).await.unwrap();
-            let _ = &mut stream;
-            let mut consumer: jetstream::consumer::PullConsumer =
-                stream.get_consumer(&self.durable).await.unwrap();
-            let info = consumer.info().await.unwrap();
-            if info.num_pending == 0 && info.num_ack_pending == 0 {
-                return;
-            }
-            last = format!(
-                "pending {} unacknowledged {}",
-                info.num_pending, info.num_ack_pending
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        panic!(
-            "the consumer never acknowledged everything ({last}); log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-    }
-}
 
 /// The event frames' data a client received, waiting up to `wait` for each.
 async fn events(ws: &mut Ws, count: usize, wait: Duration) -> Vec<Value> {
@@ -133,18 +40,6 @@ async fn events(ws: &mut Ws, count: usize, wait: Duration) -> Vec<Value> {
         }
     }
     got
-}
-
-fn physics(graph: &LibreGraph) {
-    graph.project(
-        &drive(),
-        vec![
-            user_grant(EINSTEIN, MANAGER),
-            user_grant(MARIE, SPACE_EDITOR),
-            group_grant(PHYSICS_GROUP, SPACE_VIEWER),
-        ],
-    );
-    graph.group(PHYSICS_GROUP, &[RICHARD]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod hub;
+mod ocis_sse;
 pub mod protocol;
 pub mod resume;
 pub mod server;
@@ -145,6 +146,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/ws", get(ws::handler))
         .route("/sse", get(sse::handler))
+        .route(
+            "/ocs/v2.php/apps/notifications/api/v1/notifications/sse",
+            get(sse::ocis_handler),
+        )
         .route("/api/tickets", post(issue_ticket))
         .route("/api/stats", get(stats))
         .route("/healthz", get(|| async { "ok" }))

@@ -30,10 +30,37 @@ use super::resume::{self, Admit, Cursor, Resumed};
 use super::session::{Frame, Next, Watches};
 use crate::path::SpacePath;
 
+/// Which SSE protocol a stream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// foldercast's own: `ready`, `resumed`, `error`, `reconnect` events, message types as names.
+    Foldercast,
+    /// oCIS's, for ownCloud Web ([`super::ocis_sse`]): its event names and payloads only.
+    Ocis,
+}
+
 pub async fn handler(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
+) -> Response {
+    serve(state, headers, query, Dialect::Foldercast).await
+}
+
+/// `GET /ocs/v2.php/apps/notifications/api/v1/notifications/sse`: ownCloud Web's stream.
+pub async fn ocis_handler(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    serve(state, headers, query, Dialect::Ocis).await
+}
+
+async fn serve(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    query: Option<String>,
+    dialect: Dialect,
 ) -> Response {
     let mut ticket = None;
     let mut since = None;
@@ -112,6 +139,31 @@ pub async fn handler(
     };
     let mut intro = VecDeque::new();
     intro.push_back(Event::default().comment(format!("ready {}", identity.user)));
+    if dialect == Dialect::Ocis {
+        // ownCloud Web knows none of foldercast's own events; the ids of the messages carry
+        // the position.
+        return Sse::new(events(Feed {
+            registration,
+            watches,
+            pending: start.replay.into(),
+            batch: Vec::new(),
+            cursor: start.cursor,
+            intro,
+            expiry: identity.remaining().map(|d| Instant::now() + d),
+            drain_spread: state.config.drain_spread,
+            hub: state.hub.clone(),
+            user: identity.user.clone(),
+            resume_max: state.config.resume_max,
+            done: false,
+            dialect,
+        }))
+        .keep_alive(
+            KeepAlive::new()
+                .interval(state.config.sse_keepalive)
+                .text("keepalive"),
+        )
+        .into_response();
+    }
     // `ready` with its id: the browser's last event id is the starting position from here on,
     // and a script reads it from the data.
     let position = start.cursor.position();
@@ -145,6 +197,7 @@ pub async fn handler(
         user: identity.user.clone(),
         resume_max: state.config.resume_max,
         done: false,
+        dialect,
     };
     Sse::new(events(feed))
         .keep_alive(
@@ -182,6 +235,31 @@ struct Feed {
     user: Arc<str>,
     resume_max: usize,
     done: bool,
+    dialect: Dialect,
+}
+
+impl Feed {
+    /// The events of one frame in this stream's dialect: the first to send now, the rest
+    /// queued in `intro` (a coalesced message is several events in oCIS's dialect).
+    fn render(&mut self, frame: &Frame) -> Option<Event> {
+        match self.dialect {
+            Dialect::Foldercast => to_event(frame),
+            Dialect::Ocis => {
+                let mut events = super::ocis_sse::translate(&frame.payload, &self.user)
+                    .into_iter()
+                    .map(|(name, data)| Event::default().id(&*frame.id).event(name).data(data));
+                let first = events.next();
+                self.intro.extend(events);
+                first
+            }
+        }
+    }
+
+    /// Ends the stream with `event`, or silently in oCIS's dialect (its client reconnects).
+    fn end_with(&mut self, event: Event) -> Option<Event> {
+        self.done = true;
+        (self.dialect == Dialect::Foldercast).then_some(event)
+    }
 }
 
 fn error_event(code: &str, message: &str, position: &str) -> Event {
@@ -202,11 +280,20 @@ fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
             while let Some(frame) = feed.pending.pop_front() {
                 match feed.cursor.admit(&frame.id) {
                     Admit::Deliver if frame.passes(&feed.watches) => {
-                        if let Some(event) = to_event(&frame) {
+                        if let Some(event) = feed.render(&frame) {
                             return Some((Ok(event), feed));
                         }
                     }
                     Admit::Deliver | Admit::Duplicate => {}
+                    Admit::NewEpoch if feed.dialect == Dialect::Ocis => {
+                        // oCIS's dialect cannot say "the history was lost" (ownCloud Web's only
+                        // refetch is per space): the frame goes on as it is.
+                        if frame.passes(&feed.watches)
+                            && let Some(event) = feed.render(&frame)
+                        {
+                            return Some((Ok(event), feed));
+                        }
+                    }
                     Admit::NewEpoch => {
                         let lost = Resumed::epoch_lost(&frame.id);
                         let event = Event::default()
@@ -226,9 +313,8 @@ fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
             let next = tokio::select! {
                 next = feed.registration.queue.next_batch(&mut feed.batch) => next,
                 _ = sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
-                    feed.done = true;
                     let e = error_event("token-expired", "the token expired", &feed.cursor.position());
-                    return Some((Ok(e), feed));
+                    return feed.end_with(e).map(|e| (Ok(e), feed));
                 }
             };
             if next == Next::CatchUp {
@@ -236,7 +322,7 @@ fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
                 let user = feed.user.clone();
                 match resume::after_gap(&feed.hub, &user, &mut feed.cursor, feed.resume_max).await {
                     Ok((told, replay)) => {
-                        if let Some(told) = told {
+                        if let Some(told) = told.filter(|_| feed.dialect == Dialect::Foldercast) {
                             feed.intro.push_back(
                                 Event::default()
                                     .event("resumed")
@@ -264,7 +350,6 @@ fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
                 continue;
             }
             if next == Next::Drain {
-                feed.done = true;
                 let after = Duration::from_millis(super::ws::spread_ms(feed.drain_spread));
                 let e = Event::default()
                     .event("reconnect")
@@ -273,16 +358,15 @@ fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
                         &feed.cursor.position(),
                         after.as_millis() as u64,
                     ));
-                return Some((Ok(e), feed));
+                return feed.end_with(e).map(|e| (Ok(e), feed));
             }
             if next == Next::Evicted {
-                feed.done = true;
                 let e = error_event(
                     "slow-consumer",
                     "the client did not read fast enough; resume from position",
                     &feed.cursor.position(),
                 );
-                return Some((Ok(e), feed));
+                return feed.end_with(e).map(|e| (Ok(e), feed));
             }
             feed.pending.extend(feed.batch.drain(..));
         }

@@ -3,6 +3,7 @@
 
 pub mod browser;
 pub mod libregraph;
+pub mod nats;
 pub mod oidc;
 pub mod pipeline;
 pub mod sse;
