@@ -671,3 +671,86 @@ async fn a_nats_restart_loses_nothing_and_the_consumer_carries_on() {
     );
     stream.until_all_acknowledged(&log).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_waiting_on_ocis_past_the_ack_wait_is_kept_in_progress_not_delivered_again() {
+    let graph = LibreGraph::start().await;
+    physics(&graph);
+    let q = format!("{}!wait", drive());
+    graph.item(
+        &drive(),
+        Item {
+            id: q.clone(),
+            path: "/waiting.bin".into(),
+            size: 77,
+            etag: "\"w\"".into(),
+            folder: false,
+        },
+    );
+    let redis = PrivateRedis::start();
+    let server = gateway(&Redis::Standalone(redis.url()), &[]).await;
+    let mut einstein = connect(&server, EINSTEIN).await;
+    let stream = Stream::new();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("one.jsonl");
+    let id = unique("wait");
+    std::fs::write(
+        &file,
+        envelope(
+            "UploadReady",
+            &id,
+            &upload_ready(SPACE_UUID, "/waiting.bin", "wait", false, 1_795_942_900),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("consume.log");
+    let _consumer = stream.consume(&graph, &redis.url(), &["--user-rate", "0"], &log);
+    // Membership first (so only the item lookup fails), then oCIS answers 503 for three ack
+    // waits (3 s each).
+    stream.load(&file).await;
+    let got = events(&mut einstein, 1, WAIT).await;
+    assert_eq!(got[0]["event_id"], id.as_str());
+    graph.fail_with(Some(503));
+    let id2 = unique("wait");
+    std::fs::write(
+        &file,
+        envelope(
+            "UploadReady",
+            &id2,
+            &upload_ready(SPACE_UUID, "/waiting.bin", "wait", false, 1_795_942_901),
+        ),
+    )
+    .unwrap();
+    stream.load(&file).await;
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert!(
+        events(&mut einstein, 1, Duration::from_millis(300))
+            .await
+            .is_empty(),
+        "the event waits for oCIS"
+    );
+    graph.fail_with(None);
+    let got = events(&mut einstein, 1, WAIT).await;
+    assert_eq!(got[0]["event_id"], id2.as_str());
+    assert_eq!(got[0]["item"]["size"], 77);
+    stream.until_all_acknowledged(&log).await;
+    let js = stream.context().await;
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(&stream.name)
+        .await
+        .unwrap()
+        .get_consumer(&stream.durable)
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    // Every delivery, redeliveries included, takes a consumer sequence number.
+    assert_eq!(
+        (
+            info.delivered.stream_sequence,
+            info.delivered.consumer_sequence
+        ),
+        (2, 2),
+        "kept in progress, never delivered again; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}

@@ -41,6 +41,9 @@ pub enum BenchCommand {
     /// The oCIS membership resolver: warm-cache throughput next to the fixture resolver, and
     /// requests to oCIS per space per TTL under paced load.
     Membership(BenchMembershipArgs),
+    /// oCIS's NATS JetStream against Kafka into the same Redis, each through `consume`
+    /// (events/s ratio), and requests to oCIS per event under a burst into one folder.
+    Ingest(BenchIngestArgs),
     /// A reconnect storm: clients of a killed gateway all resume at once from a new one (time to
     /// catch up, peak memory, Redis commands per resume).
     Storm(BenchStormArgs),
@@ -183,6 +186,37 @@ pub struct BenchIdleArgs {
     #[arg(long, env = "FOLDERCAST_BENCH_USERS", default_value_t = 1000)]
     pub users: usize,
     /// The foldercast binary to start as the gateway under test (default: this one).
+    #[arg(long, env = "FOLDERCAST_BENCH_BINARY")]
+    pub binary: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchIngestArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "FOLDERCAST_KAFKA_BROKERS")]
+    pub brokers: String,
+    /// NATS server with JetStream.
+    #[arg(long, env = "FOLDERCAST_NATS_URL")]
+    pub nats: String,
+    /// Standalone Redis URL.
+    #[arg(long, env = "FOLDERCAST_REDIS")]
+    pub redis: String,
+    /// Uploads per source and round.
+    #[arg(long, env = "FOLDERCAST_BENCH_EVENTS", default_value_t = 20_000)]
+    pub events: u64,
+    /// Members per space.
+    #[arg(long, env = "FOLDERCAST_BENCH_MEMBERS", default_value_t = 20)]
+    pub members: usize,
+    /// Spaces in the trace.
+    #[arg(long, env = "FOLDERCAST_BENCH_SPACES", default_value_t = 100)]
+    pub spaces: usize,
+    /// Rounds (the sources alternate going first); the median ratio is reported.
+    #[arg(long, env = "FOLDERCAST_BENCH_ROUNDS", default_value_t = 3)]
+    pub rounds: usize,
+    /// Uploads into one folder, to count requests to oCIS per event.
+    #[arg(long, default_value_t = 10_000)]
+    pub burst: u64,
+    /// The foldercast binary to run as the consumer (default: the one next to this one).
     #[arg(long, env = "FOLDERCAST_BENCH_BINARY")]
     pub binary: Option<PathBuf>,
 }

@@ -25,7 +25,9 @@ pub fn run(args: BenchConsumeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Messages appended so far: Redis counts commands run inside scripts too.
-async fn xadd_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+pub(crate) async fn xadd_calls(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<u64> {
     let stats = redis_info(conn, "commandstats").await?;
     Ok(stats
         .get("cmdstat_xadd")

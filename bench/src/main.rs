@@ -26,7 +26,9 @@ mod args;
 mod bare;
 mod consume;
 mod fanout;
+mod graph;
 mod idle;
+mod ingest;
 mod membership;
 mod proc;
 mod storm;
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
         BenchCommand::Consume(args) => consume(args),
         BenchCommand::Fanout(args) => fanout(args),
         BenchCommand::Membership(args) => membership(args),
+        BenchCommand::Ingest(args) => ingest::run(args),
         BenchCommand::Storm(args) => storm(args),
         BenchCommand::BareGateway {
             listen,

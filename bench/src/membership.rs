@@ -15,9 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, State};
-use axum::routing::get;
-
 use crate::args::BenchMembershipArgs;
 use foldercast::consumer::route;
 use foldercast::membership::ocis::{
@@ -28,62 +25,13 @@ use foldercast::notify::Pipeline;
 use foldercast::notify::dedup::Dedup;
 use foldercast::telemetry::PipelineStats;
 
-const SPACE_VIEWER: &str = "a8d5fe5e-96e3-418d-825b-534dbdf22b99";
-
 pub fn run(args: BenchMembershipArgs) -> anyhow::Result<ExitCode> {
-    let calls = Arc::new(AtomicU64::new(0));
-    let url = start_graph(args.members, calls.clone())?;
+    let graph_calls = Arc::new(crate::graph::Calls::default());
+    let url = crate::graph::start(args.members, graph_calls.clone())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(measure(args, url, calls))
-}
-
-/// Serves `/graph/v1beta1/drives/{id}/root/permissions` on a thread of its own.
-fn start_graph(members: usize, calls: Arc<AtomicU64>) -> anyhow::Result<String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    listener.set_nonblocking(true)?;
-    let url = format!("http://{}", listener.local_addr()?);
-    std::thread::spawn(move || {
-        let runtime = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(r) => r,
-            Err(e) => return eprintln!("bench graph server: {e}"),
-        };
-        runtime.block_on(async move {
-            let app = axum::Router::new()
-                .route(
-                    "/graph/v1beta1/drives/{id}/root/permissions",
-                    get(permissions),
-                )
-                .with_state((members, calls));
-            match tokio::net::TcpListener::from_std(listener) {
-                Ok(l) => {
-                    let _ = axum::serve(l, app).await;
-                }
-                Err(e) => eprintln!("bench graph server: {e}"),
-            }
-        });
-    });
-    Ok(url)
-}
-
-async fn permissions(
-    State((members, calls)): State<(usize, Arc<AtomicU64>)>,
-    Path(id): Path<String>,
-) -> axum::Json<serde_json::Value> {
-    calls.fetch_add(1, Relaxed);
-    let s = id.trim_start_matches("space-");
-    let value: Vec<serde_json::Value> = (0..members)
-        .map(|m| {
-            let user = format!("user-{s}-{m}");
-            serde_json::json!({"id": format!("u:{user}"),
-                "grantedToV2": {"user": {"id": user, "displayName": ""}}, "roles": [SPACE_VIEWER]})
-        })
-        .collect();
-    axum::Json(serde_json::json!({ "value": value }))
+    runtime.block_on(measure(args, url, graph_calls))
 }
 
 fn ocis(url: &str, ttl: Duration) -> anyhow::Result<Arc<OcisResolver>> {
@@ -180,8 +128,9 @@ async fn paced_calls(
 async fn measure(
     args: BenchMembershipArgs,
     url: String,
-    calls: Arc<AtomicU64>,
+    graph_calls: Arc<crate::graph::Calls>,
 ) -> anyhow::Result<ExitCode> {
+    let calls = &graph_calls.permissions;
     eprintln!(
         "generating {} events over {} spaces ({} members each)…",
         args.events, args.spaces, args.members
@@ -229,7 +178,7 @@ async fn measure(
     println!("  oCIS requests during the warm runs: {extra_calls}");
 
     for ttl in [Duration::from_secs(60), args.short_ttl] {
-        let made = paced_calls(&url, &calls, ttl, &args).await?;
+        let made = paced_calls(&url, calls, ttl, &args).await?;
         let per_space = (args.paced_seconds as f64 / ttl.as_secs_f64())
             .ceil()
             .max(1.0);

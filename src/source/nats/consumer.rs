@@ -6,12 +6,17 @@
 //! ([`super::reva`]) and handed to a **lane** chosen by its space, so one space's events keep
 //! their order while lanes wait on oCIS independently. A lane:
 //! - hands mapped events to the driver, whose [`Ack`] sends JetStream's `+ACK`;
-//! - completes lookups through oCIS ([`super::lookup`]), sending `+WPI` (work in progress)
-//!   while it waits so the server does not redeliver, and retrying while oCIS is unreachable;
+//! - completes lookups through oCIS ([`super::lookup`]): up to [`LOOKAHEAD`] of its events are
+//!   asked about at once, their answers used in the lane's order; while oCIS is unreachable it
+//!   asks again with backoff, holding the event (never dropping it);
 //! - acknowledges at once what changes no folder view (counted by kind), and what only
 //!   invalidates a space's members (after invalidating them);
 //! - hands refused envelopes to the driver as rejected, which dead-letters them (the original
 //!   bytes, with the reason in headers, on a subject of their own) and then acknowledges.
+//!
+//! Whatever waits long (a lookup, a full driver queue, the rate limiter) is marked in progress
+//! (`+WPI`) every `ack_wait / 3` until acknowledged, so the server does not deliver it again to
+//! a process that is still working on it.
 //!
 //! A message delivered `max_deliver` times is the last chance the server gives it (the process
 //! died handling it that often): a lookup is then not tried again, the space is resynced.
@@ -36,7 +41,7 @@ use tracing::Instrument;
 
 use super::envelope;
 use super::jetstream::{NatsError, StreamTarget};
-use super::lookup::{Completer, Completion};
+use super::lookup::{Completer, Fetched};
 use super::reva::{self, Mapped};
 use crate::event::Rejection;
 use crate::membership::MembershipResolver;
@@ -106,9 +111,68 @@ pub struct NatsStats {
 struct Pulled {
     envelope: Vec<u8>,
     mapped: Result<Mapped, Rejection>,
-    acker: Arc<Acker>,
+    /// The stream sequence: its key among the unacknowledged (which hold its acker).
+    sequence: u64,
     position: String,
     delivered: i64,
+}
+
+/// Messages pulled and not yet acknowledged, wherever they wait (a lane, a lookup, the
+/// driver's queue, the rate limiter): a keeper marks the old ones in progress (`+WPI`) so the
+/// server does not deliver them again to a process that is still working on them.
+#[derive(Default)]
+struct Unacknowledged {
+    messages: Mutex<HashMap<u64, (tokio::time::Instant, Arc<Acker>)>>,
+}
+
+impl Unacknowledged {
+    fn insert(&self, sequence: u64, acker: Arc<Acker>) {
+        if let Ok(mut m) = self.messages.lock() {
+            m.insert(sequence, (tokio::time::Instant::now(), acker));
+        }
+    }
+
+    /// Acknowledges `sequence` (a task of its own sends `+ACK`).
+    fn ack(&self, sequence: u64) {
+        let acker = self
+            .messages
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&sequence))
+            .map(|(_, a)| a);
+        if let Some(acker) = acker {
+            ack_now(acker);
+        }
+    }
+
+    /// Every `every`, marks messages older than `every` in progress, until `stop`.
+    async fn keep_alive(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = tokio::time::Instant::now();
+            let old: Vec<Arc<Acker>> = match self.messages.lock() {
+                Ok(m) => m
+                    .values()
+                    .filter(|(since, _)| now.duration_since(*since) >= every)
+                    .map(|(_, a)| a.clone())
+                    .collect(),
+                Err(_) => continue,
+            };
+            if !old.is_empty() {
+                tracing::debug!(messages = old.len(), "marking waiting events in progress");
+            }
+            for acker in old {
+                if let Err(e) = acker.ack_with(AckKind::Progress).await {
+                    tracing::debug!(error = %e, "progress ack failed");
+                }
+            }
+        }
+    }
 }
 
 pub struct JetStreamSource {
@@ -180,6 +244,7 @@ impl JetStreamSource {
 
         let stop = CancellationToken::new();
         let stats = Arc::new(NatsStats::default());
+        let unacknowledged = Arc::new(Unacknowledged::default());
         let (events_tx, events) = mpsc::channel(HANDED_OVER);
         let completer = Arc::new(completer);
         let mut lanes = Vec::new();
@@ -191,6 +256,7 @@ impl JetStreamSource {
                     lane,
                     completer: completer.clone(),
                     resolver: resolver.clone(),
+                    unacknowledged: unacknowledged.clone(),
                     events: events_tx.clone(),
                     stats: stats.clone(),
                     settings: settings.clone(),
@@ -202,8 +268,13 @@ impl JetStreamSource {
         tokio::spawn(read(
             consumer,
             lanes,
+            unacknowledged.clone(),
             stats.clone(),
             target.stream.clone(),
+            stop.clone(),
+        ));
+        tokio::spawn(unacknowledged.clone().keep_alive(
+            (settings.ack_wait / 3).max(Duration::from_millis(100)),
             stop.clone(),
         ));
         Ok(JetStreamSource {
@@ -225,6 +296,7 @@ impl JetStreamSource {
 async fn read(
     consumer: consumer::PullConsumer,
     lanes: Vec<mpsc::Sender<Pulled>>,
+    unacknowledged: Arc<Unacknowledged>,
     stats: Arc<NatsStats>,
     stream: String,
     stop: CancellationToken,
@@ -258,26 +330,33 @@ async fn read(
                 }
                 None => break,
             };
-            let (position, delivered, published) = match message.info() {
+            let (sequence, delivered, published) = match message.info() {
                 Ok(info) => (
-                    format!("{stream}#{}", info.stream_sequence),
+                    info.stream_sequence,
                     info.delivered,
                     info.published.to_rfc3339_opts(SecondsFormat::AutoSi, true),
                 ),
-                Err(_) => (format!("{stream}#?"), 1, chrono::Utc::now().to_rfc3339()),
+                // Not a JetStream message (no ack subject): nothing to acknowledge it with.
+                Err(e) => {
+                    tracing::warn!(error = %e, "a message without JetStream metadata; ignored");
+                    continue;
+                }
             };
+            let position = format!("{stream}#{sequence}");
             stats.received.fetch_add(1, Relaxed);
             if delivered > 1 {
                 stats.redelivered.fetch_add(1, Relaxed);
             }
             let (message, acker) = message.split();
+            let acker = Arc::new(acker);
+            unacknowledged.insert(sequence, acker.clone());
             let envelope = message.payload.to_vec();
             let mapped = envelope::open(&envelope).and_then(|e| reva::map(&e, &published));
             let lane = lane_of(&mapped, lanes.len());
             let pulled = Pulled {
                 envelope,
                 mapped,
-                acker: Arc::new(acker),
+                sequence,
                 position,
                 delivered,
             };
@@ -318,127 +397,152 @@ struct LaneWorker {
     lane: Lane,
     completer: Arc<Completer>,
     resolver: Arc<dyn MembershipResolver>,
+    unacknowledged: Arc<Unacknowledged>,
     events: mpsc::Sender<SourceEvent>,
     stats: Arc<NatsStats>,
     settings: JetStreamSettings,
     stop: CancellationToken,
 }
 
+/// Lookups a lane runs ahead of the event it hands over: oCIS is asked for up to this many of
+/// the lane's events at once, and their answers are used in the lane's order.
+pub const LOOKAHEAD: usize = 32;
+
+/// A pulled message, ready to go on in order.
+enum Step {
+    /// Acknowledged already (skipped, or an invalidation).
+    Done,
+    Hand(RawEvent, u64),
+    /// A lookup answered; the event is built in order ([`Completer::finish`]).
+    Finish {
+        lookup: Box<reva::Lookup>,
+        fetched: Fetched,
+        position: String,
+        sequence: u64,
+    },
+    Stopped,
+}
+
 impl LaneWorker {
-    async fn run(self, mut rx: mpsc::Receiver<Pulled>) {
+    async fn run(self, rx: mpsc::Receiver<Pulled>) {
+        let worker = &self;
+        let steps = tokio_stream::wrappers::ReceiverStream::new(rx)
+            .map(|pulled| {
+                let span = tracing::debug_span!("nats", position = %pulled.position);
+                worker.prepare(pulled).instrument(span)
+            })
+            .buffered(LOOKAHEAD);
+        tokio::pin!(steps);
         loop {
-            let pulled = tokio::select! {
+            let step = tokio::select! {
                 _ = self.stop.cancelled() => return,
-                p = rx.recv() => match p { Some(p) => p, None => return },
+                step = steps.next() => match step { Some(s) => s, None => return },
             };
-            let span = tracing::debug_span!("nats", position = %pulled.position);
-            if !self.handle(pulled).instrument(span).await {
+            let handed = match step {
+                Step::Done => true,
+                Step::Stopped => false,
+                Step::Hand(raw, sequence) => self.hand_over(raw, sequence).await,
+                Step::Finish {
+                    lookup,
+                    fetched,
+                    position,
+                    sequence,
+                } => {
+                    let bytes = self.completer.finish(&lookup, fetched);
+                    if bytes.windows(14).any(|w| w == b"\"space-resync\"") {
+                        self.stats.resyncs.fetch_add(1, Relaxed);
+                    }
+                    self.hand_over(RawEvent::new(bytes, position), sequence)
+                        .await
+                }
+            };
+            if !handed {
                 return;
             }
         }
     }
 
-    /// False once stopped.
-    async fn handle(&self, pulled: Pulled) -> bool {
+    /// Everything that may run ahead: acknowledging what reaches no user, asking oCIS.
+    async fn prepare(&self, pulled: Pulled) -> Step {
         let Pulled {
             envelope,
             mapped,
-            acker,
+            sequence,
             position,
             delivered,
         } = pulled;
-        let bytes = match mapped {
-            Ok(Mapped::Event(bytes)) => bytes,
+        match mapped {
+            Ok(Mapped::Event(bytes)) => Step::Hand(RawEvent::new(bytes, position), sequence),
             Ok(Mapped::Skip(reason)) => {
                 if let Ok(mut skipped) = self.stats.skipped.lock() {
                     *skipped.entry(reason).or_default() += 1;
                 }
                 tracing::debug!(%position, reason, "reva event skipped");
-                ack_now(acker);
-                return true;
+                self.unacknowledged.ack(sequence);
+                Step::Done
             }
             Ok(Mapped::Invalidate { space_id }) => {
                 self.stats.invalidations.fetch_add(1, Relaxed);
                 self.resolver.invalidate(&space_id);
                 tracing::debug!(%position, %space_id, "space members to be read again");
-                ack_now(acker);
-                return true;
+                self.unacknowledged.ack(sequence);
+                Step::Done
             }
             Ok(Mapped::Lookup(lookup)) => {
                 self.stats.lookups.fetch_add(1, Relaxed);
-                if delivered >= self.settings.max_deliver {
+                let fetched = if delivered >= self.settings.max_deliver {
                     // The last delivery the server makes: do not risk it again.
-                    self.stats.resyncs.fetch_add(1, Relaxed);
                     tracing::warn!(%position, delivered, "last delivery of a lookup; the space is resynced");
-                    lookup.event(
-                        "space-resync",
-                        lookup.space_id.as_deref().unwrap_or_default(),
-                        serde_json::json!({"reason": format!("{}: delivered {delivered} times", lookup.reva_type)}),
-                    )
+                    Fetched::Resync(format!("delivered {delivered} times"))
                 } else {
-                    match self.complete(&lookup, &acker, &position).await {
-                        Some(bytes) => bytes,
-                        None => return false,
+                    match self.fetch(&lookup, &position).await {
+                        Some(f) => f,
+                        None => return Step::Stopped,
                     }
+                };
+                Step::Finish {
+                    lookup,
+                    fetched,
+                    position,
+                    sequence,
                 }
             }
             Err(rejection) => {
                 let mut raw = RawEvent::new(envelope, position);
                 raw.rejected = Some(rejection);
-                return self.hand_over(raw, acker).await;
-            }
-        };
-        self.hand_over(RawEvent::new(bytes, position), acker).await
-    }
-
-    /// Asks oCIS until it answers, keeping the delivery alive meanwhile. `None` once stopped.
-    async fn complete(
-        &self,
-        lookup: &reva::Lookup,
-        acker: &Arc<Acker>,
-        position: &str,
-    ) -> Option<Vec<u8>> {
-        let progress_every = (self.settings.ack_wait / 3).max(Duration::from_millis(100));
-        let mut delay = Duration::from_millis(200);
-        loop {
-            let asked = self.completer.complete(lookup);
-            tokio::pin!(asked);
-            let completion = loop {
-                tokio::select! {
-                    _ = self.stop.cancelled() => return None,
-                    c = &mut asked => break c,
-                    _ = tokio::time::sleep(progress_every) => in_progress(acker).await,
-                }
-            };
-            match completion {
-                Completion::Event(bytes) => {
-                    if bytes.windows(14).any(|w| w == b"\"space-resync\"") {
-                        self.stats.resyncs.fetch_add(1, Relaxed);
-                    }
-                    return Some(bytes);
-                }
-                Completion::Unavailable(reason) => {
-                    self.stats.lookup_retries.fetch_add(1, Relaxed);
-                    tracing::warn!(%position, %reason, retry_in = ?delay, "oCIS unavailable for a lookup; holding the event");
-                    let until = tokio::time::Instant::now() + delay;
-                    loop {
-                        tokio::select! {
-                            _ = self.stop.cancelled() => return None,
-                            _ = tokio::time::sleep_until(until) => break,
-                            _ = tokio::time::sleep(progress_every) => in_progress(acker).await,
-                        }
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
+                Step::Hand(raw, sequence)
             }
         }
     }
 
-    async fn hand_over(&self, raw: RawEvent, acker: Arc<Acker>) -> bool {
+    /// Asks oCIS until it answers (the keeper marks the event in progress meanwhile). `None`
+    /// once stopped.
+    async fn fetch(&self, lookup: &reva::Lookup, position: &str) -> Option<Fetched> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let fetched = tokio::select! {
+                _ = self.stop.cancelled() => return None,
+                f = self.completer.fetch(lookup) => f,
+            };
+            let Fetched::Unavailable(reason) = fetched else {
+                return Some(fetched);
+            };
+            self.stats.lookup_retries.fetch_add(1, Relaxed);
+            tracing::warn!(%position, %reason, retry_in = ?delay, "oCIS unavailable for a lookup; holding the event");
+            tokio::select! {
+                _ = self.stop.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn hand_over(&self, raw: RawEvent, sequence: u64) -> bool {
+        let unacknowledged = self.unacknowledged.clone();
         let event = SourceEvent {
             raw,
             lane: self.lane,
-            ack: Ack::new(move || ack_now(acker)),
+            ack: Ack::new(move || unacknowledged.ack(sequence)),
         };
         tokio::select! {
             _ = self.stop.cancelled() => false,
@@ -455,12 +559,6 @@ fn ack_now(acker: Arc<Acker>) {
             tracing::warn!(error = %e, "JetStream ack failed; the event comes again");
         }
     });
-}
-
-async fn in_progress(acker: &Acker) {
-    if let Err(e) = acker.ack_with(AckKind::Progress).await {
-        tracing::debug!(error = %e, "progress ack failed");
-    }
 }
 
 #[async_trait]

@@ -43,6 +43,18 @@ impl Items for GraphClient {
     }
 }
 
+/// What oCIS said, before it becomes an event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fetched {
+    Info(ItemInfo),
+    /// No exact change can be given: the space is resynced, for this reason.
+    Resync(String),
+    /// The event is exact as it is (no oCIS, or oCIS does not know the item's ids).
+    Exact,
+    /// oCIS cannot be reached now: ask again later.
+    Unavailable(String),
+}
+
 /// What a completed lookup became.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Completion {
@@ -71,41 +83,83 @@ impl Completer {
         }
     }
 
+    /// Asks oCIS and builds the event: [`Completer::fetch`] then [`Completer::finish`].
     pub async fn complete(&self, lookup: &Lookup) -> Completion {
+        match self.fetch(lookup).await {
+            Fetched::Unavailable(reason) => Completion::Unavailable(reason),
+            fetched => Completion::Event(self.finish(lookup, fetched)),
+        }
+    }
+
+    /// What oCIS says of the event's item. Runs ahead, several at a time: it reads nothing this
+    /// completer remembers.
+    pub async fn fetch(&self, lookup: &Lookup) -> Fetched {
         let Some(space) = lookup.space_id.as_deref() else {
-            // `map` refuses these; a lookup without a space cannot even be resynced.
-            return Completion::Unavailable(format!("{} names no space", lookup.reva_type));
+            return Fetched::Resync("names no space".into());
         };
+        let Some(items) = &self.items else {
+            return match lookup.exact {
+                Some(_) => Fetched::Exact,
+                None => Fetched::Resync("no oCIS to look the item up (--ocis-url)".into()),
+            };
+        };
+        let found = if lookup.exact.is_some() {
+            match &lookup.path {
+                Some(path) => items.by_path(space, path).await,
+                None => return Fetched::Exact,
+            }
+        } else {
+            match lookup.reva_type.as_str() {
+                "ItemTrashed" => match &lookup.trash_key {
+                    Some(key) => items.trashed(space, key).await,
+                    None => return Fetched::Resync("no trash-bin key".into()),
+                },
+                _ => match (&lookup.item_id, &lookup.path) {
+                    (Some(id), _) => items.by_id(space, id).await,
+                    (None, Some(path)) => items.by_path(space, path).await,
+                    (None, None) => {
+                        return Fetched::Resync("names the item neither by id nor by path".into());
+                    }
+                },
+            }
+        };
+        match found {
+            Ok(info) => Fetched::Info(info),
+            Err(GraphError::Unavailable(reason)) => Fetched::Unavailable(reason),
+            Err(other) if lookup.exact.is_some() => {
+                tracing::debug!(event_id = %lookup.event_id, error = %other, "no ids for an item; sent without");
+                Fetched::Exact
+            }
+            Err(other) => Fetched::Resync(other.to_string()),
+        }
+    }
+
+    /// The event `fetched` makes of `lookup`. Runs in the order of the lane's events: the
+    /// remembered file sizes change here, so an overwrite is compared with the upload before
+    /// it, not with whichever lookup finished first.
+    pub fn finish(&self, lookup: &Lookup, fetched: Fetched) -> Vec<u8> {
+        let space = lookup.space_id.as_deref().unwrap_or_default();
         let resync = |reason: String| {
             tracing::info!(event_id = %lookup.event_id, space_id = %space, %reason, "lookup gives no exact change; the space is resynced");
-            Completion::Event(lookup.event(
+            lookup.event(
                 "space-resync",
                 space,
                 json!({"reason": format!("{}: {reason}", lookup.reva_type)}),
-            ))
+            )
+        };
+        let info = match fetched {
+            Fetched::Info(info) => info,
+            Fetched::Resync(reason) | Fetched::Unavailable(reason) => return resync(reason),
+            Fetched::Exact => {
+                return match &lookup.exact {
+                    Some(exact) => exact.clone(),
+                    None => resync("no exact event".into()),
+                };
+            }
         };
         if let Some(exact) = &lookup.exact {
-            return self.add_ids(lookup, space, exact).await;
+            return with_ids(exact, &info);
         }
-        let Some(items) = &self.items else {
-            return resync("no oCIS to look the item up (--ocis-url)".into());
-        };
-        let found = match lookup.reva_type.as_str() {
-            "ItemTrashed" => match &lookup.trash_key {
-                Some(key) => items.trashed(space, key).await,
-                None => return resync("no trash-bin key".into()),
-            },
-            _ => match (&lookup.item_id, &lookup.path) {
-                (Some(id), _) => items.by_id(space, id).await,
-                (None, Some(path)) => items.by_path(space, path).await,
-                (None, None) => return resync("names the item neither by id nor by path".into()),
-            },
-        };
-        let info = match found {
-            Ok(info) => info,
-            Err(GraphError::Unavailable(reason)) => return Completion::Unavailable(reason),
-            Err(other) => return resync(other.to_string()),
-        };
         let Some(path) = lookup.path.clone().or_else(|| info.path.clone()) else {
             return resync("oCIS gave no path".into());
         };
@@ -153,31 +207,19 @@ impl Completer {
             "ItemRestored" => "item-restored",
             other => return resync(format!("{other} is not looked up")),
         };
-        Completion::Event(lookup.event(event_type, space, data))
+        lookup.event(event_type, space, data)
     }
+}
 
-    /// An event exact without oCIS, with the item's ids (and etag) added when oCIS knows them.
-    async fn add_ids(&self, lookup: &Lookup, space: &str, exact: &[u8]) -> Completion {
-        let as_is = || Completion::Event(exact.to_vec());
-        let (Some(items), Some(path)) = (&self.items, &lookup.path) else {
-            return as_is();
-        };
-        let info = match items.by_path(space, path).await {
-            Ok(info) => info,
-            Err(GraphError::Unavailable(reason)) => return Completion::Unavailable(reason),
-            Err(other) => {
-                tracing::debug!(event_id = %lookup.event_id, error = %other, "no ids for an item; sent without");
-                return as_is();
-            }
-        };
-        let Ok(mut event) = serde_json::from_slice::<serde_json::Value>(exact) else {
-            return as_is();
-        };
-        if let Some(data) = event.get_mut("data").and_then(|d| d.as_object_mut()) {
-            data.insert("item_id".into(), json!(info.id));
-            data.insert("parent_id".into(), json!(info.parent_id));
-            data.insert("etag".into(), json!(info.etag));
-        }
-        Completion::Event(event.to_string().into_bytes())
+/// An event exact without oCIS, with the item's ids and etag added.
+fn with_ids(exact: &[u8], info: &ItemInfo) -> Vec<u8> {
+    let Ok(mut event) = serde_json::from_slice::<serde_json::Value>(exact) else {
+        return exact.to_vec();
+    };
+    if let Some(data) = event.get_mut("data").and_then(|d| d.as_object_mut()) {
+        data.insert("item_id".into(), json!(info.id));
+        data.insert("parent_id".into(), json!(info.parent_id));
+        data.insert("etag".into(), json!(info.etag));
     }
+    event.to_string().into_bytes()
 }
