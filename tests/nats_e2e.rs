@@ -754,3 +754,78 @@ async fn an_event_waiting_on_ocis_past_the_ack_wait_is_kept_in_progress_not_deli
         std::fs::read_to_string(&log).unwrap_or_default()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_at_its_last_delivery_is_dead_lettered_and_its_space_resynced() {
+    let graph = LibreGraph::start().await;
+    physics(&graph);
+    let redis = PrivateRedis::start();
+    let server = gateway(&Redis::Standalone(redis.url()), &[]).await;
+    let mut einstein = connect(&server, EINSTEIN).await;
+    let stream = Stream::new();
+    let dir = tempfile::tempdir().unwrap();
+    let warm = unique("warm");
+    let id = unique("last");
+    // Makes the membership cache warm before oCIS goes down.
+    let warm_file = dir.path().join("warm.jsonl");
+    std::fs::write(
+        &warm_file,
+        envelope(
+            "FileTouched",
+            &warm,
+            &json!({"Executant": null, "Timestamp": {"seconds": 1_795_942_900u64},
+                    "Ref": {"resource_id": resource(SPACE_UUID, SPACE_UUID), "path": "./warm.txt"}}),
+        ),
+    )
+    .unwrap();
+    let file = dir.path().join("late.jsonl");
+    std::fs::write(
+        &file,
+        envelope(
+            "UploadReady",
+            &id,
+            &upload_ready(SPACE_UUID, "/late.bin", "late", false, 1_795_942_901),
+        ),
+    )
+    .unwrap();
+    let limit = ["--user-rate", "0", "--nats-max-deliver", "2"];
+    let log = dir.path().join("consume.log");
+    stream.load(&warm_file).await;
+    let mut consumer = stream.consume(&graph, &redis.url(), &limit, &log);
+    let got = events(&mut einstein, 1, WAIT).await;
+    assert_eq!(got[0]["event_id"], warm.as_str());
+    // oCIS fails the upload's lookup; the consumer dies while it waits (first delivery).
+    graph.fail_items(true);
+    stream.load(&file).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    consumer.start_kill().unwrap();
+    consumer.wait().await.unwrap();
+    // The second delivery is the last: dead-lettered, and the space resynced rather than risk
+    // the lookup again (oCIS is still down).
+    let log2 = dir.path().join("consume-2.log");
+    let _consumer = stream.consume(&graph, &redis.url(), &limit, &log2);
+    let got = events(&mut einstein, 1, WAIT).await;
+    assert_eq!(
+        (&got[0]["type"], &got[0]["event_id"], &got[0]["reason"]),
+        (&json!("resync"), &json!(id), &json!("source")),
+        "{got:?}\n{}",
+        std::fs::read_to_string(&log2).unwrap_or_default()
+    );
+    let js = stream.context().await;
+    let dlq = js.get_stream(&stream.dead_letters).await.unwrap();
+    let m = dlq.get_raw_message(1).await.unwrap();
+    assert_eq!(
+        m.headers
+            .get("Foldercast-Rejection")
+            .map(|v| v.to_string())
+            .as_deref(),
+        Some("max-deliveries")
+    );
+    let original: Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(
+        original["Metadata"]["eventid"],
+        id.as_str(),
+        "the envelope as oCIS sent it"
+    );
+    stream.until_all_acknowledged(&log2).await;
+}

@@ -62,6 +62,8 @@ struct Graph {
     /// Items by (drive, item id), and trashed ones by (drive, trash key).
     items: HashMap<(String, String), Item>,
     trash: HashMap<(String, String), Item>,
+    /// Item and WebDAV requests answer 503 (membership still answers).
+    items_failing: bool,
 }
 
 /// An item as oCIS describes it.
@@ -215,6 +217,11 @@ impl LibreGraph {
                 g.trash.insert((drive.into(), key.into()), item);
             }
         });
+    }
+
+    /// Makes item lookups (graph items, PROPFIND) answer 503 while membership answers.
+    pub fn fail_items(&self, failing: bool) {
+        self.with(|g| g.items_failing = failing);
     }
 
     pub fn fail_with(&self, status: Option<u16>) {
@@ -463,6 +470,13 @@ async fn drive_item(
     if let Some(r) = gate(&state, format!("item:{item}"), &headers).await {
         return r;
     }
+    if state.lock().unwrap().items_failing {
+        return odata(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "generalException",
+            "items down",
+        );
+    }
     let found = state
         .lock()
         .unwrap()
@@ -517,6 +531,9 @@ async fn propfind(
     }
     if let Some(r) = gate(&state, format!("propfind:{rest}"), &headers).await {
         return r;
+    }
+    if state.lock().unwrap().items_failing {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     let decoded = percent_decode;
     let found = {

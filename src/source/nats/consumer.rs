@@ -19,7 +19,8 @@
 //! a process that is still working on it.
 //!
 //! A message delivered `max_deliver` times is the last chance the server gives it (the process
-//! died handling it that often): a lookup is then not tried again, the space is resynced.
+//! died handling it that often): it is dead-lettered (reason `max-deliveries`) and handled once
+//! more, a lookup excepted: its space is resynced instead.
 //! Whatever is not acknowledged (a kill -9, a stop before the bus accepted) is delivered again
 //! after `ack_wait`; the pipeline's and the bus's guards keep a redelivery from reaching a user
 //! twice.
@@ -104,6 +105,8 @@ pub struct NatsStats {
     pub lookup_retries: AtomicU64,
     pub resyncs: AtomicU64,
     pub invalidations: AtomicU64,
+    /// Envelopes dead-lettered at their last delivery.
+    pub dead_lettered: AtomicU64,
     pub skipped: Mutex<HashMap<&'static str, u64>>,
 }
 
@@ -175,11 +178,45 @@ impl Unacknowledged {
     }
 }
 
+/// Where envelopes go that foldercast will not handle (unreadable, or delivered too often),
+/// with the reason in headers.
+#[derive(Clone)]
+struct DeadLetters {
+    js: jetstream::Context,
+    subject: String,
+}
+
+impl DeadLetters {
+    /// Publishes `bytes` and waits until JetStream stored it.
+    async fn publish(
+        &self,
+        bytes: &[u8],
+        code: &str,
+        reason: &str,
+        position: &str,
+    ) -> Result<(), SourceError> {
+        let mut headers = async_nats::HeaderMap::new();
+        let clean = |s: &str| s.replace(['\r', '\n'], " ");
+        headers.insert("Foldercast-Rejection", code);
+        headers.insert("Foldercast-Reason", clean(reason).as_str());
+        headers.insert("Foldercast-Position", clean(position).as_str());
+        let failed = |e: &dyn std::fmt::Display| {
+            SourceError::Nats(format!("dead letter to {}: {e}", self.subject))
+        };
+        let ack = self
+            .js
+            .publish_with_headers(self.subject.clone(), headers, bytes.to_vec().into())
+            .await
+            .map_err(|e| failed(&e))?;
+        ack.await.map_err(|e| failed(&e))?;
+        Ok(())
+    }
+}
+
 pub struct JetStreamSource {
     events: tokio::sync::Mutex<mpsc::Receiver<SourceEvent>>,
     client: async_nats::Client,
-    js: jetstream::Context,
-    dead_letter_subject: String,
+    dead_letters: DeadLetters,
     stats: Arc<NatsStats>,
     stop: CancellationToken,
 }
@@ -247,6 +284,10 @@ impl JetStreamSource {
         let unacknowledged = Arc::new(Unacknowledged::default());
         let (events_tx, events) = mpsc::channel(HANDED_OVER);
         let completer = Arc::new(completer);
+        let dead_letters = DeadLetters {
+            js: js.clone(),
+            subject: settings.dead_letter_subject.clone(),
+        };
         let mut lanes = Vec::new();
         for lane in 0..settings.lanes.max(1) {
             let (tx, rx) = mpsc::channel(LANE_QUEUE);
@@ -257,6 +298,7 @@ impl JetStreamSource {
                     completer: completer.clone(),
                     resolver: resolver.clone(),
                     unacknowledged: unacknowledged.clone(),
+                    dead_letters: dead_letters.clone(),
                     events: events_tx.clone(),
                     stats: stats.clone(),
                     settings: settings.clone(),
@@ -280,8 +322,7 @@ impl JetStreamSource {
         Ok(JetStreamSource {
             events: tokio::sync::Mutex::new(events),
             client,
-            js,
-            dead_letter_subject: settings.dead_letter_subject,
+            dead_letters,
             stats,
             stop,
         })
@@ -398,6 +439,7 @@ struct LaneWorker {
     completer: Arc<Completer>,
     resolver: Arc<dyn MembershipResolver>,
     unacknowledged: Arc<Unacknowledged>,
+    dead_letters: DeadLetters,
     events: mpsc::Sender<SourceEvent>,
     stats: Arc<NatsStats>,
     settings: JetStreamSettings,
@@ -471,6 +513,23 @@ impl LaneWorker {
             position,
             delivered,
         } = pulled;
+        let last_delivery = delivered >= self.settings.max_deliver;
+        if last_delivery {
+            // The server will not deliver it again: kept where an operator can look at it, and
+            // still handled below (a lookup is not risked again: its space is resynced).
+            self.stats.dead_lettered.fetch_add(1, Relaxed);
+            let reason = format!(
+                "delivered {delivered} times (--nats-max-deliver): the consumer kept stopping before handling it"
+            );
+            tracing::warn!(%position, delivered, "last delivery; the event is dead-lettered and handled once more");
+            if let Err(e) = self
+                .dead_letters
+                .publish(&envelope, "max-deliveries", &reason, &position)
+                .await
+            {
+                tracing::error!(%position, error = %e, "dead-lettering a last delivery failed");
+            }
+        }
         match mapped {
             Ok(Mapped::Event(bytes)) => Step::Hand(RawEvent::new(bytes, position), sequence),
             Ok(Mapped::Skip(reason)) => {
@@ -490,9 +549,7 @@ impl LaneWorker {
             }
             Ok(Mapped::Lookup(lookup)) => {
                 self.stats.lookups.fetch_add(1, Relaxed);
-                let fetched = if delivered >= self.settings.max_deliver {
-                    // The last delivery the server makes: do not risk it again.
-                    tracing::warn!(%position, delivered, "last delivery of a lookup; the space is resynced");
+                let fetched = if last_delivery {
                     Fetched::Resync(format!("delivered {delivered} times"))
                 } else {
                     match self.fetch(&lookup, &position).await {
@@ -575,25 +632,14 @@ impl EventSource for JetStreamSource {
         event: &SourceEvent,
         rejection: &Rejection,
     ) -> Result<(), SourceError> {
-        let mut headers = async_nats::HeaderMap::new();
-        let clean = |s: &str| s.replace(['\r', '\n'], " ");
-        headers.insert("Foldercast-Rejection", rejection.code);
-        headers.insert("Foldercast-Reason", clean(&rejection.reason).as_str());
-        headers.insert("Foldercast-Position", clean(&event.raw.position).as_str());
-        let failed = |e: &dyn std::fmt::Display| {
-            SourceError::Nats(format!("dead letter to {}: {e}", self.dead_letter_subject))
-        };
-        let ack = self
-            .js
-            .publish_with_headers(
-                self.dead_letter_subject.clone(),
-                headers,
-                event.raw.bytes.clone().into(),
+        self.dead_letters
+            .publish(
+                &event.raw.bytes,
+                rejection.code,
+                &rejection.reason,
+                &event.raw.position,
             )
             .await
-            .map_err(|e| failed(&e))?;
-        ack.await.map_err(|e| failed(&e))?;
-        Ok(())
     }
 
     async fn close(&self) {
