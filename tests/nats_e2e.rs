@@ -93,7 +93,7 @@ async fn every_reva_event_of_the_fixture_reaches_the_members_as_its_table_says()
     let log = dir.path().join("consume.log");
     let _consumer = stream.consume(&graph, &redis.url(), &["--user-rate", "0"], &log);
 
-    let got = events(&mut einstein, 8, WAIT).await;
+    let got = events(&mut einstein, 10, WAIT).await;
     let logged = || std::fs::read_to_string(&log).unwrap_or_default();
     let schemas = Schemas::load();
     for m in &got {
@@ -112,6 +112,7 @@ async fn every_reva_event_of_the_fixture_reaches_the_members_as_its_table_says()
                         .or(m["member"]["group"].as_str())
                         .unwrap()
                 ),
+                "resync" => format!("resync {}", m["reason"]),
                 t => format!(
                     "{t} {}{} {}",
                     item["old_path"]
@@ -135,6 +136,8 @@ async fn every_reva_event_of_the_fixture_reaches_the_members_as_its_table_says()
             &format!("space-member-added {MARIE}"),
             &format!("space-member-removed {PHYSICS_GROUP}"),
             "folder-created /reports/2026 0",
+            "item-restored /reports/q1-final.pdf 1234",
+            "file-uploaded /reports/q1-final.pdf 1234",
         ],
         "log:\n{}",
         logged()
@@ -148,7 +151,7 @@ async fn every_reva_event_of_the_fixture_reaches_the_members_as_its_table_says()
         ids,
         [
             "ocis-001", "ocis-002", "ocis-003", "ocis-004", "ocis-005", "ocis-006", "ocis-007",
-            "ocis-012"
+            "ocis-012", "ocis-016", "ocis-017"
         ]
     );
     assert_eq!(got[0]["initiator_id"], "tab-einstein");
@@ -177,8 +180,13 @@ async fn every_reva_event_of_the_fixture_reaches_the_members_as_its_table_says()
         .map(|(_, d)| d)
         .sum();
     assert_eq!(
-        reports, 0,
-        "uploaded, moved within, trashed: /reports is back to 0"
+        reports, 1234,
+        "uploaded, moved within, trashed, restored, its version restored (same size): 1234"
+    );
+    assert_eq!(
+        common::folder_changes(&got[9]),
+        [("/reports".to_owned(), 0), ("/".to_owned(), 0)],
+        "a restored version of a file seen before: an exact change"
     );
     // A group member saw the space until the group was removed from it.
     let richard_got = events(&mut richard, 7, WAIT).await;

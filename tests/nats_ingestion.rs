@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 /// What each fixture line must become, in order.
-const EXPECTED: [&str; 15] = [
+const EXPECTED: [&str; 17] = [
     "ids folder-created /reports",
     "ids file-touched /reports/notes.md",
     "lookup UploadReady size /reports/q1.pdf",
@@ -30,6 +30,8 @@ const EXPECTED: [&str; 15] = [
     "skip failed upload",
     "rejected invalid-field",
     "rejected invalid-json",
+    "lookup ItemRestored size /reports/q1-final.pdf",
+    "lookup FileVersionRestored size /reports/q1-final.pdf",
 ];
 
 /// The time a stream stored a message: what dates an event that carries none.
@@ -92,7 +94,7 @@ async fn a_reva_fixture_goes_into_jetstream_in_order_and_every_envelope_maps() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("published 15 events"), "{stderr}");
+    assert!(stderr.contains("published 17 events"), "{stderr}");
 
     // Read the stream back from its first message, as a durable consumer of oCIS's would.
     let js = jetstream::new(async_nats::connect(&url).await.unwrap());

@@ -137,7 +137,7 @@ async fn ownclouds_web_client_receives_ocis_events_with_the_payload_its_handlers
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("consume.log");
     let _consumer = stream.consume(&graph, &redis.url(), &["--user-rate", "0"], &log);
-    let got = wait_for(&mut page, 8).await;
+    let got = wait_for(&mut page, 10).await;
     let names: Vec<&str> = got.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(
         names,
@@ -150,6 +150,8 @@ async fn ownclouds_web_client_receives_ocis_events_with_the_payload_its_handlers
             "space-member-added",
             "space-member-removed",
             "folder-created",
+            "item-restored",
+            "postprocessing-finished",
         ],
         "{got:?}\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
@@ -190,6 +192,7 @@ async fn ownclouds_web_client_receives_ocis_events_with_the_payload_its_handlers
     );
     assert_eq!(data(3)["itemid"], q1.as_str());
     assert_eq!(data(4)["itemid"], q1.as_str());
+    assert_eq!(data(8)["itemid"], q1.as_str(), "restored");
     assert_eq!(data(5)["affecteduserids"], json!([MARIE]));
     assert_eq!(data(5)["spaceid"], space.as_str());
     assert_eq!(
@@ -225,8 +228,8 @@ async fn ownclouds_web_client_receives_ocis_events_with_the_payload_its_handlers
         );
         bus.publish(&[out]).await.unwrap();
     }
-    let got = wait_for(&mut page, 11).await;
-    let names: Vec<&str> = got[8..]
+    let got = wait_for(&mut page, 13).await;
+    let names: Vec<&str> = got[10..]
         .iter()
         .map(|e| e["type"].as_str().unwrap())
         .collect();
@@ -238,10 +241,10 @@ async fn ownclouds_web_client_receives_ocis_events_with_the_payload_its_handlers
             "space-share-updated"
         ]
     );
-    assert_eq!(got[8]["data"]["itemid"], format!("{space}!a"));
-    assert_eq!(got[8]["data"]["parentitemid"], reports.as_str());
-    assert_eq!(got[10]["data"]["affecteduserids"], json!([EINSTEIN]));
-    assert_eq!(got[10]["data"]["spaceid"], space.as_str());
+    assert_eq!(got[10]["data"]["itemid"], format!("{space}!a"));
+    assert_eq!(got[10]["data"]["parentitemid"], reports.as_str());
+    assert_eq!(got[12]["data"]["affecteduserids"], json!([EINSTEIN]));
+    assert_eq!(got[12]["data"]["spaceid"], space.as_str());
     stream.until_all_acknowledged(&log).await;
 }
 

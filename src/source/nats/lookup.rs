@@ -6,7 +6,8 @@
 //!   is exact;
 //! - an upload over an existing file or a restored version: the event does not say the old
 //!   size. When this process saw the item's size before (an earlier lookup), the change is
-//!   new − old; otherwise no exact change can be given, and the space's listers are told to
+//!   new − old (every lookup of a file, whatever its event, tells its size); otherwise no
+//!   exact change can be given, and the space's listers are told to
 //!   refetch (`space-resync`) rather than shown a guess;
 //! - the item is gone by now (404), oCIS refuses the question, or the event names too little
 //!   (a move whose old path is relative to an unknown folder): `space-resync` as well.
@@ -198,13 +199,21 @@ impl Completer {
                     return resync("the old path is not space-relative".into());
                 };
                 data["old_path"] = json!(old_path);
+                if !info.folder {
+                    self.sizes.insert(key, info.size);
+                }
                 "item-moved"
             }
             "ItemTrashed" => {
                 self.sizes.invalidate(&key);
                 "item-trashed"
             }
-            "ItemRestored" => "item-restored",
+            "ItemRestored" => {
+                if !info.folder {
+                    self.sizes.insert(key, info.size);
+                }
+                "item-restored"
+            }
             other => return resync(format!("{other} is not looked up")),
         };
         lookup.event(event_type, space, data)
