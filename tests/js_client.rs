@@ -100,19 +100,7 @@ async fn page_survives_restarts_and_refetches_after_a_lost_history(transport: &s
     // A page of the gateway's own origin, as behind the deployment's proxy (SSE tickets are
     // fetched same-origin; the gateway sends no CORS headers).
     let browser = Browser::launch(&format!("http://127.0.0.1:{port}/healthz")).await;
-    let mut page = browser.page().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while page
-        .eval(r#"location.pathname === "/healthz" && document.readyState === "complete""#)
-        .await
-        != Value::Bool(true)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the page never loaded"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut page = browser.loaded_page("/healthz").await;
     let module = std::fs::read(root().join("clients/js/foldercast.js")).unwrap();
     let module = base64::engine::general_purpose::STANDARD.encode(module);
     let url = match transport {

@@ -20,7 +20,8 @@ use std::time::Duration;
 use base64::Engine;
 use common::libregraph::{Item, LibreGraph, SPACE_EDITOR, user_grant};
 use common::nats::{
-    EINSTEIN, MARIE, PHYSICS_GROUP, RICHARD, SPACE_UUID, STORAGE, Stream, drive, physics,
+    EINSTEIN, MARIE, PHYSICS_GROUP, RICHARD, SPACE_UUID, STORAGE, Stream, drive, fixture_items,
+    physics,
 };
 use common::pipeline::{Redis, Ws, connect, gateway, next_frame};
 use common::{PrivateRedis, Schemas, assert_valid, root, unique};
@@ -46,40 +47,9 @@ async fn events(ws: &mut Ws, count: usize, wait: Duration) -> Vec<Value> {
 async fn every_reva_event_of_the_fixture_reaches_the_members_as_its_table_says() {
     let graph = LibreGraph::start().await;
     physics(&graph);
-    // The item as oCIS shows it when asked (later than the events: moved, then trashed).
+    fixture_items(&graph);
     let q1 = format!("{}!9f1c0e3a", drive());
-    graph.item(
-        &drive(),
-        Item {
-            id: q1.clone(),
-            path: "/reports/q1-final.pdf".into(),
-            size: 1234,
-            etag: "\"e-q1\"".into(),
-            folder: false,
-        },
-    );
-    graph.trash(&drive(), &q1, "9f1c0e3a");
     let reports = format!("{}!7d2e", drive());
-    graph.item(
-        &drive(),
-        Item {
-            id: reports.clone(),
-            path: "/reports".into(),
-            size: 0,
-            etag: "\"e-reports\"".into(),
-            folder: true,
-        },
-    );
-    graph.item(
-        &drive(),
-        Item {
-            id: q1.clone(),
-            path: "/reports/q1-final.pdf".into(),
-            size: 1234,
-            etag: "\"e-q1\"".into(),
-            folder: false,
-        },
-    );
     let redis = PrivateRedis::start();
     let server = gateway(&Redis::Standalone(redis.url()), &[]).await;
     let mut einstein = connect(&server, EINSTEIN).await;
@@ -171,7 +141,7 @@ async fn every_reva_event_of_the_fixture_reaches_the_members_as_its_table_says()
         got[1]["item"].get("parent_id").is_none(),
         "not in oCIS: sent without ids"
     );
-    assert_eq!(got[2]["item"]["etag"], "\"e-q1\"");
+    assert_eq!(got[2]["item"]["etag"], "\"9f1c0e3a\"");
     // The upload's change is exact (a new file); the move and the trash carry the size.
     let reports: i64 = got
         .iter()
@@ -334,16 +304,7 @@ async fn a_consumer_killed_mid_stream_under_the_rate_limit_delivers_every_event_
         let path = format!("/d{}/sub/f{i}.bin", i % 5);
         let opaque = format!("n{i}");
         let size = (i + 1) as u64;
-        graph.item(
-            &drive_of(s),
-            Item {
-                id: format!("{}!{opaque}", drive_of(s)),
-                path: path.clone(),
-                size,
-                etag: format!("\"{i}\""),
-                folder: false,
-            },
-        );
+        graph.item(&drive_of(s), Item::file(&drive_of(s), &opaque, &path, size));
         let id = format!("{prefix}-{i}");
         lines.push_str(&envelope(
             "UploadReady",
@@ -450,13 +411,7 @@ async fn a_consumer_killed_mid_stream_under_the_rate_limit_delivers_every_event_
 async fn lookups_that_cannot_be_exact_resync_the_space_and_exact_ones_carry_the_change() {
     let graph = LibreGraph::start().await;
     physics(&graph);
-    let item = |opaque: &str, path: &str, size: u64| Item {
-        id: format!("{}!{opaque}", drive()),
-        path: path.into(),
-        size,
-        etag: format!("\"{opaque}-{size}\""),
-        folder: false,
-    };
+    let item = |node: &str, path: &str, size: u64| Item::file(&drive(), node, path, size);
     graph.item(&drive(), item("a", "/docs/a.txt", 100));
     graph.item(&drive(), item("b", "/docs/b.txt", 50));
     let redis = PrivateRedis::start();
@@ -684,17 +639,7 @@ async fn a_nats_restart_loses_nothing_and_the_consumer_carries_on() {
 async fn an_event_waiting_on_ocis_past_the_ack_wait_is_kept_in_progress_not_delivered_again() {
     let graph = LibreGraph::start().await;
     physics(&graph);
-    let q = format!("{}!wait", drive());
-    graph.item(
-        &drive(),
-        Item {
-            id: q.clone(),
-            path: "/waiting.bin".into(),
-            size: 77,
-            etag: "\"w\"".into(),
-            folder: false,
-        },
-    );
+    graph.item(&drive(), Item::file(&drive(), "wait", "/waiting.bin", 77));
     let redis = PrivateRedis::start();
     let server = gateway(&Redis::Standalone(redis.url()), &[]).await;
     let mut einstein = connect(&server, EINSTEIN).await;

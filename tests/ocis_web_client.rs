@@ -13,8 +13,10 @@ use std::time::Duration;
 use base64::Engine;
 use bytes::Bytes;
 use common::browser::{Browser, Cdp};
-use common::libregraph::{Item, LibreGraph};
-use common::nats::{EINSTEIN, MARIE, PHYSICS_GROUP, SPACE_UUID, Stream, drive, physics};
+use common::libregraph::LibreGraph;
+use common::nats::{
+    EINSTEIN, MARIE, PHYSICS_GROUP, SPACE_UUID, Stream, drive, fixture_items, physics,
+};
 use common::sse::Sse;
 use common::{PrivateRedis, SECRET, Server, free_port, root, server_env, token};
 use foldercast::bus::{Bus, Outgoing, RedisBus, RedisOptions, RedisTarget};
@@ -36,6 +38,16 @@ async fn gateway(port: u16, redis: &str) -> Server {
     .map(|s| s.to_string())
     .collect();
     Server::spawn(&args, false).await
+}
+
+async fn bus(redis: &str) -> Arc<RedisBus> {
+    RedisBus::connect(
+        &RedisTarget::Standalone(redis.to_owned()),
+        RedisOptions::default(),
+        None,
+    )
+    .await
+    .unwrap()
 }
 
 /// What the page's client received: `[{type, data}]`.
@@ -64,42 +76,14 @@ async fn wait_for(page: &mut Cdp, count: usize) -> Vec<Value> {
 async fn ownclouds_web_client_receives_ocis_events_with_the_payload_its_handlers_read() {
     let graph = LibreGraph::start().await;
     physics(&graph);
-    let item = |opaque: &str, path: &str, size: u64, folder: bool| Item {
-        id: format!("{}!{opaque}", drive()),
-        path: path.into(),
-        size,
-        etag: format!("\"{opaque}\""),
-        folder,
-    };
-    graph.item(&drive(), item("7d2e", "/reports", 0, true));
-    graph.item(
-        &drive(),
-        item("9f1c0e3a", "/reports/q1-final.pdf", 1234, false),
-    );
-    graph.trash(&drive(), &format!("{}!9f1c0e3a", drive()), "9f1c0e3a");
-    graph.item(
-        &drive(),
-        item("9f1c0e3a", "/reports/q1-final.pdf", 1234, false),
-    );
+    fixture_items(&graph);
     let redis = PrivateRedis::start();
     let port = free_port();
     let _server = gateway(port, &redis.url()).await;
 
     // A page of the gateway's origin (as behind oCIS's proxy), the package's module as it is.
     let browser = Browser::launch(&format!("http://127.0.0.1:{port}/healthz")).await;
-    let mut page = browser.page().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while page
-        .eval(r#"location.pathname === "/healthz" && document.readyState === "complete""#)
-        .await
-        != Value::Bool(true)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the page never loaded"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut page = browser.loaded_page("/healthz").await;
     let module = std::fs::read(server_env("FOLDERCAST_TEST_WEB_CLIENT")).unwrap();
     let module = base64::engine::general_purpose::STANDARD.encode(module);
     let started = page
@@ -203,13 +187,7 @@ async fn ownclouds_web_client_receives_ocis_events_with_the_payload_its_handlers
 
     // A coalesced message (rate limit) becomes one event per item; a resync, the reload of the
     // space ownCloud Web does on space-share-updated naming its user.
-    let bus = RedisBus::connect(
-        &RedisTarget::Standalone(redis.url()),
-        RedisOptions::default(),
-        None,
-    )
-    .await
-    .unwrap();
+    let bus = bus(&redis.url()).await;
     let user: Arc<str> = Arc::from(EINSTEIN);
     let coalesced = json!({"type": "coalesced", "space_id": space, "actor": null, "time": "2026-11-30T08:01:00Z",
         "event_ids": ["c1", "c2"], "items": [
@@ -253,13 +231,7 @@ async fn the_ocis_route_resumes_from_last_event_id() {
     let redis = PrivateRedis::start();
     let port = free_port();
     let server = gateway(port, &redis.url()).await;
-    let bus = RedisBus::connect(
-        &RedisTarget::Standalone(redis.url()),
-        RedisOptions::default(),
-        None,
-    )
-    .await
-    .unwrap();
+    let bus = bus(&redis.url()).await;
     let user: Arc<str> = Arc::from(common::unique("web"));
     let publish = |n: u32| {
         let message = json!({"event_id": format!("e{n}"), "type": "folder-created", "space_id": "s$p",

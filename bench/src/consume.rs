@@ -36,6 +36,47 @@ pub(crate) async fn xadd_calls(
         .unwrap_or(0))
 }
 
+/// A consumer's run, from its first message in Redis to its last.
+pub(crate) struct Timed {
+    pub secs: f64,
+    /// CPU seconds of the consumer (`pid`) and of Redis meanwhile.
+    pub cpu: f64,
+    pub redis_cpu: f64,
+}
+
+/// Waits for the first message in Redis (at most 120 s), then times the run to the `expected`
+/// one (at most 600 s).
+pub(crate) async fn until_published(
+    conn: &mut redis::aio::MultiplexedConnection,
+    pid: u32,
+    expected: u64,
+    what: &str,
+) -> anyhow::Result<Timed> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while xadd_calls(conn).await? == 0 {
+        if Instant::now() > deadline {
+            bail!("{what} published nothing in 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t0 = Instant::now();
+    let cpu0 = cpu_seconds(pid)?;
+    let redis_cpu0 = redis_cpu_seconds(conn).await?;
+    let mut calls = 0;
+    while calls < expected {
+        calls = xadd_calls(conn).await?;
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("{what}: only {calls} of {expected} messages after 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Timed {
+        secs: t0.elapsed().as_secs_f64(),
+        cpu: cpu_seconds(pid)? - cpu0,
+        redis_cpu: redis_cpu_seconds(conn).await? - redis_cpu0,
+    })
+}
+
 /// What one round measured.
 struct Round {
     produce_secs: f64,
@@ -244,28 +285,8 @@ async fn one_round(
         .spawn()?;
     let pid = child.id().context("no pid")?;
 
-    // Wait for the first message, then time to the last.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while xadd_calls(conn).await? == 0 {
-        if Instant::now() > deadline {
-            bail!("the consumer published nothing in 120 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let t0 = Instant::now();
-    let cpu0 = cpu_seconds(pid)?;
-    let redis_cpu0 = redis_cpu_seconds(conn).await?;
-    let mut calls = 0;
-    while calls < expected {
-        calls = xadd_calls(conn).await?;
-        if t0.elapsed() > Duration::from_secs(600) {
-            bail!("only {calls} of {expected} messages after 600 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    let consume_cpu = cpu_seconds(pid)? - cpu0;
-    let redis_cpu = redis_cpu_seconds(conn).await? - redis_cpu0;
+    let timed = until_published(conn, pid, expected, "the consumer").await?;
+    let (secs, consume_cpu, redis_cpu) = (timed.secs, timed.cpu, timed.redis_cpu);
     let _ = child.kill().await;
 
     let (host, port) = redis_host_port(&args.redis)?;

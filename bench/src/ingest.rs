@@ -15,14 +15,13 @@
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use base64::Engine;
 
 use crate::args::BenchIngestArgs;
-use crate::consume::xadd_calls;
-use crate::proc::cpu_seconds;
+use crate::consume::until_published;
 use foldercast::source::kafka::KafkaProducer;
 use foldercast::source::nats::jetstream::{EnvelopeProducer, StreamTarget};
 
@@ -196,26 +195,10 @@ async fn consume(
         .kill_on_drop(true)
         .spawn()?;
     let pid = child.id().context("no pid")?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while xadd_calls(conn).await? == 0 {
-        if Instant::now() > deadline {
-            bail!("{source:?}: the consumer published nothing in 120 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let t0 = Instant::now();
-    let cpu0 = cpu_seconds(pid)?;
-    let mut calls = 0;
-    while calls < expected {
-        calls = xadd_calls(conn).await?;
-        if t0.elapsed() > Duration::from_secs(600) {
-            bail!("{source:?}: only {calls} of {expected} messages after 600 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let timed = until_published(conn, pid, expected, &format!("{source:?}")).await?;
     let run = Run {
-        secs: t0.elapsed().as_secs_f64(),
-        cpu: cpu_seconds(pid)? - cpu0,
+        secs: timed.secs,
+        cpu: timed.cpu,
     };
     let _ = child.kill().await;
     let _: () = redis::cmd("FLUSHDB").arg("ASYNC").query_async(conn).await?;

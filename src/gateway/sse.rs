@@ -139,41 +139,23 @@ async fn serve(
     };
     let mut intro = VecDeque::new();
     intro.push_back(Event::default().comment(format!("ready {}", identity.user)));
-    if dialect == Dialect::Ocis {
-        // ownCloud Web knows none of foldercast's own events; the ids of the messages carry
-        // the position.
-        return Sse::new(events(Feed {
-            registration,
-            watches,
-            pending: start.replay.into(),
-            batch: Vec::new(),
-            cursor: start.cursor,
-            intro,
-            expiry: identity.remaining().map(|d| Instant::now() + d),
-            drain_spread: state.config.drain_spread,
-            hub: state.hub.clone(),
-            user: identity.user.clone(),
-            resume_max: state.config.resume_max,
-            done: false,
-            dialect,
-        }))
-        .keep_alive(
-            KeepAlive::new()
-                .interval(state.config.sse_keepalive)
-                .text("keepalive"),
-        )
-        .into_response();
-    }
     // `ready` with its id: the browser's last event id is the starting position from here on,
-    // and a script reads it from the data.
+    // and a script reads it from the data. (ownCloud Web knows none of foldercast's own events:
+    // in oCIS's dialect, only the messages' ids carry the position.)
     let position = start.cursor.position();
-    intro.push_back(
-        Event::default()
-            .event("ready")
-            .id(&position)
-            .data(super::protocol::ready_frame(&identity.user, &position)),
-    );
-    if let Some(resumed) = &start.resumed {
+    if dialect == Dialect::Foldercast {
+        intro.push_back(
+            Event::default()
+                .event("ready")
+                .id(&position)
+                .data(super::protocol::ready_frame(&identity.user, &position)),
+        );
+    }
+    if let Some(resumed) = start
+        .resumed
+        .as_ref()
+        .filter(|_| dialect == Dialect::Foldercast)
+    {
         let replayed = start.replay.iter().filter(|f| f.passes(&watches)).count();
         let mut event = Event::default()
             .event("resumed")

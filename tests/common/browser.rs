@@ -60,6 +60,24 @@ impl Browser {
         }
     }
 
+    /// The page, once the URL it was launched with (path `path`) has loaded.
+    pub async fn loaded_page(&self, path: &str) -> Cdp {
+        let mut page = self.page().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let loaded = format!(
+            r#"location.pathname === {} && document.readyState === "complete""#,
+            json!(path)
+        );
+        while page.eval(&loaded).await != Value::Bool(true) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the page never loaded"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        page
+    }
+
     pub async fn page(&self) -> Cdp {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {

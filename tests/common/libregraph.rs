@@ -77,6 +77,27 @@ pub struct Item {
     pub folder: bool,
 }
 
+impl Item {
+    /// A file of `drive` with the node id `node` (its etag: `"<node>"`).
+    pub fn file(drive: &str, node: &str, path: &str, size: u64) -> Item {
+        Item {
+            id: format!("{drive}!{node}"),
+            path: path.into(),
+            size,
+            etag: format!("\"{node}\""),
+            folder: false,
+        }
+    }
+
+    /// A folder, as [`Item::file`].
+    pub fn folder(drive: &str, node: &str, path: &str, size: u64) -> Item {
+        Item {
+            folder: true,
+            ..Item::file(drive, node, path, size)
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct LibreGraph {
     pub url: String,

@@ -9,7 +9,9 @@ use std::time::Duration;
 use async_nats::jetstream;
 use tokio::process::{Child, Command};
 
-use super::libregraph::{LibreGraph, MANAGER, SPACE_EDITOR, SPACE_VIEWER, group_grant, user_grant};
+use super::libregraph::{
+    Item, LibreGraph, MANAGER, SPACE_EDITOR, SPACE_VIEWER, group_grant, user_grant,
+};
 use super::{bin, server_env, unique};
 
 pub const STORAGE: &str = "1284d238-aa92-42ce-bdc4-0b0000009157";
@@ -105,6 +107,18 @@ impl Stream {
             std::fs::read_to_string(log).unwrap_or_default()
         );
     }
+}
+
+/// The fixture's items as oCIS shows them when asked, later than the events: the folder
+/// `/reports` (node `7d2e`) and the file uploaded as `/reports/q1.pdf`, moved to
+/// `/reports/q1-final.pdf`, trashed and restored (node `9f1c0e3a`, 1,234 bytes): both in place
+/// and in the trash bin.
+pub fn fixture_items(graph: &LibreGraph) {
+    let q1 = Item::file(&drive(), "9f1c0e3a", "/reports/q1-final.pdf", 1234);
+    graph.item(&drive(), q1.clone());
+    graph.trash(&drive(), &q1.id, "9f1c0e3a");
+    graph.item(&drive(), q1);
+    graph.item(&drive(), Item::folder(&drive(), "7d2e", "/reports", 0));
 }
 
 /// The fixture's space: Einstein manages it, Marie edits, the physics group (Richard) views.

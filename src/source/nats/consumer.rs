@@ -235,13 +235,7 @@ impl JetStreamSource {
         resolver: Arc<dyn MembershipResolver>,
     ) -> Result<Self, NatsError> {
         let target = &settings.target;
-        let client = async_nats::connect(&target.url)
-            .await
-            .map_err(|e| NatsError::Connect {
-                url: target.url.clone(),
-                reason: e.to_string(),
-            })?;
-        let js = jetstream::new(client.clone());
+        let (client, js) = super::jetstream::connect(target).await?;
         let stream_error = |stream: &str, e: &dyn std::fmt::Display| NatsError::Stream {
             stream: stream.to_owned(),
             reason: e.to_string(),
@@ -250,13 +244,12 @@ impl JetStreamSource {
             .get_stream(&target.stream)
             .await
             .map_err(|e| stream_error(&target.stream, &e))?;
-        js.get_or_create_stream(jetstream::stream::Config {
-            name: settings.dead_letter_subject.clone(),
-            subjects: vec![settings.dead_letter_subject.clone()],
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| stream_error(&settings.dead_letter_subject, &e))?;
+        super::jetstream::ensure_stream(
+            &js,
+            &settings.dead_letter_subject,
+            &settings.dead_letter_subject,
+        )
+        .await?;
         let deliver_policy = match &settings.start {
             StartAt::New => consumer::DeliverPolicy::New,
             StartAt::All => consumer::DeliverPolicy::All,

@@ -23,6 +23,40 @@ pub enum NatsError {
     Publish { subject: String, reason: String },
 }
 
+/// Connects to the NATS server of `target`: the client, and its JetStream context.
+pub async fn connect(
+    target: &StreamTarget,
+) -> Result<(async_nats::Client, jetstream::Context), NatsError> {
+    let client = async_nats::connect(&target.url)
+        .await
+        .map_err(|e| NatsError::Connect {
+            url: target.url.clone(),
+            reason: e.to_string(),
+        })?;
+    let js = jetstream::new(client.clone());
+    Ok((client, js))
+}
+
+/// Creates the stream `name` with the one subject `subject` (file storage, as oCIS does) if
+/// it is missing.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subject: &str,
+) -> Result<(), NatsError> {
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: name.to_owned(),
+        subjects: vec![subject.to_owned()],
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| NatsError::Stream {
+        stream: name.to_owned(),
+        reason: e.to_string(),
+    })?;
+    Ok(())
+}
+
 /// Publishes raw envelopes to a stream, each acknowledged by JetStream before the next.
 pub struct EnvelopeProducer {
     js: jetstream::Context,
@@ -32,23 +66,8 @@ pub struct EnvelopeProducer {
 impl EnvelopeProducer {
     /// Connects, and creates the stream (one subject, file storage, as oCIS does) if missing.
     pub async fn connect(target: &StreamTarget) -> Result<Self, NatsError> {
-        let client = async_nats::connect(&target.url)
-            .await
-            .map_err(|e| NatsError::Connect {
-                url: target.url.clone(),
-                reason: e.to_string(),
-            })?;
-        let js = jetstream::new(client);
-        js.get_or_create_stream(jetstream::stream::Config {
-            name: target.stream.clone(),
-            subjects: vec![target.subject.clone()],
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| NatsError::Stream {
-            stream: target.stream.clone(),
-            reason: e.to_string(),
-        })?;
+        let (_, js) = connect(target).await?;
+        ensure_stream(&js, &target.stream, &target.subject).await?;
         Ok(EnvelopeProducer {
             js,
             subject: target.subject.clone(),
