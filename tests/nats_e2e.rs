@@ -782,3 +782,25 @@ async fn an_event_at_its_last_delivery_is_dead_lettered_and_its_space_resynced()
     );
     stream.until_all_acknowledged(&log2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ocis_services_durable_name_is_refused_at_start() {
+    let out = tokio::process::Command::new(common::bin())
+        .args([
+            "consume",
+            "--nats",
+            &common::server_env("FOLDERCAST_TEST_NATS"),
+        ])
+        .args(["--nats-durable", "clientlog", "--membership"])
+        .arg(root().join("fixtures/demo/membership.json"))
+        .args(["--redis", &common::redis_url()])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("is the consumer of oCIS's clientlog service"),
+        "{stderr}"
+    );
+}

@@ -226,6 +226,31 @@ const HANDED_OVER: usize = 1024;
 /// Messages waiting in each lane.
 const LANE_QUEUE: usize = 1024;
 
+/// The durable consumers of oCIS's own services (their group names, `ocis-interfaces.md`
+/// §2.1): consumers of one name share the messages, so foldercast must never take one.
+pub const OCIS_CONSUMERS: [&str; 20] = [
+    "activitylog",
+    "antivirus",
+    "audit",
+    "clientlog",
+    "eventhistory",
+    "frontend",
+    "graph",
+    "notifications",
+    "ocm",
+    "policies",
+    "postprocessing",
+    "proxy",
+    "search",
+    "settings",
+    "sharing",
+    "sse",
+    "storage-system",
+    "storage-users",
+    "userlog",
+    "webhooks",
+];
+
 impl JetStreamSource {
     /// Connects, finds the stream, and creates or reopens the durable consumer. The dead-letter
     /// stream is created if missing.
@@ -234,6 +259,11 @@ impl JetStreamSource {
         completer: Completer,
         resolver: Arc<dyn MembershipResolver>,
     ) -> Result<Self, NatsError> {
+        if OCIS_CONSUMERS.contains(&settings.durable.to_ascii_lowercase().as_str()) {
+            return Err(NatsError::StolenDurable {
+                name: settings.durable,
+            });
+        }
         let target = &settings.target;
         let (client, js) = super::jetstream::connect(target).await?;
         let stream_error = |stream: &str, e: &dyn std::fmt::Display| NatsError::Stream {
@@ -308,6 +338,7 @@ impl JetStreamSource {
             target.stream.clone(),
             stop.clone(),
         ));
+        tokio::spawn(stats.clone().log_every_minute(stop.clone()));
         tokio::spawn(unacknowledged.clone().keep_alive(
             (settings.ack_wait / 3).max(Duration::from_millis(100)),
             stop.clone(),
@@ -323,6 +354,46 @@ impl JetStreamSource {
 
     pub fn stats(&self) -> &Arc<NatsStats> {
         &self.stats
+    }
+}
+
+impl NatsStats {
+    /// The counters in one log line.
+    fn log(&self, what: &str) {
+        let skipped = self
+            .skipped
+            .lock()
+            .map(|m| format!("{:?}", *m))
+            .unwrap_or_default();
+        tracing::info!(
+            received = self.received.load(Relaxed),
+            redelivered = self.redelivered.load(Relaxed),
+            lookups = self.lookups.load(Relaxed),
+            lookup_retries = self.lookup_retries.load(Relaxed),
+            resyncs = self.resyncs.load(Relaxed),
+            invalidations = self.invalidations.load(Relaxed),
+            dead_lettered = self.dead_lettered.load(Relaxed),
+            %skipped,
+            "{what}"
+        );
+    }
+
+    /// Logs the counters once a minute while they change, until `stop`.
+    async fn log_every_minute(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.tick().await;
+        let mut last = 0;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let received = self.received.load(Relaxed);
+            if received != last {
+                last = received;
+                self.log("JetStream source");
+            }
+        }
     }
 }
 
@@ -637,6 +708,7 @@ impl EventSource for JetStreamSource {
 
     async fn close(&self) {
         self.stop.cancel();
+        self.stats.log("JetStream source stopped");
         // Acknowledgements are published asynchronously: let them reach the server.
         tokio::time::sleep(Duration::from_millis(50)).await;
         if let Err(e) = self.client.flush().await {

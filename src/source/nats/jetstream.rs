@@ -21,6 +21,11 @@ pub enum NatsError {
     Stream { stream: String, reason: String },
     #[error("publishing to {subject}: {reason}")]
     Publish { subject: String, reason: String },
+    #[error(
+        "--nats-durable {name:?} is the consumer of oCIS's {name} service: sharing it would take \
+         events from that service; choose a name of foldercast's own (the default is foldercast)"
+    )]
+    StolenDurable { name: String },
 }
 
 /// Connects to the NATS server of `target`: the client, and its JetStream context.
