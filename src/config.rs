@@ -63,6 +63,9 @@ pub enum Command {
     Consume(ConsumeArgs),
     /// Serve WebSocket and SSE clients from Redis (run several behind a load balancer).
     Gateway(GatewayCommandArgs),
+    /// Publish a notification to users, groups, spaces' members or everyone, through Redis
+    /// (the same as POST /api/notifications on a gateway). Prints what was targeted, as JSON.
+    Publish(PublishArgs),
 }
 
 #[derive(Debug, Args)]
@@ -375,6 +378,63 @@ pub struct NatsArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  foldercast publish --redis redis://127.0.0.1:6379 --membership fixtures/demo/membership.json --all --title 'Maintenance tonight' --body 'From 22:00 to 23:00'\n  foldercast publish --redis … --user alice --level critical --ack user --title 'Password expires today' --idempotency-key pw-2026-12-01"
+)]
+pub struct PublishArgs {
+    /// The headline (at most 256 bytes).
+    #[arg(long, value_name = "TEXT")]
+    pub title: String,
+
+    /// The text (at most 16 KiB).
+    #[arg(long, default_value = "", value_name = "TEXT")]
+    pub body: String,
+
+    #[arg(long, value_enum, default_value = "info")]
+    pub level: crate::notice::Level,
+
+    /// A link the client may show (http or https).
+    #[arg(long, value_name = "URL")]
+    pub link: Option<String>,
+
+    /// When the notification is of no use any more (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub expires: Option<String>,
+
+    /// Who must acknowledge it: `user` (any one of the user's devices) or `device` (each).
+    #[arg(long, value_enum, value_name = "user|device")]
+    pub ack: Option<crate::notice::AckMode>,
+
+    /// A user to notify (repeatable).
+    #[arg(long = "user", value_name = "USER")]
+    pub users: Vec<String>,
+
+    /// A group whose members to notify (repeatable; needs --membership or --ocis-url).
+    #[arg(long = "group", value_name = "GROUP")]
+    pub groups: Vec<String>,
+
+    /// A space whose members who may list it to notify (repeatable; uploaders are not).
+    #[arg(long = "space", value_name = "SPACE")]
+    pub spaces: Vec<String>,
+
+    /// Everyone the directory knows (the membership file's users, or oCIS's users), not only
+    /// those connected.
+    #[arg(long)]
+    pub all: bool,
+
+    /// Makes a repeat of this publish within 24 h a no-op that prints the first answer.
+    #[arg(long, env = "FOLDERCAST_IDEMPOTENCY_KEY", value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    // Last: its help heading applies to every flag after it.
+    #[command(flatten)]
+    pub membership: MembershipArgs,
+}
+
+#[derive(Debug, Args)]
 pub struct GatewayCommandArgs {
     #[command(flatten)]
     pub redis: RedisArgs,
@@ -383,6 +443,11 @@ pub struct GatewayCommandArgs {
     pub gateway: GatewayArgs,
     #[command(flatten)]
     pub oidc: OidcArgs,
+
+    /// For notifications to groups, spaces and everyone (`POST /api/notifications`); the
+    /// gateway needs no directory otherwise.
+    #[command(flatten)]
+    pub membership: MembershipArgs,
 }
 
 /// Where space membership comes from: a fixture file, or oCIS's LibreGraph API behind a cache.
@@ -688,6 +753,12 @@ pub struct GatewayArgs {
         value_name = "USER,…"
     )]
     pub admin_users: Vec<String>,
+
+    /// Admin bearer tokens that may publish notifications (`POST /api/notifications`): one
+    /// `name:token` or `token` per line, each at least 32 bytes. User tokens never publish.
+    /// Without it, publishing over HTTP is off.
+    #[arg(long, env = "FOLDERCAST_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
 
     /// Connection tickets one user may obtain per second (bursts of twice that); more get 429.
     #[arg(

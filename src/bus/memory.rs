@@ -44,7 +44,12 @@ pub struct MemoryBus {
 struct State {
     subscribed: HashSet<Arc<str>>,
     histories: HashMap<Arc<str>, History>,
+    /// What `record_once` recorded, until when.
+    records: HashMap<String, (String, Instant)>,
 }
+
+/// Records kept at most; expired ones go first, then (a flood of keys) the oldest.
+const MAX_RECORDS: usize = 10_000;
 
 #[derive(Default)]
 struct History {
@@ -110,6 +115,57 @@ impl MemoryBus {
 
 #[async_trait]
 impl Bus for MemoryBus {
+    async fn record_once(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, BusError> {
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        let now = Instant::now();
+        if let Some((earlier, until)) = state.records.get(key)
+            && *until > now
+        {
+            return Ok(Some(earlier.clone()));
+        }
+        if state.records.len() >= MAX_RECORDS {
+            state.records.retain(|_, (_, until)| *until > now);
+            if state.records.len() >= MAX_RECORDS
+                && let Some(oldest) = state
+                    .records
+                    .iter()
+                    .min_by_key(|(_, (_, until))| *until)
+                    .map(|(k, _)| k.clone())
+            {
+                state.records.remove(&oldest);
+            }
+        }
+        state
+            .records
+            .insert(key.to_owned(), (value.to_owned(), now + ttl));
+        Ok(None)
+    }
+
+    async fn rerecord(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        ttl: Duration,
+    ) -> Result<(), BusError> {
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        match value {
+            Some(v) => {
+                state
+                    .records
+                    .insert(key.to_owned(), (v.to_owned(), Instant::now() + ttl));
+            }
+            None => {
+                state.records.remove(key);
+            }
+        }
+        Ok(())
+    }
+
     async fn publish(&self, batch: &[Outgoing]) -> Result<(), BusError> {
         let now = Instant::now();
         let ready: Vec<Delivery> = {

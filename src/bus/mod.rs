@@ -18,6 +18,7 @@ pub mod position;
 pub mod redis;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -241,5 +242,27 @@ pub trait Bus: Send + Sync {
     /// Whether the bus is reachable now (`/readyz`).
     fn is_connected(&self) -> bool {
         true
+    }
+
+    /// Records `value` under `key` for `ttl` unless something is recorded there already:
+    /// `None` when this call recorded it, else what was recorded first. Makes an operator's
+    /// request idempotent across gateways (an idempotency key).
+    async fn record_once(
+        &self,
+        _key: &str,
+        _value: &str,
+        _ttl: Duration,
+    ) -> Result<Option<String>, BusError> {
+        Err(BusError::Unavailable("this bus keeps no records".into()))
+    }
+
+    /// Replaces what `key` records (`Some`), or forgets it (`None`).
+    async fn rerecord(
+        &self,
+        _key: &str,
+        _value: Option<&str>,
+        _ttl: Duration,
+    ) -> Result<(), BusError> {
+        Err(BusError::Unavailable("this bus keeps no records".into()))
     }
 }

@@ -28,8 +28,20 @@ pub fn gateway(args: GatewayCommandArgs) -> anyhow::Result<ExitCode> {
             RedisBus::connect_with_sink(&target, super::redis_options(&args.redis), Some(sink_dyn))
                 .await?;
         bus.spawn_health_check(Duration::from_secs(1));
-        let (app, state) =
-            super::gateway_app(bus.clone() as Arc<dyn Bus>, &sink, auth, &args.gateway);
+        let has_directory =
+            args.membership.membership.is_some() || args.membership.ocis_url.is_some();
+        let resolver = if has_directory {
+            Some(super::setup::resolver(&args.membership, None)?)
+        } else {
+            None
+        };
+        let (app, state) = super::gateway_app(
+            bus.clone() as Arc<dyn Bus>,
+            &sink,
+            auth,
+            &args.gateway,
+            resolver,
+        )?;
         let listener = super::bind_and_announce(&args.gateway).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(super::cancel_on_signal(shutdown.clone()));

@@ -2,6 +2,7 @@
 
 mod consume;
 mod gateway;
+mod publish;
 mod replay;
 mod run;
 mod setup;
@@ -28,6 +29,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => replay::replay(args),
         Command::Consume(args) => consume::consume(args),
         Command::Gateway(args) => gateway::gateway(args),
+        Command::Publish(args) => publish::publish(args),
     }
 }
 
@@ -105,7 +107,12 @@ fn gateway_app(
     sink: &LateSink,
     auth: Arc<Authenticator>,
     g: &GatewayArgs,
-) -> (Router, Arc<AppState>) {
+    resolver: Option<Arc<dyn crate::membership::MembershipResolver>>,
+) -> anyhow::Result<(Router, Arc<AppState>)> {
+    let publisher = crate::notice::publish::Publisher {
+        resolver,
+        bus: bus.clone(),
+    };
     let hub = Hub::new(
         bus,
         g.send_queue,
@@ -114,7 +121,14 @@ fn gateway_app(
     );
     sink.bind(&(hub.clone() as Arc<dyn DeliverySink>));
     let state = AppState::new(auth, hub, gateway_config(g));
-    (gw::router(state.clone()), state)
+    if let Some(path) = &g.admin_token_file {
+        let admins = gw::notices::AdminTokens::load(path).map_err(anyhow::Error::msg)?;
+        let _ = state
+            .notices
+            .set(gw::notices::Notices::new(publisher, admins));
+        tracing::info!("POST /api/notifications on: admins of --admin-token-file may publish");
+    }
+    Ok((gw::router(state.clone()), state))
 }
 
 /// Binds `--listen` and announces the address on stdout (tests and scripts read it when the

@@ -72,7 +72,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         &sink,
         auth.clone(),
         &args.gateway,
-    );
+        Some(resolver.clone()),
+    )?;
     let demo = demo_directory.map(|d| DemoState::new(d, resolver.clone(), auth.clone()));
     if let Some(demo) = &demo {
         app = app.merge(crate::demo::router(demo.clone()));

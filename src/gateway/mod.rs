@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod hub;
+pub mod notices;
 mod ocis_sse;
 pub mod protocol;
 pub mod resume;
@@ -105,6 +106,8 @@ pub struct AppState {
     pub config: GatewayConfig,
     /// What the HTTP server refused or cut (connection cap, stalled writes, accept errors).
     pub server: Arc<ServerStats>,
+    /// Publishing notifications (`--admin-token-file`), set once at start.
+    pub notices: std::sync::OnceLock<notices::Notices>,
 }
 
 impl AppState {
@@ -120,6 +123,7 @@ impl AppState {
             hub,
             config,
             server: Arc::default(),
+            notices: std::sync::OnceLock::new(),
         })
     }
 
@@ -152,6 +156,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/tickets", post(issue_ticket))
         .route("/api/stats", get(stats))
+        .route(
+            "/api/notifications",
+            post(notices::publish).layer(axum::extract::DefaultBodyLimit::max(notices::MAX_BODY)),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(state)

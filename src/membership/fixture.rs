@@ -112,6 +112,8 @@ fn grant_of(entry: &GrantEntry) -> Result<(Member, Role), String> {
 }
 
 struct State {
+    /// Every user of the file: its users, and anyone a group or a grant names.
+    users: BTreeSet<String>,
     groups: HashMap<String, Vec<String>>,
     /// space → member → role; a BTreeMap keeps iteration (and so output) deterministic.
     spaces: HashMap<String, BTreeMap<Member, Role>>,
@@ -159,8 +161,16 @@ impl FixtureResolver {
             }
             spaces.insert(space.id.clone(), grants);
         }
+        let mut users: BTreeSet<String> = dir.users.iter().map(|u| u.id.clone()).collect();
+        users.extend(dir.groups.iter().flat_map(|g| g.members.iter().cloned()));
+        users.extend(
+            dir.spaces
+                .iter()
+                .flat_map(|s| s.members.iter().filter_map(|m| m.user.clone())),
+        );
         FixtureResolver {
             state: RwLock::new(State {
+                users,
                 groups,
                 spaces,
                 listers: HashMap::new(),
@@ -243,10 +253,35 @@ impl MembershipResolver for FixtureResolver {
         members.retain(|m| m != user);
         if added {
             members.push(user.to_owned());
+            state.users.insert(user.to_owned());
         }
         // Any space may grant the group: forget every memoised answer.
         state.listers.clear();
         Ok(())
+    }
+
+    async fn group_members(&self, group: &str) -> Result<UserList, ResolveError> {
+        self.group_list(group)
+    }
+
+    async fn all_users(&self) -> Result<(UserList, &'static str), ResolveError> {
+        let state = self.state.read().map_err(|_| poisoned())?;
+        Ok((
+            state.users.iter().map(|u| Arc::from(u.as_str())).collect(),
+            "the membership file's users",
+        ))
+    }
+}
+
+impl FixtureResolver {
+    fn group_list(&self, group: &str) -> Result<UserList, ResolveError> {
+        let state = self.state.read().map_err(|_| poisoned())?;
+        let members = state
+            .groups
+            .get(group)
+            .ok_or_else(|| ResolveError::UnknownSpace(group.to_owned()))?;
+        let sorted: BTreeSet<&String> = members.iter().collect();
+        Ok(sorted.into_iter().map(|u| Arc::from(u.as_str())).collect())
     }
 }
 

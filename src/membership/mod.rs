@@ -60,4 +60,12 @@ pub trait MembershipResolver: Send + Sync {
     /// drive id (`storage$space`) or a bare space id. A directory read fresh each time (a
     /// fixture) has nothing to forget.
     fn invalidate(&self, _space_id: &str) {}
+
+    /// The users in `group`, sorted, each once (`UnknownSpace` names the group when it does
+    /// not exist). For notifications to a group.
+    async fn group_members(&self, group: &str) -> Result<UserList, ResolveError>;
+
+    /// Every user the directory knows, sorted, each once, and where the list came from (said
+    /// in a publish's answer). For notifications to everyone.
+    async fn all_users(&self) -> Result<(UserList, &'static str), ResolveError>;
 }

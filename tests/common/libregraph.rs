@@ -64,6 +64,9 @@ struct Graph {
     trash: HashMap<(String, String), Item>,
     /// Item and WebDAV requests answer 503 (membership still answers).
     items_failing: bool,
+    /// `GET /graph/v1.0/users`, in pages of `users_page`.
+    users: Vec<String>,
+    users_page: usize,
 }
 
 /// An item as oCIS describes it.
@@ -152,6 +155,7 @@ impl LibreGraph {
             .route("/graph/v1.0/drives/{id}", get(drive))
             .route("/graph/v1.0/groups/{id}/members", get(members))
             .route("/graph/v1.0/drives/{drive}/items/{item}", get(drive_item))
+            .route("/graph/v1.0/users", get(users))
             .route(
                 "/remote.php/dav/spaces/{*rest}",
                 axum::routing::any(propfind),
@@ -237,6 +241,14 @@ impl LibreGraph {
             if let Some(item) = g.items.remove(&(drive.to_owned(), id.to_owned())) {
                 g.trash.insert((drive.into(), key.into()), item);
             }
+        });
+    }
+
+    /// The users `GET /graph/v1.0/users` lists, `page` per page (linked by `@odata.nextLink`).
+    pub fn users(&self, users: Vec<String>, page: usize) {
+        self.with(|g| {
+            g.users = users;
+            g.users_page = page.max(1);
         });
     }
 
@@ -444,6 +456,40 @@ async fn drive(
 #[derive(serde::Deserialize)]
 struct Page {
     page: Option<usize>,
+}
+
+/// `GET /graph/v1.0/users`: `{"value":[…]}` pages with `@odata.nextLink` (an admin's view).
+async fn users(
+    State(state): State<Arc<Mutex<Graph>>>,
+    Query(page): Query<Page>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = gate(&state, "users".into(), &headers).await {
+        return r;
+    }
+    let (users, size) = {
+        let g = state.lock().unwrap();
+        (g.users.clone(), g.users_page.max(1))
+    };
+    let n = page.page.unwrap_or(0);
+    let chunk: Vec<Value> = users
+        .iter()
+        .skip(n * size)
+        .take(size)
+        .map(|u| {
+            json!({"id": u, "displayName": u.to_uppercase(), "onPremisesSamAccountName": u,
+                       "mail": format!("{u}@ocis.test"), "userType": "Member"})
+        })
+        .collect();
+    let mut body = json!({"value": chunk});
+    if (n + 1) * size < users.len() {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("127.0.0.1");
+        body["@odata.nextLink"] = json!(format!("http://{host}/graph/v1.0/users?page={}", n + 1));
+    }
+    axum::Json(body).into_response()
 }
 
 async fn members(

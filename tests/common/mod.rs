@@ -215,6 +215,8 @@ pub struct Schemas {
     pub server_frame: jsonschema::Validator,
     pub client_frame: jsonschema::Validator,
     pub membership: jsonschema::Validator,
+    pub notification_request: jsonschema::Validator,
+    pub notification_response: jsonschema::Validator,
 }
 
 fn load(name: &str) -> Value {
@@ -229,6 +231,7 @@ impl Schemas {
             "user-message",
             "client-protocol",
             "membership",
+            "notification-request",
         ];
         let docs: Vec<(String, Value)> = names
             .iter()
@@ -257,6 +260,10 @@ impl Schemas {
                 &serde_json::json!({"$ref": format!("{protocol_id}#/$defs/clientFrame")}),
             ),
             membership: build(&docs[3].1),
+            notification_request: build(&docs[4].1),
+            notification_response: build(&serde_json::json!({
+                "$ref": format!("{}#/$defs/response", docs[4].0)
+            })),
         }
     }
 }

@@ -822,6 +822,55 @@ async fn ping(conn: Conn) -> Result<(), RedisError> {
 
 #[async_trait]
 impl Bus for RedisBus {
+    async fn record_once(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, BusError> {
+        // SET … NX GET (Redis 7): set unless present, and say what was there, in one command.
+        let mut set = redis::cmd("SET");
+        set.arg(key)
+            .arg(value)
+            .arg("NX")
+            .arg("GET")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        let earlier: Result<Option<String>, RedisError> = match self.publisher.clone() {
+            Conn::Standalone(mut c) => set.query_async(&mut c).await,
+            Conn::Cluster(mut c) => set.query_async(&mut c).await,
+        };
+        earlier.map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
+    async fn rerecord(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        ttl: Duration,
+    ) -> Result<(), BusError> {
+        let cmd = match value {
+            Some(v) => {
+                let mut set = redis::cmd("SET");
+                set.arg(key)
+                    .arg(v)
+                    .arg("PX")
+                    .arg(ttl.as_millis().max(1) as u64);
+                set
+            }
+            None => {
+                let mut del = redis::cmd("DEL");
+                del.arg(key);
+                del
+            }
+        };
+        let done: Result<(), RedisError> = match self.publisher.clone() {
+            Conn::Standalone(mut c) => cmd.query_async(&mut c).await,
+            Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
+        };
+        done.map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
     async fn publish(&self, batch: &[Outgoing]) -> Result<(), BusError> {
         if batch.is_empty() {
             return Ok(());

@@ -35,6 +35,8 @@ use crate::membership::{MembershipResolver, ResolveError, UserList};
 pub trait Directory: Send + Sync + 'static {
     async fn space_grants(&self, space_id: &str) -> Result<SpaceGrants, GraphError>;
     async fn group_members(&self, group_id: &str) -> Result<Vec<String>, GraphError>;
+    /// Every user (`GET /graph/v1.0/users`, all pages): for notifications to everyone.
+    async fn all_users(&self) -> Result<Vec<String>, GraphError>;
 }
 
 #[derive(Debug, Clone)]
@@ -441,6 +443,28 @@ impl<D: Directory> Inner<D> {
 
 #[async_trait]
 impl<D: Directory> MembershipResolver for CachedResolver<D> {
+    async fn group_members(&self, group: &str) -> Result<UserList, ResolveError> {
+        self.members_of(group).await
+    }
+
+    async fn all_users(&self) -> Result<(UserList, &'static str), ResolveError> {
+        let mut users = self
+            .inner
+            .directory
+            .all_users()
+            .await
+            .map_err(|e| match e {
+                GraphError::Unavailable(reason) => ResolveError::Unavailable(reason),
+                other => ResolveError::Refused(format!("listing oCIS's users: {other}")),
+            })?;
+        users.sort();
+        users.dedup();
+        Ok((
+            users.into_iter().map(Arc::from).collect(),
+            "oCIS's users (GET /graph/v1.0/users)",
+        ))
+    }
+
     fn invalidate(&self, space_id: &str) {
         let named = self.inner.spaces.naming(space_id);
         tracing::debug!(space_id, cached = named.len(), "membership invalidated");

@@ -123,14 +123,27 @@ impl GraphClient {
 
     /// The user ids in a group, following `@odata.nextLink`.
     pub async fn group_members(&self, group_id: &str) -> Result<Vec<String>, GraphError> {
-        let mut url = format!(
+        let url = format!(
             "{}/graph/v1.0/groups/{}/members",
             self.base,
             path_segment(group_id)
         );
+        self.user_ids(url).await
+    }
+
+    /// Every user's id (`GET /graph/v1.0/users`, an admin identity), following
+    /// `@odata.nextLink`.
+    pub async fn all_users(&self) -> Result<Vec<String>, GraphError> {
+        self.user_ids(format!("{}/graph/v1.0/users", self.base))
+            .await
+    }
+
+    /// The ids of a (paged) list of users: a bare array, or `{"value"}` pages.
+    async fn user_ids(&self, first: String) -> Result<Vec<String>, GraphError> {
+        let mut url = first;
         let mut users = Vec::new();
         // A bound on pages, so a server that links to itself cannot loop us forever.
-        for _ in 0..1000 {
+        for _ in 0..10_000 {
             let body = self.get(&url).await?;
             let page: Option<MemberPage> = parse(&body, &url)?;
             let next = match page {

@@ -79,4 +79,8 @@ impl Directory for GraphClient {
     async fn group_members(&self, group_id: &str) -> Result<Vec<String>, GraphError> {
         GraphClient::group_members(self, group_id).await
     }
+
+    async fn all_users(&self) -> Result<Vec<String>, GraphError> {
+        GraphClient::all_users(self).await
+    }
 }

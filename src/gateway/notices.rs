@@ -1,0 +1,233 @@
+//! `POST /api/notifications`: operators publish notifications through the gateway.
+//!
+//! Only an admin credential publishes, never a user's token: a bearer listed in
+//! `--admin-token-file` (one `name:token` or `token` per line, each at least 32 bytes; the name
+//! scopes idempotency keys and names the publisher in logs). Each admin may publish
+//! [`PER_MINUTE`] times a minute; a body over [`MAX_BODY`] is refused before it is parsed. An
+//! `Idempotency-Key` header makes a retry within 24 h a no-op that answers the first result.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::{AppState, error_response};
+use crate::notice::Notice;
+use crate::notice::publish::{Publisher, Publishing};
+
+/// The largest request body.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Publishes per admin and minute (a burst of as many).
+pub const PER_MINUTE: u32 = 30;
+/// The shortest admin token: as long as a good HS256 secret.
+pub const MIN_TOKEN_BYTES: usize = 32;
+
+/// The admin bearer tokens, by name.
+pub struct AdminTokens {
+    tokens: Vec<(Arc<str>, Vec<u8>)>,
+}
+
+/// Names only: tokens never reach a log.
+impl std::fmt::Debug for AdminTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.tokens.iter().map(|(n, _)| &**n).collect();
+        f.debug_struct("AdminTokens")
+            .field("names", &names)
+            .finish()
+    }
+}
+
+impl AdminTokens {
+    /// Reads `name:token` or `token` lines (blank lines and `#` comments skipped).
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read --admin-token-file {}: {e}", path.display()))?;
+        let mut tokens = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (name, token) = match line.split_once(':') {
+                Some((name, token)) if !name.is_empty() => (name.trim().to_owned(), token.trim()),
+                _ => (format!("admin-{}", n + 1), line),
+            };
+            if token.len() < MIN_TOKEN_BYTES {
+                return Err(format!(
+                    "--admin-token-file {} line {}: a token of at least {MIN_TOKEN_BYTES} bytes (openssl rand -hex 32)",
+                    path.display(),
+                    n + 1
+                ));
+            }
+            tokens.push((Arc::from(name), token.as_bytes().to_vec()));
+        }
+        if tokens.is_empty() {
+            return Err(format!(
+                "--admin-token-file {} holds no token",
+                path.display()
+            ));
+        }
+        Ok(AdminTokens { tokens })
+    }
+
+    /// The admin `token` belongs to. Every token is compared in full, whatever matches, so the
+    /// time taken says nothing about how close a guess was.
+    pub fn admin_of(&self, token: &str) -> Option<Arc<str>> {
+        let given = token.as_bytes();
+        let mut found = None;
+        for (name, known) in &self.tokens {
+            let mut diff = u8::from(known.len() != given.len());
+            for (i, k) in known.iter().enumerate() {
+                diff |= k ^ given.get(i).copied().unwrap_or(0);
+            }
+            if diff == 0 {
+                found = Some(name.clone());
+            }
+        }
+        found
+    }
+}
+
+/// What the route needs: who may publish, and how.
+pub struct Notices {
+    pub publisher: Publisher,
+    pub admins: AdminTokens,
+    rate: governor::DefaultKeyedRateLimiter<Arc<str>>,
+}
+
+impl Notices {
+    pub fn new(publisher: Publisher, admins: AdminTokens) -> Self {
+        let per_minute = std::num::NonZeroU32::new(PER_MINUTE).unwrap_or(std::num::NonZeroU32::MIN);
+        Notices {
+            publisher,
+            admins,
+            rate: governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute)),
+        }
+    }
+}
+
+pub async fn publish(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Some(notices) = state.notices.get() else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "not-enabled",
+            "publishing is off: start the gateway with --admin-token-file",
+        );
+    };
+    let Some(token) = super::ws::header_token(&headers) else {
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "send Authorization: Bearer <a token of --admin-token-file>",
+        );
+    };
+    let Some(admin) = notices.admins.admin_of(token) else {
+        // A user's token (or anything else) never publishes.
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "publishing needs an admin token of --admin-token-file; user tokens cannot publish",
+        );
+    };
+    if notices.rate.check_key(&admin).is_err() {
+        return error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            &format!("at most {PER_MINUTE} publishes a minute per admin"),
+        );
+    }
+    let body = match body {
+        Ok(body) if body.len() <= MAX_BODY => body,
+        Ok(_) => return too_large(),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_large(),
+        Err(e) => {
+            return error_response(StatusCode::BAD_REQUEST, "bad-notification", &e.body_text());
+        }
+    };
+    let notice: Notice = match serde_json::from_slice(&body) {
+        Ok(n) => n,
+        Err(e) => {
+            return error_response(StatusCode::BAD_REQUEST, "bad-notification", &e.to_string());
+        }
+    };
+    let key = headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().map_err(|_| ()));
+    let key = match key {
+        Some(Ok(k)) => Some(k),
+        Some(Err(())) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad-notification",
+                "Idempotency-Key is not text",
+            );
+        }
+        None => None,
+    };
+    let who = Publishing {
+        publisher: &admin,
+        idempotency_key: key,
+    };
+    match notices.publisher.publish(&notice, who).await {
+        Ok(published) => (StatusCode::OK, axum::Json(published)).into_response(),
+        Err(e) => {
+            let status = match e.code {
+                "directory-unavailable" | "bus-unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+                "in-progress" => StatusCode::CONFLICT,
+                "unknown-group" | "unknown-space" => StatusCode::NOT_FOUND,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            error_response(status, e.code, &e.message)
+        }
+    }
+}
+
+fn too_large() -> Response {
+    error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-large",
+        &format!("a notification request is at most {} KiB", MAX_BODY / 1024),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_tokens_are_named_long_and_matched_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admins");
+        let long = "a".repeat(40);
+        std::fs::write(
+            &path,
+            format!("# operators\nops:{long}\n{}\n", "b".repeat(32)),
+        )
+        .unwrap();
+        let admins = AdminTokens::load(&path).unwrap();
+        assert_eq!(admins.admin_of(&long).as_deref(), Some("ops"));
+        assert_eq!(admins.admin_of(&"b".repeat(32)).as_deref(), Some("admin-3"));
+        assert_eq!(admins.admin_of(&"a".repeat(39)), None);
+        assert_eq!(admins.admin_of(&format!("{long}x")), None);
+        std::fs::write(&path, "short-token\n").unwrap();
+        assert!(
+            AdminTokens::load(&path)
+                .unwrap_err()
+                .contains("at least 32 bytes")
+        );
+        std::fs::write(&path, "\n# nothing\n").unwrap();
+        assert!(
+            AdminTokens::load(&path)
+                .unwrap_err()
+                .contains("holds no token")
+        );
+    }
+}

@@ -1,0 +1,341 @@
+//! Notifications published by operators, through the real binary: `POST /api/notifications` on
+//! a gateway (admin tokens only, idempotency keys, limits) and `foldercast publish` (groups,
+//! spaces, everyone from the fixture or from oCIS's paged user list), delivered over Redis to
+//! WebSocket clients, kept in each user's history for those who were away.
+
+mod common;
+
+use std::time::Duration;
+
+use common::libregraph::LibreGraph;
+use common::pipeline::{Redis, Ws, connect, gateway, next_frame};
+use common::{PrivateRedis, Schemas, assert_valid, bin, demo_membership, token, unique};
+use futures_util::SinkExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const ADMIN: &str = "ops-0123456789abcdef0123456789abcdef";
+
+struct Setup {
+    redis: PrivateRedis,
+    server: common::Server,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let admins = dir.path().join("admins");
+    std::fs::write(&admins, format!("# operators\nops:{ADMIN}\n")).unwrap();
+    let redis = PrivateRedis::start();
+    let membership = demo_membership();
+    let server = gateway(
+        &Redis::Standalone(redis.url()),
+        &[
+            "--admin-token-file",
+            admins.to_str().unwrap(),
+            "--membership",
+            membership.to_str().unwrap(),
+        ],
+    )
+    .await;
+    Setup {
+        redis,
+        server,
+        _dir: dir,
+    }
+}
+
+async fn post(
+    server: &common::Server,
+    bearer: Option<&str>,
+    key: Option<&str>,
+    body: String,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .post(server.url("/api/notifications"))
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(b) = bearer {
+        request = request.bearer_auth(b);
+    }
+    if let Some(k) = key {
+        request = request.header("Idempotency-Key", k);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// The notifications a client received before the pong of a ping.
+async fn notifications(ws: &mut Ws) -> Vec<Value> {
+    ws.send(Message::Text(json!({"type": "ping"}).to_string().into()))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    loop {
+        let f = next_frame(ws, Duration::from_secs(10))
+            .await
+            .expect("a pong");
+        if f["type"] == "pong" {
+            return got;
+        }
+        if f["type"] == "event" && f["data"]["type"] == "notification" {
+            got.push(f["data"].clone());
+        }
+    }
+}
+
+/// Waits for `n` notifications.
+async fn wait_notifications(ws: &mut Ws, n: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let f = next_frame(ws, Duration::from_secs(15))
+            .await
+            .expect("a notification in time");
+        if f["type"] == "event" && f["data"]["type"] == "notification" {
+            got.push(f["data"].clone());
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_publish_over_http_to_users_groups_spaces_and_everyone() {
+    let s = setup().await;
+    let schemas = Schemas::load();
+    let mut alice = connect(&s.server, "alice").await;
+    let mut bob = connect(&s.server, "bob").await;
+    let mut frank = connect(&s.server, "frank").await;
+
+    // To one user: only she receives it, as the schema says, watches or not.
+    let request = json!({"title": "Your quota is almost full", "body": "95 % used", "level": "warning",
+                         "link": "https://cloud.example.com/settings", "targets": {"users": ["alice"]}});
+    assert_valid(&schemas.notification_request, &request, "a request");
+    let (status, answer) = post(&s.server, Some(ADMIN), None, request.to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_valid(&schemas.notification_response, &answer, "an answer");
+    assert_eq!(
+        (answer["targeted"].as_u64(), &answer["replayed"]),
+        (Some(1), &json!(false))
+    );
+    let got = wait_notifications(&mut alice, 1).await;
+    assert_valid(&schemas.message, &got[0], "a notification");
+    assert_eq!(got[0]["title"], "Your quota is almost full");
+    assert_eq!(got[0]["level"], "warning");
+    assert_eq!(got[0]["notification_id"], answer["notification_id"]);
+    assert_eq!(got[0]["ack"], Value::Null);
+    assert!(notifications(&mut bob).await.is_empty());
+
+    // A group, and a space's members who may list it: frank (an uploader of s-eng) is not one.
+    let (status, answer) = post(
+        &s.server,
+        Some(ADMIN),
+        None,
+        json!({"title": "s-eng moves to new storage", "targets": {"groups": ["engineering"], "spaces": ["s-eng"]}})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["targeted"], 3, "alice, bob, carol: {answer}");
+    assert_eq!(
+        answer["resolved"],
+        json!([{"kind": "group", "id": "engineering", "users": 2}, {"kind": "space", "id": "s-eng", "users": 3}])
+    );
+    assert_eq!(wait_notifications(&mut bob, 1).await.len(), 1);
+    assert_eq!(wait_notifications(&mut alice, 1).await.len(), 1);
+    assert!(
+        notifications(&mut frank).await.is_empty(),
+        "an uploader is no lister"
+    );
+
+    // Everyone the directory knows, not only who is connected; said so in the answer.
+    let (status, answer) = post(
+        &s.server,
+        Some(ADMIN),
+        None,
+        json!({"title": "Maintenance at 22:00", "level": "critical", "ack": "user", "targets": {"all": true}}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["targeted"], 6);
+    assert_eq!(
+        answer["resolved"][0]["source"],
+        "the membership file's users"
+    );
+    let got = wait_notifications(&mut frank, 1).await;
+    assert_eq!(
+        (&got[0]["level"], &got[0]["ack"]),
+        (&json!("critical"), &json!("user"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_admin_tokens_publish_within_limits_and_a_retried_key_is_a_no_op() {
+    let s = setup().await;
+    let body = json!({"title": "Hello", "targets": {"users": ["carol"]}}).to_string();
+    // No token, a user's token, a made-up one.
+    assert_eq!(post(&s.server, None, None, body.clone()).await.0, 401);
+    let (status, answer) = post(&s.server, Some(&token("alice")), None, body.clone()).await;
+    assert_eq!((status, &answer["code"]), (403, &json!("forbidden")));
+    assert_eq!(
+        post(&s.server, Some(&"x".repeat(36)), None, body.clone())
+            .await
+            .0,
+        403
+    );
+    // Too large, malformed, no target, an unknown group.
+    let huge =
+        json!({"title": "Hi", "body": "x".repeat(70 * 1024), "targets": {"all": true}}).to_string();
+    let (status, answer) = post(&s.server, Some(ADMIN), None, huge).await;
+    assert_eq!(
+        (status, &answer["code"]),
+        (413, &json!("too-large")),
+        "{answer}"
+    );
+    let (status, answer) = post(&s.server, Some(ADMIN), None, "{not json".into()).await;
+    assert_eq!((status, &answer["code"]), (400, &json!("bad-notification")));
+    let (status, answer) = post(
+        &s.server,
+        Some(ADMIN),
+        None,
+        json!({"title": "Hi", "targets": {}}).to_string(),
+    )
+    .await;
+    assert_eq!((status, &answer["code"]), (400, &json!("no-targets")));
+    let (status, answer) = post(
+        &s.server,
+        Some(ADMIN),
+        None,
+        json!({"title": "Hi", "targets": {"groups": ["nope"]}}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, &answer["code"]),
+        (404, &json!("unknown-group")),
+        "{answer}"
+    );
+
+    // The same key twice: one notification, the first answer again.
+    let mut carol = connect(&s.server, "carol").await;
+    let key = unique("key");
+    let (status, first) = post(&s.server, Some(ADMIN), Some(&key), body.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    let (status, again) = post(&s.server, Some(ADMIN), Some(&key), body.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(again["replayed"], true);
+    assert_eq!(again["notification_id"], first["notification_id"]);
+    assert_eq!(again["targeted"], first["targeted"]);
+    assert_eq!(wait_notifications(&mut carol, 1).await.len(), 1);
+    assert!(notifications(&mut carol).await.is_empty(), "delivered once");
+
+    // Per admin, 30 a minute.
+    let mut limited = 0;
+    for _ in 0..40 {
+        if post(&s.server, Some(ADMIN), None, body.clone()).await.0 == 429 {
+            limited += 1;
+        }
+    }
+    assert!(limited >= 8, "{limited} of 40 refused");
+    drop(s.redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_away_when_it_was_published_gets_it_on_resume() {
+    let s = setup().await;
+    let mut dave = connect(&s.server, "dave").await;
+    // Where dave's client was: the position of its last frame (here: a notification).
+    let (_, _) = post(
+        &s.server,
+        Some(ADMIN),
+        None,
+        json!({"title": "first", "targets": {"users": ["dave"]}}).to_string(),
+    )
+    .await;
+    let frame = loop {
+        let f = next_frame(&mut dave, Duration::from_secs(10))
+            .await
+            .unwrap();
+        if f["type"] == "event" {
+            break f;
+        }
+    };
+    let position = frame["id"].as_str().unwrap().to_owned();
+    drop(dave);
+    let (status, answer) = post(
+        &s.server,
+        Some(ADMIN),
+        None,
+        json!({"title": "while you were away", "targets": {"users": ["dave"]}}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let mut back = testkit::ws::open(
+        &s.server.ws_url(&format!("/ws?since={position}")),
+        Some(&token("dave")),
+        None,
+    )
+    .await
+    .unwrap();
+    let got = wait_notifications(&mut back, 1).await;
+    assert_eq!(got[0]["title"], "while you were away");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_publishes_to_everyone_ocis_lists_over_its_pages() {
+    let graph = LibreGraph::start().await;
+    let users: Vec<String> = (0..10_000).map(|n| format!("user-{n:05}")).collect();
+    graph.users(users, 1000);
+    let redis = PrivateRedis::start();
+    let server = gateway(&Redis::Standalone(redis.url()), &[]).await;
+    let mut last = connect(&server, "user-09999").await;
+    let out = tokio::process::Command::new(bin())
+        .args([
+            "publish",
+            "--redis",
+            &redis.url(),
+            "--ocis-url",
+            &graph.url,
+            "--all",
+        ])
+        .args(["--title", "Welcome to the new storage", "--level", "info"])
+        .env("FOLDERCAST_OCIS_TOKEN", "admin-token")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_valid(
+        &Schemas::load().notification_response,
+        &answer,
+        "the CLI's answer",
+    );
+    assert_eq!(answer["targeted"], 10_000);
+    assert_eq!(
+        answer["resolved"][0]["source"],
+        "oCIS's users (GET /graph/v1.0/users)"
+    );
+    assert_eq!(graph.calls("users"), 10, "ten pages of 1,000");
+    let got = wait_notifications(&mut last, 1).await;
+    assert_eq!(got[0]["title"], "Welcome to the new storage");
+
+    // Without a directory, only named users; groups are refused with the reason.
+    let out = tokio::process::Command::new(bin())
+        .args([
+            "publish",
+            "--redis",
+            &redis.url(),
+            "--group",
+            "eng",
+            "--title",
+            "x",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-directory"));
+}
