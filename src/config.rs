@@ -383,48 +383,86 @@ pub struct NatsArgs {
 )]
 pub struct PublishArgs {
     /// The headline (at most 256 bytes).
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, env = "FOLDERCAST_NOTICE_TITLE", value_name = "TEXT")]
     pub title: String,
 
     /// The text (at most 16 KiB).
-    #[arg(long, default_value = "", value_name = "TEXT")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_NOTICE_BODY",
+        default_value = "",
+        value_name = "TEXT"
+    )]
     pub body: String,
 
-    #[arg(long, value_enum, default_value = "info")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_NOTICE_LEVEL",
+        value_enum,
+        default_value = "info"
+    )]
     pub level: crate::notice::Level,
 
     /// A link the client may show (http or https).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, env = "FOLDERCAST_NOTICE_LINK", value_name = "URL")]
     pub link: Option<String>,
 
     /// When the notification is of no use any more (RFC 3339).
-    #[arg(long, value_name = "TIME")]
+    #[arg(long, env = "FOLDERCAST_NOTICE_EXPIRES", value_name = "TIME")]
     pub expires: Option<String>,
 
     /// Who must acknowledge it: `user` (any one of the user's devices) or `device` (each).
-    #[arg(long, value_enum, value_name = "user|device")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_NOTICE_ACK",
+        value_enum,
+        value_name = "user|device"
+    )]
     pub ack: Option<crate::notice::AckMode>,
 
+    /// A remote action for the clients, a JSON object: `{"action":"wipe","path":"/secret"}`.
+    #[arg(long, env = "FOLDERCAST_NOTICE_ACTION", value_name = "JSON")]
+    pub action: Option<String>,
+
     /// A user to notify (repeatable).
-    #[arg(long = "user", value_name = "USER")]
+    #[arg(
+        long = "user",
+        env = "FOLDERCAST_NOTICE_USERS",
+        value_delimiter = ',',
+        value_name = "USER"
+    )]
     pub users: Vec<String>,
 
     /// A group whose members to notify (repeatable; needs --membership or --ocis-url).
-    #[arg(long = "group", value_name = "GROUP")]
+    #[arg(
+        long = "group",
+        env = "FOLDERCAST_NOTICE_GROUPS",
+        value_delimiter = ',',
+        value_name = "GROUP"
+    )]
     pub groups: Vec<String>,
 
     /// A space whose members who may list it to notify (repeatable; uploaders are not).
-    #[arg(long = "space", value_name = "SPACE")]
+    #[arg(
+        long = "space",
+        env = "FOLDERCAST_NOTICE_SPACES",
+        value_delimiter = ',',
+        value_name = "SPACE"
+    )]
     pub spaces: Vec<String>,
 
     /// Everyone the directory knows (the membership file's users, or oCIS's users), not only
     /// those connected.
-    #[arg(long)]
+    #[arg(long, env = "FOLDERCAST_NOTICE_ALL")]
     pub all: bool,
 
     /// Makes a repeat of this publish within 24 h a no-op that prints the first answer.
     #[arg(long, env = "FOLDERCAST_IDEMPOTENCY_KEY", value_name = "KEY")]
     pub idempotency_key: Option<String>,
+
+    /// With --ack: how long devices that have not acknowledged it are sent it again on connect.
+    #[arg(long, env = "FOLDERCAST_CRITICAL_RETENTION", default_value = "30d", value_parser = parse_duration, value_name = "DURATION")]
+    pub critical_retention: Duration,
 
     #[command(flatten)]
     pub redis: RedisArgs,
@@ -760,6 +798,11 @@ pub struct GatewayArgs {
     #[arg(long, env = "FOLDERCAST_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
 
+    /// How long a notification that asks for acknowledgements is kept for devices that have
+    /// not acknowledged it (sent again on each of their connects until they do).
+    #[arg(long, env = "FOLDERCAST_CRITICAL_RETENTION", default_value = "30d", value_parser = parse_duration, value_name = "DURATION")]
+    pub critical_retention: Duration,
+
     /// Connection tickets one user may obtain per second (bursts of twice that); more get 429.
     #[arg(
         long,
@@ -871,7 +914,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
+        "d" => value * 86400.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s, m, h or d")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
@@ -981,7 +1025,11 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5d").is_err());
+        assert_eq!(
+            parse_duration("2d").unwrap(),
+            Duration::from_secs(2 * 86400)
+        );
+        assert!(parse_duration("5w").is_err());
     }
 
     #[test]

@@ -339,3 +339,221 @@ async fn the_cli_publishes_to_everyone_ocis_lists_over_its_pages() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-directory"));
 }
+
+/// Connects `user` as `device`; returns the socket and the notifications owed at connect
+/// (the `notification` frames before the pong of a first ping).
+async fn connect_device(server: &common::Server, user: &str, device: &str) -> (Ws, Vec<Value>) {
+    let mut ws = testkit::ws::open(
+        &server.ws_url(&format!("/ws?device={device}")),
+        Some(&token(user)),
+        None,
+    )
+    .await
+    .unwrap();
+    ws.send(Message::Text(json!({"type": "ping"}).to_string().into()))
+        .await
+        .unwrap();
+    let mut owed = Vec::new();
+    loop {
+        let f = next_frame(&mut ws, Duration::from_secs(10))
+            .await
+            .expect("a pong");
+        match f["type"].as_str() {
+            Some("pong") => return (ws, owed),
+            Some("notification") => owed.push(f["data"].clone()),
+            _ => {}
+        }
+    }
+}
+
+/// Sends an ack frame; the answer (`acked` or an error).
+async fn ack(ws: &mut Ws, id: &str) -> Value {
+    ws.send(Message::Text(
+        json!({"type": "ack", "notification_id": id})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let f = next_frame(ws, Duration::from_secs(10))
+            .await
+            .expect("an answer");
+        if f["type"] == "acked" || f["type"] == "error" {
+            return f;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_critical_notice_comes_on_every_connect_until_one_device_acknowledges_it() {
+    let s = setup().await;
+    let schemas = Schemas::load();
+    // Published while alice is offline.
+    let (status, answer) = post(
+        &s.server,
+        Some(ADMIN),
+        None,
+        json!({"title": "Password expires today", "level": "critical", "ack": "user", "targets": {"users": ["alice"]}})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let id = answer["notification_id"].as_str().unwrap().to_owned();
+    let (laptop, owed) = connect_device(&s.server, "alice", "laptop").await;
+    assert_eq!(owed.len(), 1);
+    assert_valid(&schemas.message, &owed[0], "an owed notification");
+    assert_eq!(
+        (&owed[0]["notification_id"], &owed[0]["ack"]),
+        (&json!(id), &json!("user"))
+    );
+    drop(laptop);
+    let (mut laptop, owed) = connect_device(&s.server, "alice", "laptop").await;
+    assert_eq!(owed.len(), 1, "again, until acknowledged");
+    // Another user cannot acknowledge it; alice can, twice (idempotent).
+    let (mut bob, _) = connect_device(&s.server, "bob", "laptop").await;
+    let refused = ack(&mut bob, &id).await;
+    assert_eq!(
+        (&refused["type"], &refused["code"]),
+        (&json!("error"), &json!("unknown-notification"))
+    );
+    let answer = ack(&mut laptop, &id).await;
+    assert_valid(&schemas.server_frame, &answer, "an acked frame");
+    assert_eq!(answer, json!({"type": "acked", "notification_id": id}));
+    assert_eq!(ack(&mut laptop, &id).await["type"], "acked", "idempotent");
+    drop(laptop);
+    // Any one device's acknowledgement is enough: the phone is not told either.
+    let (_phone, owed) = connect_device(&s.server, "alice", "phone").await;
+    assert!(owed.is_empty(), "{owed:?}");
+    let (_laptop, owed) = connect_device(&s.server, "alice", "laptop").await;
+    assert!(owed.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_action_reaches_each_device_until_it_acknowledges_and_expires_after_retention() {
+    let s = setup().await;
+    let out = tokio::process::Command::new(bin())
+        .args([
+            "publish",
+            "--redis",
+            &s.redis.url(),
+            "--user",
+            "bob",
+            "--title",
+            "Wipe /secret",
+        ])
+        .args([
+            "--level",
+            "critical",
+            "--ack",
+            "device",
+            "--critical-retention",
+            "4s",
+        ])
+        .args(["--action", r#"{"action":"wipe","path":"/secret"}"#])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = answer["notification_id"].as_str().unwrap().to_owned();
+    let (mut d1, owed) = connect_device(&s.server, "bob", "d1").await;
+    assert_eq!(owed.len(), 1);
+    assert_eq!(
+        owed[0]["action"],
+        json!({"action": "wipe", "path": "/secret"})
+    );
+    assert_eq!(ack(&mut d1, &id).await["type"], "acked");
+    drop(d1);
+    let (_d1, owed) = connect_device(&s.server, "bob", "d1").await;
+    assert!(owed.is_empty(), "d1 confirmed it");
+    let (_d2, owed) = connect_device(&s.server, "bob", "d2").await;
+    assert_eq!(owed.len(), 1, "d2 has not");
+    // A device that first connects later still owes it, within the retention…
+    let (_d3, owed) = connect_device(&s.server, "bob", "d3").await;
+    assert_eq!(owed.len(), 1);
+    // …and nobody after it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (_d4, owed) = connect_device(&s.server, "bob", "d4").await;
+    assert!(owed.is_empty(), "expired after --critical-retention");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_survive_gateway_and_redis_restarts_and_sse_clients_acknowledge_over_http()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let admins = dir.path().join("admins");
+    std::fs::write(&admins, format!("ops:{ADMIN}\n")).unwrap();
+    let mut redis = PrivateRedis::start_with(
+        common::free_port(),
+        &["--appendonly", "yes", "--appendfsync", "always"],
+    );
+    let membership = demo_membership();
+    let start = |url: String| {
+        let admins = admins.clone();
+        let membership = membership.clone();
+        async move {
+            gateway(
+                &Redis::Standalone(url),
+                &[
+                    "--admin-token-file",
+                    admins.to_str().unwrap(),
+                    "--membership",
+                    membership.to_str().unwrap(),
+                ],
+            )
+            .await
+        }
+    };
+    let server = start(redis.url()).await;
+    let (status, answer) = post(
+        &server,
+        Some(ADMIN),
+        None,
+        json!({"title": "Read the new policy", "ack": "user", "targets": {"users": ["carol", "dave"]}}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let id = answer["notification_id"].as_str().unwrap().to_owned();
+    // carol acknowledges (over SSE + HTTP); dave does not.
+    let mut sse = common::sse::Sse::new(
+        common::sse::Sse::open(&server.url("/sse?device=browser"), Some(&token("carol"))).await,
+    );
+    let owed = loop {
+        let e = sse.next().await.expect("events");
+        if e.event.as_deref() == Some("notification") {
+            break e;
+        }
+    };
+    let data: Value = serde_json::from_str(&owed.data).unwrap();
+    assert_eq!(data["notification_id"], id.as_str());
+    let acked = reqwest::Client::new()
+        .post(server.url(&format!("/api/notifications/{id}/ack?device=browser")))
+        .bearer_auth(token("carol"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(acked.status(), 200);
+    let other = reqwest::Client::new()
+        .post(server.url("/api/notifications/n-nope/ack"))
+        .bearer_auth(token("carol"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+    drop(sse);
+    drop(server);
+
+    // Redis restarts (append-only file) and a new gateway comes up.
+    redis.restart();
+    let server = start(redis.url()).await;
+    let (_carol, owed) = connect_device(&server, "carol", "browser").await;
+    assert!(owed.is_empty(), "an acknowledged notice never comes back");
+    let (_dave, owed) = connect_device(&server, "dave", "phone").await;
+    assert_eq!(owed.len(), 1, "an unacknowledged one is not lost");
+    assert_eq!(owed[0]["notification_id"], id.as_str());
+}

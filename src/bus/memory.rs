@@ -46,7 +46,13 @@ struct State {
     histories: HashMap<Arc<str>, History>,
     /// What `record_once` recorded, until when.
     records: HashMap<String, (String, Instant)>,
+    /// Per user: notices owed, and the acknowledgements.
+    owed: HashMap<Arc<str>, Owed>,
 }
+
+/// One user's owed notices (id and encoded, in publish order) and acknowledgements
+/// ([`super::ack_member`]).
+type Owed = (Vec<(Arc<str>, Vec<u8>)>, HashSet<String>);
 
 /// Records kept at most; expired ones go first, then (a flood of keys) the oldest.
 const MAX_RECORDS: usize = 10_000;
@@ -115,6 +121,70 @@ impl MemoryBus {
 
 #[async_trait]
 impl Bus for MemoryBus {
+    async fn owe(
+        &self,
+        users: &[Arc<str>],
+        notice: &super::OwedNotice,
+        retention: Duration,
+    ) -> Result<(), BusError> {
+        let encoded = super::encode_owed(notice, retention);
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        for user in users {
+            let (notices, _) = state.owed.entry(user.clone()).or_default();
+            notices.retain(|(id, _)| *id != notice.id);
+            notices.push((notice.id.clone(), encoded.clone()));
+        }
+        Ok(())
+    }
+
+    async fn owed(&self, user: &str, device: &str) -> Result<Vec<Bytes>, BusError> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        let Some((notices, acked)) = state.owed.get_mut(user) else {
+            return Ok(Vec::new());
+        };
+        notices.retain(|(_, stored)| {
+            super::decode_owed(stored).is_some_and(|(_, deadline, _)| deadline > now_ms)
+        });
+        Ok(notices
+            .iter()
+            .filter_map(|(id, stored)| {
+                let (per_device, _, payload) = super::decode_owed(stored)?;
+                let member = super::ack_member(id, per_device.then_some(device));
+                (!acked.contains(&member)).then_some(payload)
+            })
+            .collect())
+    }
+
+    async fn acknowledge(
+        &self,
+        user: &str,
+        device: &str,
+        notification_id: &str,
+    ) -> Result<bool, BusError> {
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        let Some((notices, acked)) = state.owed.get_mut(user) else {
+            return Ok(false);
+        };
+        let Some(per_device) = notices
+            .iter()
+            .find(|(id, _)| &**id == notification_id)
+            .and_then(|(_, stored)| super::decode_owed(stored))
+            .map(|(per_device, _, _)| per_device)
+        else {
+            // Acknowledged before (by any device, for a per-user notice): idempotent.
+            return Ok(acked.contains(&super::ack_member(notification_id, None)));
+        };
+        acked.insert(super::ack_member(
+            notification_id,
+            per_device.then_some(device),
+        ));
+        if !per_device {
+            notices.retain(|(id, _)| &**id != notification_id);
+        }
+        Ok(true)
+    }
+
     async fn record_once(
         &self,
         key: &str,

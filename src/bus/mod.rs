@@ -222,6 +222,49 @@ pub enum BusError {
     Unavailable(String),
 }
 
+/// How an owed notice is stored (Redis hash value, memory): `<u|d> <deadline ms> <payload>`.
+pub fn encode_owed(notice: &OwedNotice, retention: Duration) -> Vec<u8> {
+    let deadline = notice
+        .published_ms
+        .saturating_add(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+    let mode = if notice.per_device { 'd' } else { 'u' };
+    let mut out = format!("{mode} {deadline} ").into_bytes();
+    out.extend_from_slice(&notice.payload);
+    out
+}
+
+/// The parts of [`encode_owed`]: per device, the deadline (ms), the payload.
+pub fn decode_owed(stored: &[u8]) -> Option<(bool, i64, Bytes)> {
+    let text = std::str::from_utf8(stored).ok()?;
+    let (mode, rest) = text.split_once(' ')?;
+    let (deadline, payload) = rest.split_once(' ')?;
+    Some((
+        mode == "d",
+        deadline.parse().ok()?,
+        Bytes::copy_from_slice(payload.as_bytes()),
+    ))
+}
+
+/// The member of a user's acknowledgement set that says `device` acknowledged `id` (per
+/// device), or that the user did (`None`).
+pub fn ack_member(id: &str, device: Option<&str>) -> String {
+    match device {
+        Some(d) => format!("{id}\n{d}"),
+        None => id.to_owned(),
+    }
+}
+
+/// A notification kept until acknowledged: its message, and who must acknowledge it.
+#[derive(Debug, Clone)]
+pub struct OwedNotice {
+    pub id: Arc<str>,
+    pub payload: Bytes,
+    /// Every device must acknowledge it (`ack: "device"`), or any one (`ack: "user"`).
+    pub per_device: bool,
+    /// Milliseconds since the Unix epoch: it is forgotten `retention` after.
+    pub published_ms: i64,
+}
+
 #[async_trait]
 pub trait Bus: Send + Sync {
     /// Publishes a batch; returns once the bus has accepted every message of it.
@@ -254,6 +297,33 @@ pub trait Bus: Send + Sync {
         _ttl: Duration,
     ) -> Result<Option<String>, BusError> {
         Err(BusError::Unavailable("this bus keeps no records".into()))
+    }
+
+    /// Keeps a notification that must be acknowledged (`ack` "user" or "device") for each of
+    /// `users`, outside the trimmed history, for `retention`.
+    async fn owe(
+        &self,
+        _users: &[Arc<str>],
+        _notice: &OwedNotice,
+        _retention: Duration,
+    ) -> Result<(), BusError> {
+        Err(BusError::Unavailable("this bus keeps no notices".into()))
+    }
+
+    /// The notifications `user`'s `device` still owes an acknowledgement for, oldest first.
+    async fn owed(&self, _user: &str, _device: &str) -> Result<Vec<Bytes>, BusError> {
+        Ok(Vec::new())
+    }
+
+    /// `device` of `user` acknowledges `notification_id`: `false` when the user owes no such
+    /// notification (another user's, an unknown id, an expired one).
+    async fn acknowledge(
+        &self,
+        _user: &str,
+        _device: &str,
+        _notification_id: &str,
+    ) -> Result<bool, BusError> {
+        Ok(false)
     }
 
     /// Replaces what `key` records (`Some`), or forgets it (`None`).

@@ -112,6 +112,7 @@ fn gateway_app(
     let publisher = crate::notice::publish::Publisher {
         resolver,
         bus: bus.clone(),
+        retention: g.critical_retention,
     };
     let hub = Hub::new(
         bus,

@@ -35,6 +35,7 @@ async fn publish_async(args: PublishArgs) -> anyhow::Result<ExitCode> {
     let publisher = Publisher {
         resolver,
         bus: bus as Arc<dyn Bus>,
+        retention: args.critical_retention,
     };
     let notice = Notice {
         level: args.level,
@@ -43,6 +44,13 @@ async fn publish_async(args: PublishArgs) -> anyhow::Result<ExitCode> {
         link: args.link,
         expires: args.expires,
         ack: args.ack,
+        action: match &args.action {
+            Some(text) => Some(
+                serde_json::from_str(text)
+                    .map_err(|e| anyhow::anyhow!("--action is not a JSON object: {e}"))?,
+            ),
+            None => None,
+        },
         targets: Targets {
             users: args.users,
             groups: args.groups,

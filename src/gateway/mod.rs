@@ -160,6 +160,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/notifications",
             post(notices::publish).layer(axum::extract::DefaultBodyLimit::max(notices::MAX_BODY)),
         )
+        .route("/api/notifications/{id}/ack", post(notices::acknowledge))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(state)

@@ -190,6 +190,60 @@ pub async fn publish(
     }
 }
 
+#[derive(serde::Deserialize)]
+pub struct AckQuery {
+    device: Option<String>,
+}
+
+/// `POST /api/notifications/{id}/ack?device=D`: a user's device acknowledges a notification
+/// (what SSE clients, which cannot send frames, use; WebSocket clients send an `ack` frame).
+pub async fn acknowledge(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    axum::extract::Query(query): axum::extract::Query<AckQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(token) = super::ws::header_token(&headers) else {
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "send Authorization: Bearer <token>",
+        );
+    };
+    let identity = match state.auth.verify(token).await {
+        Ok(identity) => identity,
+        Err(e) => return error_response(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
+    };
+    let device = match query.device.map(super::protocol::check_device) {
+        None => super::protocol::DEFAULT_DEVICE.to_owned(),
+        Some(Ok(d)) => d,
+        Some(Err(e)) => return error_response(StatusCode::BAD_REQUEST, e.code, &e.message),
+    };
+    match state
+        .hub
+        .bus()
+        .acknowledge(&identity.user, &device, &id)
+        .await
+    {
+        Ok(true) => (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"type": "acked", "notification_id": id})),
+        )
+            .into_response(),
+        // Another user's notification is unknown here: acknowledgements are per user.
+        Ok(false) => error_response(
+            StatusCode::NOT_FOUND,
+            "unknown-notification",
+            &format!("{} owes no acknowledgement for {id:?}", identity.user),
+        ),
+        Err(e) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            &e.to_string(),
+        ),
+    }
+}
+
 fn too_large() -> Response {
     error_response(
         StatusCode::PAYLOAD_TOO_LARGE,

@@ -16,6 +16,12 @@ pub enum ClientFrame {
         token: String,
         /// Where to resume from (a position), when the connection starts with this frame.
         since: Option<String>,
+        /// The client's name for its device, when the connection starts with this frame.
+        device: Option<String>,
+    },
+    /// Acknowledges a notification that asked for it (`ack` "user" or "device").
+    Ack {
+        notification_id: String,
     },
     /// Resume from a position: only before anything was delivered on the connection.
     Resume {
@@ -63,6 +69,12 @@ struct Head {
 struct AuthBody {
     token: String,
     since: Option<String>,
+    device: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct AckBody {
+    notification_id: String,
 }
 
 #[derive(Deserialize)]
@@ -82,6 +94,33 @@ struct UnwatchBody {
     path: Option<String>,
 }
 
+/// The longest device name.
+pub const MAX_DEVICE: usize = 128;
+
+/// A device name: 1 to [`MAX_DEVICE`] printable characters.
+pub fn check_device(device: String) -> Result<String, FrameError> {
+    if device.is_empty() || device.len() > MAX_DEVICE || device.chars().any(char::is_control) {
+        return Err(FrameError::new(
+            "bad-frame",
+            format!("a device name is 1 to {MAX_DEVICE} printable characters"),
+        ));
+    }
+    Ok(device)
+}
+
+/// The device of a client that names none.
+pub const DEFAULT_DEVICE: &str = "default";
+
+/// A notification owed by the client's device, sent on every connect until acknowledged.
+pub fn notification_frame(payload: &str) -> String {
+    format!(r#"{{"type":"notification","data":{payload}}}"#)
+}
+
+/// The answer to an `ack` frame.
+pub fn acked_frame(notification_id: &str) -> String {
+    json!({"type": "acked", "notification_id": notification_id}).to_string()
+}
+
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     let bad = |e: serde_json::Error| FrameError::new("bad-frame", e.to_string());
     let head: Head = serde_json::from_str(text).map_err(bad)?;
@@ -91,6 +130,19 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
             Ok(ClientFrame::Auth {
                 token: b.token,
                 since: b.since,
+                device: b.device.map(check_device).transpose()?,
+            })
+        }
+        "ack" => {
+            let b: AckBody = serde_json::from_str(text).map_err(bad)?;
+            if b.notification_id.is_empty() {
+                return Err(FrameError::new(
+                    "bad-frame",
+                    "notification_id must not be empty",
+                ));
+            }
+            Ok(ClientFrame::Ack {
+                notification_id: b.notification_id,
             })
         }
         "resume" => {
@@ -302,14 +354,16 @@ mod tests {
             parse_client_frame(r#"{"type":"auth","token":"t"}"#),
             Ok(ClientFrame::Auth {
                 token: "t".into(),
-                since: None
+                since: None,
+                device: None
             })
         );
         assert_eq!(
             parse_client_frame(r#"{"type":"auth","token":"t","since":"e:1-0"}"#),
             Ok(ClientFrame::Auth {
                 token: "t".into(),
-                since: Some("e:1-0".into())
+                since: Some("e:1-0".into()),
+                device: None
             })
         );
         assert_eq!(

@@ -64,11 +64,18 @@ async fn serve(
 ) -> Response {
     let mut ticket = None;
     let mut since = None;
+    let mut device = None;
     let mut watches = Watches::default();
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match &*key {
             "ticket" => ticket = Some(value.into_owned()),
             "since" => since = Some(value.into_owned()),
+            "device" => match super::protocol::check_device(value.into_owned()) {
+                Ok(d) => device = Some(d),
+                Err(e) => {
+                    return super::error_response(StatusCode::BAD_REQUEST, e.code, &e.message);
+                }
+            },
             "watch" => {
                 let added = parse_watch(&value).and_then(|(space, path)| watches.add(&space, path));
                 if let Err(e) = added {
@@ -165,6 +172,23 @@ async fn serve(
             event = event.id(&resumed.position);
         }
         intro.push_back(event);
+    }
+    if dialect == Dialect::Foldercast {
+        // What this device still owes an acknowledgement for (`POST
+        // /api/notifications/{id}/ack`): on every connect until it does.
+        let device = device.as_deref().unwrap_or(super::protocol::DEFAULT_DEVICE);
+        match state.hub.bus().owed(&identity.user, device).await {
+            Ok(owed) => {
+                for payload in owed {
+                    if let Ok(text) = std::str::from_utf8(&payload) {
+                        intro.push_back(Event::default().event("notification").data(text));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(user = %identity.user, error = %e, "owed notifications unreadable; they come next time");
+            }
+        }
     }
     let feed = Feed {
         registration,

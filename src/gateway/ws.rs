@@ -47,6 +47,8 @@ pub struct WsQuery {
     ticket: Option<String>,
     /// A position to resume from (`<epoch>:<id>`).
     since: Option<String>,
+    /// The client's name for its device: what it owes acknowledgements as.
+    device: Option<String>,
 }
 
 pub async fn handler(
@@ -62,7 +64,7 @@ pub async fn handler(
         .max_write_buffer_size(cfg.ws_max_write_buffer)
         .max_message_size(cfg.max_client_frame)
         .max_frame_size(cfg.max_client_frame)
-        .on_upgrade(move |socket| session(socket, state, pre_auth, query.since))
+        .on_upgrade(move |socket| session(socket, state, pre_auth, query.since, query.device))
 }
 
 /// What became of writing frames to the socket.
@@ -145,9 +147,10 @@ async fn session(
     state: Arc<AppState>,
     pre_auth: Option<Result<Identity, AuthError>>,
     query_since: Option<String>,
+    query_device: Option<String>,
 ) {
-    let (identity, auth_since) = match pre_auth {
-        Some(Ok(identity)) => (identity, None),
+    let (identity, auth_since, auth_device) = match pre_auth {
+        Some(Ok(identity)) => (identity, None, None),
         Some(Err(e)) => {
             state
                 .hub
@@ -166,6 +169,17 @@ async fn session(
     };
     // The auth frame's position wins over the query's: it is the later, explicit word.
     let since = auth_since.or(query_since);
+    let device = match auth_device
+        .or(query_device)
+        .map(super::protocol::check_device)
+    {
+        None => super::protocol::DEFAULT_DEVICE.to_owned(),
+        Some(Ok(device)) => device,
+        Some(Err(e)) => {
+            close_with(&mut socket, e.code, &e.message, CLOSE_POLICY).await;
+            return;
+        }
+    };
     let registration = match state.hub.register(identity.user.clone()).await {
         Ok(r) => r,
         Err(e @ RegisterError::TooManyConnections(_)) => {
@@ -220,6 +234,19 @@ async fn session(
         &identity.user,
     ))
     .await
+    {
+        return;
+    }
+    // What this device still owes an acknowledgement for, on every connect until it does.
+    if Box::pin(send_owed(
+        &mut socket,
+        &state,
+        &identity.user,
+        &device,
+        write_timeout,
+    ))
+    .await
+    .is_err()
     {
         return;
     }
@@ -287,6 +314,9 @@ async fn session(
                                 Err(e) => Some(error_frame("unavailable", &e.to_string())),
                             }
                         }
+                    }
+                    Ok(ClientFrame::Ack { notification_id }) => {
+                        Some(Box::pin(acknowledge(&state, &identity.user, &device, &notification_id)).await)
                     }
                     Ok(ClientFrame::Auth { token, .. }) => match state.auth.verify(&token).await {
                         // A fresh token for the same user extends the connection's life.
@@ -418,7 +448,7 @@ pub(super) fn spread_ms(spread: Duration) -> u64 {
 async fn await_auth_frame(
     socket: &mut WebSocket,
     state: &AppState,
-) -> Option<(Identity, Option<String>)> {
+) -> Option<(Identity, Option<String>, Option<String>)> {
     let until = Instant::now() + state.config.auth_timeout;
     let deadline = sleep_until(until);
     tokio::pin!(deadline);
@@ -446,8 +476,8 @@ async fn await_auth_frame(
                     return None;
                 }
                 let reply = match parse_client_frame(&text) {
-                    Ok(ClientFrame::Auth { token, since }) => match state.auth.verify(&token).await {
-                        Ok(identity) => return Some((identity, since)),
+                    Ok(ClientFrame::Auth { token, since, device }) => match state.auth.verify(&token).await {
+                        Ok(identity) => return Some((identity, since, device)),
                         Err(e) => {
                             state.hub.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             close_with(socket, e.code(), &e.to_string(), CLOSE_POLICY).await;
@@ -468,6 +498,53 @@ async fn await_auth_frame(
                 }
             }
         }
+    }
+}
+
+/// Sends the notifications `device` of `user` still owes an acknowledgement for. A bus that
+/// cannot say is logged, not fatal: they come on the next connect.
+async fn send_owed(
+    socket: &mut WebSocket,
+    state: &AppState,
+    user: &str,
+    device: &str,
+    limit: Duration,
+) -> Result<(), ()> {
+    let owed = match state.hub.bus().owed(user, device).await {
+        Ok(owed) => owed,
+        Err(e) => {
+            tracing::warn!(%user, error = %e, "owed notifications unreadable; they come next time");
+            return Ok(());
+        }
+    };
+    for payload in owed {
+        let Ok(text) = std::str::from_utf8(&payload) else {
+            continue;
+        };
+        if send_within(socket, super::protocol::notification_frame(text), limit)
+            .await
+            .is_err()
+        {
+            return Err(());
+        }
+    }
+    Ok(())
+}
+
+/// The answer to an `ack` frame: `acked`, or why not.
+async fn acknowledge(state: &AppState, user: &str, device: &str, notification_id: &str) -> String {
+    match state
+        .hub
+        .bus()
+        .acknowledge(user, device, notification_id)
+        .await
+    {
+        Ok(true) => super::protocol::acked_frame(notification_id),
+        Ok(false) => error_frame(
+            "unknown-notification",
+            &format!("{user} owes no acknowledgement for {notification_id:?}"),
+        ),
+        Err(e) => error_frame("unavailable", &e.to_string()),
     }
 }
 

@@ -64,6 +64,9 @@ pub struct Notice {
     /// RFC 3339: after it, the notification is of no use any more.
     pub expires: Option<String>,
     pub ack: Option<AckMode>,
+    /// A remote action for the client to carry out, e.g. `{"action":"wipe","path":"/secret"}`
+    /// (with `ack: "device"`, every device confirms it did).
+    pub action: Option<serde_json::Map<String, serde_json::Value>>,
     pub targets: Targets,
 }
 
@@ -71,6 +74,8 @@ pub struct Notice {
 pub const MAX_TITLE: usize = 256;
 pub const MAX_BODY: usize = 16 * 1024;
 pub const MAX_LINK: usize = 2048;
+/// The most bytes an action may take, encoded.
+pub const MAX_ACTION: usize = 4096;
 /// The most explicit targets of each kind in one request.
 pub const MAX_TARGETS: usize = 10_000;
 
@@ -112,6 +117,16 @@ impl Notice {
             return bad(format!(
                 "link must be an http(s) URL of at most {MAX_LINK} bytes"
             ));
+        }
+        if let Some(action) = &self.action {
+            let encoded = serde_json::to_vec(action)
+                .map(|v| v.len())
+                .unwrap_or(usize::MAX);
+            if encoded > MAX_ACTION || !action.get("action").is_some_and(|a| a.is_string()) {
+                return bad(format!(
+                    "an action is an object with an \"action\" name, at most {MAX_ACTION} bytes"
+                ));
+            }
         }
         if let Some(expires) = &self.expires
             && chrono::DateTime::parse_from_rfc3339(expires).is_err()

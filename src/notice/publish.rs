@@ -6,6 +6,11 @@
 //! and the per-user guard, keyed by the notification id, keeps a retried batch from reaching a
 //! user twice.
 //!
+//! A notification that asks for acknowledgements (`ack`: "user" or "device") is also kept per
+//! user outside the trimmed history ([`Bus::owe`]) for [`CRITICAL_RETENTION`]: each device is
+//! sent it on every connect until it acknowledges (for "user", any one device's acknowledgement
+//! ends it for all).
+//!
 //! An idempotency key (`Idempotency-Key`, `--idempotency-key`) is recorded on the bus for
 //! [`IDEMPOTENCY_TTL`] with the answer of the first publish: a retry within that time publishes
 //! nothing and gets that answer again, marked `replayed`. The notification id is derived from
@@ -20,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::audience::{self, Resolved};
 use super::{AckMode, Level, Notice, NoticeError};
-use crate::bus::{Bus, Outgoing};
+use crate::bus::{Bus, Outgoing, OwedNotice};
 use crate::membership::MembershipResolver;
 
 /// Users per bus call.
@@ -47,6 +52,8 @@ pub struct NotificationMessage<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires: Option<&'a str>,
     pub ack: Option<AckMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<&'a serde_json::Map<String, serde_json::Value>>,
 }
 
 /// What a publish did.
@@ -83,10 +90,16 @@ impl From<&Resolved> for ResolvedOut {
     }
 }
 
+/// How long a notification that asks for acknowledgements is kept for devices that have not
+/// acknowledged it (`--critical-retention`).
+pub const CRITICAL_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Publishes notifications over one bus, resolving targets with one directory.
 pub struct Publisher {
     pub resolver: Option<Arc<dyn MembershipResolver>>,
     pub bus: Arc<dyn Bus>,
+    /// How long an unacknowledged notification is kept ([`CRITICAL_RETENTION`]).
+    pub retention: Duration,
 }
 
 /// Who asks, for idempotency keys (scoped to their publisher) and logs.
@@ -192,12 +205,29 @@ impl Publisher {
             link: notice.link.as_deref(),
             expires: notice.expires.as_deref(),
             ack: notice.ack,
+            action: notice.action.as_ref(),
         };
         let payload = Bytes::from(
             serde_json::to_vec(&message)
                 .map_err(|e| NoticeError::new("bad-notification", e.to_string()))?,
         );
         let event_id: Arc<str> = Arc::from(id.as_str());
+        if let Some(mode) = notice.ack {
+            // Owed first: a device that connects while the live messages go out is told on
+            // connect, and a publish that fails half-way still leaves every user owing it.
+            let owed = OwedNotice {
+                id: event_id.clone(),
+                payload: payload.clone(),
+                per_device: mode == AckMode::Device,
+                published_ms: now.timestamp_millis(),
+            };
+            for chunk in audience.users.chunks(BATCH) {
+                self.bus
+                    .owe(chunk, &owed, self.retention)
+                    .await
+                    .map_err(|e| NoticeError::new("bus-unavailable", e.to_string()))?;
+            }
+        }
         for chunk in audience.users.chunks(BATCH) {
             let batch: Vec<Outgoing> = chunk
                 .iter()

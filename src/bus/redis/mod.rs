@@ -120,6 +120,16 @@ pub mod keys {
         format!("fc:{{{user}}}:meta")
     }
 
+    /// Notifications `user` owes acknowledgements for: id → `<u|d> <deadline ms> <payload>`.
+    pub fn owed(user: &str) -> String {
+        format!("fc:{{{user}}}:owed")
+    }
+
+    /// The acknowledgements of `user`'s per-device notifications (`<id>\n<device>`).
+    pub fn acked(user: &str) -> String {
+        format!("fc:{{{user}}}:acked")
+    }
+
     pub fn seen(user: &str, window: u64) -> String {
         format!("fc:{{{user}}}:seen:{window}")
     }
@@ -822,6 +832,121 @@ async fn ping(conn: Conn) -> Result<(), RedisError> {
 
 #[async_trait]
 impl Bus for RedisBus {
+    async fn owe(
+        &self,
+        users: &[Arc<str>],
+        notice: &crate::bus::OwedNotice,
+        retention: Duration,
+    ) -> Result<(), BusError> {
+        let encoded = crate::bus::encode_owed(notice, retention);
+        let ttl = retention.as_millis().max(1) as u64;
+        // One pipeline per batch of users; each user's keys share its slot.
+        let mut pipe = redis::pipe();
+        for user in users {
+            pipe.cmd("HSET")
+                .arg(keys::owed(user))
+                .arg(&*notice.id)
+                .arg(&encoded)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(keys::owed(user))
+                .arg(ttl)
+                .ignore();
+        }
+        let done: Result<(), RedisError> = match self.publisher.clone() {
+            Conn::Standalone(mut c) => pipe.query_async(&mut c).await,
+            Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
+        };
+        done.map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
+    async fn owed(&self, user: &str, device: &str) -> Result<Vec<Bytes>, BusError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL")
+            .arg(keys::owed(user))
+            .cmd("SMEMBERS")
+            .arg(keys::acked(user));
+        let read: Result<(Vec<(String, Vec<u8>)>, Vec<String>), RedisError> =
+            match self.publisher.clone() {
+                Conn::Standalone(mut c) => pipe.query_async(&mut c).await,
+                Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
+            };
+        let (stored, acked) = read.map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let acked: std::collections::HashSet<String> = acked.into_iter().collect();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut owed: Vec<(i64, Bytes)> = stored
+            .iter()
+            .filter_map(|(id, value)| {
+                let (per_device, deadline, payload) = crate::bus::decode_owed(value)?;
+                let member = crate::bus::ack_member(id, per_device.then_some(device));
+                (deadline > now_ms && !acked.contains(&member)).then_some((deadline, payload))
+            })
+            .collect();
+        // Oldest first (same retention: the earliest deadline was published first).
+        owed.sort_by_key(|(deadline, _)| *deadline);
+        Ok(owed.into_iter().map(|(_, p)| p).collect())
+    }
+
+    async fn acknowledge(
+        &self,
+        user: &str,
+        device: &str,
+        notification_id: &str,
+    ) -> Result<bool, BusError> {
+        let mut read = redis::cmd("HGET");
+        read.arg(keys::owed(user)).arg(notification_id);
+        let stored: Result<Option<Vec<u8>>, RedisError> = match self.publisher.clone() {
+            Conn::Standalone(mut c) => read.query_async(&mut c).await,
+            Conn::Cluster(mut c) => read.query_async(&mut c).await,
+        };
+        let stored = stored.map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let Some((per_device, deadline, _)) = stored.as_deref().and_then(crate::bus::decode_owed)
+        else {
+            // Acknowledged before (by any device, for a per-user notice): idempotent.
+            let mut seen = redis::cmd("SISMEMBER");
+            seen.arg(keys::acked(user))
+                .arg(crate::bus::ack_member(notification_id, None));
+            let seen: Result<bool, RedisError> = match self.publisher.clone() {
+                Conn::Standalone(mut c) => seen.query_async(&mut c).await,
+                Conn::Cluster(mut c) => seen.query_async(&mut c).await,
+            };
+            return seen.map_err(|e| BusError::Unavailable(e.to_string()));
+        };
+        let ttl = (deadline - chrono::Utc::now().timestamp_millis()).max(1);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SADD")
+            .arg(keys::acked(user))
+            .arg(crate::bus::ack_member(
+                notification_id,
+                per_device.then_some(device),
+            ))
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(keys::acked(user))
+            .arg(ttl)
+            .arg("GT")
+            .ignore();
+        // A new set has no TTL for GT to compare with: give it one.
+        pipe.cmd("PEXPIRE")
+            .arg(keys::acked(user))
+            .arg(ttl)
+            .arg("NX")
+            .ignore();
+        if !per_device {
+            // Any one device's acknowledgement ends a per-user notice for all of them.
+            pipe.cmd("HDEL")
+                .arg(keys::owed(user))
+                .arg(notification_id)
+                .ignore();
+        }
+        let done: Result<(), RedisError> = match self.publisher.clone() {
+            Conn::Standalone(mut c) => pipe.query_async(&mut c).await,
+            Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
+        };
+        done.map_err(|e| BusError::Unavailable(e.to_string()))?;
+        Ok(true)
+    }
+
     async fn record_once(
         &self,
         key: &str,
