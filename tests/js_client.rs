@@ -185,3 +185,84 @@ async fn websocket_page_survives_restarts_and_refetches_after_a_lost_history() {
 async fn sse_page_survives_restarts_and_refetches_after_a_lost_history() {
     page_survives_restarts_and_refetches_after_a_lost_history("sse").await;
 }
+
+/// Notifications in the page: one that asks for an acknowledgement arrives (published while the
+/// page was not there), `ack()` acknowledges it, and the next connect of the device no longer
+/// brings it.
+async fn page_acknowledges_a_notification(transport: &str) {
+    let port = free_port();
+    let _server = gateway(port).await;
+    let user = unique("js-notice");
+    let out = tokio::process::Command::new(common::bin())
+        .args(["publish", "--redis", &redis_url(), "--user", &user])
+        .args([
+            "--title",
+            "Sign the new policy",
+            "--level",
+            "critical",
+            "--ack",
+            "user",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let browser = Browser::launch(&format!("http://127.0.0.1:{port}/healthz")).await;
+    let mut page = browser.loaded_page("/healthz").await;
+    let module = std::fs::read(root().join("clients/js/foldercast.js")).unwrap();
+    let module = base64::engine::general_purpose::STANDARD.encode(module);
+    let url = match transport {
+        "sse" => format!("http://127.0.0.1:{port}/sse"),
+        _ => format!("ws://127.0.0.1:{port}/ws"),
+    };
+    let script = format!(
+        r#"(async () => {{
+            const m = await import("data:text/javascript;base64,{module}");
+            window.notes = [];
+            window.start = () => {{
+                window.fc = m.connect({{ url: "{url}", transport: "{transport}", device: "tab", getToken: () => "{token}" }});
+                fc.on("notification", (n, ack) => {{ notes.push(n.title); ack().then(() => notes.push("acked")); }});
+            }};
+            start();
+            return "started";
+        }})()"#,
+        token = token(&user),
+    );
+    assert_eq!(page.eval(&script).await, "started");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let notes = page.eval("JSON.stringify(window.notes)").await;
+        if notes.as_str() == Some(r#"["Sign the new policy","acked"]"#) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{transport}: {notes}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A new page session of the same device: nothing owed any more.
+    page.eval("fc.close(); window.notes = []; start(); 'again'")
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while page.eval("window.fc.state").await != Value::from("connected") {
+        assert!(tokio::time::Instant::now() < deadline, "reconnects");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(page.eval("JSON.stringify(window.notes)").await, "[]");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_page_acknowledges_a_notification() {
+    page_acknowledges_a_notification("ws").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_page_acknowledges_a_notification() {
+    page_acknowledges_a_notification("sse").await;
+}

@@ -11,6 +11,22 @@ export interface Options {
   transport?: "ws" | "sse";
   /** Keep the last position in localStorage under this key (per tab or device), to resume across page loads. */
   storageKey?: string | null;
+  /** This device's name: notifications that ask for an acknowledgement come on each of its connects until it acks. */
+  device?: string;
+}
+
+/** An operator's notification (the "notification" message of schemas/user-message.schema.json). */
+export interface Notification {
+  type: "notification";
+  notification_id: string;
+  level: "info" | "warning" | "critical";
+  title: string;
+  body: string;
+  time: string;
+  link?: string;
+  expires?: string;
+  ack: null | "user" | "device";
+  action?: { action: string; [key: string]: unknown };
 }
 
 /** A user message (schemas/user-message.schema.json). */
@@ -42,6 +58,8 @@ export interface Connection {
   on(name: "resumed", handler: (resumed: Resumed) => void): () => void;
   on(name: "state", handler: (state: State, detail?: unknown) => void): () => void;
   on(name: "error", handler: (error: { code: string; message: string; position?: Position }) => void): () => void;
+  /** Once per page and notification; `ack()` acknowledges it (a no-op when it asks for none). */
+  on(name: "notification", handler: (notification: Notification, ack: () => Promise<void>) => void): () => void;
   /** Deliver only changes at or below this folder (membership and resync messages always pass). */
   watch(spaceId: string, path?: string): void;
   unwatch(spaceId?: string, path?: string): void;

@@ -4,13 +4,16 @@
 //   const fc = connect({ url: "wss://host/ws", getToken: async () => token });
 //   fc.on("event", (message, position) => …);   // every change, exactly once, in order
 //   fc.on("resync", ({ space_id }) => …);        // history lost: refetch what you show
+//   fc.on("notification", (n, ack) => …);       // operator notices; ack() those that ask
 //   fc.watch("s-eng", "/f1/f2");
 //
 // The client keeps the last position it received and resumes from it on every reconnect
 // (WebSocket `since` in the auth frame; SSE `?since=`, then the browser's Last-Event-ID). When
 // the server says it cannot recover (`resumed` with `recovered:false`), it emits `resync` for
 // every watched space (or once with `space_id: null` when nothing is watched), so the app
-// refetches instead of showing stale sizes. No build step; no dependencies.
+// refetches instead of showing stale sizes. Notifications that ask for an acknowledgement come
+// on every connect of this device (`device` option) until `ack()` is called; each is emitted
+// once per page. No build step; no dependencies.
 
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 20000;
@@ -34,7 +37,8 @@ export function connect(options) {
   const opts = Object.assign({ transport: "ws", storageKey: null }, options);
   if (!opts.url) throw new Error("foldercast: url is required");
   if (!opts.getToken && !opts.ticketUrl) throw new Error("foldercast: getToken or ticketUrl is required");
-  const handlers = { event: [], resync: [], resumed: [], state: [], error: [] };
+  const handlers = { event: [], resync: [], resumed: [], state: [], error: [], notification: [] };
+  const notified = new Set(); // notification ids emitted on this page (bounded below)
   const watches = new Map(); // "space\u0000path" -> {space_id, path}
   const storage = opts.storageKey && typeof localStorage !== "undefined" ? localStorage : null;
   let position = storage ? storage.getItem(opts.storageKey) : null;
@@ -105,8 +109,32 @@ export function connect(options) {
     return { ticket: (await r.json()).ticket };
   }
 
+  /** Emits a notification once per page, with its ack(). */
+  function notify(n) {
+    if (!n || !n.notification_id || notified.has(n.notification_id)) return;
+    notified.add(n.notification_id);
+    if (notified.size > 1000) notified.delete(notified.values().next().value);
+    emit("notification", n, () => acknowledge(n));
+  }
+
+  async function acknowledge(n) {
+    if (!n.ack) return;
+    if (opts.transport !== "sse" && socket && socket.readyState === 1 && socket.send) {
+      socket.send(JSON.stringify({ type: "ack", notification_id: n.notification_id }));
+      return;
+    }
+    const url = new URL(`/api/notifications/${encodeURIComponent(n.notification_id)}/ack`, opts.url.replace(/^ws/, "http"));
+    if (opts.device) url.searchParams.set("device", opts.device);
+    const headers = opts.getToken ? { authorization: `Bearer ${await opts.getToken()}` } : {};
+    const r = await fetch(url, { method: "POST", credentials: "include", headers });
+    if (!r.ok) throw Object.assign(new Error(`ack failed: ${r.status}`), { status: r.status });
+  }
+
   function onServerMessage(msg, sseId) {
     switch (msg.type) {
+      case "notification":
+        notify(msg.data);
+        return;
       case "ready":
         // Where this connection starts; a client that had no position takes it.
         if (!position) remember(msg.position);
@@ -126,6 +154,7 @@ export function connect(options) {
           emit("resync", { space_id: msg.space_id ?? msg.data?.space_id, reason: msg.data?.reason ?? "backlog" });
         }
         emit("event", msg.data, msg.id ?? sseId);
+        if (msg.data?.type === "notification") notify(msg.data);
         return;
       case "pong":
         clearTimeout(pongTimer);
@@ -189,6 +218,7 @@ export function connect(options) {
   function openWs(creds) {
     const url = new URL(opts.url);
     if (creds.ticket) url.searchParams.set("ticket", creds.ticket);
+    if (opts.device) url.searchParams.set("device", opts.device);
     const ws = new WebSocket(url);
     socket = ws;
     ws.onopen = () => {
@@ -221,6 +251,7 @@ export function connect(options) {
     const url = new URL(opts.url);
     if (creds.ticket) url.searchParams.set("ticket", creds.ticket);
     if (position) url.searchParams.set("since", position);
+    if (opts.device) url.searchParams.set("device", opts.device);
     for (const w of watches.values()) url.searchParams.append("watch", `${w.space_id}:${w.path}`);
     const es = new EventSource(url);
     socket = es;
@@ -228,12 +259,17 @@ export function connect(options) {
       let data;
       try { data = JSON.parse(e.data); } catch (_) { return; }
       if (type === "ready" || type === "resumed" || type === "reconnect" || type === "error") onServerMessage(data);
+      // An owed notification has no id line; a live one moves the position like any message.
+      else if (type === "notification") {
+        if (e.lastEventId && e.lastEventId !== position) onServerMessage({ type: "event", id: e.lastEventId, data }, e.lastEventId);
+        else notify(data);
+      }
       else onServerMessage({ type: type === "resync" ? "resync" : "event", id: e.lastEventId, data }, e.lastEventId);
     };
     for (const t of ["ready", "resumed", "reconnect", "error"]) es.addEventListener(t, onData(t));
     es.onmessage = onData("message");
     const types = ["file-uploaded", "file-touched", "folder-created", "item-trashed", "item-restored", "item-moved",
-      "space-member-added", "space-member-removed", "coalesced", "resync", "notice"];
+      "space-member-added", "space-member-removed", "coalesced", "resync", "notification"];
     for (const t of types) es.addEventListener(t, onData(t));
     // The browser reconnects by itself (sending Last-Event-ID); a closed stream is ours to retry.
     es.onerror = () => { if (es.readyState === 2 && socket === es) fail(); };
