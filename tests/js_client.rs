@@ -249,7 +249,7 @@ async fn page_acknowledges_a_notification(transport: &str) {
     page.eval("fc.close(); window.notes = []; start(); 'again'")
         .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while page.eval("window.fc.state").await != Value::from("connected") {
+    while page.eval("window.fc.state").await != "connected" {
         assert!(tokio::time::Instant::now() < deadline, "reconnects");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
