@@ -803,6 +803,11 @@ pub struct GatewayArgs {
     #[arg(long, env = "FOLDERCAST_CRITICAL_RETENTION", default_value = "30d", value_parser = parse_duration, value_name = "DURATION")]
     pub critical_retention: Duration,
 
+    /// A device (a client's `?device=` name) unseen this long is forgotten, with the position it
+    /// acknowledged.
+    #[arg(long, env = "FOLDERCAST_DEVICE_TTL", default_value = "30d", value_parser = parse_duration, value_name = "DURATION")]
+    pub device_ttl: Duration,
+
     /// Connection tickets one user may obtain per second (bursts of twice that); more get 429.
     #[arg(
         long,

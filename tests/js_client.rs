@@ -255,6 +255,49 @@ async fn page_acknowledges_a_notification(transport: &str) {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(page.eval("JSON.stringify(window.notes)").await, "[]");
+    if transport != "ws" {
+        return;
+    }
+    // The page tells the server the position its device has (every 5 s); a page started
+    // afresh, with no position of its own, resumes from there: only what came after.
+    let publish = |title: &'static str| {
+        let user = user.clone();
+        async move {
+            let out = tokio::process::Command::new(common::bin())
+                .args([
+                    "publish",
+                    "--redis",
+                    &redis_url(),
+                    "--user",
+                    &user,
+                    "--title",
+                    title,
+                ])
+                .output()
+                .await
+                .unwrap();
+            assert!(out.status.success());
+        }
+    };
+    publish("seen").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while page.eval("JSON.stringify(window.notes)").await != r#"["seen","acked"]"# {
+        assert!(tokio::time::Instant::now() < deadline, "the seen notice");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(6000)).await;
+    page.eval("fc.close(); 'closed'").await;
+    publish("missed").await;
+    page.eval("window.notes = []; start(); 'again'").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while page.eval("JSON.stringify(window.notes)").await != r#"["missed","acked"]"# {
+        let notes = page.eval("JSON.stringify(window.notes)").await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "resumed from the device's position: {notes}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -557,3 +557,121 @@ async fn acknowledgements_survive_gateway_and_redis_restarts_and_sse_clients_ack
     assert_eq!(owed.len(), 1, "an unacknowledged one is not lost");
     assert_eq!(owed[0]["notification_id"], id.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_resumes_where_it_acknowledged_and_lists_only_its_users_devices() {
+    let s = setup().await;
+    let publish = |title: &'static str| {
+        let server = &s.server;
+        async move {
+            let (status, answer) = post(
+                server,
+                Some(ADMIN),
+                None,
+                json!({"title": title, "targets": {"users": ["erin"]}}).to_string(),
+            )
+            .await;
+            assert_eq!(status, 200, "{answer}");
+        }
+    };
+    // The desktop app receives one message and acknowledges its position.
+    let (mut desktop, _) = connect_device(&s.server, "erin", "desktop").await;
+    publish("one").await;
+    let frame = loop {
+        let f = next_frame(&mut desktop, Duration::from_secs(10))
+            .await
+            .unwrap();
+        if f["type"] == "event" {
+            break f;
+        }
+    };
+    let position = frame["id"].as_str().unwrap().to_owned();
+    desktop
+        .send(Message::Text(
+            json!({"type": "ack", "position": position})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .unwrap();
+    assert!(notifications(&mut desktop).await.is_empty());
+    // A malformed ack is an error frame, and the connection stays.
+    desktop
+        .send(Message::Text(
+            json!({"type": "ack", "position": "nonsense"})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .unwrap();
+    let f = next_frame(&mut desktop, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        (&f["type"], &f["code"]),
+        (&json!("error"), &json!("bad-frame"))
+    );
+    drop(desktop);
+    publish("two").await;
+    publish("three").await;
+
+    // The app restarts without a position of its own: it resumes where the device acknowledged.
+    let mut back = testkit::ws::open(
+        &s.server.ws_url("/ws?device=desktop"),
+        Some(&token("erin")),
+        None,
+    )
+    .await
+    .unwrap();
+    let got = wait_notifications(&mut back, 2).await;
+    let titles: Vec<&str> = got.iter().map(|n| n["title"].as_str().unwrap()).collect();
+    assert_eq!(
+        titles,
+        ["two", "three"],
+        "exactly what followed the acknowledged position"
+    );
+
+    // Devices are per user: erin sees hers, alice none of them.
+    let list = |user: &'static str| {
+        let url = s.server.url("/api/devices");
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token(user))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let erin = list("erin").await;
+    assert_eq!(erin["devices"][0]["device"], "desktop");
+    assert_eq!(
+        erin["devices"][0]["acknowledged_position"],
+        position.as_str()
+    );
+    assert!(
+        list("alice").await["devices"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let delete = |user: &'static str| {
+        let url = s.server.url("/api/devices/desktop");
+        async move {
+            reqwest::Client::new()
+                .delete(url)
+                .bearer_auth(token(user))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(delete("alice").await, 404, "not hers");
+    assert_eq!(delete("erin").await, 204);
+    assert!(list("erin").await["devices"].as_array().unwrap().is_empty());
+}

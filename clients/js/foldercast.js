@@ -19,6 +19,8 @@ const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 20000;
 const PING_EVERY_MS = 25000;
 const PONG_WITHIN_MS = 10000;
+/** How often a named device tells the server the position it has (so it resumes there later). */
+const ACK_EVERY_MS = 5000;
 /** Refusals that retrying cannot fix (a new token would be needed, and getToken gave this one). */
 const TERMINAL = new Set(["invalid-token", "invalid-ticket", "unauthenticated", "user-mismatch"]);
 
@@ -49,6 +51,8 @@ export function connect(options) {
   let timer = null;
   let pingTimer = null;
   let pongTimer = null;
+  let ackTimer = null;
+  let acked = null; // the position last acknowledged to the server
 
   const emit = (name, ...args) => {
     for (const h of handlers[name]) {
@@ -74,7 +78,8 @@ export function connect(options) {
     clearTimeout(timer);
     clearTimeout(pingTimer);
     clearTimeout(pongTimer);
-    timer = pingTimer = pongTimer = null;
+    clearInterval(ackTimer);
+    timer = pingTimer = pongTimer = ackTimer = null;
   };
   const scheduleReconnect = (delay) => {
     clearTimers();
@@ -226,6 +231,16 @@ export function connect(options) {
       else if (position) ws.send(JSON.stringify({ type: "resume", since: position }));
       for (const w of watches.values()) ws.send(JSON.stringify(Object.assign({ type: "watch" }, w)));
       armPing(ws);
+      if (opts.device) {
+        // Cumulative: the server keeps the device's latest, and resumes it there when it
+        // connects without a position (a restarted app).
+        clearInterval(ackTimer);
+        ackTimer = setInterval(() => {
+          if (socket !== ws || !position || position === acked) return;
+          ws.send(JSON.stringify({ type: "ack", position }));
+          acked = position;
+        }, ACK_EVERY_MS);
+      }
     };
     ws.onmessage = (e) => {
       let msg;

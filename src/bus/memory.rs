@@ -48,6 +48,8 @@ struct State {
     records: HashMap<String, (String, Instant)>,
     /// Per user: notices owed, and the acknowledgements.
     owed: HashMap<Arc<str>, Owed>,
+    /// Per user: devices by name.
+    devices: HashMap<Arc<str>, HashMap<String, super::devices::DeviceRecord>>,
 }
 
 /// One user's owed notices (id and encoded, in publish order) and acknowledgements
@@ -121,6 +123,69 @@ impl MemoryBus {
 
 #[async_trait]
 impl Bus for MemoryBus {
+    async fn device_seen(
+        &self,
+        user: &str,
+        device: &str,
+        ttl: Duration,
+    ) -> Result<super::devices::DeviceRecord, BusError> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        let devices = state.devices.entry(Arc::from(user)).or_default();
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        devices.retain(|_, d| now_ms.saturating_sub(d.last_seen_ms) < ttl_ms);
+        let stored = devices.get(device).map(|d| d.encode());
+        let record = super::devices::DeviceRecord::seen(stored.as_deref(), now_ms);
+        devices.insert(device.to_owned(), record.clone());
+        Ok(record)
+    }
+
+    async fn device_acked(
+        &self,
+        user: &str,
+        device: &str,
+        position: &str,
+        _ttl: Duration,
+    ) -> Result<bool, BusError> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        let devices = state.devices.entry(Arc::from(user)).or_default();
+        let record = devices
+            .entry(device.to_owned())
+            .or_insert_with(|| super::devices::DeviceRecord::seen(None, now_ms));
+        Ok(record.acknowledge(position))
+    }
+
+    async fn devices(
+        &self,
+        user: &str,
+        ttl: Duration,
+    ) -> Result<Vec<(String, super::devices::DeviceRecord)>, BusError> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let state = self.state.lock().map_err(|_| BusError::Closed)?;
+        let mut out: Vec<(String, super::devices::DeviceRecord)> = state
+            .devices
+            .get(user)
+            .map(|d| {
+                d.iter()
+                    .filter(|(_, r)| now_ms.saturating_sub(r.last_seen_ms) < ttl_ms)
+                    .map(|(n, r)| (n.clone(), r.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    async fn forget_device(&self, user: &str, device: &str) -> Result<bool, BusError> {
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        Ok(state
+            .devices
+            .get_mut(user)
+            .is_some_and(|d| d.remove(device).is_some()))
+    }
+
     async fn owe(
         &self,
         users: &[Arc<str>],

@@ -12,6 +12,7 @@
 //! the history was lost. [`Bus::catch_up`] reads it for resuming clients and for sessions whose
 //! live feed had a gap.
 
+pub mod devices;
 mod lines;
 mod memory;
 pub mod position;
@@ -323,6 +324,41 @@ pub trait Bus: Send + Sync {
         _device: &str,
         _notification_id: &str,
     ) -> Result<bool, BusError> {
+        Ok(false)
+    }
+
+    /// `device` of `user` connects: its record, seen now (kept `ttl` past its last visit).
+    async fn device_seen(
+        &self,
+        _user: &str,
+        _device: &str,
+        _ttl: Duration,
+    ) -> Result<devices::DeviceRecord, BusError> {
+        Err(BusError::Unavailable("this bus keeps no devices".into()))
+    }
+
+    /// `device` of `user` acknowledges `position` (cumulative): whether it moved forward.
+    async fn device_acked(
+        &self,
+        _user: &str,
+        _device: &str,
+        _position: &str,
+        _ttl: Duration,
+    ) -> Result<bool, BusError> {
+        Err(BusError::Unavailable("this bus keeps no devices".into()))
+    }
+
+    /// `user`'s devices seen within `ttl`, by name.
+    async fn devices(
+        &self,
+        _user: &str,
+        _ttl: Duration,
+    ) -> Result<Vec<(String, devices::DeviceRecord)>, BusError> {
+        Ok(Vec::new())
+    }
+
+    /// Forgets `device` of `user` (its acknowledged position); false when unknown.
+    async fn forget_device(&self, _user: &str, _device: &str) -> Result<bool, BusError> {
         Ok(false)
     }
 

@@ -97,6 +97,7 @@ fn gateway_config(g: &GatewayArgs) -> GatewayConfig {
         resume_max: g.resume_max,
         drain_spread: g.drain_spread,
         drain_grace: g.drain_grace,
+        device_ttl: g.device_ttl,
     }
 }
 

@@ -69,6 +69,8 @@ pub struct GatewayConfig {
     pub drain_spread: Duration,
     /// On shutdown, how long open connections are given to be told and closed.
     pub drain_grace: Duration,
+    /// A device unseen this long is forgotten (its acknowledged position).
+    pub device_ttl: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -93,6 +95,7 @@ impl Default for GatewayConfig {
             resume_max: 1000,
             drain_spread: Duration::from_secs(10),
             drain_grace: Duration::from_secs(5),
+            device_ttl: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -161,6 +164,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(notices::publish).layer(axum::extract::DefaultBodyLimit::max(notices::MAX_BODY)),
         )
         .route("/api/notifications/{id}/ack", post(notices::acknowledge))
+        .route("/api/devices", get(notices::devices))
+        .route(
+            "/api/devices/{device}",
+            axum::routing::delete(notices::forget_device),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(state)

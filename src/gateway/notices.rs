@@ -203,28 +203,16 @@ pub async fn acknowledge(
     axum::extract::Query(query): axum::extract::Query<AckQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(token) = super::ws::header_token(&headers) else {
-        return error_response(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "send Authorization: Bearer <token>",
-        );
-    };
-    let identity = match state.auth.verify(token).await {
-        Ok(identity) => identity,
-        Err(e) => return error_response(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
+    let user = match user_of(&state, &headers).await {
+        Ok(user) => user,
+        Err(refused) => return refused,
     };
     let device = match query.device.map(super::protocol::check_device) {
         None => super::protocol::DEFAULT_DEVICE.to_owned(),
         Some(Ok(d)) => d,
         Some(Err(e)) => return error_response(StatusCode::BAD_REQUEST, e.code, &e.message),
     };
-    match state
-        .hub
-        .bus()
-        .acknowledge(&identity.user, &device, &id)
-        .await
-    {
+    match state.hub.bus().acknowledge(&user, &device, &id).await {
         Ok(true) => (
             StatusCode::OK,
             axum::Json(serde_json::json!({"type": "acked", "notification_id": id})),
@@ -234,7 +222,85 @@ pub async fn acknowledge(
         Ok(false) => error_response(
             StatusCode::NOT_FOUND,
             "unknown-notification",
-            &format!("{} owes no acknowledgement for {id:?}", identity.user),
+            &format!("{user} owes no acknowledgement for {id:?}"),
+        ),
+        Err(e) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            &e.to_string(),
+        ),
+    }
+}
+
+/// The user of a request's bearer token, or the response refusing it.
+async fn user_of(state: &AppState, headers: &HeaderMap) -> Result<Arc<str>, Response> {
+    let Some(token) = super::ws::header_token(headers) else {
+        return Err(error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "send Authorization: Bearer <token>",
+        ));
+    };
+    state
+        .auth
+        .verify(token)
+        .await
+        .map(|identity| identity.user)
+        .map_err(|e| error_response(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()))
+}
+
+/// `GET /api/devices`: the caller's own devices (never another user's), with the position
+/// each acknowledged and how many notifications it still owes an acknowledgement for.
+pub async fn devices(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let user = match user_of(&state, &headers).await {
+        Ok(user) => user,
+        Err(refused) => return refused,
+    };
+    let bus = state.hub.bus();
+    let devices = match bus.devices(&user, state.config.device_ttl).await {
+        Ok(d) => d,
+        Err(e) => {
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                &e.to_string(),
+            );
+        }
+    };
+    let mut out = Vec::with_capacity(devices.len());
+    for (name, record) in devices {
+        let owes = bus.owed(&user, &name).await.map(|o| o.len()).unwrap_or(0);
+        let at = |ms: i64| {
+            chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        };
+        out.push(serde_json::json!({
+            "device": name,
+            "first_seen": at(record.first_seen_ms),
+            "last_seen": at(record.last_seen_ms),
+            "acknowledged_position": record.acked,
+            "owes": owes,
+        }));
+    }
+    axum::Json(serde_json::json!({"user": &*user, "devices": out})).into_response()
+}
+
+/// `DELETE /api/devices/{device}`: forgets one of the caller's devices.
+pub async fn forget_device(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(device): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let user = match user_of(&state, &headers).await {
+        Ok(user) => user,
+        Err(refused) => return refused,
+    };
+    match state.hub.bus().forget_device(&user, &device).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => error_response(
+            StatusCode::NOT_FOUND,
+            "unknown-device",
+            &format!("{user} has no device {device:?}"),
         ),
         Err(e) => error_response(
             StatusCode::SERVICE_UNAVAILABLE,

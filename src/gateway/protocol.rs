@@ -19,9 +19,11 @@ pub enum ClientFrame {
         /// The client's name for its device, when the connection starts with this frame.
         device: Option<String>,
     },
-    /// Acknowledges a notification that asked for it (`ack` "user" or "device").
+    /// Acknowledges a notification that asked for it (`ack` "user" or "device"), or the
+    /// device's position (cumulative), or both.
     Ack {
-        notification_id: String,
+        notification_id: Option<String>,
+        position: Option<String>,
     },
     /// Resume from a position: only before anything was delivered on the connection.
     Resume {
@@ -74,7 +76,8 @@ struct AuthBody {
 
 #[derive(Deserialize)]
 struct AckBody {
-    notification_id: String,
+    notification_id: Option<String>,
+    position: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -135,14 +138,25 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         }
         "ack" => {
             let b: AckBody = serde_json::from_str(text).map_err(bad)?;
-            if b.notification_id.is_empty() {
+            let notification_id = b.notification_id.filter(|id| !id.is_empty());
+            let position = b.position.filter(|p| !p.is_empty());
+            if notification_id.is_none() && position.is_none() {
                 return Err(FrameError::new(
                     "bad-frame",
-                    "notification_id must not be empty",
+                    "ack needs a notification_id or a position",
+                ));
+            }
+            if let Some(p) = &position
+                && crate::bus::Position::parse(p).is_none()
+            {
+                return Err(FrameError::new(
+                    "bad-frame",
+                    format!("{p:?} is not a position"),
                 ));
             }
             Ok(ClientFrame::Ack {
-                notification_id: b.notification_id,
+                notification_id,
+                position,
             })
         }
         "resume" => {

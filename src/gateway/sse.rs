@@ -126,6 +126,19 @@ async fn serve(
         .filter(|v| !v.is_empty())
         .map(str::to_owned);
     let since = last_event_id.or(since);
+    // A device that gives no position resumes where it last acknowledged.
+    let device_name = device
+        .clone()
+        .unwrap_or_else(|| super::protocol::DEFAULT_DEVICE.to_owned());
+    let since = match state
+        .hub
+        .bus()
+        .device_seen(&identity.user, &device_name, state.config.device_ttl)
+        .await
+    {
+        Ok(record) => since.or(record.acked),
+        Err(_) => since,
+    };
     // Attached first (the registration), then the history read: nothing falls in between.
     let start = match resume::start(
         &state.hub,

@@ -197,6 +197,20 @@ async fn session(
             return;
         }
     };
+    // A device that gives no position resumes where it last acknowledged.
+    let since = match Box::pin(state.hub.bus().device_seen(
+        &identity.user,
+        &device,
+        state.config.device_ttl,
+    ))
+    .await
+    {
+        Ok(record) => since.or(record.acked),
+        Err(e) => {
+            tracing::debug!(user = %identity.user, error = %e, "device not recorded");
+            since
+        }
+    };
     // Attached first (the registration), then the history read: nothing falls in between.
     let limit = state.config.resume_max;
     // Boxed, like the other rare awaits below: a future awaited inline makes every idle
@@ -315,8 +329,16 @@ async fn session(
                             }
                         }
                     }
-                    Ok(ClientFrame::Ack { notification_id }) => {
-                        Some(Box::pin(acknowledge(&state, &identity.user, &device, &notification_id)).await)
+                    Ok(ClientFrame::Ack { notification_id, position }) => {
+                        if let Some(position) = position
+                            && let Err(e) = state.hub.bus().device_acked(&identity.user, &device, &position, state.config.device_ttl).await
+                        {
+                            tracing::debug!(user = %identity.user, error = %e, "device position not recorded");
+                        }
+                        match notification_id {
+                            Some(id) => Some(Box::pin(acknowledge(&state, &identity.user, &device, &id)).await),
+                            None => None,
+                        }
                     }
                     Ok(ClientFrame::Auth { token, .. }) => match state.auth.verify(&token).await {
                         // A fresh token for the same user extends the connection's life.

@@ -125,6 +125,11 @@ pub mod keys {
         format!("fc:{{{user}}}:owed")
     }
 
+    /// `user`'s devices: name → [`crate::bus::devices::DeviceRecord`] (JSON).
+    pub fn devices(user: &str) -> String {
+        format!("fc:{{{user}}}:devices")
+    }
+
     /// The acknowledgements of `user`'s per-device notifications (`<id>\n<device>`).
     pub fn acked(user: &str) -> String {
         format!("fc:{{{user}}}:acked")
@@ -563,6 +568,42 @@ fn unavailable(e: RedisError) -> BusError {
 }
 
 impl RedisBus {
+    /// `HGET key field`.
+    async fn hget(&self, key: &str, field: &str) -> Result<Option<String>, BusError> {
+        let mut read = redis::cmd("HGET");
+        read.arg(key).arg(field);
+        let value: Result<Option<String>, RedisError> = match self.publisher.clone() {
+            Conn::Standalone(mut c) => read.query_async(&mut c).await,
+            Conn::Cluster(mut c) => read.query_async(&mut c).await,
+        };
+        value.map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
+    /// `HSET key field value` and the key's lifetime set to `ttl` (from now).
+    async fn hset_with_ttl(
+        &self,
+        key: &str,
+        field: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<(), BusError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(key)
+            .arg(field)
+            .arg(value)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(key)
+            .arg(ttl.as_millis().max(1) as u64)
+            .ignore();
+        let done: Result<(), RedisError> = match self.publisher.clone() {
+            Conn::Standalone(mut c) => pipe.query_async(&mut c).await,
+            Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
+        };
+        done.map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
     /// Connects the publisher, and the subscriber when `deliveries` is given (tests, tools).
     pub async fn connect(
         target: &RedisTarget,
@@ -832,6 +873,77 @@ async fn ping(conn: Conn) -> Result<(), RedisError> {
 
 #[async_trait]
 impl Bus for RedisBus {
+    async fn device_seen(
+        &self,
+        user: &str,
+        device: &str,
+        ttl: Duration,
+    ) -> Result<crate::bus::devices::DeviceRecord, BusError> {
+        let stored = self.hget(&keys::devices(user), device).await?;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let record = crate::bus::devices::DeviceRecord::seen(stored.as_deref(), now_ms);
+        self.hset_with_ttl(&keys::devices(user), device, &record.encode(), ttl)
+            .await?;
+        Ok(record)
+    }
+
+    async fn device_acked(
+        &self,
+        user: &str,
+        device: &str,
+        position: &str,
+        ttl: Duration,
+    ) -> Result<bool, BusError> {
+        let stored = self.hget(&keys::devices(user), device).await?;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut record = match stored {
+            Some(s) => serde_json::from_str(&s)
+                .unwrap_or_else(|_| crate::bus::devices::DeviceRecord::seen(None, now_ms)),
+            None => crate::bus::devices::DeviceRecord::seen(None, now_ms),
+        };
+        if !record.acknowledge(position) {
+            return Ok(false);
+        }
+        self.hset_with_ttl(&keys::devices(user), device, &record.encode(), ttl)
+            .await?;
+        Ok(true)
+    }
+
+    async fn devices(
+        &self,
+        user: &str,
+        ttl: Duration,
+    ) -> Result<Vec<(String, crate::bus::devices::DeviceRecord)>, BusError> {
+        let mut read = redis::cmd("HGETALL");
+        read.arg(keys::devices(user));
+        let all: Result<Vec<(String, String)>, RedisError> = match self.publisher.clone() {
+            Conn::Standalone(mut c) => read.query_async(&mut c).await,
+            Conn::Cluster(mut c) => read.query_async(&mut c).await,
+        };
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let mut out: Vec<(String, crate::bus::devices::DeviceRecord)> = all
+            .map_err(|e| BusError::Unavailable(e.to_string()))?
+            .into_iter()
+            .filter_map(|(name, json)| {
+                let record: crate::bus::devices::DeviceRecord = serde_json::from_str(&json).ok()?;
+                (now_ms.saturating_sub(record.last_seen_ms) < ttl_ms).then_some((name, record))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    async fn forget_device(&self, user: &str, device: &str) -> Result<bool, BusError> {
+        let mut del = redis::cmd("HDEL");
+        del.arg(keys::devices(user)).arg(device);
+        let removed: Result<u64, RedisError> = match self.publisher.clone() {
+            Conn::Standalone(mut c) => del.query_async(&mut c).await,
+            Conn::Cluster(mut c) => del.query_async(&mut c).await,
+        };
+        Ok(removed.map_err(|e| BusError::Unavailable(e.to_string()))? > 0)
+    }
+
     async fn owe(
         &self,
         users: &[Arc<str>],
