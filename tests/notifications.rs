@@ -675,3 +675,35 @@ async fn a_device_resumes_where_it_acknowledged_and_lists_only_its_users_devices
     assert_eq!(delete("erin").await, 204);
     assert!(list("erin").await["devices"].as_array().unwrap().is_empty());
 }
+
+/// The embedded default (`run`: the in-process bus) keeps the same contract: publishing,
+/// idempotency keys, notices owed until acknowledged, devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_publishes_and_keeps_notices_until_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let admins = dir.path().join("admins");
+    std::fs::write(&admins, format!("ops:{ADMIN}\n")).unwrap();
+    let server = common::Server::start(&["--admin-token-file", admins.to_str().unwrap()]).await;
+    let mut bob = connect(&server, "bob").await;
+    let key = unique("run");
+    let body = json!({"title": "Down at noon", "level": "critical", "ack": "device",
+                      "targets": {"groups": ["engineering"]}})
+    .to_string();
+    let (status, first) = post(&server, Some(ADMIN), Some(&key), body.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["targeted"], 2, "bob and carol");
+    let (_, again) = post(&server, Some(ADMIN), Some(&key), body).await;
+    assert_eq!(again["replayed"], true);
+    let live = wait_notifications(&mut bob, 1).await;
+    assert_eq!(live[0]["title"], "Down at noon");
+    assert!(notifications(&mut bob).await.is_empty(), "once");
+    let id = first["notification_id"].as_str().unwrap().to_owned();
+    let (mut carol, owed) = connect_device(&server, "carol", "phone").await;
+    assert_eq!(owed.len(), 1);
+    assert_eq!(ack(&mut carol, &id).await["type"], "acked");
+    drop(carol);
+    let (_carol, owed) = connect_device(&server, "carol", "phone").await;
+    assert!(owed.is_empty());
+    let (_carol_laptop, owed) = connect_device(&server, "carol", "laptop").await;
+    assert_eq!(owed.len(), 1, "per device");
+}
