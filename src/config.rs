@@ -66,6 +66,9 @@ pub enum Command {
     /// Publish a notification to users, groups, spaces' members or everyone, through Redis
     /// (the same as POST /api/notifications on a gateway). Prints what was targeted, as JSON.
     Publish(PublishArgs),
+    /// Schedule a planned downtime's announcements (sent by the gateways when due), list the
+    /// scheduled ones (--list), or cancel one (--cancel ID).
+    AnnounceDowntime(DowntimeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -470,6 +473,77 @@ pub struct PublishArgs {
     // Last: its help heading applies to every flag after it.
     #[command(flatten)]
     pub membership: MembershipArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  foldercast announce-downtime --redis redis://127.0.0.1:6379 --all --from 2026-12-01T17:00:00Z --until 2026-12-01T19:00:00Z --body 'Storage upgrade'\n  foldercast announce-downtime --redis … --list\n  foldercast announce-downtime --redis … --cancel dt-…\n\nThe gateways (any of them) send each announcement when it falls due, once."
+)]
+pub struct DowntimeArgs {
+    /// When the downtime starts (RFC 3339).
+    #[arg(long, env = "FOLDERCAST_DOWNTIME_FROM", value_name = "TIME", required_unless_present_any = ["list", "cancel"])]
+    pub from: Option<String>,
+
+    /// When it ends (RFC 3339).
+    #[arg(long, env = "FOLDERCAST_DOWNTIME_UNTIL", value_name = "TIME", required_unless_present_any = ["list", "cancel"])]
+    pub until: Option<String>,
+
+    /// The announcement's headline (default: "Planned downtime").
+    #[arg(long, env = "FOLDERCAST_DOWNTIME_TITLE", value_name = "TEXT")]
+    pub title: Option<String>,
+
+    /// The announcement's text (default: the window, spelled out).
+    #[arg(long = "body", env = "FOLDERCAST_DOWNTIME_BODY", value_name = "TEXT")]
+    pub body: Option<String>,
+
+    /// How long before --from each announcement goes out (one goes out at once as well).
+    #[arg(
+        long,
+        env = "FOLDERCAST_DOWNTIME_STEPS",
+        value_delimiter = ',',
+        default_value = "1h,30m,10m,5m,1m,30s,10s",
+        value_name = "DURATION,…"
+    )]
+    pub steps: Vec<String>,
+
+    #[arg(
+        long = "user",
+        env = "FOLDERCAST_NOTICE_USERS",
+        value_delimiter = ',',
+        value_name = "USER"
+    )]
+    pub users: Vec<String>,
+
+    #[arg(
+        long = "group",
+        env = "FOLDERCAST_NOTICE_GROUPS",
+        value_delimiter = ',',
+        value_name = "GROUP"
+    )]
+    pub groups: Vec<String>,
+
+    #[arg(
+        long = "space",
+        env = "FOLDERCAST_NOTICE_SPACES",
+        value_delimiter = ',',
+        value_name = "SPACE"
+    )]
+    pub spaces: Vec<String>,
+
+    /// Everyone the gateways' directory knows.
+    #[arg(long, env = "FOLDERCAST_NOTICE_ALL")]
+    pub all: bool,
+
+    /// List the downtimes still to come or under way, as JSON.
+    #[arg(long, env = "FOLDERCAST_DOWNTIME_LIST", conflicts_with = "cancel")]
+    pub list: bool,
+
+    /// Cancel a scheduled downtime (what is left of its announcements).
+    #[arg(long, env = "FOLDERCAST_DOWNTIME_CANCEL", value_name = "ID")]
+    pub cancel: Option<String>,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
 }
 
 #[derive(Debug, Args)]

@@ -50,6 +50,9 @@ struct State {
     owed: HashMap<Arc<str>, Owed>,
     /// Per user: devices by name.
     devices: HashMap<Arc<str>, HashMap<String, super::devices::DeviceRecord>>,
+    /// Scheduled items (JSON) by id, and their due members.
+    schedule: HashMap<String, String>,
+    due: Vec<(i64, String)>,
 }
 
 /// One user's owed notices (id and encoded, in publish order) and acknowledgements
@@ -123,6 +126,39 @@ impl MemoryBus {
 
 #[async_trait]
 impl Bus for MemoryBus {
+    async fn schedule(&self, id: &str, json: &str, due: &[(String, i64)]) -> Result<(), BusError> {
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        state.schedule.insert(id.to_owned(), json.to_owned());
+        state
+            .due
+            .extend(due.iter().map(|(member, ms)| (*ms, member.clone())));
+        Ok(())
+    }
+
+    async fn scheduled(&self) -> Result<Vec<String>, BusError> {
+        let state = self.state.lock().map_err(|_| BusError::Closed)?;
+        Ok(state.schedule.values().cloned().collect())
+    }
+
+    async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, BusError> {
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        state.due.sort();
+        let n = state
+            .due
+            .iter()
+            .take(limit)
+            .take_while(|(ms, _)| *ms <= now_ms)
+            .count();
+        Ok(state.due.drain(..n).map(|(_, m)| m).collect())
+    }
+
+    async fn unschedule(&self, id: &str) -> Result<bool, BusError> {
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        let prefix = format!("{id}|");
+        state.due.retain(|(_, m)| !m.starts_with(&prefix));
+        Ok(state.schedule.remove(id).is_some())
+    }
+
     async fn device_seen(
         &self,
         user: &str,

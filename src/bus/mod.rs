@@ -362,6 +362,33 @@ pub trait Bus: Send + Sync {
         Ok(false)
     }
 
+    /// Stores (or replaces) scheduled item `id` (JSON) and adds its due `(member, ms)` entries.
+    async fn schedule(
+        &self,
+        _id: &str,
+        _json: &str,
+        _due: &[(String, i64)],
+    ) -> Result<(), BusError> {
+        Err(BusError::Unavailable("this bus keeps no schedule".into()))
+    }
+
+    /// Every scheduled item (JSON).
+    async fn scheduled(&self) -> Result<Vec<String>, BusError> {
+        Ok(Vec::new())
+    }
+
+    /// Removes and returns up to `limit` due members (due at or before `now_ms`): each is
+    /// returned to one caller only, whichever process asks.
+    async fn claim_due(&self, _now_ms: i64, _limit: usize) -> Result<Vec<String>, BusError> {
+        Ok(Vec::new())
+    }
+
+    /// Removes scheduled item `id` and everything of it still due (members `<id>|…`); false
+    /// when unknown.
+    async fn unschedule(&self, _id: &str) -> Result<bool, BusError> {
+        Ok(false)
+    }
+
     /// Replaces what `key` records (`Some`), or forgets it (`None`).
     async fn rerecord(
         &self,

@@ -30,6 +30,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Consume(args) => consume::consume(args),
         Command::Gateway(args) => gateway::gateway(args),
         Command::Publish(args) => publish::publish(args),
+        Command::AnnounceDowntime(args) => publish::announce_downtime(args),
     }
 }
 
@@ -110,11 +111,11 @@ fn gateway_app(
     g: &GatewayArgs,
     resolver: Option<Arc<dyn crate::membership::MembershipResolver>>,
 ) -> anyhow::Result<(Router, Arc<AppState>)> {
-    let publisher = crate::notice::publish::Publisher {
+    let publisher = Arc::new(crate::notice::publish::Publisher {
         resolver,
         bus: bus.clone(),
         retention: g.critical_retention,
-    };
+    });
     let hub = Hub::new(
         bus,
         g.send_queue,
@@ -123,6 +124,13 @@ fn gateway_app(
     );
     sink.bind(&(hub.clone() as Arc<dyn DeliverySink>));
     let state = AppState::new(auth, hub, gateway_config(g));
+    // Every gateway sends the planned-downtime announcements that fall due (each goes out
+    // from one of them only), and tells clients that connect during one.
+    let scheduler = Arc::new(crate::notice::downtime::Scheduler {
+        publisher: publisher.clone(),
+    });
+    tokio::spawn(scheduler.clone().run());
+    let _ = state.downtimes.set(scheduler);
     if let Some(path) = &g.admin_token_file {
         let admins = gw::notices::AdminTokens::load(path).map_err(anyhow::Error::msg)?;
         let _ = state

@@ -1,4 +1,5 @@
-//! `foldercast publish`: a notification from the command line, through Redis.
+//! `foldercast publish` and `announce-downtime`: notifications from the command line, through
+//! Redis.
 //!
 //! Only wiring: the flags become the request `POST /api/notifications` takes, the directory
 //! (fixture or oCIS) resolves groups, spaces and everyone, and the Redis bus carries it. The
@@ -8,7 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use crate::bus::{Bus, RedisBus};
-use crate::config::PublishArgs;
+use crate::config::{DowntimeArgs, PublishArgs};
 use crate::notice::publish::{Publisher, Publishing};
 use crate::notice::{Notice, Targets};
 
@@ -57,6 +58,8 @@ async fn publish_async(args: PublishArgs) -> anyhow::Result<ExitCode> {
             spaces: args.spaces,
             all: args.all,
         },
+        downtime: None,
+        shutdown_advice: false,
     };
     let who = Publishing {
         publisher: "cli",
@@ -72,4 +75,67 @@ async fn publish_async(args: PublishArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+pub fn announce_downtime(args: DowntimeArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(announce_async(args))
+}
+
+async fn announce_async(args: DowntimeArgs) -> anyhow::Result<ExitCode> {
+    let bus = RedisBus::connect(
+        &super::redis_target(&args.redis),
+        super::redis_options(&args.redis),
+        None,
+    )
+    .await?;
+    // Scheduling only: the gateways send (they resolve the targets).
+    let scheduler = crate::notice::downtime::Scheduler {
+        publisher: Arc::new(Publisher {
+            resolver: None,
+            bus: bus as Arc<dyn Bus>,
+            retention: crate::notice::publish::CRITICAL_RETENTION,
+        }),
+    };
+    if args.list {
+        let all = scheduler.list().await?;
+        println!(
+            "{}",
+            serde_json::to_string(&serde_json::json!({"downtimes": all}))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(id) = &args.cancel {
+        if scheduler.cancel(id).await? {
+            println!("{}", serde_json::json!({"cancelled": id}));
+            return Ok(ExitCode::SUCCESS);
+        }
+        eprintln!("foldercast announce-downtime: no downtime {id:?}");
+        return Ok(ExitCode::from(1));
+    }
+    let request = crate::notice::downtime::DowntimeRequest {
+        from: args.from.unwrap_or_default(),
+        until: args.until.unwrap_or_default(),
+        title: args.title,
+        body: args.body,
+        targets: Targets {
+            users: args.users,
+            groups: args.groups,
+            spaces: args.spaces,
+            all: args.all,
+        },
+        steps: Some(args.steps),
+    };
+    let downtime = match request.schedule(chrono::Utc::now().timestamp_millis()) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("foldercast announce-downtime: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    scheduler.schedule(&downtime).await?;
+    println!("{}", serde_json::to_string(&downtime)?);
+    Ok(ExitCode::SUCCESS)
 }

@@ -111,6 +111,9 @@ pub struct AppState {
     pub server: Arc<ServerStats>,
     /// Publishing notifications (`--admin-token-file`), set once at start.
     pub notices: std::sync::OnceLock<notices::Notices>,
+    /// Planned downtimes: announcements this process sends when due, and the current ones for
+    /// clients that connect.
+    pub downtimes: std::sync::OnceLock<Arc<crate::notice::downtime::Scheduler>>,
 }
 
 impl AppState {
@@ -127,6 +130,7 @@ impl AppState {
             config,
             server: Arc::default(),
             notices: std::sync::OnceLock::new(),
+            downtimes: std::sync::OnceLock::new(),
         })
     }
 
@@ -165,6 +169,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/notifications/{id}/ack", post(notices::acknowledge))
         .route("/api/devices", get(notices::devices))
+        .route(
+            "/api/downtimes",
+            post(notices::announce_downtime).get(notices::list_downtimes),
+        )
+        .route(
+            "/api/downtimes/{id}",
+            axum::routing::delete(notices::cancel_downtime),
+        )
         .route(
             "/api/devices/{device}",
             axum::routing::delete(notices::forget_device),

@@ -94,13 +94,13 @@ impl AdminTokens {
 
 /// What the route needs: who may publish, and how.
 pub struct Notices {
-    pub publisher: Publisher,
+    pub publisher: Arc<Publisher>,
     pub admins: AdminTokens,
     rate: governor::DefaultKeyedRateLimiter<Arc<str>>,
 }
 
 impl Notices {
-    pub fn new(publisher: Publisher, admins: AdminTokens) -> Self {
+    pub fn new(publisher: Arc<Publisher>, admins: AdminTokens) -> Self {
         let per_minute = std::num::NonZeroU32::new(PER_MINUTE).unwrap_or(std::num::NonZeroU32::MIN);
         Notices {
             publisher,
@@ -110,32 +110,44 @@ impl Notices {
     }
 }
 
+/// The admin a request comes from (and the publishing state), or the response refusing it.
+fn admin_of<'a>(
+    state: &'a AppState,
+    headers: &HeaderMap,
+) -> Result<(&'a Notices, Arc<str>), Box<Response>> {
+    let Some(notices) = state.notices.get() else {
+        return Err(Box::new(error_response(
+            StatusCode::NOT_FOUND,
+            "not-enabled",
+            "publishing is off: start the gateway with --admin-token-file",
+        )));
+    };
+    let Some(token) = super::ws::header_token(headers) else {
+        return Err(Box::new(error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "send Authorization: Bearer <a token of --admin-token-file>",
+        )));
+    };
+    match notices.admins.admin_of(token) {
+        Some(admin) => Ok((notices, admin)),
+        // A user's token (or anything else) never publishes.
+        None => Err(Box::new(error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "publishing needs an admin token of --admin-token-file; user tokens cannot publish",
+        ))),
+    }
+}
+
 pub async fn publish(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let Some(notices) = state.notices.get() else {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "not-enabled",
-            "publishing is off: start the gateway with --admin-token-file",
-        );
-    };
-    let Some(token) = super::ws::header_token(&headers) else {
-        return error_response(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "send Authorization: Bearer <a token of --admin-token-file>",
-        );
-    };
-    let Some(admin) = notices.admins.admin_of(token) else {
-        // A user's token (or anything else) never publishes.
-        return error_response(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "publishing needs an admin token of --admin-token-file; user tokens cannot publish",
-        );
+    let (notices, admin) = match admin_of(&state, &headers) {
+        Ok(found) => found,
+        Err(refused) => return *refused,
     };
     if notices.rate.check_key(&admin).is_err() {
         return error_response(
@@ -229,6 +241,85 @@ pub async fn acknowledge(
             "unavailable",
             &e.to_string(),
         ),
+    }
+}
+
+fn notice_error(e: crate::notice::NoticeError) -> Response {
+    let status = match e.code {
+        "directory-unavailable" | "bus-unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        "in-progress" => StatusCode::CONFLICT,
+        "unknown-group" | "unknown-space" => StatusCode::NOT_FOUND,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    error_response(status, e.code, &e.message)
+}
+
+/// `POST /api/downtimes` (admin): schedules a planned downtime's announcements.
+pub async fn announce_downtime(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(refused) = admin_of(&state, &headers) {
+        return *refused;
+    }
+    let Some(scheduler) = state.downtimes.get() else {
+        return error_response(StatusCode::NOT_FOUND, "not-enabled", "no scheduler");
+    };
+    let body = match body {
+        Ok(body) if body.len() <= MAX_BODY => body,
+        _ => return too_large(),
+    };
+    let request: crate::notice::downtime::DowntimeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error_response(StatusCode::BAD_REQUEST, "bad-notification", &e.to_string());
+        }
+    };
+    let downtime = match request.schedule(chrono::Utc::now().timestamp_millis()) {
+        Ok(d) => d,
+        Err(e) => return notice_error(e),
+    };
+    match scheduler.schedule(&downtime).await {
+        Ok(()) => (StatusCode::OK, axum::Json(downtime)).into_response(),
+        Err(e) => notice_error(e),
+    }
+}
+
+/// `GET /api/downtimes` (admin): the downtimes still to come or under way.
+pub async fn list_downtimes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(refused) = admin_of(&state, &headers) {
+        return *refused;
+    }
+    let Some(scheduler) = state.downtimes.get() else {
+        return error_response(StatusCode::NOT_FOUND, "not-enabled", "no scheduler");
+    };
+    match scheduler.list().await {
+        Ok(all) => axum::Json(serde_json::json!({"downtimes": all})).into_response(),
+        Err(e) => notice_error(e),
+    }
+}
+
+/// `DELETE /api/downtimes/{id}` (admin): cancels what is left of a downtime's announcements.
+pub async fn cancel_downtime(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = admin_of(&state, &headers) {
+        return *refused;
+    }
+    let Some(scheduler) = state.downtimes.get() else {
+        return error_response(StatusCode::NOT_FOUND, "not-enabled", "no scheduler");
+    };
+    match scheduler.cancel(&id).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => error_response(
+            StatusCode::NOT_FOUND,
+            "unknown-downtime",
+            &format!("no downtime {id:?}"),
+        ),
+        Err(e) => notice_error(e),
     }
 }
 

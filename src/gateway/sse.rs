@@ -202,6 +202,11 @@ async fn serve(
                 tracing::warn!(user = %identity.user, error = %e, "owed notifications unreadable; they come next time");
             }
         }
+        if let Some(scheduler) = state.downtimes.get() {
+            for text in scheduler.current_for(&identity.user).await {
+                intro.push_back(Event::default().event("notification").data(text));
+            }
+        }
     }
     let feed = Feed {
         registration,

@@ -523,8 +523,9 @@ async fn await_auth_frame(
     }
 }
 
-/// Sends the notifications `device` of `user` still owes an acknowledgement for. A bus that
-/// cannot say is logged, not fatal: they come on the next connect.
+/// Sends the notifications `device` of `user` still owes an acknowledgement for, and the
+/// latest announcement of a planned downtime under way. A bus that cannot say is logged, not
+/// fatal: they come on the next connect.
 async fn send_owed(
     socket: &mut WebSocket,
     state: &AppState,
@@ -532,13 +533,23 @@ async fn send_owed(
     device: &str,
     limit: Duration,
 ) -> Result<(), ()> {
-    let owed = match state.hub.bus().owed(user, device).await {
+    let mut owed = match state.hub.bus().owed(user, device).await {
         Ok(owed) => owed,
         Err(e) => {
             tracing::warn!(%user, error = %e, "owed notifications unreadable; they come next time");
-            return Ok(());
+            Vec::new()
         }
     };
+    // A planned downtime under way: its latest announcement, whenever the client connects.
+    if let Some(scheduler) = state.downtimes.get() {
+        owed.extend(
+            scheduler
+                .current_for(user)
+                .await
+                .into_iter()
+                .map(bytes::Bytes::from),
+        );
+    }
     for payload in owed {
         let Ok(text) = std::str::from_utf8(&payload) else {
             continue;

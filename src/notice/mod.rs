@@ -13,6 +13,7 @@
 //!   retried publish a no-op for 24 h.
 
 pub mod audience;
+pub mod downtime;
 pub mod publish;
 
 use serde::{Deserialize, Serialize};
@@ -68,6 +69,12 @@ pub struct Notice {
     /// (with `ack: "device"`, every device confirms it did).
     pub action: Option<serde_json::Map<String, serde_json::Value>>,
     pub targets: Targets,
+    /// Set by the downtime scheduler ([`downtime`]), never by a request.
+    #[serde(skip)]
+    pub downtime: Option<downtime::Window>,
+    /// The last announcement before a downtime: clients stop sending requests.
+    #[serde(skip)]
+    pub shutdown_advice: bool,
 }
 
 /// The most bytes a title may have; a body's, a link's.

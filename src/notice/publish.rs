@@ -54,6 +54,11 @@ pub struct NotificationMessage<'a> {
     pub ack: Option<AckMode>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub action: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    /// A planned downtime this announces.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime: Option<&'a super::downtime::Window>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shutdown_advice: bool,
 }
 
 /// What a publish did.
@@ -66,6 +71,9 @@ pub struct Published {
     pub resolved: Vec<ResolvedOut>,
     /// True when an idempotency key made this call a repeat: nothing was sent again.
     pub replayed: bool,
+    /// The message sent (not on a replay).
+    #[serde(skip)]
+    pub message: Option<String>,
 }
 
 /// [`Resolved`], as it is stored with an idempotency key and answered again.
@@ -206,6 +214,8 @@ impl Publisher {
             expires: notice.expires.as_deref(),
             ack: notice.ack,
             action: notice.action.as_ref(),
+            downtime: notice.downtime.as_ref(),
+            shutdown_advice: notice.shutdown_advice,
         };
         let payload = Bytes::from(
             serde_json::to_vec(&message)
@@ -252,6 +262,7 @@ impl Publisher {
             targeted: audience.users.len(),
             resolved: audience.resolved.iter().map(ResolvedOut::from).collect(),
             replayed: false,
+            message: String::from_utf8(payload.to_vec()).ok(),
         })
     }
 }

@@ -125,6 +125,17 @@ pub mod keys {
         format!("fc:{{{user}}}:owed")
     }
 
+    /// Scheduled items (downtimes) by id: one hash for every process, in one slot with
+    /// [`keys::due`] so that a claim is one script.
+    pub fn scheduled() -> &'static str {
+        "fc:{schedule}:items"
+    }
+
+    /// Due announcements: member `<id>|<step>`, score the due time (ms).
+    pub fn due() -> &'static str {
+        "fc:{schedule}:due"
+    }
+
     /// `user`'s devices: name → [`crate::bus::devices::DeviceRecord`] (JSON).
     pub fn devices(user: &str) -> String {
         format!("fc:{{{user}}}:devices")
@@ -873,6 +884,82 @@ async fn ping(conn: Conn) -> Result<(), RedisError> {
 
 #[async_trait]
 impl Bus for RedisBus {
+    async fn schedule(&self, id: &str, json: &str, due: &[(String, i64)]) -> Result<(), BusError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(keys::scheduled())
+            .arg(id)
+            .arg(json)
+            .ignore();
+        for (member, ms) in due {
+            pipe.cmd("ZADD")
+                .arg(keys::due())
+                .arg(*ms)
+                .arg(member)
+                .ignore();
+        }
+        let done: Result<(), RedisError> = match self.publisher.clone() {
+            Conn::Standalone(mut c) => pipe.query_async(&mut c).await,
+            Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
+        };
+        done.map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
+    async fn scheduled(&self) -> Result<Vec<String>, BusError> {
+        let mut read = redis::cmd("HVALS");
+        read.arg(keys::scheduled());
+        let all: Result<Vec<String>, RedisError> = match self.publisher.clone() {
+            Conn::Standalone(mut c) => read.query_async(&mut c).await,
+            Conn::Cluster(mut c) => read.query_async(&mut c).await,
+        };
+        all.map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
+    async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, BusError> {
+        // Read and remove in one script: two gateways never claim the same announcement.
+        let script = redis::Script::new(
+            r"local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+              for _, m in ipairs(due) do redis.call('ZREM', KEYS[1], m) end
+              return due",
+        );
+        let mut call = script.key(keys::due());
+        call.arg(now_ms).arg(limit);
+        let claimed: Result<Vec<String>, RedisError> = match self.publisher.clone() {
+            Conn::Standalone(mut c) => call.invoke_async(&mut c).await,
+            Conn::Cluster(mut c) => call.invoke_async(&mut c).await,
+        };
+        claimed.map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
+    async fn unschedule(&self, id: &str) -> Result<bool, BusError> {
+        if self.hget(keys::scheduled(), id).await?.is_none() {
+            return Ok(false);
+        }
+        let mut read = redis::cmd("ZRANGE");
+        read.arg(keys::due()).arg(0).arg(-1);
+        let due: Result<Vec<String>, RedisError> = match self.publisher.clone() {
+            Conn::Standalone(mut c) => read.query_async(&mut c).await,
+            Conn::Cluster(mut c) => read.query_async(&mut c).await,
+        };
+        let prefix = format!("{id}|");
+        let mine: Vec<String> = due
+            .map_err(|e| BusError::Unavailable(e.to_string()))?
+            .into_iter()
+            .filter(|m| m.starts_with(&prefix))
+            .collect();
+        let mut pipe = redis::pipe();
+        pipe.cmd("HDEL").arg(keys::scheduled()).arg(id).ignore();
+        if !mine.is_empty() {
+            pipe.cmd("ZREM").arg(keys::due()).arg(&mine).ignore();
+        }
+        let done: Result<(), RedisError> = match self.publisher.clone() {
+            Conn::Standalone(mut c) => pipe.query_async(&mut c).await,
+            Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
+        };
+        done.map_err(|e| BusError::Unavailable(e.to_string()))?;
+        Ok(true)
+    }
+
     async fn device_seen(
         &self,
         user: &str,
