@@ -79,3 +79,98 @@ async fn demo_page_shows_live_updates() {
     drop(page);
     drop(browser.child);
 }
+
+/// Waits until `expression` (JavaScript) is true in the page.
+async fn until_true(page: &mut common::browser::Cdp, expression: &str, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while page.eval(expression).await != Value::Bool(true) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {expression}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_page_acknowledges_notices_and_counts_down_to_a_downtime() {
+    let args: Vec<String> = [
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--jwt-secret",
+        "demo-secret-of-at-least-thirty-two-bytes",
+        "--demo",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let server = Server::spawn(&args, false).await;
+    let browser = Browser::launch(&server.url("/?user=alice&space=s-eng")).await;
+    let mut page = browser.page().await;
+    until_true(
+        &mut page,
+        "document.querySelector('#status')?.dataset.state === 'live'",
+        "live",
+    )
+    .await;
+
+    // A critical notice: shown with a button; acknowledged, it does not come back on a reload.
+    page.eval("document.querySelector('#try-notice').click(); 'clicked'")
+        .await;
+    until_true(
+        &mut page,
+        "!!document.querySelector('#notes li.critical button')",
+        "the notice",
+    )
+    .await;
+    page.eval("document.querySelector('#notes li.critical button').click(); 'acked'")
+        .await;
+    until_true(
+        &mut page,
+        "document.querySelector('#notes li.critical')?.dataset.acked === 'true'",
+        "acknowledged",
+    )
+    .await;
+    page.eval("location.reload(); 'reloading'").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    until_true(
+        &mut page,
+        "document.querySelector('#status')?.dataset.state === 'live'",
+        "live again",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        page.eval("document.querySelectorAll('#notes li.critical').length")
+            .await,
+        json!(0),
+        "an acknowledged notice does not come back"
+    );
+
+    // A downtime in a minute: the banner counts down.
+    page.eval("document.querySelector('#try-downtime').click(); 'clicked'")
+        .await;
+    until_true(
+        &mut page,
+        "document.querySelector('#downtime')?.dataset.active === 'true'",
+        "the banner",
+    )
+    .await;
+    let seconds = page
+        .eval("Number(document.querySelector('#downtime').dataset.seconds)")
+        .await;
+    let seconds = seconds.as_f64().unwrap_or(0.0);
+    assert!(
+        (50.0..=60.0).contains(&seconds),
+        "counts down from a minute: {seconds}"
+    );
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let later = page
+        .eval("Number(document.querySelector('#downtime').dataset.seconds)")
+        .await;
+    assert!(
+        later.as_f64().unwrap_or(99.0) < seconds,
+        "{later} after {seconds}"
+    );
+}

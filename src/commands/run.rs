@@ -75,6 +75,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         Some(resolver.clone()),
     )?;
     let demo = demo_directory.map(|d| DemoState::new(d, resolver.clone(), auth.clone()));
+    if let (Some(demo), Some(scheduler)) = (&demo, gateway_state.downtimes.get()) {
+        demo.with_scheduler(scheduler.clone());
+    }
     if let Some(demo) = &demo {
         app = app.merge(crate::demo::router(demo.clone()));
     }

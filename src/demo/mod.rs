@@ -33,6 +33,8 @@ pub struct DemoState {
     resolver: Arc<dyn MembershipResolver>,
     auth: Arc<Authenticator>,
     tree: Mutex<DemoTree>,
+    /// Publishes the demo's notices and downtimes (the gateway's own scheduler).
+    scheduler: std::sync::OnceLock<Arc<crate::notice::downtime::Scheduler>>,
 }
 
 impl DemoState {
@@ -46,7 +48,13 @@ impl DemoState {
             resolver,
             auth,
             tree: Mutex::new(DemoTree::default()),
+            scheduler: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Lets the page try notifications and downtimes (through the gateway's scheduler).
+    pub fn with_scheduler(&self, scheduler: Arc<crate::notice::downtime::Scheduler>) {
+        let _ = self.scheduler.set(scheduler);
     }
 
     /// Keeps the simulated storage in step with the events the pipeline delivered.
@@ -75,6 +83,8 @@ pub fn router(state: Arc<DemoState>) -> Router {
         .route("/api/demo/users", get(users))
         .route("/api/demo/token", post(token))
         .route("/api/demo/tree", get(listing))
+        .route("/api/demo/notice", post(demo_notice))
+        .route("/api/demo/downtime", post(demo_downtime))
         .with_state(state)
 }
 
@@ -175,4 +185,75 @@ async fn listing(
     let (size, mtime) = tree.folder(&q.space, &folder);
     let entries: Vec<Entry> = tree.listing(&q.space, &folder);
     Json(json!({"space_id": q.space, "path": folder, "size": size, "mtime": mtime, "entries": entries})).into_response()
+}
+
+/// `POST /api/demo/notice {"user"}`: a critical notice to one fixture user, to acknowledge.
+async fn demo_notice(
+    State(state): State<Arc<DemoState>>,
+    Json(req): Json<TokenRequest>,
+) -> Response {
+    let Some(scheduler) = state.scheduler.get() else {
+        return error_response(StatusCode::NOT_FOUND, "not-enabled", "no scheduler");
+    };
+    if !state.directory.users.iter().any(|u| u.id == req.user) {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "unknown-user",
+            "not a user of the membership fixture",
+        );
+    }
+    let notice = crate::notice::Notice {
+        level: crate::notice::Level::Critical,
+        title: "A critical notice".into(),
+        body: "It comes on every connect of this browser until acknowledged.".into(),
+        link: None,
+        expires: None,
+        ack: Some(crate::notice::AckMode::User),
+        action: None,
+        targets: crate::notice::Targets {
+            users: vec![req.user],
+            ..Default::default()
+        },
+        downtime: None,
+        shutdown_advice: false,
+    };
+    let who = crate::notice::publish::Publishing {
+        publisher: "demo",
+        idempotency_key: None,
+    };
+    match scheduler.publisher.publish(&notice, who).await {
+        Ok(p) => Json(p).into_response(),
+        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e.code, &e.message),
+    }
+}
+
+/// `POST /api/demo/downtime`: a downtime of everyone a minute from now, for a minute, with
+/// announcements at once and 30 and 10 s before.
+async fn demo_downtime(State(state): State<Arc<DemoState>>) -> Response {
+    let Some(scheduler) = state.scheduler.get() else {
+        return error_response(StatusCode::NOT_FOUND, "not-enabled", "no scheduler");
+    };
+    let now = chrono::Utc::now();
+    let at = |s: i64| {
+        (now + chrono::Duration::seconds(s)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let request = crate::notice::downtime::DowntimeRequest {
+        from: at(60),
+        until: at(120),
+        title: Some("Planned downtime".into()),
+        body: Some("The demo storage is upgraded".into()),
+        targets: crate::notice::Targets {
+            all: true,
+            ..Default::default()
+        },
+        steps: Some(vec!["30s".into(), "10s".into()]),
+    };
+    let downtime = match request.schedule(now.timestamp_millis()) {
+        Ok(d) => d,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, e.code, &e.message),
+    };
+    match scheduler.schedule(&downtime).await {
+        Ok(()) => Json(downtime).into_response(),
+        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e.code, &e.message),
+    }
 }
