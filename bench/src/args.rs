@@ -44,6 +44,9 @@ pub enum BenchCommand {
     /// oCIS's NATS JetStream against Kafka into the same Redis, each through `consume`
     /// (events/s ratio), and requests to oCIS per event under a burst into one folder.
     Ingest(BenchIngestArgs),
+    /// A notification to 100,000 users (--all): publish time, the longest Redis command, time
+    /// until 10,000 connected clients have it.
+    Publish(BenchPublishArgs),
     /// A reconnect storm: clients of a killed gateway all resume at once from a new one (time to
     /// catch up, peak memory, Redis commands per resume).
     Storm(BenchStormArgs),
@@ -217,6 +220,22 @@ pub struct BenchIngestArgs {
     #[arg(long, default_value_t = 10_000)]
     pub burst: u64,
     /// The foldercast binary to run as the consumer (default: the one next to this one).
+    #[arg(long, env = "FOLDERCAST_BENCH_BINARY")]
+    pub binary: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchPublishArgs {
+    /// Standalone Redis URL (flushed first).
+    #[arg(long, env = "FOLDERCAST_REDIS")]
+    pub redis: String,
+    /// Users in the membership file, all targeted.
+    #[arg(long, default_value_t = 100_000)]
+    pub users: usize,
+    /// Of them, connected over WebSocket.
+    #[arg(long, default_value_t = 10_000)]
+    pub connected: usize,
+    /// The foldercast binary (default: the one next to this one).
     #[arg(long, env = "FOLDERCAST_BENCH_BINARY")]
     pub binary: Option<PathBuf>,
 }

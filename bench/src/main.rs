@@ -31,6 +31,7 @@ mod idle;
 mod ingest;
 mod membership;
 mod proc;
+mod publish;
 mod storm;
 
 /// mimalloc, as in the product: measured stages must allocate as they do there.
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
         BenchCommand::Fanout(args) => fanout(args),
         BenchCommand::Membership(args) => membership(args),
         BenchCommand::Ingest(args) => ingest::run(args),
+        BenchCommand::Publish(args) => publish::run(args),
         BenchCommand::Storm(args) => storm(args),
         BenchCommand::BareGateway {
             listen,
