@@ -3,7 +3,7 @@
 //! A membership file of `users` users (the fixture's `--all`), a gateway with `connected` of
 //! them on WebSockets, then `foldercast publish --all` as a child process. Three figures: the
 //! time the publish takes (the child's run), the longest single Redis command meanwhile (Redis's
-//! slow log with a threshold of 0, reset just before), and the time until every connected
+//! slow log with a threshold of 0.5 ms, reset just before), and the time until every connected
 //! client has the notification (from the publish's start).
 
 use std::process::{ExitCode, Stdio};
@@ -85,13 +85,13 @@ async fn run_async(args: BenchPublishArgs) -> anyhow::Result<ExitCode> {
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("slowlog-log-slower-than")
-        .arg(0)
+        .arg(500)
         .query_async(&mut conn)
         .await?;
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("slowlog-max-len")
-        .arg(100_000)
+        .arg(1_000_000)
         .query_async(&mut conn)
         .await?;
     let _: () = redis::cmd("SLOWLOG")
@@ -121,7 +121,7 @@ async fn run_async(args: BenchPublishArgs) -> anyhow::Result<ExitCode> {
     // The slow log: [id, time, µs, [cmd, args…], …] per entry.
     let log: Vec<redis::Value> = redis::cmd("SLOWLOG")
         .arg("GET")
-        .arg(100_000)
+        .arg(1_000_000)
         .query_async(&mut conn)
         .await?;
     let _: () = redis::cmd("CONFIG")
@@ -138,13 +138,18 @@ async fn run_async(args: BenchPublishArgs) -> anyhow::Result<ExitCode> {
             && let (Some(redis::Value::Int(us)), Some(redis::Value::Array(cmd))) =
                 (fields.get(2), fields.get(3))
         {
+            let name = match cmd.first() {
+                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                _ => String::new(),
+            };
+            // The bench's own SLOWLOG and CONFIG calls are not the publish's.
+            if name.eq_ignore_ascii_case("slowlog") || name.eq_ignore_ascii_case("config") {
+                continue;
+            }
             commands += 1;
             if *us > longest_us {
                 longest_us = *us;
-                longest_cmd = match cmd.first() {
-                    Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                    _ => String::new(),
-                };
+                longest_cmd = name;
             }
         }
     }
@@ -173,7 +178,7 @@ async fn run_async(args: BenchPublishArgs) -> anyhow::Result<ExitCode> {
     );
     println!("  publish (the foldercast publish process, start to exit): {publish_secs:.2} s");
     println!(
-        "  longest single Redis command meanwhile: {:.2} ms ({longest_cmd}); {commands} commands in the slow log (threshold 0)",
+        "  longest single Redis command meanwhile: {:.2} ms ({longest_cmd}); {commands} commands took 0.5 ms or more",
         longest_us as f64 / 1000.0
     );
     println!("  every connected client has it: {all_secs:.2} s after the publish started");

@@ -28,8 +28,10 @@ use super::{AckMode, Level, Notice, NoticeError};
 use crate::bus::{Bus, Outgoing, OwedNotice};
 use crate::membership::MembershipResolver;
 
-/// Users per bus call.
-pub const BATCH: usize = 500;
+/// Users per bus call: one script call on Redis. Each user's message costs its own stream,
+/// guard and channel, so a call is kept small: `bench publish` measured 11.3 ms for the longest
+/// call at 500 users a batch (the bus cuts at 256 messages), too long to hold Redis for.
+pub const BATCH: usize = 64;
 /// How long an idempotency key makes a repeat a no-op.
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 /// The longest idempotency key accepted.
