@@ -85,6 +85,16 @@ async fn notifications(ws: &mut Ws) -> Vec<Value> {
     }
 }
 
+/// The position of the next event frame.
+async fn next_event_position(ws: &mut Ws) -> String {
+    loop {
+        let f = next_frame(ws, Duration::from_secs(10)).await.unwrap();
+        if f["type"] == "event" {
+            return f["id"].as_str().unwrap().to_owned();
+        }
+    }
+}
+
 /// Waits for `n` notifications.
 async fn wait_notifications(ws: &mut Ws, n: usize) -> Vec<Value> {
     let mut got = Vec::new();
@@ -251,15 +261,7 @@ async fn a_user_away_when_it_was_published_gets_it_on_resume() {
         json!({"title": "first", "targets": {"users": ["dave"]}}).to_string(),
     )
     .await;
-    let frame = loop {
-        let f = next_frame(&mut dave, Duration::from_secs(10))
-            .await
-            .unwrap();
-        if f["type"] == "event" {
-            break f;
-        }
-    };
-    let position = frame["id"].as_str().unwrap().to_owned();
+    let position = next_event_position(&mut dave).await;
     drop(dave);
     let (status, answer) = post(
         &s.server,
@@ -577,15 +579,7 @@ async fn a_device_resumes_where_it_acknowledged_and_lists_only_its_users_devices
     // The desktop app receives one message and acknowledges its position.
     let (mut desktop, _) = connect_device(&s.server, "erin", "desktop").await;
     publish("one").await;
-    let frame = loop {
-        let f = next_frame(&mut desktop, Duration::from_secs(10))
-            .await
-            .unwrap();
-        if f["type"] == "event" {
-            break f;
-        }
-    };
-    let position = frame["id"].as_str().unwrap().to_owned();
+    let position = next_event_position(&mut desktop).await;
     desktop
         .send(Message::Text(
             json!({"type": "ack", "position": position})

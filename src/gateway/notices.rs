@@ -254,17 +254,30 @@ fn notice_error(e: crate::notice::NoticeError) -> Response {
     error_response(status, e.code, &e.message)
 }
 
+/// The downtime scheduler, for an admin's request; otherwise the response refusing it.
+fn scheduler_for_admin<'a>(
+    state: &'a AppState,
+    headers: &HeaderMap,
+) -> Result<&'a Arc<crate::notice::downtime::Scheduler>, Box<Response>> {
+    admin_of(state, headers)?;
+    state.downtimes.get().ok_or_else(|| {
+        Box::new(error_response(
+            StatusCode::NOT_FOUND,
+            "not-enabled",
+            "no scheduler",
+        ))
+    })
+}
+
 /// `POST /api/downtimes` (admin): schedules a planned downtime's announcements.
 pub async fn announce_downtime(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(refused) = admin_of(&state, &headers) {
-        return *refused;
-    }
-    let Some(scheduler) = state.downtimes.get() else {
-        return error_response(StatusCode::NOT_FOUND, "not-enabled", "no scheduler");
+    let scheduler = match scheduler_for_admin(&state, &headers) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
     };
     let body = match body {
         Ok(body) if body.len() <= MAX_BODY => body,
@@ -288,11 +301,9 @@ pub async fn announce_downtime(
 
 /// `GET /api/downtimes` (admin): the downtimes still to come or under way.
 pub async fn list_downtimes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(refused) = admin_of(&state, &headers) {
-        return *refused;
-    }
-    let Some(scheduler) = state.downtimes.get() else {
-        return error_response(StatusCode::NOT_FOUND, "not-enabled", "no scheduler");
+    let scheduler = match scheduler_for_admin(&state, &headers) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
     };
     match scheduler.list().await {
         Ok(all) => axum::Json(serde_json::json!({"downtimes": all})).into_response(),
@@ -306,11 +317,9 @@ pub async fn cancel_downtime(
     axum::extract::Path(id): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = admin_of(&state, &headers) {
-        return *refused;
-    }
-    let Some(scheduler) = state.downtimes.get() else {
-        return error_response(StatusCode::NOT_FOUND, "not-enabled", "no scheduler");
+    let scheduler = match scheduler_for_admin(&state, &headers) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
     };
     match scheduler.cancel(&id).await {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
