@@ -701,3 +701,75 @@ async fn the_embedded_default_publishes_and_keeps_notices_until_acknowledged() {
     let (_carol_laptop, owed) = connect_device(&server, "carol", "laptop").await;
     assert_eq!(owed.len(), 1, "per device");
 }
+
+/// The same on the 3-node Redis Cluster: idempotency records, owed notices (a batch of users
+/// spans slots), devices and the downtime schedule each stay within a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_devices_and_downtimes_work_on_a_redis_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let admins = dir.path().join("admins");
+    std::fs::write(&admins, format!("ops:{ADMIN}\n")).unwrap();
+    let nodes = common::redis_cluster_nodes();
+    let server = gateway(
+        &Redis::Cluster(nodes.clone()),
+        &["--admin-token-file", admins.to_str().unwrap()],
+    )
+    .await;
+    let users: Vec<String> = (0..20).map(|n| unique(&format!("cl{n}"))).collect();
+    let key = unique("cluster-key");
+    let body = json!({"title": "Cluster notice", "ack": "device", "targets": {"users": users}})
+        .to_string();
+    let (status, first) = post(&server, Some(ADMIN), Some(&key), body.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["targeted"], 20);
+    let (_, again) = post(&server, Some(ADMIN), Some(&key), body).await;
+    assert_eq!(again["replayed"], true);
+    let id = first["notification_id"].as_str().unwrap().to_owned();
+    for user in [&users[0], &users[19]] {
+        let (mut ws, owed) = connect_device(&server, user, "d1").await;
+        assert_eq!(owed.len(), 1, "{user}");
+        assert_eq!(ack(&mut ws, &id).await["type"], "acked");
+        drop(ws);
+        let (_ws, owed) = connect_device(&server, user, "d1").await;
+        assert!(owed.is_empty());
+    }
+    let devices: Value = reqwest::Client::new()
+        .get(server.url("/api/devices"))
+        .bearer_auth(token(&users[0]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(devices["devices"][0]["device"], "d1", "{devices}");
+
+    // A downtime's first announcement goes out from the cluster's schedule.
+    let mut ws = connect(&server, &users[5]).await;
+    let now = chrono::Utc::now();
+    let scheduled = reqwest::Client::new()
+        .post(server.url("/api/downtimes"))
+        .bearer_auth(ADMIN)
+        .json(
+            &json!({"from": (now + chrono::Duration::seconds(30)).to_rfc3339(),
+                      "until": (now + chrono::Duration::seconds(90)).to_rfc3339(),
+                      "targets": {"users": [&users[5]]}, "steps": []}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scheduled.status(), 200);
+    let got = wait_notifications(&mut ws, 1).await;
+    assert!(got[0].get("downtime").is_some(), "{got:?}");
+    let id = scheduled.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cancelled = reqwest::Client::new()
+        .delete(server.url(&format!("/api/downtimes/{id}")))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 204);
+}

@@ -1039,9 +1039,7 @@ impl Bus for RedisBus {
     ) -> Result<(), BusError> {
         let encoded = crate::bus::encode_owed(notice, retention);
         let ttl = retention.as_millis().max(1) as u64;
-        // One pipeline per batch of users; each user's keys share its slot.
-        let mut pipe = redis::pipe();
-        for user in users {
+        let owe_one = |pipe: &mut redis::Pipeline, user: &str| {
             pipe.cmd("HSET")
                 .arg(keys::owed(user))
                 .arg(&*notice.id)
@@ -1051,12 +1049,44 @@ impl Bus for RedisBus {
                 .arg(keys::owed(user))
                 .arg(ttl)
                 .ignore();
-        }
-        let done: Result<(), RedisError> = match self.publisher.clone() {
-            Conn::Standalone(mut c) => pipe.query_async(&mut c).await,
-            Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
         };
-        done.map_err(|e| BusError::Unavailable(e.to_string()))
+        match self.publisher.clone() {
+            // One pipeline for the batch.
+            Conn::Standalone(mut c) => {
+                let mut pipe = redis::pipe();
+                for user in users {
+                    owe_one(&mut pipe, user);
+                }
+                pipe.query_async::<()>(&mut c)
+                    .await
+                    .map_err(|e| BusError::Unavailable(e.to_string()))
+            }
+            // A pipeline may not cross slots: one per user (its keys share its slot), a few
+            // dozen at a time.
+            Conn::Cluster(c) => {
+                use futures_util::StreamExt;
+                let pipes: Vec<redis::Pipeline> = users
+                    .iter()
+                    .map(|user| {
+                        let mut pipe = redis::pipe();
+                        owe_one(&mut pipe, user);
+                        pipe
+                    })
+                    .collect();
+                let results: Vec<Result<(), RedisError>> =
+                    futures_util::stream::iter(pipes.into_iter().map(move |pipe| {
+                        let mut c = c.clone();
+                        async move { pipe.query_async::<()>(&mut c).await }
+                    }))
+                    .buffer_unordered(32)
+                    .collect()
+                    .await;
+                results
+                    .into_iter()
+                    .collect::<Result<(), RedisError>>()
+                    .map_err(|e| BusError::Unavailable(e.to_string()))
+            }
+        }
     }
 
     async fn owed(&self, user: &str, device: &str) -> Result<Vec<Bytes>, BusError> {
