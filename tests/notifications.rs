@@ -667,7 +667,29 @@ async fn a_device_resumes_where_it_acknowledged_and_lists_only_its_users_devices
     };
     assert_eq!(delete("alice").await, 404, "not hers");
     assert_eq!(delete("erin").await, 204);
-    assert!(list("erin").await["devices"].as_array().unwrap().is_empty());
+    assert!(
+        !list("erin").await["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["device"] == "desktop")
+    );
+    // A client inventing a device per connection does not grow erin's record without bound.
+    for n in 0..70 {
+        let _ = connect_device(&s.server, "erin", &format!("tab-{n}")).await;
+    }
+    let devices = list("erin").await;
+    let names: Vec<&str> = devices["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 64, "{names:?}");
+    assert!(
+        names.contains(&"tab-69") && !names.contains(&"tab-0"),
+        "the least recent go"
+    );
 }
 
 /// The embedded default (`run`: the in-process bus) keeps the same contract: publishing,

@@ -11,6 +11,19 @@ use serde::{Deserialize, Serialize};
 
 use super::position::Position;
 
+/// Devices kept per user: a new one beyond this replaces the one seen least recently, so that a
+/// client inventing a device name per connection cannot grow its user's record without bound.
+pub const MAX_DEVICES: usize = 64;
+
+/// The device among `devices` seen least recently.
+pub fn least_recent<'a>(
+    devices: impl Iterator<Item = (&'a String, &'a DeviceRecord)>,
+) -> Option<String> {
+    devices
+        .min_by_key(|(_, r)| r.last_seen_ms)
+        .map(|(name, _)| name.clone())
+}
+
 /// What the bus keeps for one device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct DeviceRecord {

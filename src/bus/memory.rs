@@ -171,6 +171,12 @@ impl Bus for MemoryBus {
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         devices.retain(|_, d| now_ms.saturating_sub(d.last_seen_ms) < ttl_ms);
         let stored = devices.get(device).map(|d| d.encode());
+        if stored.is_none()
+            && devices.len() >= super::devices::MAX_DEVICES
+            && let Some(oldest) = super::devices::least_recent(devices.iter())
+        {
+            devices.remove(&oldest);
+        }
         let record = super::devices::DeviceRecord::seen(stored.as_deref(), now_ms);
         devices.insert(device.to_owned(), record.clone());
         Ok(record)

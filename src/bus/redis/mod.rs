@@ -968,6 +968,15 @@ impl Bus for RedisBus {
     ) -> Result<crate::bus::devices::DeviceRecord, BusError> {
         let stored = self.hget(&keys::devices(user), device).await?;
         let now_ms = chrono::Utc::now().timestamp_millis();
+        if stored.is_none() {
+            let known = self.devices(user, ttl).await?;
+            if known.len() >= crate::bus::devices::MAX_DEVICES
+                && let Some(oldest) =
+                    crate::bus::devices::least_recent(known.iter().map(|(n, r)| (n, r)))
+            {
+                self.forget_device(user, &oldest).await?;
+            }
+        }
         let record = crate::bus::devices::DeviceRecord::seen(stored.as_deref(), now_ms);
         self.hset_with_ttl(&keys::devices(user), device, &record.encode(), ttl)
             .await?;
