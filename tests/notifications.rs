@@ -137,6 +137,15 @@ async fn admins_publish_over_http_to_users_groups_spaces_and_everyone() {
     assert!(notifications(&mut bob).await.is_empty());
 
     // A group, and a space's members who may list it: frank (an uploader of s-eng) is not one.
+    // bob watches a folder: notifications pass every watch.
+    bob.send(Message::Text(
+        json!({"type": "watch", "space_id": "s-eng", "path": "/projects"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    assert!(notifications(&mut bob).await.is_empty());
     let (status, answer) = post(
         &s.server,
         Some(ADMIN),
