@@ -126,9 +126,7 @@ fn gateway_app(
     let state = AppState::new(auth, hub, gateway_config(g));
     // Every gateway sends the planned-downtime announcements that fall due (each goes out
     // from one of them only), and tells clients that connect during one.
-    let scheduler = Arc::new(crate::notice::downtime::Scheduler {
-        publisher: publisher.clone(),
-    });
+    let scheduler = Arc::new(crate::notice::downtime::Scheduler::new(publisher.clone()));
     tokio::spawn(scheduler.clone().run());
     let _ = state.downtimes.set(scheduler);
     if let Some(path) = &g.admin_token_file {

@@ -92,13 +92,11 @@ async fn announce_async(args: DowntimeArgs) -> anyhow::Result<ExitCode> {
     )
     .await?;
     // Scheduling only: the gateways send (they resolve the targets).
-    let scheduler = crate::notice::downtime::Scheduler {
-        publisher: Arc::new(Publisher {
-            resolver: None,
-            bus: bus as Arc<dyn Bus>,
-            retention: crate::notice::publish::CRITICAL_RETENTION,
-        }),
-    };
+    let scheduler = crate::notice::downtime::Scheduler::new(Arc::new(Publisher {
+        resolver: None,
+        bus: bus as Arc<dyn Bus>,
+        retention: crate::notice::publish::CRITICAL_RETENTION,
+    }));
     if args.list {
         let all = scheduler.list().await?;
         println!(

@@ -130,14 +130,17 @@ async fn serve(
     let device_name = device
         .clone()
         .unwrap_or_else(|| super::protocol::DEFAULT_DEVICE.to_owned());
-    let since = match state
-        .hub
-        .bus()
-        .device_seen(&identity.user, &device_name, state.config.device_ttl)
-        .await
-    {
-        Ok(record) => since.or(record.acked),
-        Err(_) => since,
+    let since = match &device {
+        Some(_) => match state
+            .hub
+            .bus()
+            .device_seen(&identity.user, &device_name, state.config.device_ttl)
+            .await
+        {
+            Ok(record) => since.or(record.acked),
+            Err(_) => since,
+        },
+        None => since,
     };
     // Attached first (the registration), then the history read: nothing falls in between.
     let start = match resume::start(

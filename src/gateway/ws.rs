@@ -169,6 +169,7 @@ async fn session(
     };
     // The auth frame's position wins over the query's: it is the later, explicit word.
     let since = auth_since.or(query_since);
+    let named_device = auth_device.is_some() || query_device.is_some();
     let device = match auth_device
         .or(query_device)
         .map(super::protocol::check_device)
@@ -197,19 +198,24 @@ async fn session(
             return;
         }
     };
-    // A device that gives no position resumes where it last acknowledged.
-    let since = match Box::pin(state.hub.bus().device_seen(
-        &identity.user,
-        &device,
-        state.config.device_ttl,
-    ))
-    .await
-    {
-        Ok(record) => since.or(record.acked),
-        Err(e) => {
-            tracing::debug!(user = %identity.user, error = %e, "device not recorded");
-            since
+    // A named device that gives no position resumes where it last acknowledged (an unnamed
+    // client keeps no device record: no bus round trip on its connects).
+    let since = if named_device {
+        match Box::pin(state.hub.bus().device_seen(
+            &identity.user,
+            &device,
+            state.config.device_ttl,
+        ))
+        .await
+        {
+            Ok(record) => since.or(record.acked),
+            Err(e) => {
+                tracing::debug!(user = %identity.user, error = %e, "device not recorded");
+                since
+            }
         }
+    } else {
+        since
     };
     // Attached first (the registration), then the history read: nothing falls in between.
     let limit = state.config.resume_max;

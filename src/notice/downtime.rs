@@ -188,6 +188,19 @@ pub fn member(id: &str, step: usize) -> String {
 /// Claims and sends due announcements; one per process.
 pub struct Scheduler {
     pub publisher: Arc<Publisher>,
+    /// The downtimes under way that have been announced, as of the last tick: what a client that
+    /// connects is told, without a bus read per connect (a reconnect storm would make one per
+    /// client).
+    pub announced: std::sync::RwLock<Vec<Downtime>>,
+}
+
+impl Scheduler {
+    pub fn new(publisher: Arc<Publisher>) -> Self {
+        Scheduler {
+            publisher,
+            announced: std::sync::RwLock::new(Vec::new()),
+        }
+    }
 }
 
 /// How often the scheduler looks for due announcements: an announcement goes out within this
@@ -247,6 +260,12 @@ impl Scheduler {
             if let Err(e) = self.send_due().await {
                 tracing::warn!(error = %e, "downtime announcements: will try again");
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            if let Ok(all) = self.list().await
+                && let Ok(mut announced) = self.announced.write()
+            {
+                *announced = all.into_iter().filter(|d| d.last.is_some()).collect();
             }
         }
     }
@@ -309,11 +328,12 @@ impl Scheduler {
     }
 
     /// The latest announcements of downtimes under way that reach `user`, for a client that
-    /// connects during one.
+    /// connects during one (from the snapshot the last tick took: at most [`TICK`] old).
     pub async fn current_for(&self, user: &str) -> Vec<String> {
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let Ok(all) = self.list().await else {
-            return Vec::new();
+        let all = match self.announced.read() {
+            Ok(a) if !a.is_empty() => a.clone(),
+            _ => return Vec::new(),
         };
         let mut out = Vec::new();
         for d in all {
