@@ -380,6 +380,54 @@ pub struct NatsArgs {
     pub lanes: u32,
 }
 
+/// Who a notification (or a downtime's announcements) reaches.
+#[derive(Debug, Clone, Args)]
+pub struct TargetArgs {
+    /// A user to notify (repeatable).
+    #[arg(
+        long = "user",
+        env = "FOLDERCAST_NOTICE_USERS",
+        value_delimiter = ',',
+        value_name = "USER"
+    )]
+    pub users: Vec<String>,
+
+    /// A group whose members to notify (repeatable; needs a directory: --membership or
+    /// --ocis-url here for `publish`, on the gateways for `announce-downtime`).
+    #[arg(
+        long = "group",
+        env = "FOLDERCAST_NOTICE_GROUPS",
+        value_delimiter = ',',
+        value_name = "GROUP"
+    )]
+    pub groups: Vec<String>,
+
+    /// A space whose members who may list it to notify (repeatable; uploaders are not).
+    #[arg(
+        long = "space",
+        env = "FOLDERCAST_NOTICE_SPACES",
+        value_delimiter = ',',
+        value_name = "SPACE"
+    )]
+    pub spaces: Vec<String>,
+
+    /// Everyone the directory knows (the membership file's users, or oCIS's users), not only
+    /// those connected.
+    #[arg(long, env = "FOLDERCAST_NOTICE_ALL")]
+    pub all: bool,
+}
+
+impl TargetArgs {
+    pub fn targets(&self) -> crate::notice::Targets {
+        crate::notice::Targets {
+            users: self.users.clone(),
+            groups: self.groups.clone(),
+            spaces: self.spaces.clone(),
+            all: self.all,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 #[command(
     after_help = "Examples:\n  foldercast publish --redis redis://127.0.0.1:6379 --membership fixtures/demo/membership.json --all --title 'Maintenance tonight' --body 'From 22:00 to 23:00'\n  foldercast publish --redis … --user alice --level critical --ack user --title 'Password expires today' --idempotency-key pw-2026-12-01"
@@ -427,37 +475,8 @@ pub struct PublishArgs {
     #[arg(long, env = "FOLDERCAST_NOTICE_ACTION", value_name = "JSON")]
     pub action: Option<String>,
 
-    /// A user to notify (repeatable).
-    #[arg(
-        long = "user",
-        env = "FOLDERCAST_NOTICE_USERS",
-        value_delimiter = ',',
-        value_name = "USER"
-    )]
-    pub users: Vec<String>,
-
-    /// A group whose members to notify (repeatable; needs --membership or --ocis-url).
-    #[arg(
-        long = "group",
-        env = "FOLDERCAST_NOTICE_GROUPS",
-        value_delimiter = ',',
-        value_name = "GROUP"
-    )]
-    pub groups: Vec<String>,
-
-    /// A space whose members who may list it to notify (repeatable; uploaders are not).
-    #[arg(
-        long = "space",
-        env = "FOLDERCAST_NOTICE_SPACES",
-        value_delimiter = ',',
-        value_name = "SPACE"
-    )]
-    pub spaces: Vec<String>,
-
-    /// Everyone the directory knows (the membership file's users, or oCIS's users), not only
-    /// those connected.
-    #[arg(long, env = "FOLDERCAST_NOTICE_ALL")]
-    pub all: bool,
+    #[command(flatten)]
+    pub targets: TargetArgs,
 
     /// Makes a repeat of this publish within 24 h a no-op that prints the first answer.
     #[arg(long, env = "FOLDERCAST_IDEMPOTENCY_KEY", value_name = "KEY")]
@@ -506,33 +525,8 @@ pub struct DowntimeArgs {
     )]
     pub steps: Vec<String>,
 
-    #[arg(
-        long = "user",
-        env = "FOLDERCAST_NOTICE_USERS",
-        value_delimiter = ',',
-        value_name = "USER"
-    )]
-    pub users: Vec<String>,
-
-    #[arg(
-        long = "group",
-        env = "FOLDERCAST_NOTICE_GROUPS",
-        value_delimiter = ',',
-        value_name = "GROUP"
-    )]
-    pub groups: Vec<String>,
-
-    #[arg(
-        long = "space",
-        env = "FOLDERCAST_NOTICE_SPACES",
-        value_delimiter = ',',
-        value_name = "SPACE"
-    )]
-    pub spaces: Vec<String>,
-
-    /// Everyone the gateways' directory knows.
-    #[arg(long, env = "FOLDERCAST_NOTICE_ALL")]
-    pub all: bool,
+    #[command(flatten)]
+    pub targets: TargetArgs,
 
     /// List the downtimes still to come or under way, as JSON.
     #[arg(long, env = "FOLDERCAST_DOWNTIME_LIST", conflicts_with = "cancel")]

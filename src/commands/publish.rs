@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use crate::bus::{Bus, RedisBus};
 use crate::config::{DowntimeArgs, PublishArgs};
+use crate::notice::Notice;
 use crate::notice::publish::{Publisher, Publishing};
-use crate::notice::{Notice, Targets};
 
 pub fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -52,12 +52,7 @@ async fn publish_async(args: PublishArgs) -> anyhow::Result<ExitCode> {
             ),
             None => None,
         },
-        targets: Targets {
-            users: args.users,
-            groups: args.groups,
-            spaces: args.spaces,
-            all: args.all,
-        },
+        targets: args.targets.targets(),
         downtime: None,
         shutdown_advice: false,
     };
@@ -118,12 +113,7 @@ async fn announce_async(args: DowntimeArgs) -> anyhow::Result<ExitCode> {
         until: args.until.unwrap_or_default(),
         title: args.title,
         body: args.body,
-        targets: Targets {
-            users: args.users,
-            groups: args.groups,
-            spaces: args.spaces,
-            all: args.all,
-        },
+        targets: args.targets.targets(),
         steps: Some(args.steps),
     };
     let downtime = match request.schedule(chrono::Utc::now().timestamp_millis()) {

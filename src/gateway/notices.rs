@@ -156,19 +156,9 @@ pub async fn publish(
             &format!("at most {PER_MINUTE} publishes a minute per admin"),
         );
     }
-    let body = match body {
-        Ok(body) if body.len() <= MAX_BODY => body,
-        Ok(_) => return too_large(),
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_large(),
-        Err(e) => {
-            return error_response(StatusCode::BAD_REQUEST, "bad-notification", &e.body_text());
-        }
-    };
-    let notice: Notice = match serde_json::from_slice(&body) {
+    let notice: Notice = match json_body(body) {
         Ok(n) => n,
-        Err(e) => {
-            return error_response(StatusCode::BAD_REQUEST, "bad-notification", &e.to_string());
-        }
+        Err(refused) => return *refused,
     };
     let key = headers
         .get("idempotency-key")
@@ -279,15 +269,9 @@ pub async fn announce_downtime(
         Ok(s) => s,
         Err(refused) => return *refused,
     };
-    let body = match body {
-        Ok(body) if body.len() <= MAX_BODY => body,
-        _ => return too_large(),
-    };
-    let request: crate::notice::downtime::DowntimeRequest = match serde_json::from_slice(&body) {
+    let request: crate::notice::downtime::DowntimeRequest = match json_body(body) {
         Ok(r) => r,
-        Err(e) => {
-            return error_response(StatusCode::BAD_REQUEST, "bad-notification", &e.to_string());
-        }
+        Err(refused) => return *refused,
     };
     let downtime = match request.schedule(chrono::Utc::now().timestamp_millis()) {
         Ok(d) => d,
@@ -408,6 +392,31 @@ pub async fn forget_device(
             &e.to_string(),
         ),
     }
+}
+
+/// A request body of at most [`MAX_BODY`], as `T`; or the response refusing it.
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, Box<Response>> {
+    let body = match body {
+        Ok(body) if body.len() <= MAX_BODY => body,
+        Ok(_) => return Err(Box::new(too_large())),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(Box::new(too_large())),
+        Err(e) => {
+            return Err(Box::new(error_response(
+                StatusCode::BAD_REQUEST,
+                "bad-notification",
+                &e.body_text(),
+            )));
+        }
+    };
+    serde_json::from_slice(&body).map_err(|e| {
+        Box::new(error_response(
+            StatusCode::BAD_REQUEST,
+            "bad-notification",
+            &e.to_string(),
+        ))
+    })
 }
 
 fn too_large() -> Response {
