@@ -446,6 +446,7 @@ pub struct PublishArgs {
     )]
     pub body: String,
 
+    /// How urgent it is; clients show warnings and critical notices more loudly.
     #[arg(
         long,
         env = "FOLDERCAST_NOTICE_LEVEL",
