@@ -43,6 +43,16 @@ pub struct Cli {
     )]
     pub log: String,
 
+    /// Log lines as text (for people) or JSON, one object per line (for log collectors).
+    #[arg(
+        long,
+        global = true,
+        env = "FOLDERCAST_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: crate::telemetry::LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
 }

@@ -13,7 +13,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    foldercast::telemetry::init_logging(&cli.log);
+    foldercast::telemetry::init_logging_as(&cli.log, cli.log_format);
     match foldercast::commands::execute(cli) {
         Ok(code) => code,
         Err(e) => {

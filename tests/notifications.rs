@@ -804,3 +804,35 @@ async fn notifications_devices_and_downtimes_work_on_a_redis_cluster() {
         .unwrap();
     assert_eq!(cancelled.status(), 204);
 }
+
+/// `--log-format json`: every log line is one JSON object a collector can read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let redis = PrivateRedis::start();
+    let out = tokio::process::Command::new(bin())
+        .args([
+            "publish",
+            "--redis",
+            &redis.url(),
+            "--user",
+            "zoe",
+            "--title",
+            "t",
+        ])
+        .args(["--log-format", "json", "--log", "info"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let published = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "notification published")
+        .expect("the publish is logged");
+    assert_eq!(published["level"], "INFO");
+    assert_eq!(published["fields"]["targeted"], 1);
+}
