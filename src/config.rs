@@ -281,6 +281,11 @@ pub struct ConsumeArgs {
     )]
     pub kafka_options: Vec<String>,
 
+    /// Serve `/metrics` (Prometheus: events by outcome, rejections by code, messages, the NATS
+    /// source's counters) on this address.
+    #[arg(long, env = "FOLDERCAST_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
     #[command(flatten)]
     pub nats: NatsArgs,
 
@@ -886,6 +891,11 @@ pub struct GatewayArgs {
     /// acknowledged.
     #[arg(long, env = "FOLDERCAST_DEVICE_TTL", default_value = "30d", value_parser = parse_duration, value_name = "DURATION")]
     pub device_ttl: Duration,
+
+    /// Serve `/metrics` (Prometheus) on this address instead of the public one, so that it
+    /// need not be exposed (e.g. 127.0.0.1:9100).
+    #[arg(long, env = "FOLDERCAST_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// Connection tickets one user may obtain per second (bursts of twice that); more get 429.
     #[arg(

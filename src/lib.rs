@@ -26,6 +26,7 @@ pub mod event;
 pub mod gateway;
 pub mod http;
 pub mod membership;
+pub mod metrics;
 pub mod notice;
 pub mod notify;
 pub mod path;

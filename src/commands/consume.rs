@@ -42,15 +42,41 @@ async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
         None,
     )
     .await?;
-    let source: Arc<dyn EventSource> = match (&args.nats.nats, &args.brokers) {
-        (Some(url), _) => nats_source(&args, url, resolver.clone()).await?,
-        (None, Some(brokers)) => kafka_source(&args, brokers).await?,
+    let (source, nats_stats): (Arc<dyn EventSource>, _) = match (&args.nats.nats, &args.brokers) {
+        (Some(url), _) => {
+            let source = nats_source(&args, url, resolver.clone()).await?;
+            let stats = source.stats().clone();
+            (source, Some(stats))
+        }
+        (None, Some(brokers)) => (kafka_source(&args, brokers).await?, None),
         (None, None) => anyhow::bail!("give --brokers HOSTS (Kafka) or --nats URL (oCIS)"),
     };
 
     let stop = CancellationToken::new();
     tokio::spawn(super::cancel_on_signal(stop.clone()));
     let stats = Arc::new(PipelineStats::default());
+    if let Some(addr) = args.metrics_listen {
+        let (stats, nats_stats) = (stats.clone(), nats_stats.clone());
+        super::serve_metrics(addr, move || {
+            let mut m = crate::metrics::Metrics::default();
+            m.register(crate::metrics::PipelineCollector {
+                stats: stats.clone(),
+            });
+            if let Some(nats) = &nats_stats {
+                m.register(crate::metrics::NatsCollector {
+                    stats: nats.clone(),
+                });
+            }
+            axum::response::IntoResponse::into_response((
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                m.render(),
+            ))
+        })
+        .await?;
+    }
     let clock = DefaultClock::default();
     let driver = Driver {
         source,
@@ -105,7 +131,7 @@ async fn nats_source(
     args: &ConsumeArgs,
     url: &str,
     resolver: Arc<dyn MembershipResolver>,
-) -> anyhow::Result<Arc<dyn EventSource>> {
+) -> anyhow::Result<Arc<JetStreamSource>> {
     let n = &args.nats;
     let start = match n.start.as_str() {
         "new" => StartAt::New,

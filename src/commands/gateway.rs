@@ -42,6 +42,10 @@ pub fn gateway(args: GatewayCommandArgs) -> anyhow::Result<ExitCode> {
             &args.gateway,
             resolver,
         )?;
+        if let Some(addr) = args.gateway.metrics_listen {
+            let state = state.clone();
+            super::serve_metrics(addr, move || gateway::metrics_text(&state)).await?;
+        }
         let listener = super::bind_and_announce(&args.gateway).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(super::cancel_on_signal(shutdown.clone()));

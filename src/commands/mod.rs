@@ -99,6 +99,7 @@ fn gateway_config(g: &GatewayArgs) -> GatewayConfig {
         drain_spread: g.drain_spread,
         drain_grace: g.drain_grace,
         device_ttl: g.device_ttl,
+        metrics_elsewhere: g.metrics_listen.is_some(),
     }
 }
 
@@ -137,6 +138,31 @@ fn gateway_app(
         tracing::info!("POST /api/notifications on: admins of --admin-token-file may publish");
     }
     Ok((gw::router(state.clone()), state))
+}
+
+/// Serves `/metrics` on `addr` (its own listener, off the public address), rendered by
+/// `render` at each scrape.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    render: impl Fn() -> axum::response::Response + Clone + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on --metrics-listen {addr}"))?;
+    tracing::info!(%addr, "serving /metrics");
+    let app = Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move { render() }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "the metrics listener stopped");
+        }
+    });
+    Ok(())
 }
 
 /// Binds `--listen` and announces the address on stdout (tests and scripts read it when the

@@ -81,6 +81,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     if let Some(demo) = &demo {
         app = app.merge(crate::demo::router(demo.clone()));
     }
+    if let Some(addr) = args.gateway.metrics_listen {
+        let state = gateway_state.clone();
+        super::serve_metrics(addr, move || gateway::metrics_text(&state)).await?;
+    }
     let listener = super::bind_and_announce(&args.gateway).await?;
 
     let shutdown = CancellationToken::new();
@@ -101,6 +105,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         .await?
         .with_max_line(args.shaping.max_event_bytes);
     let stats = Arc::new(PipelineStats::default());
+    let _ = gateway_state.pipeline_stats.set(stats.clone());
     let clock = DefaultClock::default();
     let observer: Option<Observer> = demo.clone().map(|demo| {
         Arc::new(move |fanout: &crate::notify::Fanout| demo.observe(&fanout.event)) as Observer

@@ -71,6 +71,8 @@ pub struct GatewayConfig {
     pub drain_grace: Duration,
     /// A device unseen this long is forgotten (its acknowledged position).
     pub device_ttl: Duration,
+    /// `/metrics` is served on its own address (`--metrics-listen`), not on the public one.
+    pub metrics_elsewhere: bool,
 }
 
 impl Default for GatewayConfig {
@@ -96,6 +98,7 @@ impl Default for GatewayConfig {
             drain_spread: Duration::from_secs(10),
             drain_grace: Duration::from_secs(5),
             device_ttl: Duration::from_secs(30 * 24 * 3600),
+            metrics_elsewhere: false,
         }
     }
 }
@@ -114,6 +117,8 @@ pub struct AppState {
     /// Planned downtimes: announcements this process sends when due, and the current ones for
     /// clients that connect.
     pub downtimes: std::sync::OnceLock<Arc<crate::notice::downtime::Scheduler>>,
+    /// The pipeline's counters, when this process runs one too (`run`): in `/metrics`.
+    pub pipeline_stats: std::sync::OnceLock<Arc<crate::telemetry::PipelineStats>>,
 }
 
 impl AppState {
@@ -131,6 +136,7 @@ impl AppState {
             server: Arc::default(),
             notices: std::sync::OnceLock::new(),
             downtimes: std::sync::OnceLock::new(),
+            pipeline_stats: std::sync::OnceLock::new(),
         })
     }
 
@@ -163,6 +169,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/tickets", post(issue_ticket))
         .route("/api/stats", get(stats))
+        .route("/metrics", get(metrics))
         .route(
             "/api/notifications",
             post(notices::publish).layer(axum::extract::DefaultBodyLimit::max(notices::MAX_BODY)),
@@ -303,6 +310,40 @@ async fn stats(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respon
         "accept_errors": state.server.accept_errors.load(Relaxed),
     }))
     .into_response()
+}
+
+/// `/metrics` (Prometheus text format), unless `--metrics-listen` moved it off this address.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    if state.config.metrics_elsewhere {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "not-here",
+            "/metrics is on --metrics-listen",
+        );
+    }
+    metrics_text(&state)
+}
+
+/// The gateway's metrics (and the pipeline's, in `run`), rendered.
+pub fn metrics_text(state: &AppState) -> Response {
+    let mut m = crate::metrics::Metrics::default();
+    m.register(crate::metrics::GatewayCollector {
+        hub: state.hub.clone(),
+        server: state.server.clone(),
+    });
+    if let Some(stats) = state.pipeline_stats.get() {
+        m.register(crate::metrics::PipelineCollector {
+            stats: stats.clone(),
+        });
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
 }
 
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {

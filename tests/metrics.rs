@@ -1,0 +1,129 @@
+//! `/metrics` in the Prometheus text format: the gateway's connections and the pipeline's
+//! events on `run`, moved off the public address with `--metrics-listen`, and `consume --nats`'s
+//! events by outcome, rejections by code and the NATS source's counters.
+
+mod common;
+
+use std::time::Duration;
+
+use common::libregraph::LibreGraph;
+use common::nats::{Stream, fixture_items, physics};
+use common::{PrivateRedis, Server, free_port, root};
+
+/// The value of the sample `name` (with its labels, as written) in a text exposition.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn scrape(url: &str) -> (u16, String) {
+    let r = reqwest::get(url).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_gateway_and_pipeline_metrics_and_can_move_them_off_the_public_address() {
+    let mut server = Server::start(&["--user-rate", "0"]).await;
+    let _alice = common::pipeline::connect(&server, "alice").await;
+    server
+        .send_events(&std::fs::read_to_string(root().join("fixtures/demo/events.jsonl")).unwrap())
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let (status, text) = scrape(&server.url("/metrics")).await;
+        assert_eq!(status, 200);
+        if sample(&text, "foldercast_events_total{outcome=\"delivered\"}").unwrap_or(0.0) > 0.0 {
+            break text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        sample(&text, "foldercast_gateway_open_connections"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(sample(&text, "foldercast_messages_published_total").unwrap() > 0.0);
+    assert!(text.contains("# TYPE foldercast_gateway_sessions_evicted counter"));
+
+    // --metrics-listen: on its own address only.
+    let port = free_port();
+    let moved = Server::start(&["--metrics-listen", &format!("127.0.0.1:{port}")]).await;
+    let (status, _) = scrape(&moved.url("/metrics")).await;
+    assert_eq!(status, 404);
+    let (status, text) = scrape(&format!("http://127.0.0.1:{port}/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("foldercast_gateway_open_connections"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_counts_outcomes_rejections_and_the_nats_source() {
+    let graph = LibreGraph::start().await;
+    physics(&graph);
+    fixture_items(&graph);
+    let redis = PrivateRedis::start();
+    let stream = Stream::new();
+    stream
+        .load(&root().join("fixtures/ocis/events.jsonl"))
+        .await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("consume.log");
+    let metrics = format!("127.0.0.1:{port}");
+    let _consumer = stream.consume(
+        &graph,
+        &redis.url(),
+        &["--user-rate", "0", "--metrics-listen", &metrics],
+        &log,
+    );
+    let url = format!("http://{metrics}/metrics");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        if let Ok(r) = reqwest::get(&url).await
+            && let Ok(text) = r.text().await
+            && sample(&text, "foldercast_nats_received_total") == Some(17.0)
+            && sample(&text, "foldercast_events_total{outcome=\"rejected\"}") == Some(2.0)
+        {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        sample(
+            &text,
+            "foldercast_events_rejected_total{code=\"invalid-field\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "foldercast_events_rejected_total{code=\"invalid-json\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "foldercast_nats_skipped_total{kind=\"user event\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "foldercast_nats_skipped_total{kind=\"failed upload\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "foldercast_nats_invalidations_total"),
+        Some(2.0)
+    );
+    assert!(sample(&text, "foldercast_nats_lookups_total").unwrap() >= 5.0);
+    assert!(sample(&text, "foldercast_messages_published_total").unwrap() > 0.0);
+}
