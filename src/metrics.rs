@@ -246,6 +246,50 @@ impl Collector for NatsCollector {
     }
 }
 
+/// The oCIS membership cache (nothing for a fixture).
+pub struct MembershipCollector {
+    pub resolver: Arc<dyn crate::membership::MembershipResolver>,
+}
+
+impl Collector for MembershipCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let Some(s) = self.resolver.cache_stats() else {
+            return Ok(());
+        };
+        counter(
+            &mut e,
+            "foldercast_membership_space_fetches",
+            "Requests for a space's members sent to oCIS.",
+            read(&s.space_fetches),
+        )?;
+        counter(
+            &mut e,
+            "foldercast_membership_group_fetches",
+            "Requests for a group's members sent to oCIS.",
+            read(&s.group_fetches),
+        )?;
+        counter(
+            &mut e,
+            "foldercast_membership_fresh_hits",
+            "Answers served from a fresh cache entry.",
+            read(&s.fresh_hits),
+        )?;
+        counter(
+            &mut e,
+            "foldercast_membership_stale_served",
+            "Answers served stale (while refreshing, or oCIS unreachable).",
+            read(&s.stale_served),
+        )?;
+        counter(
+            &mut e,
+            "foldercast_membership_fetch_failures",
+            "Fetches that failed because oCIS was unreachable.",
+            read(&s.fetch_failures),
+        )?;
+        Ok(())
+    }
+}
+
 /// Collectors are named, not printed (the registry asks for `Debug`).
 macro_rules! named_debug {
     ($($t:ty),*) => {$(
@@ -256,7 +300,12 @@ macro_rules! named_debug {
         }
     )*};
 }
-named_debug!(GatewayCollector, PipelineCollector, NatsCollector);
+named_debug!(
+    GatewayCollector,
+    PipelineCollector,
+    NatsCollector,
+    MembershipCollector
+);
 
 /// A process's registry.
 #[derive(Default)]

@@ -126,4 +126,10 @@ async fn consume_counts_outcomes_rejections_and_the_nats_source() {
     );
     assert!(sample(&text, "foldercast_nats_lookups_total").unwrap() >= 5.0);
     assert!(sample(&text, "foldercast_messages_published_total").unwrap() > 0.0);
+    // The oCIS membership cache: asked, then answering from memory.
+    assert!(
+        sample(&text, "foldercast_membership_space_fetches_total").unwrap() >= 1.0,
+        "{text}"
+    );
+    assert!(sample(&text, "foldercast_membership_fresh_hits_total").unwrap() >= 1.0);
 }

@@ -56,11 +56,14 @@ async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
     tokio::spawn(super::cancel_on_signal(stop.clone()));
     let stats = Arc::new(PipelineStats::default());
     if let Some(addr) = args.metrics_listen {
-        let (stats, nats_stats) = (stats.clone(), nats_stats.clone());
+        let (stats, nats_stats, directory) = (stats.clone(), nats_stats.clone(), resolver.clone());
         super::serve_metrics(addr, move || {
             let mut m = crate::metrics::Metrics::default();
             m.register(crate::metrics::PipelineCollector {
                 stats: stats.clone(),
+            });
+            m.register(crate::metrics::MembershipCollector {
+                resolver: directory.clone(),
             });
             if let Some(nats) = &nats_stats {
                 m.register(crate::metrics::NatsCollector {

@@ -68,4 +68,9 @@ pub trait MembershipResolver: Send + Sync {
     /// Every user the directory knows, sorted, each once, and where the list came from (said
     /// in a publish's answer). For notifications to everyone.
     async fn all_users(&self) -> Result<(UserList, &'static str), ResolveError>;
+
+    /// The cache's counters, for a resolver that caches a remote directory (`/metrics`).
+    fn cache_stats(&self) -> Option<&ocis::CacheStats> {
+        None
+    }
 }

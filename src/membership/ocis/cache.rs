@@ -443,6 +443,10 @@ impl<D: Directory> Inner<D> {
 
 #[async_trait]
 impl<D: Directory> MembershipResolver for CachedResolver<D> {
+    fn cache_stats(&self) -> Option<&CacheStats> {
+        Some(self.stats())
+    }
+
     async fn group_members(&self, group: &str) -> Result<UserList, ResolveError> {
         self.members_of(group).await
     }
