@@ -133,6 +133,18 @@ impl Collector for GatewayCollector {
             "1 while the bus (Redis) is reachable.",
             i64::from(self.hub.bus_connected()),
         )?;
+        let resumes: Vec<(String, u64)> = s
+            .resumes
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect())
+            .unwrap_or_default();
+        counters(
+            &mut e,
+            "foldercast_gateway_resumes",
+            "Resumes from a position (and catch-ups after a gap) by outcome: recovered, or why the client was told to refetch.",
+            "outcome",
+            &resumes,
+        )?;
         Ok(())
     }
 }

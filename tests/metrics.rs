@@ -47,6 +47,27 @@ async fn run_serves_gateway_and_pipeline_metrics_and_can_move_them_off_the_publi
     assert!(sample(&text, "foldercast_messages_published_total").unwrap() > 0.0);
     assert!(text.contains("# TYPE foldercast_gateway_sessions_evicted counter"));
 
+    // Resumes by outcome: a position the server cannot read is counted as such.
+    let mut lost = testkit::ws::open(
+        &server.ws_url("/ws?since=nonsense"),
+        Some(&common::token("bob")),
+        None,
+    )
+    .await
+    .unwrap();
+    testkit::ws::ready(&mut lost, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let (_, text) = scrape(&server.url("/metrics")).await;
+    assert_eq!(
+        sample(
+            &text,
+            "foldercast_gateway_resumes_total{outcome=\"bad-position\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+
     // --metrics-listen: on its own address only.
     let port = free_port();
     let moved = Server::start(&["--metrics-listen", &format!("127.0.0.1:{port}")]).await;

@@ -29,6 +29,17 @@ pub struct GatewayStats {
     pub auth_failures: AtomicU64,
     /// Connections refused because their user had `--max-connections-per-user` open.
     pub refused_per_user: AtomicU64,
+    /// Resumes (from a client's position, or after a gap in the live feed) by outcome:
+    /// `recovered`, or why not (`unknown-epoch`, `too-old`, `over-limit`, `bad-position`).
+    pub resumes: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl GatewayStats {
+    pub fn count_resume(&self, outcome: &'static str) {
+        if let Ok(mut m) = self.resumes.lock() {
+            *m.entry(outcome).or_default() += 1;
+        }
+    }
 }
 
 pub struct Hub {

@@ -177,6 +177,10 @@ pub async fn start(
                 .to_owned(),
         },
     };
+    hub.stats.count_resume(match &catchup {
+        Catchup::Recovered { .. } => "recovered",
+        Catchup::Lost { reason, .. } => reason.as_str(),
+    });
     Ok(match catchup {
         Catchup::Recovered { entries, top } => {
             let messages: Vec<(&str, Bytes)> = entries
