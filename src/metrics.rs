@@ -242,6 +242,18 @@ impl Collector for NatsCollector {
             "Envelopes dead-lettered at their last delivery.",
             read(&s.dead_lettered),
         )?;
+        gauge(
+            &mut e,
+            "foldercast_nats_consumer_pending",
+            "The durable consumer's lag: stream messages not yet delivered to it (asked every 5 s; -1 until known).",
+            s.pending.load(Relaxed),
+        )?;
+        gauge(
+            &mut e,
+            "foldercast_nats_consumer_ack_pending",
+            "Messages delivered to the consumer and not yet acknowledged (asked every 5 s; -1 until known).",
+            s.ack_pending.load(Relaxed),
+        )?;
         let skipped: Vec<(String, u64)> = s
             .skipped
             .lock()

@@ -147,6 +147,19 @@ async fn consume_counts_outcomes_rejections_and_the_nats_source() {
     );
     assert!(sample(&text, "foldercast_nats_lookups_total").unwrap() >= 5.0);
     assert!(sample(&text, "foldercast_messages_published_total").unwrap() > 0.0);
+    // The consumer's lag, as the server says it (every 5 s; -1 before its first answer): 0
+    // once everything was handled.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        if sample(&text, "foldercast_nats_consumer_pending") == Some(0.0)
+            && sample(&text, "foldercast_nats_consumer_ack_pending") == Some(0.0)
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     // The oCIS membership cache: asked, then answering from memory.
     assert!(
         sample(&text, "foldercast_membership_space_fetches_total").unwrap() >= 1.0,

@@ -107,6 +107,10 @@ pub struct NatsStats {
     pub invalidations: AtomicU64,
     /// Envelopes dead-lettered at their last delivery.
     pub dead_lettered: AtomicU64,
+    /// The consumer's lag as the server last said (every [`LAG_EVERY`]; -1 until it said):
+    /// messages of the stream not yet delivered to it, and delivered but not yet acknowledged.
+    pub pending: std::sync::atomic::AtomicI64,
+    pub ack_pending: std::sync::atomic::AtomicI64,
     pub skipped: Mutex<HashMap<&'static str, u64>>,
 }
 
@@ -304,6 +308,8 @@ impl JetStreamSource {
 
         let stop = CancellationToken::new();
         let stats = Arc::new(NatsStats::default());
+        stats.pending.store(-1, Relaxed);
+        stats.ack_pending.store(-1, Relaxed);
         let unacknowledged = Arc::new(Unacknowledged::default());
         let (events_tx, events) = mpsc::channel(HANDED_OVER);
         let completer = Arc::new(completer);
@@ -330,6 +336,7 @@ impl JetStreamSource {
                 .run(rx),
             );
         }
+        tokio::spawn(watch_lag(consumer.clone(), stats.clone(), stop.clone()));
         tokio::spawn(read(
             consumer,
             lanes,
@@ -393,6 +400,35 @@ impl NatsStats {
                 last = received;
                 self.log("JetStream source");
             }
+        }
+    }
+}
+
+/// How often the consumer's lag is asked of the server.
+pub const LAG_EVERY: Duration = Duration::from_secs(5);
+
+/// Keeps [`NatsStats::pending`] and [`NatsStats::ack_pending`] current, until `stop`.
+async fn watch_lag(
+    mut consumer: consumer::PullConsumer,
+    stats: Arc<NatsStats>,
+    stop: CancellationToken,
+) {
+    loop {
+        match consumer.info().await {
+            Ok(info) => {
+                stats
+                    .pending
+                    .store(i64::try_from(info.num_pending).unwrap_or(i64::MAX), Relaxed);
+                stats.ack_pending.store(
+                    i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX),
+                    Relaxed,
+                );
+            }
+            Err(e) => tracing::debug!(error = %e, "consumer info unavailable"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(LAG_EVERY) => {}
         }
     }
 }
