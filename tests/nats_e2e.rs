@@ -657,10 +657,10 @@ async fn an_event_waiting_on_ocis_past_the_ack_wait_is_kept_in_progress_not_deli
     )
     .unwrap();
     let log = dir.path().join("consume.log");
-    let _consumer = stream.consume(&graph, &redis.url(), &["--user-rate", "0"], &log);
     // Membership first (so only the item lookup fails), then oCIS answers 503 for three ack
-    // waits (3 s each).
+    // waits (3 s each). The stream exists before the consumer starts (it looks it up).
     stream.load(&file).await;
+    let _consumer = stream.consume(&graph, &redis.url(), &["--user-rate", "0"], &log);
     let got = events(&mut einstein, 1, WAIT).await;
     assert_eq!(got[0]["event_id"], id.as_str());
     graph.fail_with(Some(503));
@@ -802,5 +802,44 @@ async fn an_ocis_services_durable_name_is_refused_at_start() {
     assert!(
         stderr.contains("is the consumer of oCIS's clientlog service"),
         "{stderr}"
+    );
+}
+
+/// A consumer started before oCIS created its stream waits for it, then consumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_started_before_the_stream_waits_for_it() {
+    let graph = LibreGraph::start().await;
+    physics(&graph);
+    let redis = PrivateRedis::start();
+    let server = gateway(&Redis::Standalone(redis.url()), &[]).await;
+    let mut einstein = connect(&server, EINSTEIN).await;
+    let stream = Stream::new();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("consume.log");
+    let mut consumer = stream.consume(&graph, &redis.url(), &["--user-rate", "0"], &log);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        consumer.try_wait().unwrap().is_none(),
+        "still running, waiting"
+    );
+    let file = dir.path().join("late.jsonl");
+    let id = unique("late-stream");
+    std::fs::write(
+        &file,
+        envelope(
+            "FileTouched",
+            &id,
+            &json!({"Executant": null, "Timestamp": {"seconds": 1_795_942_950u64},
+                    "Ref": {"resource_id": resource(SPACE_UUID, SPACE_UUID), "path": "./late.txt"}}),
+        ),
+    )
+    .unwrap();
+    stream.load(&file).await;
+    let got = events(&mut einstein, 1, WAIT).await;
+    assert_eq!(
+        got.first().map(|m| m["event_id"].clone()),
+        Some(json!(id)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
     );
 }

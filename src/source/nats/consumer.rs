@@ -274,10 +274,19 @@ impl JetStreamSource {
             stream: stream.to_owned(),
             reason: e.to_string(),
         };
-        let stream = js
-            .get_stream(&target.stream)
-            .await
-            .map_err(|e| stream_error(&target.stream, &e))?;
+        // oCIS creates its stream when its first service starts: a consumer started before
+        // waits for it rather than exit (and be restarted in a loop).
+        let mut delay = Duration::from_millis(200);
+        let stream = loop {
+            match js.get_stream(&target.stream).await {
+                Ok(stream) => break stream,
+                Err(e) => {
+                    tracing::warn!(stream = %target.stream, error = %e, retry_in = ?delay, "JetStream stream not there (yet): oCIS creates it; waiting");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        };
         super::jetstream::ensure_stream(
             &js,
             &settings.dead_letter_subject,
