@@ -218,6 +218,8 @@ async fn authentication_failures_are_refused_clearly() {
     let mut ws = connect(&server.ws_url("/ws"), None).await;
     let frames = vec![next_json(&mut ws).await, next_json(&mut ws).await];
     expect_error_and_close("auth-timeout").await(frames);
+    // A wrong key, an expired token, garbage and a timeout: each counts as a refusal.
+    assert_eq!(server.stats().await["auth_failures"], 4);
 
     // Before auth, other frames are answered with an error; the connection waits for auth.
     let mut ws = connect(&server.ws_url("/ws"), None).await;

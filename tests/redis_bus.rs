@@ -281,9 +281,14 @@ async fn a_whole_event_is_guarded_once_and_an_event_in_parts_per_user() {
 
 /// The channel format other tools may read: a user's messages of one script call are one channel
 /// message, each entry `<epoch>:<stream id> <payload bytes>\n<payload>`, in order, with the
-/// stream's ids.
+/// stream's ids. Through the general script (events not marked whole) and the fast path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_users_burst_is_one_channel_message() {
+    burst_is_one_channel_message(false).await;
+    burst_is_one_channel_message(true).await;
+}
+
+async fn burst_is_one_channel_message(whole_events: bool) {
     use futures_util::StreamExt;
     let target = RedisTarget::Standalone(redis_url());
     let bus = RedisBus::connect(&target, RedisOptions::default(), None)
@@ -302,10 +307,15 @@ async fn a_users_burst_is_one_channel_message() {
         .unwrap();
     let batch: Vec<Outgoing> = (0..3)
         .flat_map(|i| {
-            [
-                msg(&alice, &format!("e{i}"), &format!("line one\\nline {i}")),
-                msg(&bob, &format!("e{i}"), "b"),
-            ]
+            let event = unique(&format!("e{i}"));
+            let mut pair = vec![
+                msg(&alice, &event, &format!("line one\\nline {i}")),
+                msg(&bob, &event, "b"),
+            ];
+            if whole_events {
+                Outgoing::mark_whole_event(&mut pair);
+            }
+            pair
         })
         .collect();
     bus.publish(&batch).await.expect("publish");
@@ -341,6 +351,111 @@ async fn a_users_burst_is_one_channel_message() {
             .is_err(),
         "and no second channel message"
     );
+}
+
+/// The fast path (calls of whole events on standalone Redis): one stream id per event for all
+/// its recipients, a new history's epoch announced, TTLs kept without reading them, and a
+/// stream whose top is already past the next id (written by the general script) still gets
+/// its message, with an id above that top.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_events_share_one_id_and_keep_their_streams_alive() {
+    let url = redis_url();
+    let target = RedisTarget::Standalone(url.clone());
+    let options = RedisOptions {
+        stream_max_age: Duration::from_secs(2),
+        ..RedisOptions::default()
+    };
+    let (tx, mut rx) = mpsc::channel(64);
+    let bus = RedisBus::connect(&target, options, Some(tx)).await.unwrap();
+    let alice: Arc<str> = Arc::from(unique("alice"));
+    let bob: Arc<str> = Arc::from(unique("bob"));
+    for u in [&alice, &bob] {
+        bus.subscribe(u).await.unwrap();
+    }
+    let mut c = node_conn(&url).await;
+    let pttl = |user: &Arc<str>| foldercast::bus::redis::keys::stream(user);
+
+    let events: Vec<String> = (0..3).map(|i| unique(&format!("w{i}"))).collect();
+    let batch: Vec<Outgoing> = events
+        .iter()
+        .flat_map(|e| whole(&[&alice, &bob], e, "x"))
+        .collect();
+    bus.publish(&batch).await.unwrap();
+    let got: Vec<Delivery> = {
+        let mut got = Vec::new();
+        for _ in 0..6 {
+            got.push(recv(&mut rx).await);
+        }
+        got
+    };
+    nothing_more(&mut rx).await;
+    let ids_of = |user: &Arc<str>| -> Vec<String> {
+        got.iter()
+            .filter(|d| d.user == *user)
+            .map(|d| d.id.split_once(':').unwrap().1.to_owned())
+            .collect()
+    };
+    let (a, b) = (ids_of(&alice), ids_of(&bob));
+    assert_eq!(a.len(), 3);
+    assert_eq!(a, b, "each event has one id in every recipient's stream");
+    assert!(
+        a.windows(2)
+            .all(|w| stream_id(&format!("e:{}", w[0])) < stream_id(&format!("e:{}", w[1]))),
+        "ids increase: {a:?}"
+    );
+    // The history holds what was delivered, under the epoch the deliveries carry.
+    let log = history(&target, &alice).await;
+    assert_eq!(
+        log.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+        got.iter()
+            .filter(|d| d.user == alice)
+            .map(|d| d.id.to_string())
+            .collect::<Vec<_>>()
+    );
+    // A new stream's TTL is set (twice the max age), the meta key's too.
+    let ttl: i64 = c.pttl(pttl(&alice)).await.unwrap();
+    assert!((3_000..=4_000).contains(&ttl), "stream TTL {ttl} ms");
+    let meta: i64 = c
+        .pttl(foldercast::bus::redis::keys::meta(&alice))
+        .await
+        .unwrap();
+    assert!(meta >= 29 * 24 * 3600 * 1000, "meta TTL {meta} ms");
+
+    // Within half the max age no refresh is due; after it, the next append refreshes.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let before: i64 = c.pttl(pttl(&alice)).await.unwrap();
+    assert!(before < 3_000, "time passed: {before} ms");
+    let e = unique("w3");
+    bus.publish(&whole(&[&alice, &bob], &e, "x")).await.unwrap();
+    let _ = (recv(&mut rx).await, recv(&mut rx).await);
+    let after: i64 = c.pttl(pttl(&alice)).await.unwrap();
+    assert!(after > 3_500, "refreshed to twice the max age: {after} ms");
+
+    // Alice's stream top is ahead of the id the fast path hands out next.
+    let top: String = redis::cmd("XADD")
+        .arg(pttl(&alice))
+        .arg("99999999999999-0")
+        .arg("m")
+        .arg("{}")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let e = unique("w4");
+    bus.publish(&whole(&[&alice, &bob], &e, "x")).await.unwrap();
+    let two = [recv(&mut rx).await, recv(&mut rx).await];
+    let id_of = |d: &Delivery| stream_id(&d.id);
+    let alices = two.iter().find(|d| d.user == alice).unwrap();
+    let bobs = two.iter().find(|d| d.user == bob).unwrap();
+    assert!(id_of(alices) > stream_id(&format!("e:{top}")), "{alices:?}");
+    assert!(
+        id_of(bobs) < id_of(alices),
+        "bob keeps the shared id: {bobs:?}"
+    );
+    assert!(
+        std::str::from_utf8(&alices.payload).unwrap().contains(&e),
+        "alice's message is the event's"
+    );
+    nothing_more(&mut rx).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -132,6 +132,9 @@ pub struct BenchConsumeArgs {
     /// The consumer's `--user-burst`.
     #[arg(long, env = "FOLDERCAST_BENCH_USER_BURST", default_value_t = 40)]
     pub user_burst: u32,
+    /// librdkafka settings for the consumer, `KEY=VALUE` (its `--kafka-option`), repeatable.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
+    pub kafka_options: Vec<String>,
 }
 
 #[derive(Debug, Args)]

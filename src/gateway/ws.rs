@@ -520,6 +520,7 @@ async fn await_auth_frame(
                 // cannot keep it past the deadline.
                 if !matches!(tokio::time::timeout_at(until, send_text(socket, reply)).await, Ok(Ok(()))) {
                     if Instant::now() >= until {
+                        state.hub.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         close_with(socket, "auth-timeout", "no auth frame in time", CLOSE_POLICY).await;
                     }
                     return None;

@@ -65,7 +65,7 @@ use redis::{ErrorKind, PushInfo, PushKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::mpsc;
 
 use super::{Bus, BusError, Delivery, DeliverySink, Outgoing};
-use publish::PUBLISH_SCRIPT;
+use publish::{TtlMemo, general_script, whole_script};
 
 /// Where Redis is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +161,10 @@ pub mod keys {
         format!("fc:abort:{nonce:016x}")
     }
 
+    /// The last stream id the fast publish path handed out (standalone Redis only): its ids go
+    /// on from it, so one id serves all of a run's recipients (see `publish.rs`).
+    pub const LAST_ID: &str = "fc:last-id";
+
     /// The user a channel belongs to.
     pub fn user_of_channel(channel: &[u8]) -> Option<&str> {
         let s = std::str::from_utf8(channel).ok()?;
@@ -182,10 +186,14 @@ pub struct RedisBus {
     /// Where deliveries go; told about gaps in the live feed.
     sink: Option<Arc<dyn DeliverySink>>,
     script: redis::Script,
+    /// The fast path for calls of whole events (standalone Redis).
+    whole_script: redis::Script,
     history_script: redis::Script,
     options: RedisOptions,
     connected: Arc<AtomicBool>,
     trim_counter: AtomicU64,
+    /// When this process last refreshed each user's stream TTL (the fast path reads no TTL).
+    ttl_memo: TtlMemo,
 }
 
 /// The channels a gateway wants, and those Redis has dropped behind its back.
@@ -665,11 +673,13 @@ impl RedisBus {
             subscriber,
             subscriptions,
             sink: deliveries,
-            script: redis::Script::new(PUBLISH_SCRIPT),
+            script: redis::Script::new(&general_script()),
+            whole_script: redis::Script::new(&whole_script()),
             history_script: redis::Script::new(history::HISTORY_SCRIPT),
             options,
             connected,
             trim_counter: AtomicU64::new(0),
+            ttl_memo: TtlMemo::default(),
         });
         bus.load_script().await?;
         bus.connected.store(true, Relaxed);
@@ -724,10 +734,14 @@ impl RedisBus {
 
     async fn load_script(&self) -> Result<(), BusError> {
         let mut load = redis::cmd("SCRIPT");
-        load.arg("LOAD").arg(PUBLISH_SCRIPT);
+        load.arg("LOAD").arg(general_script());
         match self.publisher.clone() {
             Conn::Standalone(mut c) => {
                 let _: String = load.query_async(&mut c).await.map_err(unavailable)?;
+                // The fast path is standalone only.
+                let mut whole = redis::cmd("SCRIPT");
+                whole.arg("LOAD").arg(whole_script());
+                let _: String = whole.query_async(&mut c).await.map_err(unavailable)?;
             }
             Conn::Cluster(mut c) => {
                 c.route_command(
