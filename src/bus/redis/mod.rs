@@ -172,6 +172,32 @@ pub mod keys {
     }
 }
 
+/// What [`RedisBus::query`] sends: a command or a pipeline.
+trait Query: Sync {
+    fn send<T: redis::FromRedisValue>(
+        &self,
+        c: &mut (impl redis::aio::ConnectionLike + Send),
+    ) -> impl std::future::Future<Output = Result<T, RedisError>> + Send;
+}
+
+impl Query for redis::Cmd {
+    fn send<T: redis::FromRedisValue>(
+        &self,
+        c: &mut (impl redis::aio::ConnectionLike + Send),
+    ) -> impl std::future::Future<Output = Result<T, RedisError>> + Send {
+        self.query_async(c)
+    }
+}
+
+impl Query for redis::Pipeline {
+    fn send<T: redis::FromRedisValue>(
+        &self,
+        c: &mut (impl redis::aio::ConnectionLike + Send),
+    ) -> impl std::future::Future<Output = Result<T, RedisError>> + Send {
+        self.query_async(c)
+    }
+}
+
 #[derive(Clone)]
 enum Conn {
     Standalone(ConnectionManager),
@@ -591,10 +617,7 @@ impl RedisBus {
     async fn hget(&self, key: &str, field: &str) -> Result<Option<String>, BusError> {
         let mut read = redis::cmd("HGET");
         read.arg(key).arg(field);
-        let value: Result<Option<String>, RedisError> = match self.publisher.clone() {
-            Conn::Standalone(mut c) => read.query_async(&mut c).await,
-            Conn::Cluster(mut c) => read.query_async(&mut c).await,
-        };
+        let value: Result<Option<String>, RedisError> = self.query(&read).await;
         value.map_err(|e| BusError::Unavailable(e.to_string()))
     }
 
@@ -616,10 +639,7 @@ impl RedisBus {
             .arg(key)
             .arg(ttl.as_millis().max(1) as u64)
             .ignore();
-        let done: Result<(), RedisError> = match self.publisher.clone() {
-            Conn::Standalone(mut c) => pipe.query_async(&mut c).await,
-            Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
-        };
+        let done: Result<(), RedisError> = self.query(&pipe).await;
         done.map_err(|e| BusError::Unavailable(e.to_string()))
     }
 
@@ -730,6 +750,14 @@ impl RedisBus {
                 }
             }
         });
+    }
+
+    /// Sends a command or a pipeline on the publishing connection, standalone or cluster.
+    async fn query<T: redis::FromRedisValue>(&self, q: &impl Query) -> Result<T, RedisError> {
+        match self.publisher.clone() {
+            Conn::Standalone(mut c) => q.send(&mut c).await,
+            Conn::Cluster(mut c) => q.send(&mut c).await,
+        }
     }
 
     async fn load_script(&self) -> Result<(), BusError> {
@@ -912,20 +940,14 @@ impl Bus for RedisBus {
                 .arg(member)
                 .ignore();
         }
-        let done: Result<(), RedisError> = match self.publisher.clone() {
-            Conn::Standalone(mut c) => pipe.query_async(&mut c).await,
-            Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
-        };
+        let done: Result<(), RedisError> = self.query(&pipe).await;
         done.map_err(|e| BusError::Unavailable(e.to_string()))
     }
 
     async fn scheduled(&self) -> Result<Vec<String>, BusError> {
         let mut read = redis::cmd("HVALS");
         read.arg(keys::scheduled());
-        let all: Result<Vec<String>, RedisError> = match self.publisher.clone() {
-            Conn::Standalone(mut c) => read.query_async(&mut c).await,
-            Conn::Cluster(mut c) => read.query_async(&mut c).await,
-        };
+        let all: Result<Vec<String>, RedisError> = self.query(&read).await;
         all.map_err(|e| BusError::Unavailable(e.to_string()))
     }
 
@@ -951,10 +973,7 @@ impl Bus for RedisBus {
         }
         let mut read = redis::cmd("ZRANGE");
         read.arg(keys::due()).arg(0).arg(-1);
-        let due: Result<Vec<String>, RedisError> = match self.publisher.clone() {
-            Conn::Standalone(mut c) => read.query_async(&mut c).await,
-            Conn::Cluster(mut c) => read.query_async(&mut c).await,
-        };
+        let due: Result<Vec<String>, RedisError> = self.query(&read).await;
         let prefix = format!("{id}|");
         let mine: Vec<String> = due
             .map_err(|e| BusError::Unavailable(e.to_string()))?
@@ -966,10 +985,7 @@ impl Bus for RedisBus {
         if !mine.is_empty() {
             pipe.cmd("ZREM").arg(keys::due()).arg(&mine).ignore();
         }
-        let done: Result<(), RedisError> = match self.publisher.clone() {
-            Conn::Standalone(mut c) => pipe.query_async(&mut c).await,
-            Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
-        };
+        let done: Result<(), RedisError> = self.query(&pipe).await;
         done.map_err(|e| BusError::Unavailable(e.to_string()))?;
         Ok(true)
     }
@@ -1026,10 +1042,7 @@ impl Bus for RedisBus {
     ) -> Result<Vec<(String, crate::bus::devices::DeviceRecord)>, BusError> {
         let mut read = redis::cmd("HGETALL");
         read.arg(keys::devices(user));
-        let all: Result<Vec<(String, String)>, RedisError> = match self.publisher.clone() {
-            Conn::Standalone(mut c) => read.query_async(&mut c).await,
-            Conn::Cluster(mut c) => read.query_async(&mut c).await,
-        };
+        let all: Result<Vec<(String, String)>, RedisError> = self.query(&read).await;
         let now_ms = chrono::Utc::now().timestamp_millis();
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         let mut out: Vec<(String, crate::bus::devices::DeviceRecord)> = all
@@ -1047,10 +1060,7 @@ impl Bus for RedisBus {
     async fn forget_device(&self, user: &str, device: &str) -> Result<bool, BusError> {
         let mut del = redis::cmd("HDEL");
         del.arg(keys::devices(user)).arg(device);
-        let removed: Result<u64, RedisError> = match self.publisher.clone() {
-            Conn::Standalone(mut c) => del.query_async(&mut c).await,
-            Conn::Cluster(mut c) => del.query_async(&mut c).await,
-        };
+        let removed: Result<u64, RedisError> = self.query(&del).await;
         Ok(removed.map_err(|e| BusError::Unavailable(e.to_string()))? > 0)
     }
 
@@ -1119,10 +1129,7 @@ impl Bus for RedisBus {
             .cmd("SMEMBERS")
             .arg(keys::acked(user));
         let read: Result<(Vec<(String, Vec<u8>)>, Vec<String>), RedisError> =
-            match self.publisher.clone() {
-                Conn::Standalone(mut c) => pipe.query_async(&mut c).await,
-                Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
-            };
+            self.query(&pipe).await;
         let (stored, acked) = read.map_err(|e| BusError::Unavailable(e.to_string()))?;
         let acked: std::collections::HashSet<String> = acked.into_iter().collect();
         let now_ms = chrono::Utc::now().timestamp_millis();
@@ -1147,10 +1154,7 @@ impl Bus for RedisBus {
     ) -> Result<bool, BusError> {
         let mut read = redis::cmd("HGET");
         read.arg(keys::owed(user)).arg(notification_id);
-        let stored: Result<Option<Vec<u8>>, RedisError> = match self.publisher.clone() {
-            Conn::Standalone(mut c) => read.query_async(&mut c).await,
-            Conn::Cluster(mut c) => read.query_async(&mut c).await,
-        };
+        let stored: Result<Option<Vec<u8>>, RedisError> = self.query(&read).await;
         let stored = stored.map_err(|e| BusError::Unavailable(e.to_string()))?;
         let Some((per_device, deadline, _)) = stored.as_deref().and_then(crate::bus::decode_owed)
         else {
@@ -1158,10 +1162,7 @@ impl Bus for RedisBus {
             let mut seen = redis::cmd("SISMEMBER");
             seen.arg(keys::acked(user))
                 .arg(crate::bus::ack_member(notification_id, None));
-            let seen: Result<bool, RedisError> = match self.publisher.clone() {
-                Conn::Standalone(mut c) => seen.query_async(&mut c).await,
-                Conn::Cluster(mut c) => seen.query_async(&mut c).await,
-            };
+            let seen: Result<bool, RedisError> = self.query(&seen).await;
             return seen.map_err(|e| BusError::Unavailable(e.to_string()));
         };
         let ttl = (deadline - chrono::Utc::now().timestamp_millis()).max(1);
@@ -1191,10 +1192,7 @@ impl Bus for RedisBus {
                 .arg(notification_id)
                 .ignore();
         }
-        let done: Result<(), RedisError> = match self.publisher.clone() {
-            Conn::Standalone(mut c) => pipe.query_async(&mut c).await,
-            Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
-        };
+        let done: Result<(), RedisError> = self.query(&pipe).await;
         done.map_err(|e| BusError::Unavailable(e.to_string()))?;
         Ok(true)
     }
@@ -1213,10 +1211,7 @@ impl Bus for RedisBus {
             .arg("GET")
             .arg("PX")
             .arg(ttl.as_millis().max(1) as u64);
-        let earlier: Result<Option<String>, RedisError> = match self.publisher.clone() {
-            Conn::Standalone(mut c) => set.query_async(&mut c).await,
-            Conn::Cluster(mut c) => set.query_async(&mut c).await,
-        };
+        let earlier: Result<Option<String>, RedisError> = self.query(&set).await;
         earlier.map_err(|e| BusError::Unavailable(e.to_string()))
     }
 
@@ -1241,10 +1236,7 @@ impl Bus for RedisBus {
                 del
             }
         };
-        let done: Result<(), RedisError> = match self.publisher.clone() {
-            Conn::Standalone(mut c) => cmd.query_async(&mut c).await,
-            Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
-        };
+        let done: Result<(), RedisError> = self.query(&cmd).await;
         done.map_err(|e| BusError::Unavailable(e.to_string()))
     }
 
@@ -1285,10 +1277,7 @@ impl Bus for RedisBus {
         // announces it). A failed read is not fatal: such messages are caught up instead.
         let mut read = redis::cmd("HGET");
         read.arg(keys::meta(user)).arg("epoch");
-        let epoch: Result<Option<String>, RedisError> = match self.publisher.clone() {
-            Conn::Standalone(mut c) => read.query_async(&mut c).await,
-            Conn::Cluster(mut c) => read.query_async(&mut c).await,
-        };
+        let epoch: Result<Option<String>, RedisError> = self.query(&read).await;
         match epoch {
             Ok(Some(epoch)) => self.subscriptions.learn_epoch(user, &epoch),
             Ok(None) => {}
