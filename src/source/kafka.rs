@@ -183,13 +183,15 @@ impl KafkaSource {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", &session_ms)
             .set("heartbeat.interval.ms", &heartbeat_ms)
-            // Small fetches, so the consumer queue interleaves partitions in short runs: a long
-            // run of one partition fills that partition's worker and holds the reader, while the
-            // other workers starve (3 partitions took turns in runs of 30,000 records on tansu,
-            // which returns up to fetch.max.bytes from one partition; 4,200 → 4,700 events/s).
+            // Bounded fetches, so the consumer queue interleaves partitions in runs a lane's
+            // queue (4,096 records) can take: tansu returns up to fetch.max.bytes from one
+            // partition, and librdkafka's defaults (50 MiB) gave runs of 30,000 records that
+            // filled one lane and starved the others. 1 MiB / 256 KiB (session 4) went the other
+            // way once publishing got cheaper: the reader kept Redis 75 % busy, and 8 MiB / 2 MiB
+            // measured 61 → 71 % of the Redis-bound limit (docs/benchmarks.md, session 10).
             // --kafka-option overrides them.
-            .set("fetch.max.bytes", "1048576")
-            .set("max.partition.fetch.bytes", "262144");
+            .set("fetch.max.bytes", "8388608")
+            .set("max.partition.fetch.bytes", "2097152");
         for (k, v) in &settings.options {
             config.set(k, v);
         }

@@ -70,7 +70,7 @@ local function start_history(meta, new_epoch)
   if ms and tonumber(ms) >= now then
     first = ms .. '-' .. (tonumber(seq) + 1)
   end
-  return epoch, first
+  return epoch, first, tonumber(ms) or 0
 end
 "#;
 
@@ -342,7 +342,12 @@ for r = 0, runs - 1 do
         if got == false then
           -- The stream is missing: a history starts.
           local meta = string.sub(stream, 1, -4) .. 'meta'
-          local epoch, first = start_history(meta, new_epoch)
+          local epoch, first, floor_ms = start_history(meta, new_epoch)
+          -- The run's id, when it is above the floor, keeps this stream on the shared ids
+          -- (Redis's pick could be above the next run's id, which would then be refused).
+          if first == '*' and now > floor_ms then
+            first = id
+          end
           got = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, first, 'm', payload)
           redis.call('PEXPIRE', stream, maxage * 2)
           redis.call('PEXPIRE', meta, meta_ttl)
