@@ -97,11 +97,29 @@ impl Collector for GatewayCollector {
             "Slow clients closed (slow-consumer): they resume from their position.",
             read(&s.evicted),
         )?;
-        counter(
+        let by_code: Vec<(String, u64)> = s
+            .auth_failures_by_code
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect())
+            .unwrap_or_default();
+        counters(
             &mut e,
             "foldercast_gateway_auth_failures",
-            "Refused credentials (tokens, tickets, auth timeouts).",
-            read(&s.auth_failures),
+            "Refused credentials (tokens, tickets, auth timeouts), by code.",
+            "code",
+            &by_code,
+        )?;
+        let closes: Vec<(String, u64)> = s
+            .closes
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default();
+        counters(
+            &mut e,
+            "foldercast_gateway_closed",
+            "WebSocket connections the server closed, by the reason it gave the client.",
+            "reason",
+            &closes,
         )?;
         counter(
             &mut e,
@@ -188,6 +206,25 @@ impl Collector for PipelineCollector {
             "Per-user messages the bus accepted.",
             read(&s.messages),
         )?;
+        counter(
+            &mut e,
+            "foldercast_messages_coalesced",
+            "Published messages whose changes the rate limit summed from several events.",
+            read(&s.coalesced),
+        )?;
+        counter(
+            &mut e,
+            "foldercast_messages_resync",
+            "Published resync messages (the client must refetch), each standing for several events.",
+            read(&s.resyncs),
+        )?;
+        let h = &s.publish_seconds.0;
+        h.encode(e.encode_descriptor(
+            "foldercast_bus_publish_seconds",
+            "Time the bus took to accept a lane's batch (each attempt).",
+            None,
+            h.metric_type(),
+        )?)?;
         Ok(())
     }
 }
@@ -314,6 +351,29 @@ impl Collector for MembershipCollector {
     }
 }
 
+/// The Kafka source's lag, per assigned partition.
+pub struct KafkaCollector {
+    pub lag: Arc<crate::source::kafka::KafkaLag>,
+}
+
+impl Collector for KafkaCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let kind = ConstGauge::new(0i64).metric_type();
+        let mut family = e.encode_descriptor(
+            "foldercast_kafka_consumer_lag",
+            "Records per assigned partition past the group's committed offset (what a crash would replay), measured every 5 s.",
+            None,
+            kind,
+        )?;
+        for (partition, lag) in self.lag.partitions() {
+            let partition = partition.to_string();
+            let labels = [("partition", partition.as_str())];
+            ConstGauge::new(lag).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Collectors are named, not printed (the registry asks for `Debug`).
 macro_rules! named_debug {
     ($($t:ty),*) => {$(
@@ -328,7 +388,8 @@ named_debug!(
     GatewayCollector,
     PipelineCollector,
     NatsCollector,
-    MembershipCollector
+    MembershipCollector,
+    KafkaCollector
 );
 
 /// A process's registry.

@@ -45,8 +45,25 @@ pub struct PipelineStats {
     /// Group membership changes applied to the cache (they change no folder view).
     pub applied: AtomicU64,
     pub messages: AtomicU64,
+    /// Published messages that stand for several events: `coalesced` (their changes summed by
+    /// the rate limit) and `resync` (the client must refetch).
+    pub coalesced: AtomicU64,
+    pub resyncs: AtomicU64,
+    /// How long the bus took to accept a lane's batch (each attempt, failed ones included).
+    pub publish_seconds: PublishLatency,
     pub rejected: AtomicU64,
     rejected_by_code: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// A histogram of publish latencies, from 0.5 ms to about 4 s.
+pub struct PublishLatency(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for PublishLatency {
+    fn default() -> Self {
+        PublishLatency(prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14),
+        ))
+    }
 }
 
 impl PipelineStats {

@@ -68,6 +68,61 @@ async fn run_serves_gateway_and_pipeline_metrics_and_can_move_them_off_the_publi
         "{text}"
     );
 
+    // Refused credentials by code, and closes by the reason the client was given.
+    let bad = testkit::ws::open(&server.ws_url("/ws"), Some("not-a-jwt"), None).await;
+    drop(bad);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let (_, text) = scrape(&server.url("/metrics")).await;
+        if sample(
+            &text,
+            "foldercast_gateway_closed_total{reason=\"invalid-token\"}",
+        )
+        .is_some()
+        {
+            break text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        sample(
+            &text,
+            "foldercast_gateway_auth_failures_total{code=\"invalid-token\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    // Each publish to the bus is timed.
+    assert!(
+        sample(&text, "foldercast_bus_publish_seconds_count").unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    assert!(text.contains("foldercast_bus_publish_seconds_bucket{le=\"0.0005\"}"));
+    assert_eq!(
+        sample(&text, "foldercast_messages_coalesced_total"),
+        Some(0.0),
+        "the rate limit is off"
+    );
+
+    // With the rate limit engaged, coalesced messages are counted.
+    let mut limited = Server::start(&["--user-rate", "1", "--user-burst", "1"]).await;
+    let _alice = common::pipeline::connect(&limited, "alice").await;
+    limited
+        .send_events(&std::fs::read_to_string(root().join("fixtures/demo/events.jsonl")).unwrap())
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, text) = scrape(&limited.url("/metrics")).await;
+        let shaped = sample(&text, "foldercast_messages_coalesced_total").unwrap_or(0.0)
+            + sample(&text, "foldercast_messages_resync_total").unwrap_or(0.0);
+        if shaped > 0.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // --metrics-listen: on its own address only.
     let port = free_port();
     let moved = Server::start(&["--metrics-listen", &format!("127.0.0.1:{port}")]).await;
@@ -166,4 +221,56 @@ async fn consume_counts_outcomes_rejections_and_the_nats_source() {
         "{text}"
     );
     assert!(sample(&text, "foldercast_membership_fresh_hits_total").unwrap() >= 1.0);
+}
+
+/// `consume` from Kafka reports its lag per assigned partition: the records past the group's
+/// committed offset, 0 everywhere once every event was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_from_kafka_reports_its_lag_per_partition() {
+    use common::pipeline::{Redis, consume_with, produce, tagged_fixture, topic};
+    let t = topic();
+    let events = tagged_fixture(
+        &root().join("fixtures/demo/events.jsonl"),
+        &common::unique("lag"),
+    );
+    produce(&t, events.path()).await;
+    let port = free_port();
+    let membership = [
+        "--membership".to_owned(),
+        common::demo_membership().display().to_string(),
+    ];
+    let listen = format!("127.0.0.1:{port}");
+    let _consumer = consume_with(
+        &t,
+        &membership,
+        &[],
+        &Redis::Standalone(common::redis_url()),
+        None,
+        &["--user-rate", "0", "--metrics-listen", &listen],
+    );
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = match reqwest::get(&url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let lags: Vec<Option<f64>> = (0..3)
+            .map(|p| {
+                sample(
+                    &text,
+                    &format!("foldercast_kafka_consumer_lag{{partition=\"{p}\"}}"),
+                )
+            })
+            .collect();
+        if lags.iter().all(|l| *l == Some(0.0)) {
+            assert!(sample(&text, "foldercast_events_total{outcome=\"delivered\"}").unwrap() > 0.0);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lag per partition never reached 0: {lags:?}\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

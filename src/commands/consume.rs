@@ -42,21 +42,27 @@ async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
         None,
     )
     .await?;
-    let (source, nats_stats): (Arc<dyn EventSource>, _) = match (&args.nats.nats, &args.brokers) {
-        (Some(url), _) => {
-            let source = nats_source(&args, url, resolver.clone()).await?;
-            let stats = source.stats().clone();
-            (source, Some(stats))
-        }
-        (None, Some(brokers)) => (kafka_source(&args, brokers).await?, None),
-        (None, None) => anyhow::bail!("give --brokers HOSTS (Kafka) or --nats URL (oCIS)"),
-    };
+    let (source, nats_stats, kafka_lag): (Arc<dyn EventSource>, _, _) =
+        match (&args.nats.nats, &args.brokers) {
+            (Some(url), _) => {
+                let source = nats_source(&args, url, resolver.clone()).await?;
+                let stats = source.stats().clone();
+                (source, Some(stats), None)
+            }
+            (None, Some(brokers)) => {
+                let source = kafka_source(&args, brokers).await?;
+                let lag = source.lag();
+                (source as Arc<dyn EventSource>, None, Some(lag))
+            }
+            (None, None) => anyhow::bail!("give --brokers HOSTS (Kafka) or --nats URL (oCIS)"),
+        };
 
     let stop = CancellationToken::new();
     tokio::spawn(super::cancel_on_signal(stop.clone()));
     let stats = Arc::new(PipelineStats::default());
     if let Some(addr) = args.metrics_listen {
         let (stats, nats_stats, directory) = (stats.clone(), nats_stats.clone(), resolver.clone());
+        let kafka_lag = kafka_lag.clone();
         super::serve_metrics(addr, move || {
             let mut m = crate::metrics::Metrics::default();
             m.register(crate::metrics::PipelineCollector {
@@ -69,6 +75,9 @@ async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
                 m.register(crate::metrics::NatsCollector {
                     stats: nats.clone(),
                 });
+            }
+            if let Some(lag) = &kafka_lag {
+                m.register(crate::metrics::KafkaCollector { lag: lag.clone() });
             }
             axum::response::IntoResponse::into_response((
                 [(
@@ -105,7 +114,7 @@ async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn kafka_source(args: &ConsumeArgs, brokers: &str) -> anyhow::Result<Arc<dyn EventSource>> {
+async fn kafka_source(args: &ConsumeArgs, brokers: &str) -> anyhow::Result<Arc<KafkaSource>> {
     let options = args
         .kafka_options
         .iter()

@@ -225,9 +225,27 @@ impl<C: LaneClock> LaneState<'_, C> {
         let shared = self.shared;
         let mut delay = Duration::from_millis(100);
         loop {
-            match shared.bus.publish(out).await {
+            let started = std::time::Instant::now();
+            let result = shared.bus.publish(out).await;
+            shared
+                .stats
+                .publish_seconds
+                .0
+                .observe(started.elapsed().as_secs_f64());
+            match result {
                 Ok(()) => {
                     shared.stats.messages.fetch_add(out.len() as u64, Relaxed);
+                    for covers in out.iter().filter_map(|m| m.covers.as_ref()) {
+                        if covers.event_ids.is_empty() {
+                            continue;
+                        }
+                        let counter = if covers.sums_changes() {
+                            &shared.stats.coalesced
+                        } else {
+                            &shared.stats.resyncs
+                        };
+                        counter.fetch_add(1, Relaxed);
+                    }
                     return Ok(());
                 }
                 Err(BusError::Closed) => return Err(LaneEnd::Failed(BusError::Closed)),

@@ -32,9 +32,32 @@ pub struct GatewayStats {
     /// Resumes (from a client's position, or after a gap in the live feed) by outcome:
     /// `recovered`, or why not (`unknown-epoch`, `too-old`, `over-limit`, `bad-position`).
     pub resumes: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Refused credentials by code (`invalid-token`, `token-expired`, `auth-timeout`, …).
+    pub auth_failures_by_code: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Connections the server closed, by the reason it gave (`slow-consumer`, `ping-timeout`,
+    /// `rate-limited`, `token-expired`, `shutting-down`, …).
+    pub closes: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl GatewayStats {
+    pub fn count_auth_failure(&self, code: &'static str) {
+        self.auth_failures.fetch_add(1, Relaxed);
+        if let Ok(mut m) = self.auth_failures_by_code.lock() {
+            *m.entry(code).or_default() += 1;
+        }
+    }
+
+    pub fn count_close(&self, reason: &str) {
+        if let Ok(mut m) = self.closes.lock() {
+            match m.get_mut(reason) {
+                Some(n) => *n += 1,
+                None => {
+                    m.insert(reason.to_owned(), 1);
+                }
+            }
+        }
+    }
+
     pub fn count_resume(&self, outcome: &'static str) {
         if let Ok(mut m) = self.resumes.lock() {
             *m.entry(outcome).or_default() += 1;

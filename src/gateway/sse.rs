@@ -88,11 +88,7 @@ async fn serve(
     let identity = match super::credentials(&state, &headers, ticket.as_deref()).await {
         Some(Ok(identity)) => identity,
         Some(Err(e)) => {
-            state
-                .hub
-                .stats
-                .auth_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            state.hub.stats.count_auth_failure(e.code());
             return super::error_response(StatusCode::UNAUTHORIZED, e.code(), &e.to_string());
         }
         None => {

@@ -23,7 +23,7 @@ use tokio::time::{Instant, sleep_until};
 
 use super::AppState;
 use super::auth::{AuthError, Identity, bearer};
-use super::hub::RegisterError;
+use super::hub::{GatewayStats, RegisterError};
 use super::protocol::{
     ClientFrame, FrameError, PONG_FRAME, error_frame, error_frame_at, parse_client_frame,
     ready_frame, reconnect_frame,
@@ -152,12 +152,15 @@ async fn session(
     let (identity, auth_since, auth_device) = match pre_auth {
         Some(Ok(identity)) => (identity, None, None),
         Some(Err(e)) => {
-            state
-                .hub
-                .stats
-                .auth_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            close_with(&mut socket, e.code(), &e.to_string(), CLOSE_POLICY).await;
+            state.hub.stats.count_auth_failure(e.code());
+            close_with(
+                &state.hub.stats,
+                &mut socket,
+                e.code(),
+                &e.to_string(),
+                CLOSE_POLICY,
+            )
+            .await;
             return;
         }
         // Boxed: most clients authenticate on the upgrade, and this wait's state (timers, the
@@ -177,7 +180,14 @@ async fn session(
         None => super::protocol::DEFAULT_DEVICE.to_owned(),
         Some(Ok(device)) => device,
         Some(Err(e)) => {
-            close_with(&mut socket, e.code, &e.message, CLOSE_POLICY).await;
+            close_with(
+                &state.hub.stats,
+                &mut socket,
+                e.code,
+                &e.message,
+                CLOSE_POLICY,
+            )
+            .await;
             return;
         }
     };
@@ -185,6 +195,7 @@ async fn session(
         Ok(r) => r,
         Err(e @ RegisterError::TooManyConnections(_)) => {
             close_with(
+                &state.hub.stats,
                 &mut socket,
                 "too-many-connections",
                 &e.to_string(),
@@ -194,7 +205,14 @@ async fn session(
             return;
         }
         Err(e) => {
-            close_with(&mut socket, "unavailable", &e.to_string(), CLOSE_ERROR).await;
+            close_with(
+                &state.hub.stats,
+                &mut socket,
+                "unavailable",
+                &e.to_string(),
+                CLOSE_ERROR,
+            )
+            .await;
             return;
         }
     };
@@ -231,7 +249,14 @@ async fn session(
     {
         Ok(start) => start,
         Err(e) => {
-            close_with(&mut socket, "unavailable", &e.to_string(), CLOSE_ERROR).await;
+            close_with(
+                &state.hub.stats,
+                &mut socket,
+                "unavailable",
+                &e.to_string(),
+                CLOSE_ERROR,
+            )
+            .await;
             return;
         }
     };
@@ -297,7 +322,7 @@ async fn session(
                         continue;
                     }
                     Some(Err(e)) => {
-                        Box::pin(refuse_unreadable(&mut socket, &e, &identity.user, state.config.max_client_frame)).await;
+                        Box::pin(refuse_unreadable(&state.hub.stats, &mut socket, &e, &identity.user, state.config.max_client_frame)).await;
                         break;
                     }
                     Some(Ok(Message::Close(_))) | None => break,
@@ -305,7 +330,7 @@ async fn session(
                 };
                 if !frame_budget.take(Instant::now()) {
                     tracing::info!(user = %identity.user, "client frames over the rate; closing");
-                    close_with(&mut socket, "rate-limited", &frame_budget.describe(), CLOSE_POLICY).await;
+                    close_with(&state.hub.stats, &mut socket, "rate-limited", &frame_budget.describe(), CLOSE_POLICY).await;
                     Box::pin(linger(&mut socket)).await;
                     break;
                 }
@@ -394,6 +419,7 @@ async fn session(
                     continue;
                 }
                 if next == Next::Drain {
+                    state.hub.stats.count_close("shutting-down");
                     let after_ms = spread_ms(state.config.drain_spread);
                     let told = async {
                         socket.send(Message::Text(reconnect_frame(&cursor.position(), after_ms).into())).await?;
@@ -408,6 +434,7 @@ async fn session(
                 if next == Next::Evicted {
                     tracing::info!(user = %identity.user, position = %cursor.position(), "slow client evicted");
                     let message = "the client did not read fast enough; resume from position";
+                    state.hub.stats.count_close("slow-consumer");
                     let frame = error_frame_at("slow-consumer", message, &cursor.position());
                     Box::pin(close_after(&mut socket, frame, "slow-consumer", message, CLOSE_TRY_LATER)).await;
                     break;
@@ -420,6 +447,7 @@ async fn session(
                 let now = Instant::now();
                 if expiry.is_some_and(|at| now >= at) {
                     if expired {
+                        state.hub.stats.count_close("token-expired");
                         let close = socket.send(Message::Close(Some(CloseFrame {
                             code: CLOSE_POLICY,
                             reason: Utf8Bytes::from(close_reason("token-expired", "no fresh auth frame in time")),
@@ -445,7 +473,7 @@ async fn session(
                     // the TCP connection half-open), not a slow one.
                     if last_heard.elapsed() > ping_every * 2 {
                         tracing::info!(user = %identity.user, "no answer to pings; closing");
-                        close_with(&mut socket, "ping-timeout", "no answer to pings", CLOSE_GOING_AWAY).await;
+                        close_with(&state.hub.stats, &mut socket, "ping-timeout", "no answer to pings", CLOSE_GOING_AWAY).await;
                         break;
                     }
                     let ping = write_within(write_timeout, socket.send(Message::Ping(Default::default())));
@@ -484,22 +512,22 @@ async fn await_auth_frame(
     loop {
         tokio::select! {
             _ = &mut deadline => {
-                state.hub.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                close_with(socket, "auth-timeout", "no auth frame in time", CLOSE_POLICY).await;
+                state.hub.stats.count_auth_failure("auth-timeout");
+                close_with(&state.hub.stats, socket, "auth-timeout", "no auth frame in time", CLOSE_POLICY).await;
                 return None;
             }
             incoming = socket.recv() => {
                 let text = match incoming {
                     Some(Ok(Message::Text(text))) => text,
                     Some(Err(e)) => {
-                        Box::pin(refuse_unreadable(socket, &e, "(unauthenticated)", state.config.max_client_frame)).await;
+                        Box::pin(refuse_unreadable(&state.hub.stats, socket, &e, "(unauthenticated)", state.config.max_client_frame)).await;
                         return None;
                     }
                     Some(Ok(Message::Close(_))) | None => return None,
                     Some(Ok(_)) => continue,
                 };
                 if !frame_budget.take(Instant::now()) {
-                    close_with(socket, "rate-limited", &frame_budget.describe(), CLOSE_POLICY).await;
+                    close_with(&state.hub.stats, socket, "rate-limited", &frame_budget.describe(), CLOSE_POLICY).await;
                     linger(socket).await;
                     return None;
                 }
@@ -507,8 +535,8 @@ async fn await_auth_frame(
                     Ok(ClientFrame::Auth { token, since, device }) => match state.auth.verify(&token).await {
                         Ok(identity) => return Some((identity, since, device)),
                         Err(e) => {
-                            state.hub.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            close_with(socket, e.code(), &e.to_string(), CLOSE_POLICY).await;
+                            state.hub.stats.count_auth_failure(e.code());
+                            close_with(&state.hub.stats, socket, e.code(), &e.to_string(), CLOSE_POLICY).await;
                             return None;
                         }
                     },
@@ -520,8 +548,8 @@ async fn await_auth_frame(
                 // cannot keep it past the deadline.
                 if !matches!(tokio::time::timeout_at(until, send_text(socket, reply)).await, Ok(Ok(()))) {
                     if Instant::now() >= until {
-                        state.hub.stats.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        close_with(socket, "auth-timeout", "no auth frame in time", CLOSE_POLICY).await;
+                        state.hub.stats.count_auth_failure("auth-timeout");
+                        close_with(&state.hub.stats, socket, "auth-timeout", "no auth frame in time", CLOSE_POLICY).await;
                     }
                     return None;
                 }
@@ -634,6 +662,7 @@ fn unreadable(error: &axum::Error, max_frame: usize) -> Option<(&'static str, u1
 /// A frame that cannot be read ends the connection, but never silently: the client gets an
 /// error frame and the close code that names the reason (1009, 1007 or 1002).
 async fn refuse_unreadable(
+    stats: &GatewayStats,
     socket: &mut WebSocket,
     error: &axum::Error,
     user: &str,
@@ -642,7 +671,7 @@ async fn refuse_unreadable(
     match unreadable(error, max_frame) {
         Some((code, close_code, message)) => {
             tracing::info!(%user, %code, %message, "unreadable client frame; closing");
-            close_with(socket, code, &message, close_code).await;
+            close_with(stats, socket, code, &message, close_code).await;
             linger(socket).await;
         }
         None => tracing::debug!(%user, error = %error, "connection lost"),
@@ -675,11 +704,13 @@ impl SourceWs for axum::Error {
 /// await in a connection's task: inline, its timer would make every idle connection's task as
 /// large as this path's state.
 fn close_with<'a>(
+    stats: &GatewayStats,
     socket: &'a mut WebSocket,
     code: &'a str,
     message: &'a str,
     close_code: u16,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    stats.count_close(code);
     Box::pin(close_after(
         socket,
         error_frame(code, message),

@@ -156,6 +156,72 @@ pub struct KafkaSource {
     settings: KafkaSettings,
     tracker: Arc<CommitTracker>,
     committer: CancellationToken,
+    lag: Arc<KafkaLag>,
+}
+
+/// How far the group's committed offsets are behind the end of each partition this consumer is
+/// assigned, asked of the brokers every [`KafkaLag::EVERY`] (`/metrics`). Committed, not
+/// read: an event counts as done only once acknowledged, so this is what a crash would replay.
+#[derive(Default)]
+pub struct KafkaLag {
+    partitions: Mutex<std::collections::BTreeMap<i32, i64>>,
+}
+
+impl KafkaLag {
+    pub const EVERY: Duration = Duration::from_secs(5);
+
+    /// Records per assigned partition, as last measured.
+    pub fn partitions(&self) -> Vec<(i32, i64)> {
+        self.partitions
+            .lock()
+            .map(|m| m.iter().map(|(p, n)| (*p, *n)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Asks the brokers for the committed offset and the end of every assigned partition.
+    fn measure(&self, consumer: &StreamConsumer<GroupContext>, topic: &str) {
+        let timeout = Duration::from_secs(5);
+        let assigned = match consumer.assignment() {
+            Ok(tpl) => tpl,
+            Err(e) => return tracing::debug!(error = %e, "no assignment to measure lag on"),
+        };
+        let committed = match consumer.committed_offsets(assigned.clone(), timeout) {
+            Ok(tpl) => tpl,
+            Err(e) => return tracing::debug!(error = %e, "committed offsets unavailable"),
+        };
+        let mut lag = std::collections::BTreeMap::new();
+        for element in committed.elements_for_topic(topic) {
+            let partition = element.partition();
+            let Ok((low, high)) = consumer.fetch_watermarks(topic, partition, timeout) else {
+                continue;
+            };
+            let done = match element.offset() {
+                Offset::Offset(n) => n,
+                _ => low,
+            };
+            lag.insert(partition, (high - done).max(0));
+        }
+        if let Ok(mut partitions) = self.partitions.lock() {
+            *partitions = lag;
+        }
+    }
+}
+
+async fn watch_lag(
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    lag: Arc<KafkaLag>,
+    topic: String,
+    stop: CancellationToken,
+) {
+    loop {
+        let (consumer, lag, topic) = (consumer.clone(), lag.clone(), topic.clone());
+        // The broker calls block: off the runtime's workers.
+        let _ = tokio::task::spawn_blocking(move || lag.measure(&consumer, &topic)).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(KafkaLag::EVERY) => {}
+        }
+    }
 }
 
 fn base_config(brokers: &str) -> ClientConfig {
@@ -223,13 +289,26 @@ impl KafkaSource {
             settings.commit_interval,
             committer.clone(),
         ));
+        let lag = Arc::new(KafkaLag::default());
+        tokio::spawn(watch_lag(
+            consumer.clone(),
+            lag.clone(),
+            settings.topic.clone(),
+            committer.clone(),
+        ));
         Ok(KafkaSource {
             consumer,
             dead_letters,
             settings,
             tracker,
             committer,
+            lag,
         })
+    }
+
+    /// The consumer's lag per assigned partition (for `/metrics`).
+    pub fn lag(&self) -> Arc<KafkaLag> {
+        self.lag.clone()
     }
 
     /// The next record (any assigned partition), in flight until its `Ack` runs.
