@@ -54,6 +54,16 @@ fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) ->
     g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
+fn histogram(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    latency: &crate::telemetry::Latency,
+) -> std::fmt::Result {
+    let h = &latency.0;
+    h.encode(encoder.encode_descriptor(name, help, None, h.metric_type())?)
+}
+
 fn read(a: &AtomicU64) -> u64 {
     a.load(Relaxed)
 }
@@ -73,6 +83,17 @@ impl Collector for GatewayCollector {
             "Open WebSocket and SSE connections.",
             read(&s.connections) as i64,
         )?;
+        let (open, sse) = (read(&s.connections), read(&s.sse_connections));
+        let kind = ConstGauge::new(0i64).metric_type();
+        let mut family = e.encode_descriptor(
+            "foldercast_gateway_open_connections_by_transport",
+            "Open connections by transport (websocket, sse).",
+            None,
+            kind,
+        )?;
+        for (transport, n) in [("websocket", open.saturating_sub(sse)), ("sse", sse)] {
+            ConstGauge::new(n as i64).encode(family.encode_family(&[("transport", transport)])?)?;
+        }
         gauge(
             &mut e,
             "foldercast_gateway_users",
@@ -218,13 +239,18 @@ impl Collector for PipelineCollector {
             "Published resync messages (the client must refetch), each standing for several events.",
             read(&s.resyncs),
         )?;
-        let h = &s.publish_seconds.0;
-        h.encode(e.encode_descriptor(
+        gauge(
+            &mut e,
+            "foldercast_throttle_held_messages",
+            "Messages the rate limit holds to coalesce (their events are acknowledged once these are published).",
+            s.held_messages.load(Relaxed).max(0),
+        )?;
+        histogram(
+            &mut e,
             "foldercast_bus_publish_seconds",
             "Time the bus took to accept a lane's batch (each attempt).",
-            None,
-            h.metric_type(),
-        )?)?;
+            &s.publish_seconds,
+        )?;
         Ok(())
     }
 }
@@ -346,6 +372,12 @@ impl Collector for MembershipCollector {
             "foldercast_membership_fetch_failures",
             "Fetches that failed because oCIS was unreachable.",
             read(&s.fetch_failures),
+        )?;
+        histogram(
+            &mut e,
+            "foldercast_membership_directory_seconds",
+            "Time oCIS took to answer a space's grants or a group's members (retries included).",
+            &s.directory_seconds,
         )?;
         Ok(())
     }

@@ -49,18 +49,29 @@ pub struct PipelineStats {
     /// the rate limit) and `resync` (the client must refetch).
     pub coalesced: AtomicU64,
     pub resyncs: AtomicU64,
+    /// Messages the rate limiter holds right now, over all lanes (their events are not
+    /// acknowledged to the source until these are published).
+    pub held_messages: std::sync::atomic::AtomicI64,
     /// How long the bus took to accept a lane's batch (each attempt, failed ones included).
-    pub publish_seconds: PublishLatency,
+    pub publish_seconds: Latency,
     pub rejected: AtomicU64,
     rejected_by_code: Mutex<BTreeMap<&'static str, u64>>,
 }
 
-/// A histogram of publish latencies, from 0.5 ms to about 4 s.
-pub struct PublishLatency(pub prometheus_client::metrics::histogram::Histogram);
+/// A histogram of latencies in seconds, from 0.5 ms to about 4 s.
+#[derive(Debug)]
+pub struct Latency(pub prometheus_client::metrics::histogram::Histogram);
 
-impl Default for PublishLatency {
+impl Latency {
+    /// Records the time since `started`.
+    pub fn since(&self, started: std::time::Instant) {
+        self.0.observe(started.elapsed().as_secs_f64());
+    }
+}
+
+impl Default for Latency {
     fn default() -> Self {
-        PublishLatency(prometheus_client::metrics::histogram::Histogram::new(
+        Latency(prometheus_client::metrics::histogram::Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14),
         ))
     }

@@ -44,6 +44,23 @@ async fn run_serves_gateway_and_pipeline_metrics_and_can_move_them_off_the_publi
         Some(1.0),
         "{text}"
     );
+    // By transport: alice's WebSocket, then an SSE stream of bob's.
+    let sse = common::sse::Sse::open(&server.url("/sse"), Some(&common::token("bob"))).await;
+    assert_eq!(sse.status(), 200);
+    let (_, text) = scrape(&server.url("/metrics")).await;
+    for (transport, n) in [("websocket", 1.0), ("sse", 1.0)] {
+        assert_eq!(
+            sample(
+                &text,
+                &format!(
+                    "foldercast_gateway_open_connections_by_transport{{transport=\"{transport}\"}}"
+                )
+            ),
+            Some(n),
+            "{text}"
+        );
+    }
+    drop(sse);
     assert!(sample(&text, "foldercast_messages_published_total").unwrap() > 0.0);
     assert!(text.contains("# TYPE foldercast_gateway_sessions_evicted counter"));
 
@@ -116,7 +133,8 @@ async fn run_serves_gateway_and_pipeline_metrics_and_can_move_them_off_the_publi
         let (_, text) = scrape(&limited.url("/metrics")).await;
         let shaped = sample(&text, "foldercast_messages_coalesced_total").unwrap_or(0.0)
             + sample(&text, "foldercast_messages_resync_total").unwrap_or(0.0);
-        if shaped > 0.0 {
+        // Coalesced, and nothing left held once the limit let it all out.
+        if shaped > 0.0 && sample(&text, "foldercast_throttle_held_messages") == Some(0.0) {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "{text}");
@@ -221,6 +239,12 @@ async fn consume_counts_outcomes_rejections_and_the_nats_source() {
         "{text}"
     );
     assert!(sample(&text, "foldercast_membership_fresh_hits_total").unwrap() >= 1.0);
+    // Each fetch from oCIS is timed.
+    assert!(
+        sample(&text, "foldercast_membership_directory_seconds_count").unwrap_or(0.0)
+            >= sample(&text, "foldercast_membership_space_fetches_total").unwrap_or(1.0),
+        "{text}"
+    );
 }
 
 /// `consume` from Kafka reports its lag per assigned partition: the records past the group's

@@ -843,3 +843,31 @@ async fn a_consumer_started_before_the_stream_waits_for_it() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
 }
+
+/// An operator who stops a consumer while it still waits for its stream (or connects) gets a
+/// clean exit, not a death by signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_stopped_while_waiting_for_its_stream_exits_cleanly() {
+    let graph = LibreGraph::start().await;
+    physics(&graph);
+    let redis = PrivateRedis::start();
+    let stream = Stream::new();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("consume.log");
+    let mut consumer = stream.consume(&graph, &redis.url(), &["--user-rate", "0"], &log);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(consumer.try_wait().unwrap().is_none(), "waiting");
+    let pid = consumer.id().unwrap();
+    let _ = std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(10), consumer.wait())
+        .await
+        .expect("stops within 10 s")
+        .unwrap();
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}

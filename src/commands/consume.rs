@@ -34,31 +34,44 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
-    let resolver = super::setup::resolver(&args.membership, None)?;
-    let pipeline = super::pipeline(&args.shaping, resolver.clone());
-    let bus = RedisBus::connect(
-        &super::redis_target(&args.redis),
-        super::redis_options(&args.redis),
-        None,
-    )
-    .await?;
-    let (source, nats_stats, kafka_lag): (Arc<dyn EventSource>, _, _) =
-        match (&args.nats.nats, &args.brokers) {
-            (Some(url), _) => {
-                let source = nats_source(&args, url, resolver.clone()).await?;
-                let stats = source.stats().clone();
-                (source, Some(stats), None)
-            }
-            (None, Some(brokers)) => {
-                let source = kafka_source(&args, brokers).await?;
-                let lag = source.lag();
-                (source as Arc<dyn EventSource>, None, Some(lag))
-            }
-            (None, None) => anyhow::bail!("give --brokers HOSTS (Kafka) or --nats URL (oCIS)"),
-        };
-
+    // Signals first: one that comes while connecting (or while waiting for oCIS's stream)
+    // stops the command cleanly, with nothing consumed.
     let stop = CancellationToken::new();
-    tokio::spawn(super::cancel_on_signal(stop.clone()));
+    super::cancel_on_signal(stop.clone());
+    let setup = async {
+        let resolver = super::setup::resolver(&args.membership, None)?;
+        let pipeline = super::pipeline(&args.shaping, resolver.clone());
+        let bus = RedisBus::connect(
+            &super::redis_target(&args.redis),
+            super::redis_options(&args.redis),
+            None,
+        )
+        .await?;
+        let (source, nats_stats, kafka_lag): (Arc<dyn EventSource>, _, _) =
+            match (&args.nats.nats, &args.brokers) {
+                (Some(url), _) => {
+                    let source = nats_source(&args, url, resolver.clone()).await?;
+                    let stats = source.stats().clone();
+                    (source, Some(stats), None)
+                }
+                (None, Some(brokers)) => {
+                    let source = kafka_source(&args, brokers).await?;
+                    let lag = source.lag();
+                    (source as Arc<dyn EventSource>, None, Some(lag))
+                }
+                (None, None) => {
+                    anyhow::bail!("give --brokers HOSTS (Kafka) or --nats URL (oCIS)")
+                }
+            };
+        anyhow::Ok((resolver, pipeline, bus, source, nats_stats, kafka_lag))
+    };
+    let (resolver, pipeline, bus, source, nats_stats, kafka_lag) = tokio::select! {
+        _ = stop.cancelled() => {
+            tracing::info!("stopped before consuming anything");
+            return Ok(());
+        }
+        ready = setup => ready?,
+    };
     let stats = Arc::new(PipelineStats::default());
     if let Some(addr) = args.metrics_listen {
         let (stats, nats_stats, directory) = (stats.clone(), nats_stats.clone(), resolver.clone());

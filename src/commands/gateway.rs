@@ -48,7 +48,7 @@ pub fn gateway(args: GatewayCommandArgs) -> anyhow::Result<ExitCode> {
         }
         let listener = super::bind_and_announce(&args.gateway).await?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(super::cancel_on_signal(shutdown.clone()));
+        super::cancel_on_signal(shutdown.clone());
         let server = tokio::spawn(gateway::serve(
             listener,
             app,

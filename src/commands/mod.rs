@@ -207,25 +207,34 @@ fn jwt_secret(g: &GatewayArgs) -> anyhow::Result<Arc<[u8]>> {
     Ok(Arc::from(secret.into_bytes()))
 }
 
-/// Cancels `shutdown` on SIGINT or SIGTERM.
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Cancels `shutdown` on SIGINT or SIGTERM. The handlers are installed before this returns, so
+/// a signal that comes while the command is still connecting stops it cleanly instead of
+/// killing it (the default action).
+fn cancel_on_signal(shutdown: CancellationToken) {
     #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
+    let handlers = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        )
+    };
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        match handlers {
+            (Some(mut int), Some(mut term)) => {
                 tokio::select! {
-                    _ = ctrl_c => {}
+                    _ = int.recv() => {}
                     _ = term.recv() => {}
                 }
             }
-            Err(_) => {
-                let _ = ctrl_c.await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
-    shutdown.cancel();
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    });
 }

@@ -33,7 +33,7 @@ async fn replay_async(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     }
     let resolver = super::setup::resolver(&args.membership, None)?;
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(super::cancel_on_signal(stop.clone()));
+    super::cancel_on_signal(stop.clone());
     let source = FixtureSource::open(&args.events, Passes::Once)
         .await?
         .with_max_line(args.shaping.max_event_bytes);

@@ -88,7 +88,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let listener = super::bind_and_announce(&args.gateway).await?;
 
     let shutdown = CancellationToken::new();
-    tokio::spawn(super::cancel_on_signal(shutdown.clone()));
+    super::cancel_on_signal(shutdown.clone());
     let server = tokio::spawn(gateway::serve(
         listener,
         app,

@@ -18,6 +18,8 @@ pub struct AckBook {
     next: EventRef,
     /// Events published in part, waiting for `held` released messages.
     waiting: HashMap<EventRef, Waiting>,
+    /// Messages the rate limiter still holds, over all waiting events.
+    held: usize,
 }
 
 struct Waiting {
@@ -38,6 +40,7 @@ impl AckBook {
         if held == 0 {
             return Some(ack);
         }
+        self.held += held as usize;
         self.waiting.insert(event, Waiting { held, ack });
         None
     }
@@ -46,6 +49,7 @@ impl AckBook {
     pub fn released(&mut self, event: EventRef) -> Option<Ack> {
         let waiting = self.waiting.get_mut(&event)?;
         waiting.held = waiting.held.saturating_sub(1);
+        self.held = self.held.saturating_sub(1);
         if waiting.held > 0 {
             return None;
         }
@@ -55,6 +59,11 @@ impl AckBook {
     /// Events published in part and not yet acknowledged.
     pub fn waiting(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Messages the rate limiter still holds for them.
+    pub fn held(&self) -> usize {
+        self.held
     }
 }
 
@@ -80,12 +89,16 @@ mod tests {
         assert_ne!(a, b);
         book.published(a, 0, counting(&acked)).unwrap().ack();
         assert!(book.published(b, 2, counting(&acked)).is_none());
+        assert_eq!(book.held(), 2);
         assert!(book.released(b).is_none());
+        assert_eq!(book.held(), 1);
         assert_eq!(acked.load(Relaxed), 1);
         book.released(b).unwrap().ack();
         assert_eq!(acked.load(Relaxed), 2);
         assert_eq!(book.waiting(), 0);
+        assert_eq!(book.held(), 0);
         assert!(book.released(b).is_none(), "a stray release is ignored");
+        assert_eq!(book.held(), 0, "and moves nothing");
     }
 
     #[test]

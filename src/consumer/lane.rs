@@ -45,6 +45,7 @@ pub(super) async fn run<C: LaneClock>(
         book: AckBook::default(),
         shared: &shared,
         lane,
+        reported_held: 0,
     };
     let settings = &shared.settings;
     let mut tick = tokio::time::interval(settings.flush_every.unwrap_or(Duration::from_secs(3600)));
@@ -59,6 +60,7 @@ pub(super) async fn run<C: LaneClock>(
                 if let Err(end) = state.flush(false).await {
                     return end;
                 }
+                state.report_held();
             }
             first = events.recv() => {
                 let Some(first) = first else { break true };
@@ -72,6 +74,7 @@ pub(super) async fn run<C: LaneClock>(
                 if let Err(end) = state.handle(&mut batch).await {
                     return end;
                 }
+                state.report_held();
             }
         }
     };
@@ -119,9 +122,31 @@ struct LaneState<'a, C: LaneClock> {
     book: AckBook,
     shared: &'a Shared<C>,
     lane: Lane,
+    /// This lane's share of the held-messages gauge, as last added to it.
+    reported_held: usize,
+}
+
+impl<C: LaneClock> Drop for LaneState<'_, C> {
+    fn drop(&mut self) {
+        // A lane that ends takes its share with it (what it held was flushed or abandoned).
+        self.shared
+            .stats
+            .held_messages
+            .fetch_sub(self.reported_held as i64, Relaxed);
+    }
 }
 
 impl<C: LaneClock> LaneState<'_, C> {
+    /// Moves the shared gauge of held messages by this lane's change since its last report.
+    fn report_held(&mut self) {
+        let now = self.book.held();
+        let change = now as i64 - self.reported_held as i64;
+        if change != 0 {
+            self.shared.stats.held_messages.fetch_add(change, Relaxed);
+            self.reported_held = now;
+        }
+    }
+
     /// Handles `batch` in order (emptying it): processed, routed, published, acknowledged.
     async fn handle(&mut self, batch: &mut Vec<SourceEvent>) -> Result<(), LaneEnd> {
         let shared = self.shared;
@@ -227,11 +252,7 @@ impl<C: LaneClock> LaneState<'_, C> {
         loop {
             let started = std::time::Instant::now();
             let result = shared.bus.publish(out).await;
-            shared
-                .stats
-                .publish_seconds
-                .0
-                .observe(started.elapsed().as_secs_f64());
+            shared.stats.publish_seconds.since(started);
             match result {
                 Ok(()) => {
                     shared.stats.messages.fetch_add(out.len() as u64, Relaxed);

@@ -23,6 +23,8 @@ use crate::bus::{Bus, BusError, Delivery, DeliverySink, FeedEvents};
 #[derive(Default, Debug)]
 pub struct GatewayStats {
     pub connections: AtomicU64,
+    /// Of `connections`, the SSE streams (the rest are WebSockets).
+    pub sse_connections: AtomicU64,
     pub connections_total: AtomicU64,
     pub delivered: AtomicU64,
     pub evicted: AtomicU64,
@@ -108,11 +110,19 @@ impl FeedDown {
     }
 }
 
+/// How a client is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    WebSocket,
+    Sse,
+}
+
 /// A connection's place in the hub; dropping it unregisters the connection.
 pub struct Registration {
     hub: Arc<Hub>,
     user: Arc<str>,
     pub queue: Arc<SessionQueue>,
+    transport: Transport,
 }
 
 impl Hub {
@@ -167,7 +177,11 @@ impl Hub {
         self.sessions.lock().map(|s| s.len()).unwrap_or(0)
     }
 
-    pub async fn register(self: &Arc<Self>, user: Arc<str>) -> Result<Registration, RegisterError> {
+    pub async fn register(
+        self: &Arc<Self>,
+        user: Arc<str>,
+        transport: Transport,
+    ) -> Result<Registration, RegisterError> {
         let queue = Arc::new(SessionQueue::bounded(self.queue_capacity, self.queue_bytes));
         let _order = self.subscription_order.lock().await;
         let first = {
@@ -192,10 +206,14 @@ impl Hub {
         }
         self.stats.connections.fetch_add(1, Relaxed);
         self.stats.connections_total.fetch_add(1, Relaxed);
+        if transport == Transport::Sse {
+            self.stats.sse_connections.fetch_add(1, Relaxed);
+        }
         Ok(Registration {
             hub: self.clone(),
             user,
             queue,
+            transport,
         })
     }
 
@@ -351,6 +369,9 @@ impl Drop for Hub {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        if self.transport == Transport::Sse {
+            self.hub.stats.sse_connections.fetch_sub(1, Relaxed);
+        }
         let hub = self.hub.clone();
         let user = self.user.clone();
         let queue = self.queue.clone();

@@ -99,7 +99,11 @@ async fn serve(
             );
         }
     };
-    let registration = match state.hub.register(identity.user.clone()).await {
+    let registration = match state
+        .hub
+        .register(identity.user.clone(), super::hub::Transport::Sse)
+        .await
+    {
         Ok(r) => r,
         Err(e @ RegisterError::TooManyConnections(_)) => {
             return super::error_response(

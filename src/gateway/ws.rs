@@ -191,7 +191,11 @@ async fn session(
             return;
         }
     };
-    let registration = match state.hub.register(identity.user.clone()).await {
+    let registration = match state
+        .hub
+        .register(identity.user.clone(), super::hub::Transport::WebSocket)
+        .await
+    {
         Ok(r) => r,
         Err(e @ RegisterError::TooManyConnections(_)) => {
             close_with(

@@ -75,6 +75,9 @@ pub struct CacheStats {
     pub stale_served: AtomicU64,
     /// Fetches that failed because oCIS was unreachable.
     pub fetch_failures: AtomicU64,
+    /// How long the directory (oCIS) took to answer a space's grants or a group's members,
+    /// retries included.
+    pub directory_seconds: crate::telemetry::Latency,
 }
 
 struct Entry {
@@ -259,7 +262,10 @@ impl<D: Directory> Inner<D> {
         self.groups
             .try_get_with(key, async move {
                 this.stats.group_fetches.fetch_add(1, Relaxed);
-                match this.directory.group_members(&id).await {
+                let started = std::time::Instant::now();
+                let answer = this.directory.group_members(&id).await;
+                this.stats.directory_seconds.since(started);
+                match answer {
                     Ok(users) => Ok(users.into_iter().map(Arc::from).collect::<UserList>()),
                     Err(GraphError::NotFound(detail)) => {
                         tracing::warn!(group = %id, %detail, "group not found; it grants nobody");
@@ -361,7 +367,10 @@ impl<D: Directory> Inner<D> {
 
     async fn load(self: &Arc<Self>, space: &str) -> FetchResult {
         self.stats.space_fetches.fetch_add(1, Relaxed);
-        let grants = match self.directory.space_grants(space).await {
+        let started = std::time::Instant::now();
+        let answer = self.directory.space_grants(space).await;
+        self.stats.directory_seconds.since(started);
+        let grants = match answer {
             Ok(g) => g,
             Err(e) => return Err(self.to_resolve_error(space, e)),
         };
