@@ -957,6 +957,17 @@ pub struct GatewayArgs {
     #[arg(long, env = "FOLDERCAST_DRAIN_GRACE", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub drain_grace: Duration,
 
+    /// The base URL clients reach this gateway at directly (e.g. https://gw1.example.com). With
+    /// it, the gateway heartbeats its WebSocket and SSE URLs and its load into the bus, and any
+    /// gateway's GET /api/endpoint hands out the least-loaded live one (never a draining one).
+    #[arg(long, env = "FOLDERCAST_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<String>,
+
+    /// How often a gateway with --public-url heartbeats; one silent for two intervals is no
+    /// longer handed out.
+    #[arg(long, env = "FOLDERCAST_HEARTBEAT_EVERY", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub heartbeat_every: Duration,
+
     /// Lifetime of a single-use connection ticket from POST /api/tickets.
     #[arg(long, env = "FOLDERCAST_TICKET_TTL", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub ticket_ttl: Duration,

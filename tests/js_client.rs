@@ -309,3 +309,109 @@ async fn websocket_page_acknowledges_a_notification() {
 async fn sse_page_acknowledges_a_notification() {
     page_acknowledges_a_notification("sse").await;
 }
+
+/// A gateway on `redis` at `port`, with `extra` flags.
+async fn gateway_on(redis: &str, port: u16, extra: &[&str]) -> Server {
+    let mut args: Vec<String> = [
+        "gateway",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--jwt-secret",
+        SECRET,
+        "--redis",
+        redis,
+        "--drain-spread",
+        "1s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Server::spawn(&args, false).await
+}
+
+/// Discovery in the page: the client asks `GET /api/endpoint` and connects to the gateway it
+/// names (not the one serving the page); when that one drains, the client asks again, is named
+/// none, and falls back to `url`, missing nothing and repeating nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_follows_discovery_and_falls_back_when_its_gateway_drains() {
+    let redis = common::PrivateRedis::start();
+    let (port_a, port_b) = (free_port(), free_port());
+    let a = gateway_on(&redis.url(), port_a, &[]).await;
+    let public_b = format!("http://127.0.0.1:{port_b}");
+    let mut b = gateway_on(
+        &redis.url(),
+        port_b,
+        &["--public-url", &public_b, "--heartbeat-every", "300ms"],
+    )
+    .await;
+    let user: Arc<str> = Arc::from(unique("js-discovery"));
+    let bus = RedisBus::connect(
+        &RedisTarget::Standalone(redis.url()),
+        RedisOptions::default(),
+        None,
+    )
+    .await
+    .unwrap();
+    // B has advertised itself.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while reqwest::Client::new()
+        .get(a.url("/api/endpoint"))
+        .bearer_auth(token(&user))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(tokio::time::Instant::now() < deadline, "B never advertised");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let browser = Browser::launch(&format!("http://127.0.0.1:{port_a}/healthz")).await;
+    let mut page = browser.loaded_page("/healthz").await;
+    let module = std::fs::read(root().join("clients/js/foldercast.js")).unwrap();
+    let module = base64::engine::general_purpose::STANDARD.encode(module);
+    let started = page
+        .eval(&format!(
+            r#"(async () => {{
+                const m = await import("data:text/javascript;base64,{module}");
+                window.got = []; window.resyncs = [];
+                window.fc = m.connect({{
+                    discoveryUrl: "http://127.0.0.1:{port_a}/api/endpoint",
+                    url: "ws://127.0.0.1:{port_a}/ws",
+                    getToken: () => "{token}",
+                }});
+                fc.on("event", (msg) => got.push(msg.n));
+                fc.on("resync", (r) => resyncs.push(r));
+                return "started";
+            }})()"#,
+            token = token(&user),
+        ))
+        .await;
+    assert_eq!(started, "started");
+    wait_for(&mut page, "connects", |v| v["state"] == "connected").await;
+    assert_eq!(
+        b.stats().await["connections"],
+        1,
+        "connected to the named gateway"
+    );
+    assert_eq!(a.stats().await["connections"], 0);
+    publish(&bus, &user, 0..10).await;
+    wait_for(&mut page, "live messages", |v| numbers(v).len() >= 10).await;
+
+    // B drains: the page asks again, is named none (B withdrew), and comes back on A.
+    stop(&mut b, "-TERM").await;
+    publish(&bus, &user, 10..20).await;
+    let v = wait_for(&mut page, "caught up on the fallback", |v| {
+        numbers(v).len() >= 20 && v["state"] == "connected"
+    })
+    .await;
+    assert_eq!(
+        numbers(&v),
+        (0..20).collect::<Vec<_>>(),
+        "once each, in order"
+    );
+    assert_eq!(a.stats().await["connections"], 1);
+    assert!(v["resyncs"].as_array().is_some_and(Vec::is_empty), "{v}");
+}

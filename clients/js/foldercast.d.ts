@@ -2,8 +2,10 @@
 export type Position = string;
 
 export interface Options {
-  /** `wss://host/ws` (transport "ws") or `https://host/sse` (transport "sse"). */
-  url: string;
+  /** `wss://host/ws` (transport "ws") or `https://host/sse` (transport "sse"). With `discoveryUrl`, the fallback. */
+  url?: string;
+  /** A gateway's `GET /api/endpoint`: asked on every (re)connect for the least-loaded live gateway (one that drains is never named); `url` when it names none. One of `url` and `discoveryUrl` is required. */
+  discoveryUrl?: string;
   /** Returns a bearer token (called on every connect, and again when the server says `token-expired`). */
   getToken?: () => string | Promise<string>;
   /** POST endpoint that returns `{ticket}` (cookie-authenticated); for SSE with getToken, defaults to `/api/tickets`. */

@@ -37,7 +37,9 @@ export function backoff(attempt, min = BACKOFF_MIN_MS, max = BACKOFF_MAX_MS) {
  */
 export function connect(options) {
   const opts = Object.assign({ transport: "ws", storageKey: null }, options);
-  if (!opts.url) throw new Error("foldercast: url is required");
+  if (!opts.url && !opts.discoveryUrl) throw new Error("foldercast: url or discoveryUrl is required");
+  // With discovery, every (re)connect asks which gateway to use; `url` is the fallback.
+  const fallbackUrl = opts.url || null;
   if (!opts.getToken && !opts.ticketUrl) throw new Error("foldercast: getToken or ticketUrl is required");
   const handlers = { event: [], resync: [], resumed: [], state: [], error: [], notification: [] };
   const notified = new Set(); // notification ids emitted on this page (bounded below)
@@ -200,12 +202,34 @@ export function connect(options) {
     }, PING_EVERY_MS);
   }
 
+  /** Asks `discoveryUrl` (GET /api/endpoint) for the least-loaded gateway; falls back to `url`. */
+  async function discover() {
+    if (!opts.discoveryUrl) return;
+    try {
+      const headers = opts.getToken ? { authorization: `Bearer ${await opts.getToken()}` } : {};
+      const r = await fetch(opts.discoveryUrl, { credentials: "include", headers });
+      if (r.ok) {
+        const endpoint = await r.json();
+        const next = opts.transport === "sse" ? endpoint.sse : endpoint.websocket;
+        if (next) {
+          opts.url = next;
+          return;
+        }
+      }
+    } catch (_) {
+      // Discovery down: the fallback, or a retry with backoff.
+    }
+    if (!fallbackUrl) throw new Error("foldercast: discovery named no gateway");
+    opts.url = fallbackUrl;
+  }
+
   async function open() {
     clearTimers();
     if (closed) return;
     setState(attempt === 0 ? "connecting" : "reconnecting");
     let creds;
     try {
+      await discover();
       creds = await credentials();
     } catch (e) {
       if (e && (e.status === 401 || e.status === 403)) {

@@ -53,6 +53,8 @@ struct State {
     /// Scheduled items (JSON) by id, and their due members.
     schedule: HashMap<String, String>,
     due: Vec<(i64, String)>,
+    /// Gateway advertisements: id → (valid until, JSON).
+    gateways: HashMap<String, (i64, String)>,
 }
 
 /// One user's owed notices (id and encoded, in publish order) and acknowledgements
@@ -132,6 +134,26 @@ impl Bus for MemoryBus {
         state
             .due
             .extend(due.iter().map(|(member, ms)| (*ms, member.clone())));
+        Ok(())
+    }
+
+    async fn advertise_gateway(&self, id: &str, json: &str, until_ms: i64) -> Result<(), BusError> {
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        state
+            .gateways
+            .insert(id.to_owned(), (until_ms, json.to_owned()));
+        Ok(())
+    }
+
+    async fn gateways(&self, now_ms: i64) -> Result<Vec<String>, BusError> {
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        state.gateways.retain(|_, (until, _)| *until > now_ms);
+        Ok(state.gateways.values().map(|(_, j)| j.clone()).collect())
+    }
+
+    async fn withdraw_gateway(&self, id: &str) -> Result<(), BusError> {
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        state.gateways.remove(id);
         Ok(())
     }
 

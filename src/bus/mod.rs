@@ -389,6 +389,27 @@ pub trait Bus: Send + Sync {
         Ok(false)
     }
 
+    /// Advertises gateway `id` (JSON, see `gateway::discovery`) until `until_ms` (epoch ms),
+    /// replacing its previous advertisement.
+    async fn advertise_gateway(
+        &self,
+        _id: &str,
+        _json: &str,
+        _until_ms: i64,
+    ) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    /// The advertisements still valid at `now_ms` (JSON); expired ones are dropped.
+    async fn gateways(&self, _now_ms: i64) -> Result<Vec<String>, BusError> {
+        Ok(Vec::new())
+    }
+
+    /// Withdraws gateway `id`'s advertisement (a gateway that drains).
+    async fn withdraw_gateway(&self, _id: &str) -> Result<(), BusError> {
+        Ok(())
+    }
+
     /// Replaces what `key` records (`Some`), or forgets it (`None`).
     async fn rerecord(
         &self,

@@ -98,6 +98,8 @@ fn gateway_config(g: &GatewayArgs) -> GatewayConfig {
         resume_max: g.resume_max,
         drain_spread: g.drain_spread,
         drain_grace: g.drain_grace,
+        public_url: g.public_url.clone(),
+        heartbeat_every: g.heartbeat_every,
         device_ttl: g.device_ttl,
         metrics_elsewhere: g.metrics_listen.is_some(),
     }
@@ -137,6 +139,7 @@ fn gateway_app(
             .set(gw::notices::Notices::new(publisher, admins));
         tracing::info!("POST /api/notifications on: admins of --admin-token-file may publish");
     }
+    gw::discovery::start(&state).map_err(anyhow::Error::msg)?;
     Ok((gw::router(state.clone()), state))
 }
 

@@ -163,6 +163,11 @@ impl Hub {
     }
 
     /// The bus, for history reads.
+    /// Whether the gateway is shutting down (every session told to reconnect elsewhere).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
     pub fn bus(&self) -> &Arc<dyn Bus> {
         &self.bus
     }

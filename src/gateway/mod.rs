@@ -5,6 +5,7 @@
 //! State lives in one [`AppState`]; handlers stay thin.
 
 pub mod auth;
+pub mod discovery;
 pub mod hub;
 pub mod notices;
 mod ocis_sse;
@@ -69,6 +70,10 @@ pub struct GatewayConfig {
     pub drain_spread: Duration,
     /// On shutdown, how long open connections are given to be told and closed.
     pub drain_grace: Duration,
+    /// Where clients reach this gateway directly (`--public-url`): advertised for discovery.
+    pub public_url: Option<String>,
+    /// How often the advertisement is renewed.
+    pub heartbeat_every: Duration,
     /// A device unseen this long is forgotten (its acknowledged position).
     pub device_ttl: Duration,
     /// `/metrics` is served on its own address (`--metrics-listen`), not on the public one.
@@ -97,6 +102,8 @@ impl Default for GatewayConfig {
             resume_max: 1000,
             drain_spread: Duration::from_secs(10),
             drain_grace: Duration::from_secs(5),
+            public_url: None,
+            heartbeat_every: Duration::from_secs(5),
             device_ttl: Duration::from_secs(30 * 24 * 3600),
             metrics_elsewhere: false,
         }
@@ -119,6 +126,8 @@ pub struct AppState {
     pub downtimes: std::sync::OnceLock<Arc<crate::notice::downtime::Scheduler>>,
     /// The pipeline's counters, when this process runs one too (`run`): in `/metrics`.
     pub pipeline_stats: std::sync::OnceLock<Arc<crate::telemetry::PipelineStats>>,
+    /// This gateway's id in the bus's advertisements (`--public-url`), once it advertises.
+    pub advertised_as: std::sync::OnceLock<String>,
 }
 
 impl AppState {
@@ -137,6 +146,7 @@ impl AppState {
             notices: std::sync::OnceLock::new(),
             downtimes: std::sync::OnceLock::new(),
             pipeline_stats: std::sync::OnceLock::new(),
+            advertised_as: std::sync::OnceLock::new(),
         })
     }
 
@@ -144,6 +154,8 @@ impl AppState {
     /// and waits, up to the drain grace, for them to close.
     pub async fn drain(&self) {
         self.hub.drain_all();
+        // No client is sent here any more (the heartbeat stops once the hub drains).
+        discovery::withdraw(self).await;
         let deadline = tokio::time::Instant::now() + self.config.drain_grace;
         while self.hub.stats.connections.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline
         {
@@ -168,6 +180,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(sse::ocis_handler),
         )
         .route("/api/tickets", post(issue_ticket))
+        .route("/api/endpoint", get(discovery::endpoint))
         .route("/api/stats", get(stats))
         .route("/metrics", get(metrics))
         .route(

@@ -165,6 +165,10 @@ pub mod keys {
     /// on from it, so one id serves all of a run's recipients (see `publish.rs`).
     pub const LAST_ID: &str = "fc:last-id";
 
+    /// Gateways' advertisements for discovery: field = gateway id, value =
+    /// `<valid until, epoch ms>|<JSON>`.
+    pub const GATEWAYS: &str = "fc:{gateways}";
+
     /// The user a channel belongs to.
     pub fn user_of_channel(channel: &[u8]) -> Option<&str> {
         let s = std::str::from_utf8(channel).ok()?;
@@ -942,6 +946,45 @@ impl Bus for RedisBus {
         }
         let done: Result<(), RedisError> = self.query(&pipe).await;
         done.map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
+    async fn advertise_gateway(&self, id: &str, json: &str, until_ms: i64) -> Result<(), BusError> {
+        let mut set = redis::cmd("HSET");
+        set.arg(keys::GATEWAYS)
+            .arg(id)
+            .arg(format!("{until_ms}|{json}"));
+        let done: Result<(), RedisError> = self.query(&set).await;
+        done.map_err(unavailable)
+    }
+
+    async fn gateways(&self, now_ms: i64) -> Result<Vec<String>, BusError> {
+        let mut read = redis::cmd("HGETALL");
+        read.arg(keys::GATEWAYS);
+        let all: Vec<(String, String)> = self.query(&read).await.map_err(unavailable)?;
+        let mut live = Vec::new();
+        let mut expired = Vec::new();
+        for (id, value) in all {
+            match value.split_once('|') {
+                Some((until, json)) if until.parse::<i64>().is_ok_and(|u| u > now_ms) => {
+                    live.push(json.to_owned());
+                }
+                _ => expired.push(id),
+            }
+        }
+        if !expired.is_empty() {
+            // Gateways that stopped heartbeating (killed, partitioned) leave no trace.
+            let mut del = redis::cmd("HDEL");
+            del.arg(keys::GATEWAYS).arg(&expired);
+            let _: Result<u64, RedisError> = self.query(&del).await;
+        }
+        Ok(live)
+    }
+
+    async fn withdraw_gateway(&self, id: &str) -> Result<(), BusError> {
+        let mut del = redis::cmd("HDEL");
+        del.arg(keys::GATEWAYS).arg(id);
+        let done: Result<u64, RedisError> = self.query(&del).await;
+        done.map(|_| ()).map_err(unavailable)
     }
 
     async fn scheduled(&self) -> Result<Vec<String>, BusError> {
