@@ -16,21 +16,7 @@ use foldercast::bus::{Bus, Outgoing, RedisBus, RedisOptions, RedisTarget};
 use serde_json::Value;
 
 async fn gateway(port: u16) -> Server {
-    let args: Vec<String> = [
-        "gateway",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--jwt-secret",
-        SECRET,
-        "--redis",
-        &redis_url(),
-        "--drain-spread",
-        "1s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    Server::spawn(&args, false).await
+    gateway_on(&redis_url(), port, &[]).await
 }
 
 async fn publish(bus: &RedisBus, user: &Arc<str>, range: std::ops::Range<u64>) {
@@ -45,6 +31,27 @@ async fn publish(bus: &RedisBus, user: &Arc<str>, range: std::ops::Range<u64>) {
         );
         bus.publish(&[msg]).await.expect("publish");
     }
+}
+
+/// Loads the client module into `page` and connects with `options` (a JS object literal): the
+/// page collects the `n` of every event in `window.got` and its resyncs in `window.resyncs`.
+async fn start_client(page: &mut Cdp, options: &str) {
+    let module = std::fs::read(root().join("clients/js/foldercast.js")).unwrap();
+    let module = base64::engine::general_purpose::STANDARD.encode(module);
+    let started = page
+        .eval(&format!(
+            r#"(async () => {{
+                const m = await import("data:text/javascript;base64,{module}");
+                window.got = []; window.resyncs = [];
+                window.fc = m.connect({options});
+                fc.on("event", (msg) => got.push(msg.n));
+                fc.on("resync", (r) => resyncs.push(r));
+                return "started";
+            }})()"#
+        ))
+        .await;
+    assert_eq!(started, "started");
+    wait_for(page, "connects", |v| v["state"] == "connected").await;
 }
 
 /// The page's view: the numbers of the messages it applied, its resyncs and its state.
@@ -101,27 +108,18 @@ async fn page_survives_restarts_and_refetches_after_a_lost_history(transport: &s
     // fetched same-origin; the gateway sends no CORS headers).
     let browser = Browser::launch(&format!("http://127.0.0.1:{port}/healthz")).await;
     let mut page = browser.loaded_page("/healthz").await;
-    let module = std::fs::read(root().join("clients/js/foldercast.js")).unwrap();
-    let module = base64::engine::general_purpose::STANDARD.encode(module);
     let url = match transport {
         "sse" => format!("http://127.0.0.1:{port}/sse"),
         _ => format!("ws://127.0.0.1:{port}/ws"),
     };
-    let started = page
-        .eval(&format!(
-            r#"(async () => {{
-                const m = await import("data:text/javascript;base64,{module}");
-                window.got = []; window.resyncs = [];
-                window.fc = m.connect({{ url: "{url}", transport: "{transport}", getToken: () => "{token}" }});
-                fc.on("event", (msg) => got.push(msg.n));
-                fc.on("resync", (r) => resyncs.push(r));
-                return "started";
-            }})()"#,
-            token = token(&user),
-        ))
-        .await;
-    assert_eq!(started, "started");
-    wait_for(&mut page, "connects", |v| v["state"] == "connected").await;
+    start_client(
+        &mut page,
+        &format!(
+            r#"{{ url: "{url}", transport: "{transport}", getToken: () => "{}" }}"#,
+            token(&user)
+        ),
+    )
+    .await;
 
     publish(&bus, &user, 0..30).await;
     wait_for(&mut page, "live messages", |v| numbers(v).len() >= 30).await;
@@ -370,27 +368,15 @@ async fn page_follows_discovery_and_falls_back_when_its_gateway_drains() {
 
     let browser = Browser::launch(&format!("http://127.0.0.1:{port_a}/healthz")).await;
     let mut page = browser.loaded_page("/healthz").await;
-    let module = std::fs::read(root().join("clients/js/foldercast.js")).unwrap();
-    let module = base64::engine::general_purpose::STANDARD.encode(module);
-    let started = page
-        .eval(&format!(
-            r#"(async () => {{
-                const m = await import("data:text/javascript;base64,{module}");
-                window.got = []; window.resyncs = [];
-                window.fc = m.connect({{
-                    discoveryUrl: "http://127.0.0.1:{port_a}/api/endpoint",
-                    url: "ws://127.0.0.1:{port_a}/ws",
-                    getToken: () => "{token}",
-                }});
-                fc.on("event", (msg) => got.push(msg.n));
-                fc.on("resync", (r) => resyncs.push(r));
-                return "started";
-            }})()"#,
-            token = token(&user),
-        ))
-        .await;
-    assert_eq!(started, "started");
-    wait_for(&mut page, "connects", |v| v["state"] == "connected").await;
+    start_client(
+        &mut page,
+        &format!(
+            r#"{{ discoveryUrl: "http://127.0.0.1:{port_a}/api/endpoint",
+                  url: "ws://127.0.0.1:{port_a}/ws", getToken: () => "{}" }}"#,
+            token(&user)
+        ),
+    )
+    .await;
     assert_eq!(
         b.stats().await["connections"],
         1,
