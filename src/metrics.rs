@@ -118,6 +118,12 @@ impl Collector for GatewayCollector {
             "Slow clients closed (slow-consumer): they resume from their position.",
             read(&s.evicted),
         )?;
+        gauge(
+            &mut e,
+            "foldercast_notifications_pending",
+            "(user, notification) pairs still owed an acknowledgement across the bus (asked every 5 s; -1 until known).",
+            s.notices_pending.load(Relaxed),
+        )?;
         let by_code: Vec<(String, u64)> = s
             .auth_failures_by_code
             .lock()

@@ -396,6 +396,31 @@ async fn ack(ws: &mut Ws, id: &str) -> Value {
     }
 }
 
+/// `foldercast_notifications_pending` on the gateway's /metrics, once `done` holds (it is
+/// refreshed every 5 s).
+async fn pending_notices(server: &common::Server, done: impl Fn(f64) -> bool) -> f64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = reqwest::get(server.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let n = text
+            .lines()
+            .find_map(|l| l.strip_prefix("foldercast_notifications_pending "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if let Some(n) = n
+            && done(n)
+        {
+            return n;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "pending: {n:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_critical_notice_comes_on_every_connect_until_one_device_acknowledges_it() {
     let s = setup().await;
@@ -411,6 +436,17 @@ async fn a_critical_notice_comes_on_every_connect_until_one_device_acknowledges_
     .await;
     assert_eq!(status, 200, "{answer}");
     let id = answer["notification_id"].as_str().unwrap().to_owned();
+    // /metrics counts it pending for alice, with another one owed by bob and dave.
+    let (status, _) = post(
+        &s.server,
+        Some(ADMIN),
+        None,
+        json!({"title": "Read the handbook", "ack": "user", "targets": {"users": ["bob", "dave"]}})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(pending_notices(&s.server, |n| n == 3.0).await, 3.0);
     let (laptop, owed) = connect_device(&s.server, "alice", "laptop").await;
     assert_eq!(owed.len(), 1);
     assert_valid(&schemas.message, &owed[0], "an owed notification");
@@ -432,6 +468,8 @@ async fn a_critical_notice_comes_on_every_connect_until_one_device_acknowledges_
     assert_valid(&schemas.server_frame, &answer, "an acked frame");
     assert_eq!(answer, json!({"type": "acked", "notification_id": id}));
     assert_eq!(ack(&mut laptop, &id).await["type"], "acked", "idempotent");
+    // One pair fewer pending, counted once though acknowledged twice.
+    assert_eq!(pending_notices(&s.server, |n| n == 2.0).await, 2.0);
     drop(laptop);
     // Any one device's acknowledgement is enough: the phone is not told either.
     let (_phone, owed) = connect_device(&s.server, "alice", "phone").await;

@@ -285,6 +285,18 @@ impl Bus for MemoryBus {
             .collect())
     }
 
+    async fn pending_notices(&self, now_ms: i64) -> Result<u64, BusError> {
+        let state = self.state.lock().map_err(|_| BusError::Closed)?;
+        Ok(state
+            .owed
+            .values()
+            .flat_map(|(notices, _)| notices.iter())
+            .filter(|(_, stored)| {
+                super::decode_owed(stored).is_some_and(|(_, deadline, _)| deadline > now_ms)
+            })
+            .count() as u64)
+    }
+
     async fn acknowledge(
         &self,
         user: &str,

@@ -327,6 +327,13 @@ pub trait Bus: Send + Sync {
         Ok(false)
     }
 
+    /// (user, notification) pairs still owed, over every notification that asks for an
+    /// acknowledgement and has not expired at `now_ms`: a per-user notice leaves the count when
+    /// any device of its user acknowledges it, a per-device one when it expires.
+    async fn pending_notices(&self, _now_ms: i64) -> Result<u64, BusError> {
+        Ok(0)
+    }
+
     /// `device` of `user` connects: its record, seen now (kept `ttl` past its last visit).
     async fn device_seen(
         &self,

@@ -140,6 +140,7 @@ fn gateway_app(
         tracing::info!("POST /api/notifications on: admins of --admin-token-file may publish");
     }
     gw::discovery::start(&state).map_err(anyhow::Error::msg)?;
+    gw::notices::watch_pending(&state);
     Ok((gw::router(state.clone()), state))
 }
 

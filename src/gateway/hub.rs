@@ -36,6 +36,9 @@ pub struct GatewayStats {
     pub resumes: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Refused credentials by code (`invalid-token`, `token-expired`, `auth-timeout`, …).
     pub auth_failures_by_code: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// (user, notification) pairs still owed an acknowledgement, across the bus (asked every
+    /// [`crate::gateway::notices::PENDING_EVERY`]); -1 until known.
+    pub notices_pending: std::sync::atomic::AtomicI64,
     /// Connections the server closed, by the reason it gave (`slow-consumer`, `ping-timeout`,
     /// `rate-limited`, `token-expired`, `shutting-down`, …).
     pub closes: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,

@@ -26,6 +26,35 @@ pub const PER_MINUTE: u32 = 30;
 /// The shortest admin token: as long as a good HS256 secret.
 pub const MIN_TOKEN_BYTES: usize = 32;
 
+/// How often a gateway asks the bus how many notifications are still owed (`/metrics`).
+pub const PENDING_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps the gateway's count of notifications pending acknowledgement current, for as long as
+/// the gateway runs.
+pub fn watch_pending(state: &Arc<AppState>) {
+    state
+        .hub
+        .stats
+        .notices_pending
+        .store(-1, std::sync::atomic::Ordering::Relaxed);
+    let weak = Arc::downgrade(state);
+    tokio::spawn(async move {
+        loop {
+            let Some(state) = weak.upgrade() else { return };
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            match state.hub.bus().pending_notices(now_ms).await {
+                Ok(n) => state.hub.stats.notices_pending.store(
+                    i64::try_from(n).unwrap_or(i64::MAX),
+                    std::sync::atomic::Ordering::Relaxed,
+                ),
+                Err(e) => tracing::debug!(error = %e, "pending notifications unknown for now"),
+            }
+            drop(state);
+            tokio::time::sleep(PENDING_EVERY).await;
+        }
+    });
+}
+
 /// The admin bearer tokens, by name.
 pub struct AdminTokens {
     tokens: Vec<(Arc<str>, Vec<u8>)>,

@@ -165,6 +165,13 @@ pub mod keys {
     /// on from it, so one id serves all of a run's recipients (see `publish.rs`).
     pub const LAST_ID: &str = "fc:last-id";
 
+    /// Notifications that ask for an acknowledgement: id → (user, notification) pairs still
+    /// owed. Kept beside the per-user hashes for `/metrics` (it is no user's key).
+    pub const PENDING_NOTICES: &str = "fc:{notices}:pending";
+
+    /// Their deadlines: id → epoch ms after which they are forgotten.
+    pub const PENDING_UNTIL: &str = "fc:{notices}:until";
+
     /// Gateways' advertisements for discovery: field = gateway id, value =
     /// `<valid until, epoch ms>|<JSON>`.
     pub const GATEWAYS: &str = "fc:{gateways}";
@@ -1115,27 +1122,29 @@ impl Bus for RedisBus {
     ) -> Result<(), BusError> {
         let encoded = crate::bus::encode_owed(notice, retention);
         let ttl = retention.as_millis().max(1) as u64;
+        // HSET answers 1 for a user newly owed the notice (a retried publish re-owes none).
         let owe_one = |pipe: &mut redis::Pipeline, user: &str| {
             pipe.cmd("HSET")
                 .arg(keys::owed(user))
                 .arg(&*notice.id)
                 .arg(&encoded)
-                .ignore()
                 .cmd("PEXPIRE")
                 .arg(keys::owed(user))
                 .arg(ttl)
                 .ignore();
         };
-        match self.publisher.clone() {
+        let newly: u64 = match self.publisher.clone() {
             // One pipeline for the batch.
             Conn::Standalone(mut c) => {
                 let mut pipe = redis::pipe();
                 for user in users {
                     owe_one(&mut pipe, user);
                 }
-                pipe.query_async::<()>(&mut c)
+                let added: Vec<u64> = pipe
+                    .query_async(&mut c)
                     .await
-                    .map_err(|e| BusError::Unavailable(e.to_string()))
+                    .map_err(|e| BusError::Unavailable(e.to_string()))?;
+                added.iter().sum()
             }
             // A pipeline may not cross slots: one per user (its keys share its slot), a few
             // dozen at a time.
@@ -1149,20 +1158,72 @@ impl Bus for RedisBus {
                         pipe
                     })
                     .collect();
-                let results: Vec<Result<(), RedisError>> =
+                let results: Vec<Result<Vec<u64>, RedisError>> =
                     futures_util::stream::iter(pipes.into_iter().map(move |pipe| {
                         let mut c = c.clone();
-                        async move { pipe.query_async::<()>(&mut c).await }
+                        async move { pipe.query_async::<Vec<u64>>(&mut c).await }
                     }))
                     .buffer_unordered(32)
                     .collect()
                     .await;
-                results
-                    .into_iter()
-                    .collect::<Result<(), RedisError>>()
-                    .map_err(|e| BusError::Unavailable(e.to_string()))
+                let mut newly = 0;
+                for added in results {
+                    newly += added.map_err(unavailable)?.iter().sum::<u64>();
+                }
+                newly
+            }
+        };
+        // The count for /metrics: a separate step (another slot on a cluster); a crash between
+        // the two leaves it short until the notice expires.
+        let deadline = notice.published_ms + retention.as_millis() as i64;
+        let mut count = redis::pipe();
+        count
+            .cmd("HINCRBY")
+            .arg(keys::PENDING_NOTICES)
+            .arg(&*notice.id)
+            .arg(newly)
+            .ignore()
+            .cmd("HSET")
+            .arg(keys::PENDING_UNTIL)
+            .arg(&*notice.id)
+            .arg(deadline)
+            .ignore();
+        let done: Result<(), RedisError> = self.query(&count).await;
+        done.map_err(unavailable)
+    }
+
+    async fn pending_notices(&self, now_ms: i64) -> Result<u64, BusError> {
+        let mut read = redis::pipe();
+        read.cmd("HGETALL")
+            .arg(keys::PENDING_NOTICES)
+            .cmd("HGETALL")
+            .arg(keys::PENDING_UNTIL);
+        let (counts, until): (Vec<(String, i64)>, Vec<(String, i64)>) =
+            self.query(&read).await.map_err(unavailable)?;
+        let until: std::collections::HashMap<String, i64> = until.into_iter().collect();
+        let mut pending = 0u64;
+        let mut over = Vec::new();
+        for (id, n) in counts {
+            match until.get(&id) {
+                Some(deadline) if *deadline > now_ms && n > 0 => pending += n as u64,
+                _ => over.push(id),
             }
         }
+        if !over.is_empty() {
+            // Expired, or acknowledged by everyone who owed it.
+            let mut forget = redis::pipe();
+            forget
+                .cmd("HDEL")
+                .arg(keys::PENDING_NOTICES)
+                .arg(&over)
+                .ignore()
+                .cmd("HDEL")
+                .arg(keys::PENDING_UNTIL)
+                .arg(&over)
+                .ignore();
+            let _: Result<(), RedisError> = self.query(&forget).await;
+        }
+        Ok(pending)
     }
 
     async fn owed(&self, user: &str, device: &str) -> Result<Vec<Bytes>, BusError> {
@@ -1230,13 +1291,17 @@ impl Bus for RedisBus {
             .ignore();
         if !per_device {
             // Any one device's acknowledgement ends a per-user notice for all of them.
-            pipe.cmd("HDEL")
-                .arg(keys::owed(user))
-                .arg(notification_id)
-                .ignore();
+            pipe.cmd("HDEL").arg(keys::owed(user)).arg(notification_id);
         }
-        let done: Result<(), RedisError> = self.query(&pipe).await;
-        done.map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let removed: Vec<u64> = self.query(&pipe).await.map_err(unavailable)?;
+        if removed.first().is_some_and(|n| *n > 0) {
+            let mut count = redis::cmd("HINCRBY");
+            count
+                .arg(keys::PENDING_NOTICES)
+                .arg(notification_id)
+                .arg(-1);
+            let _: Result<i64, RedisError> = self.query(&count).await;
+        }
         Ok(true)
     }
 
