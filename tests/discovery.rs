@@ -37,15 +37,6 @@ async fn hands_out(server: &Server, want: &str, wait: Duration) -> Value {
     }
 }
 
-fn signal(server: &Server, name: &str) {
-    let pid = server.child.id().expect("running");
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_least_loaded_live_gateway_is_handed_out_and_never_a_draining_one() {
     let redis = PrivateRedis::start();
@@ -92,7 +83,7 @@ async fn the_least_loaded_live_gateway_is_handed_out_and_never_a_draining_one() 
     hands_out(&a, "wss://gw-b.test:8443/ws", Duration::from_secs(1)).await;
 
     // B stops heartbeating (frozen): within two intervals it is no longer handed out.
-    signal(&b, "STOP");
+    common::signal(&b.child, "STOP");
     let frozen = tokio::time::Instant::now();
     hands_out(&plain, "ws://gw-a.test/ws", Duration::from_secs(3)).await;
     let gone_after = frozen.elapsed();
@@ -101,12 +92,12 @@ async fn the_least_loaded_live_gateway_is_handed_out_and_never_a_draining_one() 
         "dropped out after {gone_after:?}"
     );
     // Back: handed out again.
-    signal(&b, "CONT");
+    common::signal(&b.child, "CONT");
     hands_out(&plain, "wss://gw-b.test:8443/ws", Duration::from_secs(3)).await;
 
     // B drains (SIGTERM, carol still connected for up to 3 s): never handed out again, though
     // it has the fewest connections.
-    signal(&b, "TERM");
+    common::signal(&b.child, "TERM");
     tokio::time::sleep(Duration::from_millis(100)).await;
     for _ in 0..30 {
         let (status, body) = endpoint(&plain, Some(&token("alice"))).await;

@@ -297,14 +297,7 @@ async fn until(progress: &AtomicUsize, total: usize, share: f64) {
 }
 
 async fn sigterm(child: &mut Child) {
-    let pid = child.id().expect("running");
-    let _ = std::process::Command::new("kill")
-        .arg(pid.to_string())
-        .status();
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("a SIGTERM'd consumer exits within its grace")
-        .unwrap();
+    let status = common::stop_with(child, "TERM", Duration::from_secs(30)).await;
     assert!(
         status.success(),
         "a drained consumer exits cleanly: {status}"

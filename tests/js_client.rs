@@ -82,15 +82,7 @@ fn numbers(v: &Value) -> Vec<u64> {
 }
 
 async fn stop(server: &mut Server, signal: &str) {
-    let pid = server.child.id().expect("pid").to_string();
-    std::process::Command::new("kill")
-        .args([signal, &pid])
-        .status()
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(15), server.child.wait())
-        .await
-        .expect("the gateway exits")
-        .unwrap();
+    common::stop_with(&mut server.child, signal, Duration::from_secs(15)).await;
 }
 
 async fn page_survives_restarts_and_refetches_after_a_lost_history(transport: &str) {
@@ -125,7 +117,7 @@ async fn page_survives_restarts_and_refetches_after_a_lost_history(transport: &s
     wait_for(&mut page, "live messages", |v| numbers(v).len() >= 30).await;
 
     // The gateway is killed; changes go on meanwhile; a new gateway comes up on the same port.
-    stop(&mut server, "-KILL").await;
+    stop(&mut server, "KILL").await;
     publish(&bus, &user, 30..60).await;
     server = gateway(port).await;
     wait_for(&mut page, "caught up after a kill", |v| {
@@ -134,7 +126,7 @@ async fn page_survives_restarts_and_refetches_after_a_lost_history(transport: &s
     .await;
 
     // A drained restart: the page is told when to come back, and resumes.
-    stop(&mut server, "-TERM").await;
+    stop(&mut server, "TERM").await;
     publish(&bus, &user, 60..90).await;
     server = gateway(port).await;
     let v = wait_for(&mut page, "caught up after a drain", |v| {
@@ -387,7 +379,7 @@ async fn page_follows_discovery_and_falls_back_when_its_gateway_drains() {
     wait_for(&mut page, "live messages", |v| numbers(v).len() >= 10).await;
 
     // B drains: the page asks again, is named none (B withdrew), and comes back on A.
-    stop(&mut b, "-TERM").await;
+    stop(&mut b, "TERM").await;
     publish(&bus, &user, 10..20).await;
     let v = wait_for(&mut page, "caught up on the fallback", |v| {
         numbers(v).len() >= 20 && v["state"] == "connected"

@@ -370,14 +370,7 @@ async fn a_consumer_killed_mid_stream_under_the_rate_limit_delivers_every_event_
     stream.until_all_acknowledged(&log2).await;
     // Anything late would show now.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let pid = consumer.id().unwrap();
-    let _ = std::process::Command::new("kill")
-        .arg(pid.to_string())
-        .status();
-    let status = tokio::time::timeout(Duration::from_secs(30), consumer.wait())
-        .await
-        .expect("a SIGTERM'd consumer exits within its grace")
-        .unwrap();
+    let status = common::stop_with(&mut consumer, "TERM", Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
 
     for (u, (seen, task)) in watched.iter().enumerate() {
@@ -857,14 +850,7 @@ async fn a_consumer_stopped_while_waiting_for_its_stream_exits_cleanly() {
     let mut consumer = stream.consume(&graph, &redis.url(), &["--user-rate", "0"], &log);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(consumer.try_wait().unwrap().is_none(), "waiting");
-    let pid = consumer.id().unwrap();
-    let _ = std::process::Command::new("kill")
-        .arg(pid.to_string())
-        .status();
-    let status = tokio::time::timeout(Duration::from_secs(10), consumer.wait())
-        .await
-        .expect("stops within 10 s")
-        .unwrap();
+    let status = common::stop_with(&mut consumer, "TERM", Duration::from_secs(10)).await;
     assert!(
         status.success(),
         "{status}: {}",

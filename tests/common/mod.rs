@@ -19,6 +19,29 @@ use tokio::process::{Child, ChildStdin, Command};
 
 pub const SECRET: &str = "test-secret-of-at-least-thirty-two-bytes";
 
+/// Sends signal `name` (`TERM`, `KILL`, `STOP`, `CONT`, …) to `child`.
+pub fn signal(child: &Child, name: &str) {
+    let pid = child.id().expect("running");
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill -{name} {pid}");
+}
+
+/// Sends `name` to `child` and waits up to `within` for it to exit: its exit status.
+pub async fn stop_with(
+    child: &mut Child,
+    name: &str,
+    within: Duration,
+) -> std::process::ExitStatus {
+    signal(child, name);
+    tokio::time::timeout(within, child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("no exit within {within:?} of SIG{name}"))
+        .expect("wait")
+}
+
 /// The operator of test servers started by [`Server::start`] (`--admin-users`).
 pub const ADMIN: &str = "ops";
 
