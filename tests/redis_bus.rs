@@ -279,6 +279,42 @@ async fn a_whole_event_is_guarded_once_and_an_event_in_parts_per_user() {
     nothing_more(&mut rx).await;
 }
 
+/// A replay after a crash: a call of whole events where a user's last message belongs to an
+/// event that went out whole before. The fast path holds a user's messages until their last one
+/// to publish them together; that last one is skipped, and the held ones must still go out
+/// (CI once saw a client miss events this way, `exactly_once`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_held_for_a_skipped_repeat_still_go_out() {
+    let target = RedisTarget::Standalone(redis_url());
+    let (bus, mut rx, alice, bob) = two_subscribed(&target).await;
+    let (old, new) = (unique("delivered"), unique("fresh"));
+    bus.publish(&whole(&[&alice, &bob], &old, "o"))
+        .await
+        .unwrap();
+    assert_eq!(deliveries(&mut rx, 2).await.len(), 2);
+
+    let mut replay = whole(&[&alice, &bob], &new, "n");
+    replay.extend(whole(&[&alice, &bob], &old, "o"));
+    bus.publish(&replay).await.unwrap();
+    let text = |m: &Outgoing| String::from_utf8(m.payload.to_vec()).unwrap();
+    let mut want = vec![
+        (alice.to_string(), text(&replay[0])),
+        (bob.to_string(), text(&replay[1])),
+    ];
+    want.sort();
+    assert_eq!(
+        deliveries(&mut rx, 2).await,
+        want,
+        "the fresh event reaches both, the repeat nobody"
+    );
+    let log = history(&target, &alice).await;
+    assert_eq!(
+        log.len(),
+        2,
+        "alice's history holds each event once: {log:?}"
+    );
+}
+
 /// The channel format other tools may read: a user's messages of one script call are one channel
 /// message, each entry `<epoch>:<stream id> <payload bytes>\n<payload>`, in order, with the
 /// stream's ids. Through the general script (events not marked whole) and the fast path.

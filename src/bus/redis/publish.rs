@@ -302,13 +302,19 @@ if last then
 end
 local trim, refresh, hold = numbers(ARGV[10]), numbers(ARGV[11]), numbers(ARGV[12])
 local oldest = ARGV[9]
-local held = {}
+local held, held_order = {}, {}
 -- A user's messages of this call go out as one channel message (one push for a gateway to
--- parse): held until the user's last one.
+-- parse): held until the user's last one. That one may be skipped (its event went out whole
+-- before, a replay after a crash): whatever is still held at the end goes out then.
 local function publish(m, channel, msg)
   local mine = held[channel]
   if hold[m] then
-    if mine then mine[#mine + 1] = msg else held[channel] = {msg} end
+    if mine then
+      mine[#mine + 1] = msg
+    else
+      held[channel] = {msg}
+      held_order[#held_order + 1] = channel
+    end
   elseif mine then
     mine[#mine + 1] = msg
     held[channel] = nil
@@ -370,6 +376,12 @@ for r = 0, runs - 1 do
       publish(m, KEYS[2 * m + 1], msg)
       published = published + 1
     end
+  end
+end
+for _, channel in ipairs(held_order) do
+  local mine = held[channel]
+  if mine then
+    redis.call('PUBLISH', channel, table.concat(mine))
   end
 end
 if id then
