@@ -948,6 +948,12 @@ pub struct GatewayArgs {
     )]
     pub resume_max: usize,
 
+    /// The longest digest window a client may ask for (`?digest=N` on /ws and /sse: its item
+    /// changes held N seconds, then sent as one `coalesced` message). Desktop sync clients use
+    /// it; other connections of the same user are unaffected.
+    #[arg(long, env = "FOLDERCAST_MAX_DIGEST", default_value = "300s", value_parser = parse_duration, value_name = "DURATION")]
+    pub max_digest: Duration,
+
     /// On SIGTERM/SIGINT every client is told to reconnect after a random delay up to this
     /// (WebSocket `reconnect` frame, SSE `retry:`), so a deploy is not a reconnect storm.
     #[arg(long, env = "FOLDERCAST_DRAIN_SPREAD", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]

@@ -15,6 +15,8 @@ export interface Options {
   storageKey?: string | null;
   /** This device's name: notifications that ask for an acknowledgement come on each of its connects until it acks. */
   device?: string;
+  /** Seconds to batch changes for (desktop sync clients): item changes arrive as one `coalesced` message per window and space, at a position that resumes exactly. Other connections are unaffected. */
+  digest?: number;
 }
 
 /** An operator's notification (the "notification" message of schemas/user-message.schema.json). */

@@ -248,6 +248,7 @@ export function connect(options) {
     const url = new URL(opts.url);
     if (creds.ticket) url.searchParams.set("ticket", creds.ticket);
     if (opts.device) url.searchParams.set("device", opts.device);
+    if (opts.digest) url.searchParams.set("digest", String(opts.digest));
     const ws = new WebSocket(url);
     socket = ws;
     ws.onopen = () => {
@@ -291,6 +292,7 @@ export function connect(options) {
     if (creds.ticket) url.searchParams.set("ticket", creds.ticket);
     if (position) url.searchParams.set("since", position);
     if (opts.device) url.searchParams.set("device", opts.device);
+    if (opts.digest) url.searchParams.set("digest", String(opts.digest));
     for (const w of watches.values()) url.searchParams.append("watch", `${w.space_id}:${w.path}`);
     const es = new EventSource(url);
     socket = es;

@@ -97,6 +97,7 @@ fn gateway_config(g: &GatewayArgs) -> GatewayConfig {
         ping_interval: g.ws_ping_interval,
         resume_max: g.resume_max,
         drain_spread: g.drain_spread,
+        max_digest: g.max_digest,
         drain_grace: g.drain_grace,
         public_url: g.public_url.clone(),
         heartbeat_every: g.heartbeat_every,

@@ -5,6 +5,7 @@
 //! State lives in one [`AppState`]; handlers stay thin.
 
 pub mod auth;
+pub mod digest;
 pub mod discovery;
 pub mod hub;
 pub mod notices;
@@ -68,6 +69,8 @@ pub struct GatewayConfig {
     /// On shutdown, clients are told to reconnect after a random delay up to this, so that a
     /// deploy does not become a reconnect storm.
     pub drain_spread: Duration,
+    /// The longest digest window a client may ask for (`digest.rs`).
+    pub max_digest: Duration,
     /// On shutdown, how long open connections are given to be told and closed.
     pub drain_grace: Duration,
     /// Where clients reach this gateway directly (`--public-url`): advertised for discovery.
@@ -101,6 +104,7 @@ impl Default for GatewayConfig {
             ping_interval: Duration::from_secs(30),
             resume_max: 1000,
             drain_spread: Duration::from_secs(10),
+            max_digest: digest::DEFAULT_MAX_DIGEST,
             drain_grace: Duration::from_secs(5),
             public_url: None,
             heartbeat_every: Duration::from_secs(5),

@@ -25,6 +25,7 @@ use tokio::time::{Instant, sleep_until};
 use std::time::Duration;
 
 use super::AppState;
+use super::digest::Digest;
 use super::hub::{Hub, RegisterError, Registration};
 use super::resume::{self, Admit, Cursor, Resumed};
 use super::session::{Frame, Next, Watches};
@@ -65,6 +66,7 @@ async fn serve(
     let mut ticket = None;
     let mut since = None;
     let mut device = None;
+    let mut digest = None;
     let mut watches = Watches::default();
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match &*key {
@@ -74,6 +76,12 @@ async fn serve(
                 Ok(d) => device = Some(d),
                 Err(e) => {
                     return super::error_response(StatusCode::BAD_REQUEST, e.code, &e.message);
+                }
+            },
+            "digest" => match super::digest::parse_window(&value, state.config.max_digest) {
+                Ok(window) => digest = Some(Box::new(Digest::new(window))),
+                Err(message) => {
+                    return super::error_response(StatusCode::BAD_REQUEST, "bad-digest", &message);
                 }
             },
             "watch" => {
@@ -225,6 +233,7 @@ async fn serve(
         resume_max: state.config.resume_max,
         done: false,
         dialect,
+        digest,
     };
     Sse::new(events(feed))
         .keep_alive(
@@ -263,6 +272,8 @@ struct Feed {
     resume_max: usize,
     done: bool,
     dialect: Dialect,
+    /// The connection's digest window, if it asked for one (`digest.rs`).
+    digest: Option<Box<Digest>>,
 }
 
 impl Feed {
@@ -282,10 +293,46 @@ impl Feed {
         }
     }
 
-    /// Ends the stream with `event`, or silently in oCIS's dialect (its client reconnects).
+    /// A frame to send (admitted, passing the watches), through the digest window if there is
+    /// one: the first event to send now, the rest queued in `intro` (empty when this is called).
+    fn emit(&mut self, frame: Arc<Frame>) -> Option<Event> {
+        let Some(digest) = self.digest.as_mut() else {
+            return self.render(&frame);
+        };
+        let mut out = Vec::new();
+        digest.offer(frame, Instant::now(), &mut out);
+        self.render_all(out);
+        self.intro.pop_front()
+    }
+
+    /// Renders `frames` in order onto the end of `intro`.
+    fn render_all(&mut self, frames: Vec<Arc<Frame>>) {
+        for frame in frames {
+            let at = self.intro.len();
+            if let Some(first) = self.render(&frame) {
+                self.intro.insert(at, first);
+            }
+        }
+    }
+
+    /// Queues what the digest window holds.
+    fn release_held(&mut self) {
+        let mut out = Vec::new();
+        if let Some(digest) = self.digest.as_mut() {
+            digest.flush(&mut out);
+        }
+        self.render_all(out);
+    }
+
+    /// Ends the stream with `event` (silently in oCIS's dialect: its client reconnects), after
+    /// what the digest window holds.
     fn end_with(&mut self, event: Event) -> Option<Event> {
         self.done = true;
-        (self.dialect == Dialect::Foldercast).then_some(event)
+        self.release_held();
+        if self.dialect == Dialect::Foldercast {
+            self.intro.push_back(event);
+        }
+        self.intro.pop_front()
     }
 }
 
@@ -297,17 +344,18 @@ fn error_event(code: &str, message: &str, position: &str) -> Event {
 
 fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
     stream::unfold(feed, move |mut feed| async move {
-        if feed.done {
-            return None;
-        }
+        // What is queued goes out even after the end was decided (it comes before the end).
         if let Some(event) = feed.intro.pop_front() {
             return Some((Ok(event), feed));
+        }
+        if feed.done {
+            return None;
         }
         loop {
             while let Some(frame) = feed.pending.pop_front() {
                 match feed.cursor.admit(&frame.id) {
                     Admit::Deliver if frame.passes(&feed.watches) => {
-                        if let Some(event) = feed.render(&frame) {
+                        if let Some(event) = feed.emit(frame) {
                             return Some((Ok(event), feed));
                         }
                     }
@@ -316,29 +364,42 @@ fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
                         // oCIS's dialect cannot say "the history was lost" (ownCloud Web's only
                         // refetch is per space): the frame goes on as it is.
                         if frame.passes(&feed.watches)
-                            && let Some(event) = feed.render(&frame)
+                            && let Some(event) = feed.emit(frame)
                         {
                             return Some((Ok(event), feed));
                         }
                     }
                     Admit::NewEpoch => {
+                        // What a digest holds is of the old history: it goes first.
+                        feed.release_held();
                         let lost = Resumed::epoch_lost(&frame.id);
                         let event = Event::default()
                             .event("resumed")
                             .id(&lost.position)
                             .data(lost.frame(0));
+                        feed.intro.push_back(event);
                         if frame.passes(&feed.watches)
                             && let Some(next) = to_event(&frame)
                         {
                             feed.intro.push_back(next);
                         }
-                        return Some((Ok(event), feed));
+                        if let Some(event) = feed.intro.pop_front() {
+                            return Some((Ok(event), feed));
+                        }
                     }
                 }
             }
             let expiry = feed.expiry;
+            let digest_due = feed.digest.as_ref().and_then(|d| d.due());
             let next = tokio::select! {
                 next = feed.registration.queue.next_batch(&mut feed.batch) => next,
+                _ = sleep_until(digest_due.unwrap_or_else(Instant::now)), if digest_due.is_some() => {
+                    feed.release_held();
+                    if let Some(event) = feed.intro.pop_front() {
+                        return Some((Ok(event), feed));
+                    }
+                    continue;
+                }
                 _ = sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
                     let e = error_event("token-expired", "the token expired", &feed.cursor.position());
                     return feed.end_with(e).map(|e| (Ok(e), feed));

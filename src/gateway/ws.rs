@@ -23,6 +23,7 @@ use tokio::time::{Instant, sleep_until};
 
 use super::AppState;
 use super::auth::{AuthError, Identity, bearer};
+use super::digest::Digest;
 use super::hub::{GatewayStats, RegisterError};
 use super::protocol::{
     ClientFrame, FrameError, PONG_FRAME, error_frame, error_frame_at, parse_client_frame,
@@ -49,6 +50,8 @@ pub struct WsQuery {
     since: Option<String>,
     /// The client's name for its device: what it owes acknowledgements as.
     device: Option<String>,
+    /// A digest window in seconds (`digest.rs`).
+    digest: Option<String>,
 }
 
 pub async fn handler(
@@ -64,7 +67,16 @@ pub async fn handler(
         .max_write_buffer_size(cfg.ws_max_write_buffer)
         .max_message_size(cfg.max_client_frame)
         .max_frame_size(cfg.max_client_frame)
-        .on_upgrade(move |socket| session(socket, state, pre_auth, query.since, query.device))
+        .on_upgrade(move |socket| {
+            session(
+                socket,
+                state,
+                pre_auth,
+                query.since,
+                query.device,
+                query.digest,
+            )
+        })
 }
 
 /// What became of writing frames to the socket.
@@ -73,8 +85,38 @@ enum Written {
     Failed,
 }
 
-/// Writes the frames that the cursor admits and the watches pass, then flushes once. A frame of
-/// a new epoch is replaced by a `resumed` frame that says the history was lost.
+/// Feeds one frame, through the connection's digest window when it has one.
+async fn feed(
+    socket: &mut WebSocket,
+    digest: Option<&mut Digest>,
+    frame: Arc<Frame>,
+) -> Result<(), axum::Error> {
+    let Some(digest) = digest else {
+        return socket.feed(Message::Text(frame.ws_text())).await;
+    };
+    let mut out = Vec::new();
+    digest.offer(frame, Instant::now(), &mut out);
+    for frame in out {
+        socket.feed(Message::Text(frame.ws_text())).await?;
+    }
+    Ok(())
+}
+
+/// Feeds what the digest window holds (nothing without one).
+async fn feed_held(socket: &mut WebSocket, digest: Option<&mut Digest>) -> Result<(), axum::Error> {
+    let mut out = Vec::new();
+    if let Some(digest) = digest {
+        digest.flush(&mut out);
+    }
+    for frame in out {
+        socket.feed(Message::Text(frame.ws_text())).await?;
+    }
+    Ok(())
+}
+
+/// Writes the frames that the cursor admits and the watches pass (a digest window may hold
+/// them), then flushes once. A frame of a new epoch is replaced by a `resumed` frame that
+/// says the history was lost.
 async fn write_frames(
     socket: &mut WebSocket,
     frames: &mut Vec<Arc<Frame>>,
@@ -82,26 +124,51 @@ async fn write_frames(
     cursor: &mut Cursor,
     limit: Duration,
     user: &str,
+    mut digest: Option<&mut Digest>,
 ) -> Written {
     let write = async {
         for frame in frames.drain(..) {
             match cursor.admit(&frame.id) {
                 Admit::Deliver if frame.passes(watches) => {
-                    socket.feed(Message::Text(frame.ws_text())).await?;
+                    feed(socket, digest.as_deref_mut(), frame).await?;
                 }
                 Admit::Deliver | Admit::Duplicate => {}
                 Admit::NewEpoch => {
                     tracing::warn!(%user, position = %frame.id, "history lost while connected: told the client");
+                    // What a digest holds is of the old history: it goes first.
+                    feed_held(socket, digest.as_deref_mut()).await?;
                     let lost = Resumed::epoch_lost(&frame.id);
                     socket.feed(Message::Text(lost.frame(0).into())).await?;
                     if frame.passes(watches) {
-                        socket.feed(Message::Text(frame.ws_text())).await?;
+                        feed(socket, digest.as_deref_mut(), frame).await?;
                     }
                 }
             }
         }
         socket.flush().await
     };
+    written(limit, user, write).await
+}
+
+/// Sends what the digest window holds now.
+async fn flush_digest(
+    socket: &mut WebSocket,
+    digest: Option<&mut Digest>,
+    limit: Duration,
+    user: &str,
+) -> Written {
+    let write = async {
+        feed_held(socket, digest).await?;
+        socket.flush().await
+    };
+    written(limit, user, write).await
+}
+
+async fn written(
+    limit: Duration,
+    user: &str,
+    write: impl std::future::Future<Output = Result<(), axum::Error>>,
+) -> Written {
     match write_within(limit, write).await {
         Ok(Ok(())) => Written::Ok,
         Ok(Err(e)) => {
@@ -129,6 +196,7 @@ async fn send_resumed(
         mut replay,
         ..
     } = start;
+    // A replay is what the client missed: it goes out now, not after a digest window.
     if let Some(resumed) = resumed {
         let replayed = replay.iter().filter(|f| f.passes(watches)).count();
         if socket
@@ -139,7 +207,7 @@ async fn send_resumed(
             return Written::Failed;
         }
     }
-    write_frames(socket, &mut replay, watches, cursor, limit, user).await
+    write_frames(socket, &mut replay, watches, cursor, limit, user, None).await
 }
 
 async fn session(
@@ -148,6 +216,7 @@ async fn session(
     pre_auth: Option<Result<Identity, AuthError>>,
     query_since: Option<String>,
     query_device: Option<String>,
+    query_digest: Option<String>,
 ) {
     let (identity, auth_since, auth_device) = match pre_auth {
         Some(Ok(identity)) => (identity, None, None),
@@ -185,6 +254,25 @@ async fn session(
                 &mut socket,
                 e.code,
                 &e.message,
+                CLOSE_POLICY,
+            )
+            .await;
+            return;
+        }
+    };
+    // Boxed: most connections have none, and an idle connection's task stays small.
+    let mut digest = match query_digest
+        .as_deref()
+        .map(|v| super::digest::parse_window(v, state.config.max_digest))
+    {
+        None => None,
+        Some(Ok(window)) => Some(Box::new(Digest::new(window))),
+        Some(Err(message)) => {
+            close_with(
+                &state.hub.stats,
+                &mut socket,
+                "bad-digest",
+                &message,
                 CLOSE_POLICY,
             )
             .await;
@@ -310,7 +398,7 @@ async fn session(
     // One timer for the token's expiry and the next ping, kept registered across iterations and
     // reset only when either moves: the loop runs once per delivered batch, and re-arming a
     // timer (or a wait-list entry) on every iteration would cost every message.
-    let deadline = sleep_until(next_deadline(expiry, next_ping));
+    let deadline = sleep_until(next_deadline(expiry, next_ping, None));
     tokio::pin!(deadline);
     let mut batch = Vec::new();
     let mut frame_budget = FrameBudget::new(state.config.max_frames_per_sec);
@@ -381,7 +469,7 @@ async fn session(
                             expiry = fresh.remaining().map(|d| Instant::now() + d);
                             identity = fresh;
                             expired = false;
-                            deadline.as_mut().reset(next_deadline(expiry, next_ping));
+                            deadline.as_mut().reset(next_deadline(expiry, next_ping, digest.as_ref().and_then(|d| d.due())));
                             None
                         }
                         Ok(_) => Some(error_frame("user-mismatch", "a connection cannot change its user")),
@@ -407,7 +495,7 @@ async fn session(
                             {
                                 break;
                             }
-                            if let Written::Failed = Box::pin(write_frames(&mut socket, &mut replay, &watches, &mut cursor, write_timeout, &identity.user)).await {
+                            if let Written::Failed = Box::pin(write_frames(&mut socket, &mut replay, &watches, &mut cursor, write_timeout, &identity.user, digest.as_deref_mut())).await {
                                 break;
                             }
                         }
@@ -421,6 +509,14 @@ async fn session(
                         }
                     }
                     continue;
+                }
+                if digest.is_some() {
+                    // Held changes go out before the client is told where to resume from.
+                    if matches!(next, Next::Drain | Next::Evicted)
+                        && let Written::Failed = Box::pin(flush_digest(&mut socket, digest.as_deref_mut(), write_timeout, &identity.user)).await
+                    {
+                        break;
+                    }
                 }
                 if next == Next::Drain {
                     state.hub.stats.count_close("shutting-down");
@@ -443,12 +539,23 @@ async fn session(
                     Box::pin(close_after(&mut socket, frame, "slow-consumer", message, CLOSE_TRY_LATER)).await;
                     break;
                 }
-                if let Written::Failed = write_frames(&mut socket, &mut batch, &watches, &mut cursor, write_timeout, &identity.user).await {
+                if let Written::Failed = write_frames(&mut socket, &mut batch, &watches, &mut cursor, write_timeout, &identity.user, digest.as_deref_mut()).await {
                     break;
+                }
+                // A digest window that just started holding: wake when it is due.
+                if let Some(due) = digest.as_ref().and_then(|d| d.due())
+                    && due < deadline.deadline()
+                {
+                    deadline.as_mut().reset(due);
                 }
             }
             () = &mut deadline => {
                 let now = Instant::now();
+                if digest.as_ref().and_then(|d| d.due()).is_some_and(|at| now >= at)
+                    && let Written::Failed = Box::pin(flush_digest(&mut socket, digest.as_deref_mut(), write_timeout, &identity.user)).await
+                {
+                    break;
+                }
                 if expiry.is_some_and(|at| now >= at) {
                     if expired {
                         state.hub.stats.count_close("token-expired");
@@ -486,7 +593,7 @@ async fn session(
                     }
                     next_ping = Some(now + ping_every);
                 }
-                deadline.as_mut().reset(next_deadline(expiry, next_ping));
+                deadline.as_mut().reset(next_deadline(expiry, next_ping, digest.as_ref().and_then(|d| d.due())));
             }
         }
     }
@@ -774,12 +881,17 @@ fn close_reason(code: &str, message: &str) -> String {
 }
 
 /// The earlier of the token's expiry and the next ping (far away if neither).
-fn next_deadline(expiry: Option<Instant>, next_ping: Option<Instant>) -> Instant {
-    match (expiry, next_ping) {
-        (Some(a), Some(b)) => a.min(b),
-        (Some(a), None) | (None, Some(a)) => a,
-        (None, None) => far_future(),
-    }
+/// The earliest of the token's expiry, the next ping and a digest window's end.
+fn next_deadline(
+    expiry: Option<Instant>,
+    next_ping: Option<Instant>,
+    digest_due: Option<Instant>,
+) -> Instant {
+    [expiry, next_ping, digest_due]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or_else(far_future)
 }
 
 fn far_future() -> Instant {
