@@ -115,6 +115,16 @@ pub struct RunArgs {
     #[arg(long, env = "FOLDERCAST_DEMO")]
     pub demo: bool,
 
+    /// Users' preferences to start with (`{"users": {"<user>": {"muted_spaces": [...],
+    /// "types": [...]}}}`); `PUT /api/preferences` changes them in memory.
+    #[arg(
+        long,
+        env = "FOLDERCAST_PREFERENCES",
+        default_value = "fixtures/demo/preferences.json",
+        value_name = "FILE"
+    )]
+    pub preferences: PathBuf,
+
     #[command(flatten)]
     pub shaping: ShapingArgs,
 
@@ -783,6 +793,12 @@ pub struct ShapingArgs {
         value_name = "BYTES"
     )]
     pub max_event_bytes: usize,
+
+    /// How long a user's preferences (muted spaces, wanted message types: `PUT
+    /// /api/preferences`) are cached before they are read again: a change takes effect within
+    /// this. Applied before publishing, so muted traffic costs nothing downstream.
+    #[arg(long, env = "FOLDERCAST_PREFERENCES_TTL", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub preferences_ttl: Duration,
 }
 
 /// The WebSocket/SSE gateway.

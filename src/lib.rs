@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod notice;
 pub mod notify;
 pub mod path;
+pub mod preferences;
 pub mod role;
 pub mod source;
 pub mod telemetry;

@@ -241,6 +241,12 @@ impl Collector for PipelineCollector {
         )?;
         counter(
             &mut e,
+            "foldercast_messages_muted",
+            "Messages not published because their user muted the space or does not want the type.",
+            read(&s.muted),
+        )?;
+        counter(
+            &mut e,
             "foldercast_messages_resync",
             "Published resync messages (the client must refetch), each standing for several events.",
             read(&s.resyncs),

@@ -49,6 +49,9 @@ pub struct PipelineStats {
     /// the rate limit) and `resync` (the client must refetch).
     pub coalesced: AtomicU64,
     pub resyncs: AtomicU64,
+    /// Messages not published because their user chose not to get them (muted space or
+    /// unwanted type, `preferences.rs`).
+    pub muted: AtomicU64,
     /// Messages the rate limiter holds right now, over all lanes (their events are not
     /// acknowledged to the source until these are published).
     pub held_messages: std::sync::atomic::AtomicI64,

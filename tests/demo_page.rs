@@ -174,3 +174,75 @@ async fn demo_page_acknowledges_notices_and_counts_down_to_a_downtime() {
         "{later} after {seconds}"
     );
 }
+
+/// The page's preferences: muting every space the user sees stops the messages (the consumer
+/// publishes nothing for them), unmuting one brings them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_page_mutes_spaces_through_preferences() {
+    let args: Vec<String> = [
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--jwt-secret",
+        "demo-secret-of-at-least-thirty-two-bytes",
+        "--demo",
+        "--rate",
+        "20",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let server = Server::spawn(&args, false).await;
+    let browser = Browser::launch(&server.url("/?user=alice&space=s-eng")).await;
+    let mut page = browser.page().await;
+    until_true(
+        &mut page,
+        "document.querySelector('#prefs')?.dataset.loaded === 'true' && Number(document.body.dataset.applied) > 0",
+        "preferences shown and messages arriving",
+    )
+    .await;
+    let boxes = page
+        .eval("document.querySelectorAll('#prefs input[data-mute]').length")
+        .await;
+    assert_eq!(boxes, json!(2), "alice's two spaces");
+    let types = page
+        .eval("document.querySelectorAll('#prefs input[data-type]:checked').length")
+        .await;
+    assert_eq!(types, json!(9), "every type wanted by default");
+
+    page.eval(
+        "document.querySelectorAll('#prefs input[data-mute]').forEach(c => c.click()); 'muted'",
+    )
+    .await;
+    until_true(
+        &mut page,
+        "document.querySelector('#prefs').dataset.saved === '2'",
+        "both mutes saved",
+    )
+    .await;
+    let said = page
+        .eval("document.querySelector('#log li.prefs')?.textContent ?? ''")
+        .await;
+    assert!(
+        said.as_str().is_some_and(|s| s.contains("2 muted")),
+        "the server answered with both spaces muted: {said}"
+    );
+    // What was already on its way arrives; then nothing, while events go on at 20/s.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let applied = |v: Value| v.as_f64().unwrap_or(0.0) as u64;
+    let before = applied(page.eval("Number(document.body.dataset.applied)").await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = applied(page.eval("Number(document.body.dataset.applied)").await);
+    assert_eq!(before, after, "nothing from muted spaces");
+
+    page.eval("document.querySelector('#prefs input[data-mute=\"s-eng\"]').click(); 'unmuted'")
+        .await;
+    until_true(
+        &mut page,
+        &format!("Number(document.body.dataset.applied) > {after}"),
+        "messages again after unmuting",
+    )
+    .await;
+    drop(page);
+    drop(browser.child);
+}

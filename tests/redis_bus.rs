@@ -315,6 +315,40 @@ async fn messages_held_for_a_skipped_repeat_still_go_out() {
     );
 }
 
+/// Preferences are stored per user (in the user's slot) and read for many users at once: one
+/// MGET on standalone Redis, one GET per user on a cluster (their keys are in different slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferences_are_stored_per_user_and_read_in_batches() {
+    for target in [
+        RedisTarget::Standalone(redis_url()),
+        RedisTarget::Cluster(redis_cluster_nodes()),
+    ] {
+        let bus = RedisBus::connect(&target, RedisOptions::default(), None)
+            .await
+            .expect("connect");
+        let users: Vec<Arc<str>> = (0..5)
+            .map(|i| Arc::from(unique(&format!("p{i}"))))
+            .collect();
+        assert_eq!(bus.preferences(&users).await.unwrap(), vec![None; 5]);
+        for (i, user) in users.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+            let json = format!(r#"{{"muted_spaces":["s{i}"]}}"#);
+            bus.set_preferences(user, Some(&json)).await.unwrap();
+        }
+        let read = bus.preferences(&users).await.unwrap();
+        let expected: Vec<Option<String>> = (0..5)
+            .map(|i| (i % 2 == 0).then(|| format!(r#"{{"muted_spaces":["s{i}"]}}"#)))
+            .collect();
+        assert_eq!(read, expected, "{target:?}");
+        bus.set_preferences(&users[0], None).await.unwrap();
+        assert_eq!(
+            bus.preferences(&users[..1]).await.unwrap(),
+            [None],
+            "forgotten"
+        );
+        assert!(bus.preferences(&[]).await.unwrap().is_empty());
+    }
+}
+
 /// The channel format other tools may read: a user's messages of one script call are one channel
 /// message, each entry `<epoch>:<stream id> <payload bytes>\n<payload>`, in order, with the
 /// stream's ids. Through the general script (events not marked whole) and the fast path.

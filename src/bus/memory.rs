@@ -46,6 +46,8 @@ struct State {
     histories: HashMap<Arc<str>, History>,
     /// What `record_once` recorded, until when.
     records: HashMap<String, (String, Instant)>,
+    /// Per user: preferences (JSON).
+    preferences: HashMap<Arc<str>, String>,
     /// Per user: notices owed, and the acknowledgements.
     owed: HashMap<Arc<str>, Owed>,
     /// Per user: devices by name.
@@ -355,6 +357,32 @@ impl Bus for MemoryBus {
             .records
             .insert(key.to_owned(), (value.to_owned(), now + ttl));
         Ok(None)
+    }
+
+    async fn preferences(&self, users: &[Arc<str>]) -> Result<Vec<Option<String>>, BusError> {
+        let state = self.state.lock().map_err(|_| BusError::Closed)?;
+        Ok(users
+            .iter()
+            .map(|u| state.preferences.get(u).cloned())
+            .collect())
+    }
+
+    async fn set_preferences(&self, user: &str, json: Option<&str>) -> Result<(), BusError> {
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        match json {
+            Some(json) => {
+                if !state.preferences.contains_key(user) && state.preferences.len() >= MAX_RECORDS {
+                    return Err(BusError::Unavailable(
+                        "the in-process bus keeps no more users' preferences".into(),
+                    ));
+                }
+                state.preferences.insert(Arc::from(user), json.to_owned());
+            }
+            None => {
+                state.preferences.remove(user);
+            }
+        }
+        Ok(())
     }
 
     async fn rerecord(

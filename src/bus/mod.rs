@@ -417,6 +417,19 @@ pub trait Bus: Send + Sync {
         Ok(())
     }
 
+    /// Each of `users`' stored preferences (JSON, see `preferences.rs`), in order: `None` for
+    /// a user who stored none.
+    async fn preferences(&self, users: &[Arc<str>]) -> Result<Vec<Option<String>>, BusError> {
+        Ok(vec![None; users.len()])
+    }
+
+    /// Stores `user`'s preferences (JSON), or forgets them (`None`).
+    async fn set_preferences(&self, _user: &str, _json: Option<&str>) -> Result<(), BusError> {
+        Err(BusError::Unavailable(
+            "this bus keeps no preferences".into(),
+        ))
+    }
+
     /// Replaces what `key` records (`Some`), or forgets it (`None`).
     async fn rerecord(
         &self,

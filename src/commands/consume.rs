@@ -40,13 +40,18 @@ async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
     super::cancel_on_signal(stop.clone());
     let setup = async {
         let resolver = super::setup::resolver(&args.membership, None)?;
-        let pipeline = super::pipeline(&args.shaping, resolver.clone());
         let bus = RedisBus::connect(
             &super::redis_target(&args.redis),
             super::redis_options(&args.redis),
             None,
         )
         .await?;
+        let preferences = Arc::new(crate::preferences::PreferenceFilter::new(
+            bus.clone() as Arc<dyn crate::bus::Bus>,
+            args.shaping.preferences_ttl,
+        ));
+        let pipeline =
+            super::pipeline(&args.shaping, resolver.clone()).with_preferences(preferences);
         let (source, nats_stats, kafka_lag): (Arc<dyn EventSource>, _, _) =
             match (&args.nats.nats, &args.brokers) {
                 (Some(url), _) => {

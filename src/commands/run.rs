@@ -67,6 +67,20 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         max_age: args.history.stream_max_age,
     };
     let bus = Arc::new(MemoryBus::with_retention(sink.clone(), retention));
+    // The fixture's preferences; the default file may be absent (run from elsewhere).
+    let default_fixture = args.preferences.as_os_str() == "fixtures/demo/preferences.json";
+    if !default_fixture || args.preferences.exists() {
+        for (user, prefs) in
+            crate::preferences::load_fixture(&args.preferences).map_err(anyhow::Error::msg)?
+        {
+            let json = serde_json::to_string(&prefs)?;
+            bus.set_preferences(&user, Some(&json)).await?;
+        }
+    }
+    let preferences = Arc::new(crate::preferences::PreferenceFilter::new(
+        bus.clone() as Arc<dyn Bus>,
+        args.shaping.preferences_ttl,
+    ));
     let (mut app, gateway_state) = super::gateway_app(
         bus.clone() as Arc<dyn Bus>,
         &sink,
@@ -106,13 +120,16 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         .with_max_line(args.shaping.max_event_bytes);
     let stats = Arc::new(PipelineStats::default());
     let _ = gateway_state.pipeline_stats.set(stats.clone());
+    let _ = gateway_state.preferences.set(preferences.clone());
     let clock = DefaultClock::default();
     let observer: Option<Observer> = demo.clone().map(|demo| {
         Arc::new(move |fanout: &crate::notify::Fanout| demo.observe(&fanout.event)) as Observer
     });
     let driver = Driver {
         source: Arc::new(source),
-        pipeline: Arc::new(super::pipeline(&args.shaping, resolver)),
+        pipeline: Arc::new(
+            super::pipeline(&args.shaping, resolver).with_preferences(preferences.clone()),
+        ),
         buckets: Buckets::new(super::throttle_config(&args.shaping), clock.clone()),
         clock,
         bus: bus.clone() as Arc<dyn Bus>,

@@ -54,6 +54,10 @@ pub fn route<C: Clock + Clone>(
         }
         Outcome::Deliver(fanout) => {
             stats.delivered_events.fetch_add(1, Relaxed);
+            if fanout.muted > 0 {
+                stats.muted.fetch_add(fanout.muted as u64, Relaxed);
+                tracing::debug!(event_id = %fanout.event.id, muted = fanout.muted, "left out by their preferences");
+            }
             let before = out.len();
             let mut whole = true;
             let mut held = 0;
@@ -129,6 +133,7 @@ mod tests {
             event,
             recipients: recipients.into(),
             message,
+            muted: 0,
         }))
     }
 

@@ -10,6 +10,7 @@ pub mod discovery;
 pub mod hub;
 pub mod notices;
 mod ocis_sse;
+mod preferences;
 pub mod protocol;
 pub mod resume;
 pub mod server;
@@ -130,6 +131,9 @@ pub struct AppState {
     pub downtimes: std::sync::OnceLock<Arc<crate::notice::downtime::Scheduler>>,
     /// The pipeline's counters, when this process runs one too (`run`): in `/metrics`.
     pub pipeline_stats: std::sync::OnceLock<Arc<crate::telemetry::PipelineStats>>,
+    /// The consumer's preference cache when it shares this process (the embedded default): a
+    /// change made here is forgotten there at once.
+    pub preferences: std::sync::OnceLock<Arc<crate::preferences::PreferenceFilter>>,
     /// This gateway's id in the bus's advertisements (`--public-url`), once it advertises.
     pub advertised_as: std::sync::OnceLock<String>,
 }
@@ -150,6 +154,7 @@ impl AppState {
             notices: std::sync::OnceLock::new(),
             downtimes: std::sync::OnceLock::new(),
             pipeline_stats: std::sync::OnceLock::new(),
+            preferences: std::sync::OnceLock::new(),
             advertised_as: std::sync::OnceLock::new(),
         })
     }
@@ -193,6 +198,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/notifications/{id}/ack", post(notices::acknowledge))
         .route("/api/devices", get(notices::devices))
+        .route(
+            "/api/preferences",
+            get(preferences::get).put(preferences::put).layer(
+                axum::extract::DefaultBodyLimit::max(crate::preferences::MAX_BYTES),
+            ),
+        )
         .route(
             "/api/downtimes",
             post(notices::announce_downtime).get(notices::list_downtimes),

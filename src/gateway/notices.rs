@@ -346,7 +346,7 @@ pub async fn cancel_downtime(
 }
 
 /// The user of a request's bearer token, or the response refusing it.
-async fn user_of(state: &AppState, headers: &HeaderMap) -> Result<Arc<str>, Response> {
+pub(super) async fn user_of(state: &AppState, headers: &HeaderMap) -> Result<Arc<str>, Response> {
     let Some(token) = super::ws::header_token(headers) else {
         return Err(error_response(
             StatusCode::UNAUTHORIZED,

@@ -69,6 +69,10 @@ pub struct Published {
     pub notification_id: String,
     /// Users it was sent to (each once).
     pub targeted: usize,
+    /// Users it was not sent to because they turned notifications off (`preferences.rs`;
+    /// never for a critical one).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub muted: usize,
     /// How each target was resolved.
     pub resolved: Vec<ResolvedOut>,
     /// True when an idempotency key made this call a repeat: nothing was sent again.
@@ -76,6 +80,10 @@ pub struct Published {
     /// The message sent (not on a replay).
     #[serde(skip)]
     pub message: Option<String>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// [`Resolved`], as it is stored with an idempotency key and answered again.
@@ -198,6 +206,12 @@ impl Publisher {
         idempotency_key: Option<&str>,
     ) -> Result<Published, NoticeError> {
         let audience = audience::resolve(self.resolver.as_deref(), &notice.targets).await?;
+        let (users, muted) = crate::preferences::wanting_notifications(
+            &*self.bus,
+            &audience.users,
+            notice.level == super::Level::Critical,
+        )
+        .await;
         let now = chrono::Utc::now();
         let id = match idempotency_key {
             Some(key) => format!("n-{}-{key}", who.publisher),
@@ -233,14 +247,14 @@ impl Publisher {
                 per_device: mode == AckMode::Device,
                 published_ms: now.timestamp_millis(),
             };
-            for chunk in audience.users.chunks(BATCH) {
+            for chunk in users.chunks(BATCH) {
                 self.bus
                     .owe(chunk, &owed, self.retention)
                     .await
                     .map_err(|e| NoticeError::new("bus-unavailable", e.to_string()))?;
             }
         }
-        for chunk in audience.users.chunks(BATCH) {
+        for chunk in users.chunks(BATCH) {
             let batch: Vec<Outgoing> = chunk
                 .iter()
                 .map(|user| {
@@ -255,13 +269,15 @@ impl Publisher {
         tracing::info!(
             notification_id = %id,
             publisher = who.publisher,
-            targeted = audience.users.len(),
+            targeted = users.len(),
+            muted,
             level = ?notice.level,
             "notification published"
         );
         Ok(Published {
             notification_id: id,
-            targeted: audience.users.len(),
+            targeted: users.len(),
+            muted,
             resolved: audience.resolved.iter().map(ResolvedOut::from).collect(),
             replayed: false,
             message: String::from_utf8(payload.to_vec()).ok(),

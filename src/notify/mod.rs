@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::event::{self, EventBody, EventType, Rejection, StorageEvent};
 use crate::membership::{MembershipResolver, ResolveError, UserList};
+use crate::preferences::PreferenceFilter;
 use dedup::Dedup;
 use message::{Prepared, UserMessage};
 
@@ -37,6 +38,8 @@ pub struct Fanout {
     pub event: StorageEvent,
     pub recipients: UserList,
     pub message: Prepared,
+    /// Users who may see the change but chose not to (`preferences.rs`): left out.
+    pub muted: usize,
 }
 
 /// Membership could not be resolved now; the event must be retried later.
@@ -48,6 +51,8 @@ pub struct Pipeline {
     dedup: Dedup,
     resolver: Arc<dyn MembershipResolver>,
     max_event_bytes: usize,
+    /// Users' preferences, applied before anything is published.
+    preferences: Option<Arc<PreferenceFilter>>,
 }
 
 impl Pipeline {
@@ -56,7 +61,14 @@ impl Pipeline {
             dedup,
             resolver,
             max_event_bytes: event::DEFAULT_MAX_EVENT_BYTES,
+            preferences: None,
         }
+    }
+
+    /// Leaves out recipients whose preferences refuse a message (muted space, unwanted type).
+    pub fn with_preferences(mut self, preferences: Arc<PreferenceFilter>) -> Self {
+        self.preferences = Some(preferences);
+        self
     }
 
     /// Events larger than `bytes` are rejected (`too-large`) before they are parsed.
@@ -117,10 +129,19 @@ impl Pipeline {
         };
         self.dedup.remember(&event.id);
         let message = Prepared::new(UserMessage::from_event(&event));
+        let (recipients, muted) = match &self.preferences {
+            Some(preferences) => {
+                preferences
+                    .keep(recipients, &event.space_id, message.message.message_type)
+                    .await
+            }
+            None => (recipients, 0),
+        };
         Ok(Outcome::Deliver(Box::new(Fanout {
             event,
             recipients,
             message,
+            muted,
         })))
     }
 

@@ -240,6 +240,7 @@ pub struct Schemas {
     pub membership: jsonschema::Validator,
     pub notification_request: jsonschema::Validator,
     pub notification_response: jsonschema::Validator,
+    pub preferences: jsonschema::Validator,
 }
 
 fn load(name: &str) -> Value {
@@ -255,6 +256,7 @@ impl Schemas {
             "client-protocol",
             "membership",
             "notification-request",
+            "preferences",
         ];
         let docs: Vec<(String, Value)> = names
             .iter()
@@ -287,6 +289,7 @@ impl Schemas {
             notification_response: build(&serde_json::json!({
                 "$ref": format!("{}#/$defs/response", docs[4].0)
             })),
+            preferences: build(&docs[5].1),
         }
     }
 }

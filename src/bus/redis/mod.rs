@@ -146,6 +146,11 @@ pub mod keys {
         format!("fc:{{{user}}}:acked")
     }
 
+    /// `user`'s preferences (JSON, `preferences.rs`); kept until changed.
+    pub fn preferences(user: &str) -> String {
+        format!("fc:{{{user}}}:prefs")
+    }
+
     pub fn seen(user: &str, window: u64) -> String {
         format!("fc:{{{user}}}:seen:{window}")
     }
@@ -1321,6 +1326,42 @@ impl Bus for RedisBus {
             .arg(ttl.as_millis().max(1) as u64);
         let earlier: Result<Option<String>, RedisError> = self.query(&set).await;
         earlier.map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
+    async fn preferences(&self, users: &[Arc<str>]) -> Result<Vec<Option<String>>, BusError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let read: Result<Vec<Option<String>>, RedisError> = match &self.publisher {
+            // One round trip for all of an event's recipients.
+            Conn::Standalone(_) => {
+                let mut mget = redis::cmd("MGET");
+                for user in users {
+                    mget.arg(keys::preferences(user));
+                }
+                self.query(&mget).await
+            }
+            // Each user's key lives in its own slot: one GET each, all at once.
+            Conn::Cluster(_) => futures_util::future::join_all(users.iter().map(|user| {
+                let mut get = redis::cmd("GET");
+                get.arg(keys::preferences(user));
+                async move { self.query::<Option<String>>(&get).await }
+            }))
+            .await
+            .into_iter()
+            .collect(),
+        };
+        read.map_err(unavailable)
+    }
+
+    async fn set_preferences(&self, user: &str, json: Option<&str>) -> Result<(), BusError> {
+        let mut cmd = redis::cmd(if json.is_some() { "SET" } else { "DEL" });
+        cmd.arg(keys::preferences(user));
+        if let Some(json) = json {
+            cmd.arg(json);
+        }
+        let done: Result<(), RedisError> = self.query(&cmd).await;
+        done.map_err(unavailable)
     }
 
     async fn rerecord(
