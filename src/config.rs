@@ -79,6 +79,98 @@ pub enum Command {
     /// Schedule a planned downtime's announcements (sent by the gateways when due), list the
     /// scheduled ones (--list), or cancel one (--cancel ID).
     AnnounceDowntime(DowntimeArgs),
+    /// Check a deployment with the flags `consume` and `gateway` use: Redis (version, cluster
+    /// slots, eviction, persistence), Kafka (brokers, topics, group lag) or NATS (stream,
+    /// consumer), oCIS (credentials, a space's and a group's members), OIDC (discovery, keys),
+    /// then a round trip to a gateway's WebSocket (--gateway-url). Prints ✓ or ✗ with the fix
+    /// per check; exits 1 on any ✗.
+    SelfTest(SelfTestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SelfTestArgs {
+    /// Kafka bootstrap servers to check (as `consume --brokers`).
+    #[arg(long, env = "FOLDERCAST_KAFKA_BROKERS", value_name = "HOSTS")]
+    pub brokers: Option<String>,
+
+    /// The topic of storage events.
+    #[arg(
+        long,
+        env = "FOLDERCAST_KAFKA_TOPIC",
+        default_value = "storage-events",
+        value_name = "TOPIC"
+    )]
+    pub topic: String,
+
+    /// The consumer group whose lag is reported.
+    #[arg(
+        long,
+        env = "FOLDERCAST_KAFKA_GROUP",
+        default_value = "foldercast",
+        value_name = "GROUP"
+    )]
+    pub group: String,
+
+    /// The dead-letter topic.
+    #[arg(
+        long,
+        env = "FOLDERCAST_DEAD_LETTER_TOPIC",
+        default_value = "storage-events.dead-letter",
+        value_name = "TOPIC"
+    )]
+    pub dead_letter_topic: String,
+
+    /// A gateway to send the round trip through (ws://host:port); without it, no round trip.
+    #[arg(long, env = "FOLDERCAST_SELF_TEST_GATEWAY", value_name = "URL")]
+    pub gateway_url: Option<String>,
+
+    /// The user the round trip connects and publishes as (a user nobody else is).
+    #[arg(long, default_value = "foldercast-self-test", value_name = "USER")]
+    pub probe_user: String,
+
+    /// A token for the probe user, for gateways that verify OIDC tokens (with --jwt-secret
+    /// one is minted instead).
+    #[arg(long, value_name = "FILE")]
+    pub probe_token_file: Option<PathBuf>,
+
+    /// The HS256 secret the gateway verifies tokens with: mints the probe user's token.
+    #[arg(
+        long,
+        env = "FOLDERCAST_JWT_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub jwt_secret: Option<String>,
+
+    /// Read that secret from a file.
+    #[arg(
+        long,
+        env = "FOLDERCAST_JWT_SECRET_FILE",
+        value_name = "FILE",
+        conflicts_with = "jwt_secret"
+    )]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// The space whose members oCIS must show (default: the first project drive it lists).
+    #[arg(long, value_name = "SPACE_ID")]
+    pub check_space: Option<String>,
+
+    /// The group oCIS must expand (default: the first group it lists).
+    #[arg(long, value_name = "GROUP_ID")]
+    pub check_group: Option<String>,
+
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    // Last: their help headings apply to every flag after them.
+    #[command(flatten)]
+    pub membership: MembershipArgs,
+
+    #[command(flatten)]
+    pub oidc: OidcArgs,
 }
 
 #[derive(Debug, Args)]

@@ -32,5 +32,6 @@ pub mod notify;
 pub mod path;
 pub mod preferences;
 pub mod role;
+pub mod selftest;
 pub mod source;
 pub mod telemetry;

@@ -314,7 +314,11 @@ fn the_demo_preferences_fixture_matches_its_schema() {
     let path = root().join("fixtures/demo/preferences.json");
     let fixture: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     for (user, prefs) in fixture["users"].as_object().expect("a users object") {
-        assert_valid(&schemas.preferences, prefs, &format!("preferences of {user}"));
+        assert_valid(
+            &schemas.preferences,
+            prefs,
+            &format!("preferences of {user}"),
+        );
     }
     let loaded = foldercast::preferences::load_fixture(&path).expect("the product reads it");
     assert_eq!(loaded.len(), fixture["users"].as_object().unwrap().len());

@@ -5,6 +5,7 @@ mod gateway;
 mod publish;
 mod replay;
 mod run;
+mod self_test;
 mod setup;
 
 use std::process::ExitCode;
@@ -31,6 +32,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Gateway(args) => gateway::gateway(args),
         Command::Publish(args) => publish::publish(args),
         Command::AnnounceDowntime(args) => publish::announce_downtime(args),
+        Command::SelfTest(args) => self_test::self_test(args),
     }
 }
 

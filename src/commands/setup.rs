@@ -80,7 +80,7 @@ async fn log_cache_stats(resolver: std::sync::Weak<OcisResolver>) {
     }
 }
 
-fn ocis_settings(m: &MembershipArgs, url: &str) -> anyhow::Result<OcisSettings> {
+pub(super) fn ocis_settings(m: &MembershipArgs, url: &str) -> anyhow::Result<OcisSettings> {
     Ok(OcisSettings {
         url: url.to_owned(),
         credentials: ocis_credentials(m, url)?,

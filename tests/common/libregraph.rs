@@ -12,6 +12,8 @@
 //! - `PROPFIND /remote.php/dav/spaces/{drive}/{path}` and
 //!   `/remote.php/dav/spaces/trash-bin/{drive}/{key}` (`Depth: 0`): a WebDAV multistatus with
 //!   `oc:size`, `oc:fileid`, `d:getetag`, `d:resourcetype`, `oc:trashbin-original-location`;
+//! - `GET /graph/v1.0/me/drives`, `GET /graph/v1.0/groups`: `{"value":[…]}` of the known spaces
+//!   (with `driveType`) and groups (what `self-test` lists);
 //! - errors: 401 with an empty body and `Www-Authenticate`, odata errors for 404/422/500.
 //!
 //! Latency, failures and the expected credentials are injectable; every call is counted.
@@ -156,6 +158,8 @@ impl LibreGraph {
             .route("/graph/v1.0/groups/{id}/members", get(members))
             .route("/graph/v1.0/drives/{drive}/items/{item}", get(drive_item))
             .route("/graph/v1.0/users", get(users))
+            .route("/graph/v1.0/me/drives", get(my_drives))
+            .route("/graph/v1.0/groups", get(groups))
             .route(
                 "/remote.php/dav/spaces/{*rest}",
                 axum::routing::any(propfind),
@@ -490,6 +494,42 @@ async fn users(
         body["@odata.nextLink"] = json!(format!("http://{host}/graph/v1.0/users?page={}", n + 1));
     }
     axum::Json(body).into_response()
+}
+
+/// `GET /graph/v1.0/me/drives`: every known space, as drives with their type.
+async fn my_drives(State(state): State<Arc<Mutex<Graph>>>, headers: HeaderMap) -> Response {
+    if let Some(r) = gate(&state, "me-drives".into(), &headers).await {
+        return r;
+    }
+    let g = state.lock().unwrap();
+    let mut value: Vec<Value> = g
+        .spaces
+        .iter()
+        .map(|(id, s)| {
+            let kind = match s {
+                Space::Project { .. } => "project",
+                Space::Personal { .. } => "personal",
+            };
+            json!({"id": id, "name": id, "driveType": kind})
+        })
+        .collect();
+    value.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    axum::Json(json!({ "value": value })).into_response()
+}
+
+/// `GET /graph/v1.0/groups`: every known group.
+async fn groups(State(state): State<Arc<Mutex<Graph>>>, headers: HeaderMap) -> Response {
+    if let Some(r) = gate(&state, "groups".into(), &headers).await {
+        return r;
+    }
+    let g = state.lock().unwrap();
+    let mut ids: Vec<&String> = g.groups.keys().collect();
+    ids.sort();
+    let value: Vec<Value> = ids
+        .into_iter()
+        .map(|id| json!({"id": id, "displayName": format!("Group {id}")}))
+        .collect();
+    axum::Json(json!({ "value": value })).into_response()
 }
 
 async fn members(

@@ -112,6 +112,11 @@ impl OidcVerifier {
         })
     }
 
+    /// Signing keys known now (`self-test` reports it).
+    pub fn key_count(&self) -> usize {
+        self.keys.read().map(|k| k.len()).unwrap_or(0)
+    }
+
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         let header = TokenHeader::parse(token)?;
         let alg = accepted_algorithm(&header.alg)?;
