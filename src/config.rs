@@ -125,12 +125,17 @@ pub struct SelfTestArgs {
     pub gateway_url: Option<String>,
 
     /// The user the round trip connects and publishes as (a user nobody else is).
-    #[arg(long, default_value = "foldercast-self-test", value_name = "USER")]
+    #[arg(
+        long,
+        env = "FOLDERCAST_PROBE_USER",
+        default_value = "foldercast-self-test",
+        value_name = "USER"
+    )]
     pub probe_user: String,
 
     /// A token for the probe user, for gateways that verify OIDC tokens (with --jwt-secret
     /// one is minted instead).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "FOLDERCAST_PROBE_TOKEN_FILE", value_name = "FILE")]
     pub probe_token_file: Option<PathBuf>,
 
     /// The HS256 secret the gateway verifies tokens with: mints the probe user's token.
@@ -152,11 +157,11 @@ pub struct SelfTestArgs {
     pub jwt_secret_file: Option<PathBuf>,
 
     /// The space whose members oCIS must show (default: the first project drive it lists).
-    #[arg(long, value_name = "SPACE_ID")]
+    #[arg(long, env = "FOLDERCAST_CHECK_SPACE", value_name = "SPACE_ID")]
     pub check_space: Option<String>,
 
     /// The group oCIS must expand (default: the first group it lists).
-    #[arg(long, value_name = "GROUP_ID")]
+    #[arg(long, env = "FOLDERCAST_CHECK_GROUP", value_name = "GROUP_ID")]
     pub check_group: Option<String>,
 
     #[command(flatten)]

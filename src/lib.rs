@@ -21,6 +21,7 @@ pub mod bus;
 pub mod commands;
 pub mod config;
 pub mod consumer;
+pub mod dashboard;
 pub mod demo;
 pub mod event;
 pub mod gateway;

@@ -48,6 +48,11 @@ struct State {
     records: HashMap<String, (String, Instant)>,
     /// Per user: preferences (JSON).
     preferences: HashMap<Arc<str>, String>,
+    /// Operator channels subscribed, gateways showing a dashboard (until, ms) and the space
+    /// chosen on one (until when).
+    operator_channels: HashSet<String>,
+    dashboard_watching: HashMap<String, i64>,
+    dashboard_space: Option<(String, Instant)>,
     /// Per user: notices owed, and the acknowledgements.
     owed: HashMap<Arc<str>, Owed>,
     /// Per user: devices by name.
@@ -357,6 +362,71 @@ impl Bus for MemoryBus {
             .records
             .insert(key.to_owned(), (value.to_owned(), now + ttl));
         Ok(None)
+    }
+
+    async fn operator_publish(&self, channel: &str, payload: &str) -> Result<(), BusError> {
+        let subscribed = self
+            .state
+            .lock()
+            .map_err(|_| BusError::Closed)?
+            .operator_channels
+            .contains(channel);
+        if subscribed {
+            self.deliveries
+                .operator_message(channel, payload.as_bytes());
+        }
+        Ok(())
+    }
+
+    async fn operator_subscribe(&self, channel: &str, on: bool) -> Result<(), BusError> {
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        if on {
+            state.operator_channels.insert(channel.to_owned());
+        } else {
+            state.operator_channels.remove(channel);
+        }
+        Ok(())
+    }
+
+    async fn dashboard_watch(
+        &self,
+        gateway: &str,
+        until_ms: Option<i64>,
+        now_ms: i64,
+    ) -> Result<bool, BusError> {
+        {
+            let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+            match until_ms {
+                Some(until) => {
+                    state.dashboard_watching.insert(gateway.to_owned(), until);
+                }
+                None => {
+                    state.dashboard_watching.remove(gateway);
+                }
+            }
+        }
+        Ok(self.dashboard_state(now_ms).await?.0)
+    }
+
+    async fn dashboard_state(&self, now_ms: i64) -> Result<(bool, Option<String>), BusError> {
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        state.dashboard_watching.retain(|_, until| *until > now_ms);
+        let space = state
+            .dashboard_space
+            .as_ref()
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(s, _)| s.clone());
+        Ok((!state.dashboard_watching.is_empty(), space))
+    }
+
+    async fn dashboard_choose_space(
+        &self,
+        space: Option<&str>,
+        ttl: Duration,
+    ) -> Result<(), BusError> {
+        let mut state = self.state.lock().map_err(|_| BusError::Closed)?;
+        state.dashboard_space = space.map(|s| (s.to_owned(), Instant::now() + ttl));
+        Ok(())
     }
 
     async fn preferences(&self, users: &[Arc<str>]) -> Result<Vec<Option<String>>, BusError> {

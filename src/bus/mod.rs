@@ -162,6 +162,8 @@ pub trait FeedEvents {
     fn feed_gap(&self, _user: Option<&str>) {}
     /// The live feed is back (resubscribed): whatever was missed is in the history.
     fn feed_restored(&self, _user: Option<&str>) {}
+    /// A message on an operator channel this bus subscribed ([`Bus::operator_subscribe`]).
+    fn operator_message(&self, _channel: &str, _payload: &[u8]) {}
 }
 
 impl FeedEvents for tokio::sync::mpsc::Sender<Delivery> {}
@@ -195,6 +197,12 @@ impl FeedEvents for LateSink {
     fn feed_restored(&self, user: Option<&str>) {
         if let Some(target) = self.target.get().and_then(std::sync::Weak::upgrade) {
             target.feed_restored(user);
+        }
+    }
+
+    fn operator_message(&self, channel: &str, payload: &[u8]) {
+        if let Some(target) = self.target.get().and_then(std::sync::Weak::upgrade) {
+            target.operator_message(channel, payload);
         }
     }
 }
@@ -414,6 +422,43 @@ pub trait Bus: Send + Sync {
 
     /// Withdraws gateway `id`'s advertisement (a gateway that drains).
     async fn withdraw_gateway(&self, _id: &str) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    /// Publishes `payload` on operator channel `channel` (the dashboard's, `crate::dashboard`).
+    async fn operator_publish(&self, _channel: &str, _payload: &str) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    /// Starts (`on`) or stops handing operator channel `channel`'s messages to the sink
+    /// ([`FeedEvents::operator_message`]).
+    async fn operator_subscribe(&self, _channel: &str, _on: bool) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    /// Records that gateway `gateway` shows a dashboard until `until_ms` (`None`: no longer),
+    /// and answers whether any gateway shows one at `now_ms`.
+    async fn dashboard_watch(
+        &self,
+        _gateway: &str,
+        _until_ms: Option<i64>,
+        _now_ms: i64,
+    ) -> Result<bool, BusError> {
+        Ok(false)
+    }
+
+    /// Whether any gateway shows a dashboard at `now_ms`, and the space chosen on one (whose
+    /// events the consumers then report).
+    async fn dashboard_state(&self, _now_ms: i64) -> Result<(bool, Option<String>), BusError> {
+        Ok((false, None))
+    }
+
+    /// Chooses the space whose events the consumers report (`None`: none), for `ttl`.
+    async fn dashboard_choose_space(
+        &self,
+        _space: Option<&str>,
+        _ttl: Duration,
+    ) -> Result<(), BusError> {
         Ok(())
     }
 

@@ -107,6 +107,19 @@ async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
         })
         .await?;
     }
+    // The dashboard's view of this consumer: published only while one is open.
+    let lag: Option<Arc<dyn Fn() -> i64 + Send + Sync>> = kafka_lag.clone().map(|lag| {
+        Arc::new(move || lag.partitions().iter().map(|(_, n)| n).sum::<i64>())
+            as Arc<dyn Fn() -> i64 + Send + Sync>
+    });
+    let reporter = crate::dashboard::consumer::ConsumerReporter::spawn(
+        bus.clone() as Arc<dyn Bus>,
+        format!("consume-{:08x}", rand::random::<u32>()),
+        stats.clone(),
+        lag,
+        stop.clone(),
+    );
+    let observer: crate::consumer::Observer = Arc::new(move |fanout| reporter.observe(fanout));
     let clock = DefaultClock::default();
     let driver = Driver {
         source,
@@ -115,7 +128,7 @@ async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
         clock,
         bus: bus as Arc<dyn Bus>,
         stats: stats.clone(),
-        observer: None,
+        observer: Some(observer),
         settings: Settings {
             drain_grace: args.drain_grace,
             ..Settings::default()

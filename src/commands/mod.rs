@@ -143,6 +143,9 @@ fn gateway_app(
         tracing::info!("POST /api/notifications on: admins of --admin-token-file may publish");
     }
     gw::discovery::start(&state).map_err(anyhow::Error::msg)?;
+    let _ = state
+        .dashboard
+        .set(gw::dashboard::GatewayDashboard::start(&state));
     gw::notices::watch_pending(&state);
     Ok((gw::router(state.clone()), state))
 }

@@ -122,9 +122,21 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let _ = gateway_state.pipeline_stats.set(stats.clone());
     let _ = gateway_state.preferences.set(preferences.clone());
     let clock = DefaultClock::default();
-    let observer: Option<Observer> = demo.clone().map(|demo| {
-        Arc::new(move |fanout: &crate::notify::Fanout| demo.observe(&fanout.event)) as Observer
-    });
+    // The dashboard's view of the in-process consumer, and the demo's folder tree.
+    let reporter = crate::dashboard::consumer::ConsumerReporter::spawn(
+        bus.clone() as Arc<dyn Bus>,
+        "run".to_owned(),
+        stats.clone(),
+        None,
+        shutdown.clone(),
+    );
+    let demo_observer = demo.clone();
+    let observer: Option<Observer> = Some(Arc::new(move |fanout: &crate::notify::Fanout| {
+        reporter.observe(fanout);
+        if let Some(demo) = &demo_observer {
+            demo.observe(&fanout.event);
+        }
+    }) as Observer);
     let driver = Driver {
         source: Arc::new(source),
         pipeline: Arc::new(

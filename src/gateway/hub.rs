@@ -86,6 +86,36 @@ pub struct Hub {
     max_per_user: usize,
     wakeups: Arc<SessionWakeups>,
     pub stats: GatewayStats,
+    /// What the dashboard is told (`gateway::dashboard`), only while one is open.
+    pub reports: ConnectionReports,
+}
+
+/// Connection opens and closes for the dashboard, and the operator channels' messages.
+///
+/// While no dashboard is open anywhere, a connection costs this one atomic load and nothing
+/// is sent; while one is, the open or close is queued (bounded: a flood is dropped from the
+/// view, never waited for) for the dashboard task to publish.
+#[derive(Default)]
+pub struct ConnectionReports {
+    pub active: std::sync::atomic::AtomicBool,
+    pub(super) opens_and_closes:
+        std::sync::OnceLock<tokio::sync::mpsc::Sender<(Arc<str>, Transport, bool)>>,
+    pub(super) operator: std::sync::OnceLock<tokio::sync::mpsc::Sender<(String, Bytes)>>,
+    /// Reports left out of the view because the queue was full.
+    pub dropped: AtomicU64,
+}
+
+impl ConnectionReports {
+    fn report(&self, user: &Arc<str>, transport: Transport, opened: bool) {
+        if !self.active.load(Relaxed) {
+            return;
+        }
+        if let Some(tx) = self.opens_and_closes.get()
+            && tx.try_send((user.clone(), transport, opened)).is_err()
+        {
+            self.dropped.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 /// Why a connection could not be registered.
@@ -153,7 +183,46 @@ impl Hub {
             },
             wakeups: SessionWakeups::start(),
             stats: GatewayStats::default(),
+            reports: ConnectionReports::default(),
         })
+    }
+
+    /// This gateway's counts for the dashboard: connections by transport, users, the busiest
+    /// users and the most watched spaces (10 each).
+    pub fn dashboard_counts(&self, id: &str) -> crate::dashboard::Report {
+        let mut busiest: Vec<(String, u64)> = Vec::new();
+        let mut spaces: HashMap<Arc<str>, u64> = HashMap::new();
+        let (mut connections, mut users) = (0u64, 0u64);
+        if let Ok(sessions) = self.sessions.lock() {
+            users = sessions.len() as u64;
+            for (user, list) in sessions.iter() {
+                connections += list.len() as u64;
+                busiest.push((user.to_string(), list.len() as u64));
+                for queue in list {
+                    for space in queue.watching() {
+                        *spaces.entry(space).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let top = |mut v: Vec<(String, u64)>| {
+            v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            v.truncate(10);
+            v
+        };
+        let sse = self.stats.sse_connections.load(Relaxed);
+        crate::dashboard::Report::Gateway {
+            id: id.to_owned(),
+            connections,
+            websocket: connections.saturating_sub(sse),
+            sse,
+            users,
+            busiest: top(busiest),
+            spaces: top(spaces
+                .into_iter()
+                .map(|(s, n)| (s.to_string(), n))
+                .collect()),
+        }
     }
 
     /// Shutdown: every session, and any that registers from now on, is told to drain.
@@ -217,6 +286,7 @@ impl Hub {
         if transport == Transport::Sse {
             self.stats.sse_connections.fetch_add(1, Relaxed);
         }
+        self.reports.report(&user, transport, true);
         Ok(Registration {
             hub: self.clone(),
             user,
@@ -336,6 +406,16 @@ impl FeedEvents for Hub {
     fn feed_restored(&self, user: Option<&str>) {
         self.each_session(user, false, |q| q.feed_restored());
     }
+
+    fn operator_message(&self, channel: &str, payload: &[u8]) {
+        if let Some(tx) = self.reports.operator.get()
+            && tx
+                .try_send((channel.to_owned(), Bytes::copy_from_slice(payload)))
+                .is_err()
+        {
+            self.reports.dropped.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 impl Hub {
@@ -380,6 +460,7 @@ impl Drop for Registration {
         if self.transport == Transport::Sse {
             self.hub.stats.sse_connections.fetch_sub(1, Relaxed);
         }
+        self.hub.reports.report(&self.user, self.transport, false);
         let hub = self.hub.clone();
         let user = self.user.clone();
         let queue = self.queue.clone();

@@ -5,6 +5,7 @@
 //! State lives in one [`AppState`]; handlers stay thin.
 
 pub mod auth;
+pub mod dashboard;
 pub mod digest;
 pub mod discovery;
 pub mod hub;
@@ -136,6 +137,8 @@ pub struct AppState {
     pub preferences: std::sync::OnceLock<Arc<crate::preferences::PreferenceFilter>>,
     /// This gateway's id in the bus's advertisements (`--public-url`), once it advertises.
     pub advertised_as: std::sync::OnceLock<String>,
+    /// The operator's live view (`dashboard.rs`), once started.
+    pub dashboard: std::sync::OnceLock<Arc<dashboard::GatewayDashboard>>,
 }
 
 impl AppState {
@@ -156,6 +159,7 @@ impl AppState {
             pipeline_stats: std::sync::OnceLock::new(),
             preferences: std::sync::OnceLock::new(),
             advertised_as: std::sync::OnceLock::new(),
+            dashboard: std::sync::OnceLock::new(),
         })
     }
 
@@ -191,6 +195,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/tickets", post(issue_ticket))
         .route("/api/endpoint", get(discovery::endpoint))
         .route("/api/stats", get(stats))
+        .route("/dashboard", get(dashboard::page))
+        .route("/api/dashboard/stream", get(dashboard::stream))
         .route("/metrics", get(metrics))
         .route(
             "/api/notifications",

@@ -181,6 +181,15 @@ pub mod keys {
     /// `<valid until, epoch ms>|<JSON>`.
     pub const GATEWAYS: &str = "fc:{gateways}";
 
+    /// Operator channels and keys (the dashboard) share this prefix and one slot.
+    pub const OPERATOR_PREFIX: &str = "fc:{dashboard}:";
+
+    /// Gateways showing a dashboard: field = gateway id, value = valid until (epoch ms).
+    pub const DASHBOARD_WATCHING: &str = "fc:{dashboard}:watching";
+
+    /// The space chosen on a dashboard, whose events consumers report.
+    pub const DASHBOARD_SPACE: &str = "fc:{dashboard}:space";
+
     /// The user a channel belongs to.
     pub fn user_of_channel(channel: &[u8]) -> Option<&str> {
         let s = std::str::from_utf8(channel).ok()?;
@@ -382,6 +391,16 @@ impl AsyncPushSender for PushToDeliveries {
     fn send(&self, info: PushInfo) -> Result<(), SendError> {
         match info.kind {
             PushKind::Message | PushKind::SMessage => {
+                // Operator traffic (the dashboard) is not a user's: handed over as it is.
+                if let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) =
+                    (info.data.first(), info.data.get(1))
+                    && channel.starts_with(keys::OPERATOR_PREFIX.as_bytes())
+                {
+                    if let Ok(channel) = std::str::from_utf8(channel) {
+                        self.deliveries.operator_message(channel, payload);
+                    }
+                    return Ok(());
+                }
                 let Some((user, message)) = channel_message(info.data) else {
                     // Another writer on our channel, or a foldercast of another format.
                     tracing::warn!("malformed channel message skipped");
@@ -1435,6 +1454,103 @@ impl Bus for RedisBus {
             }
         }
         Ok(())
+    }
+
+    async fn operator_publish(&self, channel: &str, payload: &str) -> Result<(), BusError> {
+        let mut publish = redis::cmd(match self.publisher {
+            Conn::Standalone(_) => "PUBLISH",
+            Conn::Cluster(_) => "SPUBLISH",
+        });
+        publish.arg(channel).arg(payload);
+        let done: Result<u64, RedisError> = self.query(&publish).await;
+        done.map(|_| ()).map_err(unavailable)
+    }
+
+    async fn operator_subscribe(&self, channel: &str, on: bool) -> Result<(), BusError> {
+        match (self.subscriber.clone(), on) {
+            (Some(Conn::Standalone(mut c)), true) => {
+                c.subscribe(channel).await.map_err(unavailable)
+            }
+            (Some(Conn::Standalone(mut c)), false) => {
+                c.unsubscribe(channel).await.map_err(unavailable)
+            }
+            (Some(Conn::Cluster(mut c)), true) => c.ssubscribe(channel).await.map_err(unavailable),
+            (Some(Conn::Cluster(mut c)), false) => {
+                c.sunsubscribe(channel).await.map_err(unavailable)
+            }
+            (None, _) => Err(BusError::Unavailable(
+                "this bus was opened without a subscriber".into(),
+            )),
+        }
+    }
+
+    async fn dashboard_watch(
+        &self,
+        gateway: &str,
+        until_ms: Option<i64>,
+        now_ms: i64,
+    ) -> Result<bool, BusError> {
+        let change = match until_ms {
+            Some(until) => {
+                let mut set = redis::cmd("HSET");
+                set.arg(keys::DASHBOARD_WATCHING).arg(gateway).arg(until);
+                set
+            }
+            None => {
+                let mut del = redis::cmd("HDEL");
+                del.arg(keys::DASHBOARD_WATCHING).arg(gateway);
+                del
+            }
+        };
+        let done: Result<u64, RedisError> = self.query(&change).await;
+        done.map_err(unavailable)?;
+        Ok(self.dashboard_state(now_ms).await?.0)
+    }
+
+    async fn dashboard_state(&self, now_ms: i64) -> Result<(bool, Option<String>), BusError> {
+        let mut read = redis::pipe();
+        read.cmd("HGETALL")
+            .arg(keys::DASHBOARD_WATCHING)
+            .cmd("GET")
+            .arg(keys::DASHBOARD_SPACE);
+        let (watching, space): (Vec<(String, i64)>, Option<String>) =
+            self.query(&read).await.map_err(unavailable)?;
+        let expired: Vec<&String> = watching
+            .iter()
+            .filter(|(_, until)| *until <= now_ms)
+            .map(|(g, _)| g)
+            .collect();
+        if !expired.is_empty() {
+            // A gateway that stopped heartbeating (killed) shows no dashboard.
+            let mut del = redis::cmd("HDEL");
+            del.arg(keys::DASHBOARD_WATCHING).arg(&expired);
+            let _: Result<u64, RedisError> = self.query(&del).await;
+        }
+        Ok((watching.len() > expired.len(), space))
+    }
+
+    async fn dashboard_choose_space(
+        &self,
+        space: Option<&str>,
+        ttl: Duration,
+    ) -> Result<(), BusError> {
+        let cmd = match space {
+            Some(space) => {
+                let mut set = redis::cmd("SET");
+                set.arg(keys::DASHBOARD_SPACE)
+                    .arg(space)
+                    .arg("PX")
+                    .arg(ttl.as_millis().max(1) as u64);
+                set
+            }
+            None => {
+                let mut del = redis::cmd("DEL");
+                del.arg(keys::DASHBOARD_SPACE);
+                del
+            }
+        };
+        let done: Result<redis::Value, RedisError> = self.query(&cmd).await;
+        done.map(|_| ()).map_err(unavailable)
     }
 
     async fn unsubscribe(&self, user: &Arc<str>) -> Result<(), BusError> {
