@@ -1010,6 +1010,11 @@ pub struct GatewayArgs {
     #[arg(long, env = "FOLDERCAST_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Serve `/metrics` at all (`off`: it answers 404 and nothing renders it). The counters
+    /// behind it are kept either way (`/api/stats` and the dashboard read them).
+    #[arg(long, env = "FOLDERCAST_METRICS", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), value_name = "on|off")]
+    pub metrics: bool,
+
     /// Connection tickets one user may obtain per second (bursts of twice that); more get 429.
     #[arg(
         long,

@@ -38,6 +38,9 @@ pub enum BenchCommand {
     /// Gateway fan-out from Redis to 1 000 WebSocket clients: throughput, latency, CPU, next to a
     /// bare axum loop.
     Fanout(BenchFanoutArgs),
+    /// Gateway CPU per delivered message with /metrics on and scraped every second, next to
+    /// --metrics off, in the same run (target: within 5 %).
+    Metrics(BenchMetricsArgs),
     /// The oCIS membership resolver: warm-cache throughput next to the fixture resolver, and
     /// requests to oCIS per space per TTL under paced load.
     Membership(BenchMembershipArgs),
@@ -179,6 +182,28 @@ pub struct BenchFanoutArgs {
     #[arg(long, env = "FOLDERCAST_WS_WRITE_BUFFER")]
     pub ws_write_buffer: Option<usize>,
     /// The foldercast binary to run as the gateway (default: this one).
+    #[arg(long, env = "FOLDERCAST_BENCH_BINARY")]
+    pub binary: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchMetricsArgs {
+    /// Standalone Redis URL both gateways subscribe to.
+    #[arg(long, env = "FOLDERCAST_REDIS")]
+    pub redis: String,
+    /// WebSocket clients per gateway, one user each.
+    #[arg(long, env = "FOLDERCAST_BENCH_CONNECTIONS", default_value_t = 500)]
+    pub connections: usize,
+    /// Messages per second in each phase.
+    #[arg(long, env = "FOLDERCAST_BENCH_PACED_RATE", default_value_t = 20_000)]
+    pub paced_rate: u64,
+    /// Seconds of each phase.
+    #[arg(long, env = "FOLDERCAST_BENCH_SECONDS", default_value_t = 10)]
+    pub seconds: u64,
+    /// Rounds; each runs a phase on both gateways (their order alternating).
+    #[arg(long, env = "FOLDERCAST_BENCH_ROUNDS", default_value_t = 5)]
+    pub rounds: usize,
+    /// The foldercast binary to run as the gateways (default: the one next to this).
     #[arg(long, env = "FOLDERCAST_BENCH_BINARY")]
     pub binary: Option<PathBuf>,
 }

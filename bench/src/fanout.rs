@@ -31,17 +31,17 @@ use crate::args::BenchFanoutArgs;
 use foldercast::bus::{Bus, Outgoing, RedisBus, RedisOptions, RedisTarget};
 use foldercast::gateway::auth::Authenticator;
 
-const SECRET: &str = "bench-fanout-secret-of-at-least-32-bytes";
+pub(crate) const SECRET: &str = "bench-fanout-secret-of-at-least-32-bytes";
 const PAYLOAD_BYTES: usize = 300;
 
-struct Clients {
+pub(crate) struct Clients {
     received: Arc<AtomicU64>,
     recording: Arc<AtomicBool>,
     /// (sent_ns, arrived_ns) of each frame received while recording.
     latencies: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
 }
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -49,7 +49,11 @@ fn now_ns() -> u64 {
 }
 
 /// Opens `n` clients; each counts frames and, while recording, the latency in their `sent_ns`.
-async fn open_clients(addr: &str, n: usize, tokens: Option<&[String]>) -> anyhow::Result<Clients> {
+pub(crate) async fn open_clients(
+    addr: &str,
+    n: usize,
+    tokens: Option<&[String]>,
+) -> anyhow::Result<Clients> {
     let clients = Clients {
         received: Arc::new(AtomicU64::new(0)),
         recording: Arc::new(AtomicBool::new(false)),
@@ -150,11 +154,11 @@ fn payload(sent_ns: u64) -> Bytes {
 
 /// How messages are spread over the connections in a cost phase.
 #[derive(Clone, Copy)]
-struct Pattern {
+pub(crate) struct Pattern {
     /// Messages per second, in 10 ms ticks; 0 = as fast as they go.
-    rate: u64,
+    pub(crate) rate: u64,
     /// Messages in a row to one connection before moving to the next.
-    burst: usize,
+    pub(crate) burst: usize,
 }
 
 impl Pattern {
@@ -171,21 +175,21 @@ impl Pattern {
 }
 
 /// CPU and wall time of one phase: server process and this process (the load generator).
-struct Cost {
+pub(crate) struct Cost {
     messages: u64,
     secs: f64,
-    server_us: f64,
+    pub(crate) server_us: f64,
     load_us: f64,
 }
 
 impl Cost {
-    fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         self.messages as f64 / self.secs
     }
 }
 
 /// Runs `drive` (which starts sending `messages` messages) and measures until all have arrived.
-async fn measure<F: std::future::Future<Output = anyhow::Result<()>>>(
+pub(crate) async fn measure<F: std::future::Future<Output = anyhow::Result<()>>>(
     server_pid: u32,
     clients: &Clients,
     messages: u64,
@@ -213,7 +217,7 @@ async fn measure<F: std::future::Future<Output = anyhow::Result<()>>>(
 
 /// Publishes `count` messages to the users through Redis, paced and spread as `pattern` says.
 /// With `stamp`, each payload carries its send time for the latency measurement.
-async fn publish(
+pub(crate) async fn publish(
     bus: &RedisBus,
     users: &[Arc<str>],
     count: u64,

@@ -30,6 +30,7 @@ mod graph;
 mod idle;
 mod ingest;
 mod membership;
+mod metrics_cost;
 mod proc;
 mod publish;
 mod storm;
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
         BenchCommand::Consume(args) => consume(args),
         BenchCommand::Fanout(args) => fanout(args),
         BenchCommand::Membership(args) => membership(args),
+        BenchCommand::Metrics(args) => metrics_cost::run(args),
         BenchCommand::Ingest(args) => ingest::run(args),
         BenchCommand::Publish(args) => publish::run(args),
         BenchCommand::Storm(args) => storm(args),

@@ -42,7 +42,7 @@ pub fn gateway(args: GatewayCommandArgs) -> anyhow::Result<ExitCode> {
             &args.gateway,
             resolver,
         )?;
-        if let Some(addr) = args.gateway.metrics_listen {
+        if let Some(addr) = args.gateway.metrics_listen.filter(|_| args.gateway.metrics) {
             let state = state.clone();
             super::serve_metrics(addr, move || gateway::metrics_text(&state)).await?;
         }

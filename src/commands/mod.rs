@@ -105,6 +105,7 @@ fn gateway_config(g: &GatewayArgs) -> GatewayConfig {
         heartbeat_every: g.heartbeat_every,
         device_ttl: g.device_ttl,
         metrics_elsewhere: g.metrics_listen.is_some(),
+        metrics_off: !g.metrics,
     }
 }
 

@@ -95,7 +95,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     if let Some(demo) = &demo {
         app = app.merge(crate::demo::router(demo.clone()));
     }
-    if let Some(addr) = args.gateway.metrics_listen {
+    if let Some(addr) = args.gateway.metrics_listen.filter(|_| args.gateway.metrics) {
         let state = gateway_state.clone();
         super::serve_metrics(addr, move || gateway::metrics_text(&state)).await?;
     }

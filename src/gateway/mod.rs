@@ -83,6 +83,8 @@ pub struct GatewayConfig {
     pub device_ttl: Duration,
     /// `/metrics` is served on its own address (`--metrics-listen`), not on the public one.
     pub metrics_elsewhere: bool,
+    /// `/metrics` is not served at all (`--metrics off`).
+    pub metrics_off: bool,
 }
 
 impl Default for GatewayConfig {
@@ -112,6 +114,7 @@ impl Default for GatewayConfig {
             heartbeat_every: Duration::from_secs(5),
             device_ttl: Duration::from_secs(30 * 24 * 3600),
             metrics_elsewhere: false,
+            metrics_off: false,
         }
     }
 }
@@ -348,6 +351,13 @@ async fn stats(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respon
 
 /// `/metrics` (Prometheus text format), unless `--metrics-listen` moved it off this address.
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    if state.config.metrics_off {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "metrics-off",
+            "/metrics is off (--metrics off)",
+        );
+    }
     if state.config.metrics_elsewhere {
         return error_response(
             StatusCode::NOT_FOUND,
