@@ -35,16 +35,11 @@ pub const DEFAULT_MAX_DIGEST: Duration = Duration::from_secs(300);
 /// hold an unbounded amount per connection.
 pub const MAX_HELD: usize = 1024;
 
-/// Message types a digest folds: changes of items and batches of them.
-const FOLDED: &[&str] = &[
-    "file-uploaded",
-    "file-touched",
-    "folder-created",
-    "item-trashed",
-    "item-restored",
-    "item-moved",
-    "coalesced",
-];
+/// Whether a digest folds messages of this type: changes of items and batches of them.
+fn folded(message_type: &str) -> bool {
+    use crate::notify::message::{COALESCED, ITEM_CHANGES};
+    message_type == COALESCED || ITEM_CHANGES.contains(&message_type)
+}
 
 /// One connection's digest window.
 #[derive(Debug)]
@@ -66,7 +61,7 @@ impl Digest {
     /// Takes a frame the connection would send now (admitted by its cursor, passing its
     /// watches); appends to `out` what must go out instead, in order.
     pub fn offer(&mut self, frame: Arc<Frame>, now: Instant, out: &mut Vec<Arc<Frame>>) {
-        if !FOLDED.contains(&&*frame.message_type) {
+        if !folded(&frame.message_type) {
             self.flush(out);
             out.push(frame);
             return;

@@ -13,6 +13,16 @@ use crate::bus::Outgoing;
 use crate::event::{EventBody, ItemChange, Member, MembershipChange, StorageEvent};
 use crate::path::SpacePath;
 
+/// Message types that report a change of an item (and of the folders above it).
+pub const ITEM_CHANGES: [&str; 6] = [
+    "file-uploaded",
+    "file-touched",
+    "folder-created",
+    "item-trashed",
+    "item-restored",
+    "item-moved",
+];
+
 /// Message `type` values that are not event types.
 pub const COALESCED: &str = "coalesced";
 pub const RESYNC: &str = "resync";

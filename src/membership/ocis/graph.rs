@@ -141,14 +141,10 @@ impl GraphClient {
     /// The drives this identity sees (`GET /graph/v1.0/me/drives`): (id, driveType), first page.
     /// For `self-test`: it proves the credentials and names a space to read.
     pub async fn my_drives(&self) -> Result<Vec<(String, String)>, GraphError> {
-        let url = format!("{}/graph/v1.0/me/drives", self.base);
-        let body = self.get(&url).await?;
-        let list: Option<serde_json::Value> = parse(&body, &url)?;
-        Ok(list
-            .as_ref()
-            .and_then(|l| l["value"].as_array())
-            .into_iter()
-            .flatten()
+        Ok(self
+            .first_page("/graph/v1.0/me/drives")
+            .await?
+            .iter()
             .filter_map(|d| {
                 let id = d["id"].as_str()?.to_owned();
                 let kind = d["driveType"].as_str().unwrap_or_default().to_owned();
@@ -159,16 +155,23 @@ impl GraphClient {
 
     /// Group ids (`GET /graph/v1.0/groups`), first page: for `self-test` to name a group.
     pub async fn group_ids(&self) -> Result<Vec<String>, GraphError> {
-        let url = format!("{}/graph/v1.0/groups", self.base);
-        let body = self.get(&url).await?;
-        let list: Option<serde_json::Value> = parse(&body, &url)?;
-        Ok(list
-            .as_ref()
-            .and_then(|l| l["value"].as_array())
-            .into_iter()
-            .flatten()
+        Ok(self
+            .first_page("/graph/v1.0/groups")
+            .await?
+            .iter()
             .filter_map(|g| g["id"].as_str().map(str::to_owned))
             .collect())
+    }
+
+    /// The `value` entries of a list's first page at `path`.
+    async fn first_page(&self, path: &str) -> Result<Vec<serde_json::Value>, GraphError> {
+        let url = format!("{}{path}", self.base);
+        let body = self.get(&url).await?;
+        let list: Option<serde_json::Value> = parse(&body, &url)?;
+        Ok(match list.map(|mut l| l["value"].take()) {
+            Some(serde_json::Value::Array(entries)) => entries,
+            _ => Vec::new(),
+        })
     }
 
     /// The ids of a (paged) list of users: a bare array, or `{"value"}` pages.
