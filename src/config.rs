@@ -1012,7 +1012,7 @@ pub struct GatewayArgs {
 
     /// Serve `/metrics` at all (`off`: it answers 404 and nothing renders it). The counters
     /// behind it are kept either way (`/api/stats` and the dashboard read them).
-    #[arg(long, env = "FOLDERCAST_METRICS", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), value_name = "on|off")]
+    #[arg(long, env = "FOLDERCAST_METRICS", default_value = "on", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new(), value_name = "on|off")]
     pub metrics: bool,
 
     /// Connection tickets one user may obtain per second (bursts of twice that); more get 429.
@@ -1288,6 +1288,21 @@ mod tests {
         assert_eq!(r.shaping.user_rate, 3.5, "from the file");
         assert!(r.print, "booleans from the file");
         assert_eq!(r.shaping.max_backlog, 9, "the command line wins");
+    }
+
+    #[test]
+    fn metrics_are_switched_by_a_value() {
+        let gateway = |extra: &[&str]| {
+            let mut a = vec!["foldercast", "gateway", "--redis", "redis://x"];
+            a.extend_from_slice(extra);
+            match parse_from(args(&a)).unwrap().command {
+                Command::Gateway(g) => g.gateway.metrics,
+                _ => panic!(),
+            }
+        };
+        assert!(gateway(&[]), "on by default");
+        assert!(!gateway(&["--metrics", "off"]));
+        assert!(gateway(&["--metrics", "on"]));
     }
 
     #[test]
