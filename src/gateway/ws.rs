@@ -17,7 +17,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use futures_util::SinkExt;
+use futures_util::{FutureExt, SinkExt};
 use serde::Deserialize;
 use tokio::time::{Instant, sleep_until};
 
@@ -138,16 +138,16 @@ async fn feed_new_epoch(
 /// Its future is part of every connection's task: the common case is fed right here, the rest
 /// is boxed (a digest window, a new epoch), and the deadline is a future of its own (see
 /// [`write_within`]). Together they took the session's future from 3,192 to 2,696 bytes.
-async fn write_frames(
-    socket: &mut WebSocket,
-    frames: &mut Vec<Arc<Frame>>,
-    watches: &Watches,
-    cursor: &mut Cursor,
+fn write_frames<'a>(
+    socket: &'a mut WebSocket,
+    frames: &'a mut Vec<Arc<Frame>>,
+    watches: &'a Watches,
+    cursor: &'a mut Cursor,
     limit: Duration,
-    user: &str,
-    mut digest: Option<&mut Digest>,
-) -> Written {
-    let write = async {
+    user: &'a str,
+    mut digest: Option<&'a mut Digest>,
+) -> WithinLimit<impl std::future::Future<Output = Result<(), axum::Error>> + 'a> {
+    let write = async move {
         for frame in frames.drain(..) {
             match cursor.admit(&frame.id) {
                 Admit::Deliver if frame.passes(watches) => match digest.as_deref_mut() {
@@ -169,7 +169,7 @@ async fn write_frames(
         }
         socket.flush().await
     };
-    written(limit, user, write_within(limit, write).await)
+    write_within(limit, write)
 }
 
 /// Sends what the digest window holds now.
@@ -231,7 +231,8 @@ async fn send_resumed(
             return Written::Failed;
         }
     }
-    write_frames(socket, &mut replay, watches, cursor, limit, user, None).await
+    let result = write_frames(socket, &mut replay, watches, cursor, limit, user, None).await;
+    written(limit, user, result)
 }
 
 async fn session(
@@ -522,7 +523,8 @@ async fn session(
                             {
                                 break;
                             }
-                            if let Written::Failed = Box::pin(write_frames(&mut socket, &mut replay, &watches, &mut cursor, write_timeout, &identity.user, digest.as_deref_mut())).await {
+                            let result = Box::pin(write_frames(&mut socket, &mut replay, &watches, &mut cursor, write_timeout, &identity.user, digest.as_deref_mut())).await;
+                            if let Written::Failed = written(write_timeout, &identity.user, result) {
                                 break;
                             }
                         }
@@ -566,7 +568,8 @@ async fn session(
                     Box::pin(close_after(&mut socket, frame, "slow-consumer", message, CLOSE_TRY_LATER)).await;
                     break;
                 }
-                if let Written::Failed = write_frames(&mut socket, &mut batch, &watches, &mut cursor, write_timeout, &identity.user, digest.as_deref_mut()).await {
+                let result = write_frames(&mut socket, &mut batch, &watches, &mut cursor, write_timeout, &identity.user, digest.as_deref_mut()).await;
+                if let Written::Failed = written(write_timeout, &identity.user, result) {
                     break;
                 }
                 // A digest window that just started holding: wake when it is due.
@@ -754,16 +757,25 @@ async fn acknowledge(state: &AppState, user: &str, device: &str, notification_id
     }
 }
 
-async fn send_text(socket: &mut WebSocket, text: String) -> Result<(), axum::Error> {
-    socket.send(Message::Text(Utf8Bytes::from(text))).await
+/// Not `async fn`s, these two: their futures are part of every connection's task, and an async
+/// fn would also keep its parameters there (see [`write_frames`]).
+fn send_text(
+    socket: &mut WebSocket,
+    text: String,
+) -> futures_util::sink::Send<'_, WebSocket, Message> {
+    SinkExt::send(socket, Message::Text(Utf8Bytes::from(text)))
 }
 
 /// Sends one frame within the write timeout; `Err` when it failed or timed out.
-async fn send_within(socket: &mut WebSocket, text: String, limit: Duration) -> Result<(), ()> {
-    match write_within(limit, send_text(socket, text)).await {
+fn send_within(
+    socket: &mut WebSocket,
+    text: String,
+    limit: Duration,
+) -> impl std::future::Future<Output = Result<(), ()>> + '_ {
+    write_within(limit, send_text(socket, text)).map(|sent| match sent {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
-    }
+    })
 }
 
 /// Why a client's frame could not be read, as the error code, the close code and a message
@@ -889,7 +901,7 @@ async fn close_after(
 fn write_within<F: std::future::Future>(limit: Duration, write: F) -> WithinLimit<F> {
     WithinLimit {
         write,
-        limit,
+        limit_ms: u32::try_from(limit.as_millis()).unwrap_or(u32::MAX),
         timer: None,
     }
 }
@@ -903,7 +915,8 @@ pin_project_lite::pin_project! {
     struct WithinLimit<F> {
         #[pin]
         write: F,
-        limit: Duration,
+        // Milliseconds, not a `Duration`: 4 bytes rather than 16, in every connection's task.
+        limit_ms: u32,
         timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     }
 }
@@ -920,7 +933,7 @@ impl<F: std::future::Future> std::future::Future for WithinLimit<F> {
         if let Poll::Ready(output) = this.write.poll(cx) {
             return Poll::Ready(Ok(output));
         }
-        let limit = *this.limit;
+        let limit = Duration::from_millis(u64::from(*this.limit_ms));
         let timer = this
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
