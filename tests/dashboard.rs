@@ -161,6 +161,18 @@ async fn gateways_report_only_while_a_dashboard_is_open() {
         "{reported:?}"
     );
 
+    // A watch counts its connection for the space.
+    ws::send(
+        &mut x,
+        serde_json::json!({"type": "watch", "space_id": "s-eng", "path": "/docs"}),
+    )
+    .await;
+    let watched = until(&mut dashboard, "snapshot", |s| {
+        s["spaces"] == serde_json::json!([["s-eng", 1]])
+    })
+    .await;
+    assert_eq!(watched["spaces"][0][0], "s-eng");
+
     // The dashboard closes: reporting stops everywhere.
     drop(dashboard);
     tokio::time::sleep(Duration::from_millis(2500)).await;

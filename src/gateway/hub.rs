@@ -88,6 +88,10 @@ pub struct Hub {
     pub stats: GatewayStats,
     /// What the dashboard is told (`gateway::dashboard`), only while one is open.
     pub reports: ConnectionReports,
+    /// The spaces each connection with watches watches (by its queue's address), for the
+    /// dashboard's per-space counts. Kept here rather than in every session queue: a field
+    /// there moved each queue to the next allocator size class (`bench idle`).
+    watching: Mutex<HashMap<usize, Box<[Arc<str>]>>>,
 }
 
 /// Connection opens and closes for the dashboard, and the operator channels' messages.
@@ -158,6 +162,17 @@ pub struct Registration {
     transport: Transport,
 }
 
+impl Registration {
+    /// The connection now watches `watches`' spaces (for the dashboard's per-space counts).
+    pub fn set_watching(&self, watches: &super::session::Watches) {
+        let mut spaces: Vec<Arc<str>> = watches.spaces().map(Arc::from).collect();
+        spaces.sort();
+        spaces.dedup();
+        self.hub
+            .set_watching(&self.queue, spaces.into_boxed_slice());
+    }
+}
+
 impl Hub {
     /// A hub over `bus` whose sessions queue up to `queue_capacity` frames and `queue_bytes`
     /// bytes, with at most
@@ -184,7 +199,20 @@ impl Hub {
             wakeups: SessionWakeups::start(),
             stats: GatewayStats::default(),
             reports: ConnectionReports::default(),
+            watching: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The connection of `queue` now watches `spaces` (none: forgotten).
+    fn set_watching(&self, queue: &Arc<SessionQueue>, spaces: Box<[Arc<str>]>) {
+        let key = Arc::as_ptr(queue) as usize;
+        if let Ok(mut w) = self.watching.lock() {
+            if spaces.is_empty() {
+                w.remove(&key);
+            } else {
+                w.insert(key, spaces);
+            }
+        }
     }
 
     /// This gateway's counts for the dashboard: connections by transport, users, the busiest
@@ -198,11 +226,11 @@ impl Hub {
             for (user, list) in sessions.iter() {
                 connections += list.len() as u64;
                 busiest.push((user.to_string(), list.len() as u64));
-                for queue in list {
-                    for space in queue.watching() {
-                        *spaces.entry(space).or_default() += 1;
-                    }
-                }
+            }
+        }
+        if let Ok(watching) = self.watching.lock() {
+            for space in watching.values().flatten() {
+                *spaces.entry(space.clone()).or_default() += 1;
             }
         }
         let top = |mut v: Vec<(String, u64)>| {
@@ -461,6 +489,7 @@ impl Drop for Registration {
             self.hub.stats.sse_connections.fetch_sub(1, Relaxed);
         }
         self.hub.reports.report(&self.user, self.transport, false);
+        self.hub.set_watching(&self.queue, Box::default());
         let hub = self.hub.clone();
         let user = self.user.clone();
         let queue = self.queue.clone();

@@ -143,9 +143,6 @@ pub struct SessionQueue {
     capacity: usize,
     /// Bytes queued at most: a count alone let 256 messages of 8 MB pin 2 GB for one client.
     max_bytes: usize,
-    /// The spaces the connection watches, for the dashboard's per-space counts (empty, and
-    /// unallocated, for most connections).
-    watching: Mutex<Box<[Arc<str>]>>,
 }
 
 struct QueueState {
@@ -176,23 +173,7 @@ impl SessionQueue {
             marked: AtomicBool::new(false),
             capacity: capacity.max(1),
             max_bytes: max_bytes.max(1),
-            watching: Mutex::new(Box::default()),
         }
-    }
-
-    /// The connection now watches `watches`' spaces.
-    pub fn set_watching(&self, watches: &Watches) {
-        let mut spaces: Vec<Arc<str>> = watches.spaces().map(Arc::from).collect();
-        spaces.sort();
-        spaces.dedup();
-        if let Ok(mut w) = self.watching.lock() {
-            *w = spaces.into_boxed_slice();
-        }
-    }
-
-    /// The spaces the connection watches.
-    pub fn watching(&self) -> Vec<Arc<str>> {
-        self.watching.lock().map(|w| w.to_vec()).unwrap_or_default()
     }
 
     /// Queues `frames`, or evicts the session if they do not fit. The wake-up is left to

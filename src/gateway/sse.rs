@@ -219,7 +219,7 @@ async fn serve(
             }
         }
     }
-    registration.queue.set_watching(&watches);
+    registration.set_watching(&watches);
     let feed = Feed {
         registration,
         watches,

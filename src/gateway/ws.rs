@@ -455,12 +455,12 @@ async fn session(
                     Ok(ClientFrame::Ping) => Some(PONG_FRAME.to_owned()),
                     Ok(ClientFrame::Watch { space_id, path }) => {
                         let refused = watches.add(&space_id, path).err().map(|e| e.to_frame());
-                        registration.queue.set_watching(&watches);
+                        registration.set_watching(&watches);
                         refused
                     }
                     Ok(ClientFrame::Unwatch { space_id, path }) => {
                         watches.remove(space_id.as_deref(), path.as_ref());
-                        registration.queue.set_watching(&watches);
+                        registration.set_watching(&watches);
                         None
                     }
                     Ok(ClientFrame::Resume { since }) => {
