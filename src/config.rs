@@ -87,13 +87,10 @@ pub enum Command {
     SelfTest(SelfTestArgs),
 }
 
-#[derive(Debug, Args)]
-pub struct SelfTestArgs {
-    /// Kafka bootstrap servers to check (as `consume --brokers`).
-    #[arg(long, env = "FOLDERCAST_KAFKA_BROKERS", value_name = "HOSTS")]
-    pub brokers: Option<String>,
-
-    /// The topic of storage events.
+/// The Kafka topics and group `consume` uses (and `self-test` checks).
+#[derive(Debug, Clone, Args)]
+pub struct KafkaTopics {
+    /// Topic of storage events (keyed by space id).
     #[arg(
         long,
         env = "FOLDERCAST_KAFKA_TOPIC",
@@ -102,7 +99,7 @@ pub struct SelfTestArgs {
     )]
     pub topic: String,
 
-    /// The consumer group whose lag is reported.
+    /// Consumer group: consumers of one group share the topic's partitions.
     #[arg(
         long,
         env = "FOLDERCAST_KAFKA_GROUP",
@@ -111,7 +108,7 @@ pub struct SelfTestArgs {
     )]
     pub group: String,
 
-    /// The dead-letter topic.
+    /// Where malformed events go, with headers naming the error and their origin.
     #[arg(
         long,
         env = "FOLDERCAST_DEAD_LETTER_TOPIC",
@@ -119,6 +116,16 @@ pub struct SelfTestArgs {
         value_name = "TOPIC"
     )]
     pub dead_letter_topic: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SelfTestArgs {
+    /// Kafka bootstrap servers to check (as `consume --brokers`).
+    #[arg(long, env = "FOLDERCAST_KAFKA_BROKERS", value_name = "HOSTS")]
+    pub brokers: Option<String>,
+
+    #[command(flatten)]
+    pub kafka: KafkaTopics,
 
     /// A gateway to send the round trip through (ws://host:port); without it, no round trip.
     #[arg(long, env = "FOLDERCAST_SELF_TEST_GATEWAY", value_name = "URL")]
@@ -328,32 +335,8 @@ pub struct ConsumeArgs {
     )]
     pub brokers: Option<String>,
 
-    /// Topic of storage events (keyed by space id).
-    #[arg(
-        long,
-        env = "FOLDERCAST_KAFKA_TOPIC",
-        default_value = "storage-events",
-        value_name = "TOPIC"
-    )]
-    pub topic: String,
-
-    /// Consumer group: consumers of one group share the topic's partitions.
-    #[arg(
-        long,
-        env = "FOLDERCAST_KAFKA_GROUP",
-        default_value = "foldercast",
-        value_name = "GROUP"
-    )]
-    pub group: String,
-
-    /// Where malformed events go, with headers naming the error and their origin.
-    #[arg(
-        long,
-        env = "FOLDERCAST_DEAD_LETTER_TOPIC",
-        default_value = "storage-events.dead-letter",
-        value_name = "TOPIC"
-    )]
-    pub dead_letter_topic: String,
+    #[command(flatten)]
+    pub kafka: KafkaTopics,
 
     /// Consumer session timeout: how soon a dead consumer's partitions move to another.
     #[arg(long, env = "FOLDERCAST_KAFKA_SESSION_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]

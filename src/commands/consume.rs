@@ -157,16 +157,16 @@ async fn kafka_source(args: &ConsumeArgs, brokers: &str) -> anyhow::Result<Arc<K
         .collect::<anyhow::Result<Vec<_>>>()?;
     let settings = KafkaSettings {
         brokers: brokers.to_owned(),
-        topic: args.topic.clone(),
-        group: args.group.clone(),
-        dead_letter_topic: args.dead_letter_topic.clone(),
+        topic: args.kafka.topic.clone(),
+        group: args.kafka.group.clone(),
+        dead_letter_topic: args.kafka.dead_letter_topic.clone(),
         session_timeout: args.session_timeout,
         commit_interval: args.commit_interval,
         commit_batch: args.commit_batch,
         options,
     };
     let source = KafkaSource::connect(settings).await?;
-    tracing::info!(topic = %args.topic, group = %args.group, "consuming from Kafka");
+    tracing::info!(topic = %args.kafka.topic, group = %args.kafka.group, "consuming from Kafka");
     Ok(Arc::new(source))
 }
 

@@ -37,9 +37,9 @@ async fn checks(args: &SelfTestArgs) -> Vec<Check> {
             checks.extend(
                 selftest::kafka::check(selftest::kafka::Target {
                     brokers: brokers.clone(),
-                    topic: args.topic.clone(),
-                    group: args.group.clone(),
-                    dead_letter_topic: args.dead_letter_topic.clone(),
+                    topic: args.kafka.topic.clone(),
+                    group: args.kafka.group.clone(),
+                    dead_letter_topic: args.kafka.dead_letter_topic.clone(),
                 })
                 .await,
             );
