@@ -962,6 +962,18 @@ pub struct GatewayArgs {
     #[arg(long, env = "FOLDERCAST_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
 
+    /// Connections the kernel may complete before the gateway accepts them (the `listen`
+    /// backlog). When clients reconnect all at once (a restart, a deploy) a short queue
+    /// overflows and the kernel drops their handshakes; each then waits 1 s, 3 s… to retry.
+    /// Linux caps it at `net.core.somaxconn` (4,096 on recent kernels): raise that for more.
+    #[arg(
+        long,
+        env = "FOLDERCAST_LISTEN_BACKLOG",
+        default_value_t = crate::gateway::server::DEFAULT_LISTEN_BACKLOG,
+        value_name = "N"
+    )]
+    pub listen_backlog: u32,
+
     /// Users (token `sub`) allowed the operator's routes, `/api/stats` today. Without any,
     /// those routes answer 403 to everyone.
     #[arg(

@@ -179,8 +179,7 @@ async fn serve_metrics(
 /// Binds `--listen` and announces the address on stdout (tests and scripts read it when the
 /// port is 0).
 async fn bind_and_announce(g: &GatewayArgs) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(g.listen)
-        .await
+    let listener = crate::gateway::server::bind(g.listen, g.listen_backlog)
         .with_context(|| format!("cannot listen on {}", g.listen))?;
     println!("foldercast: serving on http://{}/", listener.local_addr()?);
     Ok(listener)

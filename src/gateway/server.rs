@@ -58,6 +58,25 @@ impl ServerLimits {
     }
 }
 
+/// The `listen` backlog unless told otherwise: enough for 10,000 clients reconnecting at
+/// once (`foldercast-bench storm`) once the kernel allows it; tokio's default of 1,024
+/// dropped half of their handshakes there.
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 65_535;
+
+/// A listener on `addr` whose kernel queue holds up to `backlog` completed handshakes (the
+/// kernel caps it at `net.core.somaxconn`). The address is reusable at once, so a restarted
+/// gateway binds its port while the old one's connections are in `TIME_WAIT`.
+pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// What the server refused or lost, for `/api/stats` and the logs.
 #[derive(Debug, Default)]
 pub struct ServerStats {
