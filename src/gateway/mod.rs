@@ -37,6 +37,10 @@ use hub::Hub;
 use server::{ServerLimits, ServerStats};
 
 /// Gateway tuning; defaults suit many mostly idle connections.
+/// A connection's WebSocket read buffer, bytes: room for the frames clients send (watch,
+/// ack, ping) in one read, and small, since every idle connection holds it whole.
+pub const DEFAULT_WS_READ_BUFFER: usize = 256;
+
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     /// Frames queued per connection before a non-reading client is evicted.
@@ -94,7 +98,7 @@ impl Default for GatewayConfig {
             auth_timeout: Duration::from_secs(10),
             sse_keepalive: Duration::from_secs(15),
             write_timeout: Duration::from_secs(10),
-            ws_read_buffer: 512,
+            ws_read_buffer: DEFAULT_WS_READ_BUFFER,
             ws_write_buffer: 8192,
             ws_max_write_buffer: 16 << 20,
             max_client_frame: 64 * 1024,
