@@ -4,6 +4,8 @@
 //! `resumed`, `event`, `resync`, `error`, `reconnect`, `pong`. A frame the server cannot use gets an `error` frame back and the
 //! connection stays open: one bad frame from a buggy client must not cost it its stream.
 
+use axum::extract::ws::Utf8Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -301,41 +303,68 @@ pub fn message_type_of(payload: &[u8]) -> Option<&str> {
 /// `{"type":"event","id":…,"data":…}` (or, for a resync of `resync_space`, `{"type":"resync",
 /// "id":…,"space_id":…,"data":…}`) built around the payload bytes without re-encoding them.
 /// A payload that is not UTF-8 (never one foldercast wrote) becomes `null`.
-pub fn server_frame(id: &str, payload: &[u8], resync_space: Option<&str>) -> String {
-    let payload = std::str::from_utf8(payload).unwrap_or("null");
-    let mut out = Vec::with_capacity(payload.len() + id.len() + 64);
-    write_server_frame(&mut out, id, payload.as_bytes(), resync_space);
-    // Every part written is UTF-8.
-    String::from_utf8(out).unwrap_or_default()
+pub fn server_frame(id: &str, payload: &[u8], resync_space: Option<&str>) -> Utf8Bytes {
+    let mut out = BytesMut::with_capacity(server_frame_len(id, payload.len(), resync_space));
+    put_server_frame(&mut out, id, payload, resync_space);
+    text_of(out.freeze()).unwrap_or_else(|| {
+        let mut out = BytesMut::new();
+        put_server_frame(&mut out, id, b"null", resync_space);
+        text_of(out.freeze()).unwrap_or(Utf8Bytes::from_static(""))
+    })
 }
 
-/// Appends [`server_frame`]'s bytes to `out`, with the payload's bytes as they are (checked to
-/// be UTF-8 by the caller).
-fn write_server_frame(out: &mut Vec<u8>, id: &str, payload: &[u8], resync_space: Option<&str>) {
-    let quoted = |out: &mut Vec<u8>, s: &str| {
-        if s.bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-        {
-            out.push(b'"');
-            out.extend_from_slice(s.as_bytes());
-            out.push(b'"');
-        } else {
-            let escaped = serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
-            out.extend_from_slice(escaped.as_bytes());
-        }
+/// The bytes as a text frame's, when they are UTF-8 (the one check a frame's bytes get).
+pub fn text_of(bytes: Bytes) -> Option<Utf8Bytes> {
+    Utf8Bytes::try_from(bytes).ok()
+}
+
+/// The length of [`server_frame`]'s text when its id and space need no escaping (always, for
+/// foldercast's positions and space ids); a buffer sized so takes it without growing.
+pub fn server_frame_len(id: &str, payload_len: usize, resync_space: Option<&str>) -> usize {
+    let (head, space) = match resync_space {
+        Some(space) => (RESYNC_HEAD.len(), SPACE_KEY.len() + space.len() + 2),
+        None => (EVENT_HEAD.len(), 0),
     };
-    if let Some(space) = resync_space {
-        out.extend_from_slice(br#"{"type":"resync","id":"#);
-        quoted(out, id);
-        out.extend_from_slice(br#","space_id":"#);
-        quoted(out, space);
-    } else {
-        out.extend_from_slice(br#"{"type":"event","id":"#);
-        quoted(out, id);
+    head + id.len() + 2 + space + DATA_KEY.len() + payload_len + 1
+}
+
+/// Appends [`server_frame`]'s bytes to `out`, the payload's as they are (the caller checks the
+/// whole text is UTF-8).
+pub fn put_server_frame(out: &mut BytesMut, id: &str, payload: &[u8], resync_space: Option<&str>) {
+    match resync_space {
+        Some(space) => {
+            out.extend_from_slice(RESYNC_HEAD.as_bytes());
+            put_quoted(out, id);
+            out.extend_from_slice(SPACE_KEY.as_bytes());
+            put_quoted(out, space);
+        }
+        None => {
+            out.extend_from_slice(EVENT_HEAD.as_bytes());
+            put_quoted(out, id);
+        }
     }
-    out.extend_from_slice(br#","data":"#);
+    out.extend_from_slice(DATA_KEY.as_bytes());
     out.extend_from_slice(payload);
-    out.push(b'}');
+    out.extend_from_slice(b"}");
+}
+
+const EVENT_HEAD: &str = r#"{"type":"event","id":"#;
+const RESYNC_HEAD: &str = r#"{"type":"resync","id":"#;
+const SPACE_KEY: &str = r#","space_id":"#;
+const DATA_KEY: &str = r#","data":"#;
+
+fn put_quoted(out: &mut BytesMut, s: &str) {
+    let plain = s
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+    if plain {
+        out.extend_from_slice(b"\"");
+        out.extend_from_slice(s.as_bytes());
+        out.extend_from_slice(b"\"");
+    } else {
+        let escaped = serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+        out.extend_from_slice(escaped.as_bytes());
+    }
 }
 
 #[cfg(test)]

@@ -69,6 +69,28 @@ impl Frame {
         frame
     }
 
+    /// A frame whose WebSocket text the caller built (`text`: [`server_frame`]'s for this
+    /// frame), so a batch's small frames can share one buffer.
+    pub fn with_text(
+        id: Utf8Bytes,
+        message_type: std::borrow::Cow<'static, str>,
+        payload: Bytes,
+        route: Option<Route>,
+        text: Utf8Bytes,
+    ) -> Self {
+        let cell = OnceLock::new();
+        if let Some(r) = route {
+            let _ = cell.set(r);
+        }
+        Frame {
+            id,
+            message_type,
+            payload,
+            prebuilt: Some(text),
+            route: cell,
+        }
+    }
+
     /// The WebSocket text frame. Large ones are built when sent rather than kept: a copy per
     /// user of every queued message is what let a few large events pin gigabytes (issue 12).
     pub fn ws_text(&self) -> Utf8Bytes {
@@ -80,7 +102,7 @@ impl Frame {
 
     fn build_text(&self) -> Utf8Bytes {
         let resync_space = (self.message_type == "resync").then(|| self.route().space_id.as_str());
-        Utf8Bytes::from(server_frame(&self.id, &self.payload, resync_space))
+        server_frame(&self.id, &self.payload, resync_space)
     }
 
     /// Bytes the frame accounts for in a queue: its payload (perhaps shared), its id, and about

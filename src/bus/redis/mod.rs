@@ -554,6 +554,9 @@ fn channel_message(data: Vec<Value>) -> Option<(Arc<str>, Bytes)> {
 /// entry is `[<epoch>:]<stream id> <payload bytes>\n<payload>` or an announcement
 /// `<epoch>: 0\n` (see the module doc). Small payloads are slices of the pushed buffer; large
 /// ones are shared with the other recipients of the same bytes (`shared.rs`).
+/// A stream id's usual length (`<13-digit ms>-<seq>`).
+const POSITION_ID_LEN: usize = 16;
+
 fn deliver_message(
     user: &str,
     message: Bytes,
@@ -563,8 +566,11 @@ fn deliver_message(
 ) -> Pushed {
     let mut epoch = subscriptions.epoch_of(user);
     // Every position written into one buffer: one allocation per push, not one per message.
-    let mut positions = String::new();
-    let mut entries: Vec<(std::ops::Range<usize>, Bytes)> = Vec::new();
+    // Sized from a guess at the entries (a few hundred bytes each) so neither grows in steps.
+    let guess = 1 + message.len() / 256;
+    let position_len = epoch.as_ref().map_or(16, |e| e.len()) + 1 + POSITION_ID_LEN;
+    let mut positions = String::with_capacity(guess * position_len);
+    let mut entries: Vec<(std::ops::Range<usize>, Bytes)> = Vec::with_capacity(guess);
     let mut at = 0;
     let mut outcome = Pushed::Delivered;
     while at < message.len() {
