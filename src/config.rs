@@ -145,23 +145,9 @@ pub struct SelfTestArgs {
     #[arg(long, env = "FOLDERCAST_PROBE_TOKEN_FILE", value_name = "FILE")]
     pub probe_token_file: Option<PathBuf>,
 
-    /// The HS256 secret the gateway verifies tokens with: mints the probe user's token.
-    #[arg(
-        long,
-        env = "FOLDERCAST_JWT_SECRET",
-        hide_env_values = true,
-        value_name = "SECRET"
-    )]
-    pub jwt_secret: Option<String>,
-
-    /// Read that secret from a file.
-    #[arg(
-        long,
-        env = "FOLDERCAST_JWT_SECRET_FILE",
-        value_name = "FILE",
-        conflicts_with = "jwt_secret"
-    )]
-    pub jwt_secret_file: Option<PathBuf>,
+    /// The gateway's HS256 secret: mints the probe user's token.
+    #[command(flatten)]
+    pub secret: JwtSecretArgs,
 
     /// The space whose members oCIS must show (default: the first project drive it lists).
     #[arg(long, env = "FOLDERCAST_CHECK_SPACE", value_name = "SPACE_ID")]
@@ -881,19 +867,11 @@ pub struct ShapingArgs {
     pub preferences_ttl: Duration,
 }
 
-/// The WebSocket/SSE gateway.
+/// The HS256 secret client tokens are signed with (the gateway verifies them, `self-test` mints
+/// its probe's), given once for both.
 #[derive(Debug, Clone, Args)]
-pub struct GatewayArgs {
-    /// Address to serve HTTP, WebSocket (/ws) and SSE (/sse) on.
-    #[arg(
-        long,
-        env = "FOLDERCAST_LISTEN",
-        default_value = "127.0.0.1:8080",
-        value_name = "ADDR"
-    )]
-    pub listen: SocketAddr,
-
-    /// HS256 secret that signs client tokens (`sub` = user id), at least 32 bytes (`openssl rand -hex 32`). Without it a random one is made and printed.
+pub struct JwtSecretArgs {
+    /// HS256 secret that signs client tokens (`sub` = user id), at least 32 bytes (`openssl rand -hex 32`).
     #[arg(
         long,
         env = "FOLDERCAST_JWT_SECRET",
@@ -910,6 +888,30 @@ pub struct GatewayArgs {
         conflicts_with = "jwt_secret"
     )]
     pub jwt_secret_file: Option<PathBuf>,
+}
+
+impl JwtSecretArgs {
+    /// Whether either flag was given.
+    pub fn is_configured(&self) -> bool {
+        self.jwt_secret.is_some() || self.jwt_secret_file.is_some()
+    }
+}
+
+/// The WebSocket/SSE gateway.
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// Address to serve HTTP, WebSocket (/ws) and SSE (/sse) on.
+    #[arg(
+        long,
+        env = "FOLDERCAST_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_name = "ADDR"
+    )]
+    pub listen: SocketAddr,
+
+    /// The HS256 secret that signs client tokens. Without it a random one is made and printed.
+    #[command(flatten)]
+    pub secret: JwtSecretArgs,
 
     /// Frames queued per connection; a client that falls this far behind is disconnected.
     #[arg(

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, DeliverySink, LateSink, RedisOptions, RedisTarget};
-use crate::config::{Cli, Command, GatewayArgs, RedisArgs, ShapingArgs};
+use crate::config::{Cli, Command, GatewayArgs, JwtSecretArgs, RedisArgs, ShapingArgs};
 use crate::gateway::auth::Authenticator;
 use crate::gateway::hub::Hub;
 use crate::gateway::{self as gw, AppState, GatewayConfig};
@@ -188,33 +188,41 @@ async fn bind_and_announce(g: &GatewayArgs) -> anyhow::Result<TcpListener> {
 /// The HS256 secret from the flag, the file, or (announced on stdout) a random one. Its length
 /// is checked by [`Authenticator::hs256`](crate::gateway::auth::Authenticator::hs256).
 fn jwt_secret(g: &GatewayArgs) -> anyhow::Result<Arc<[u8]>> {
-    if let Some(secret) = &g.jwt_secret {
-        return Ok(Arc::from(secret.as_bytes()));
-    }
-    // Set but empty is a mistake (a template that was not filled in), not a request for a
-    // random secret: refuse it like any other short secret.
-    if g.jwt_secret_file.is_none() && std::env::var_os("FOLDERCAST_JWT_SECRET").is_some() {
-        anyhow::bail!(
-            "FOLDERCAST_JWT_SECRET is set but empty; give a secret of at least {} bytes or unset it",
-            crate::gateway::auth::MIN_SECRET_BYTES
-        );
-    }
-    if let Some(path) = &g.jwt_secret_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read --jwt-secret-file {}", path.display()))?;
-        let secret = text.trim();
-        anyhow::ensure!(
-            !secret.is_empty(),
-            "--jwt-secret-file {} is empty",
-            path.display()
-        );
-        return Ok(Arc::from(secret.as_bytes()));
+    if let Some(secret) = configured_secret(&g.secret)? {
+        return Ok(Arc::from(secret.into_bytes()));
     }
     let mut bytes = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     println!("foldercast: no --jwt-secret given; generated one for this run: {secret}");
     Ok(Arc::from(secret.into_bytes()))
+}
+
+/// The HS256 secret the flags give (the file's trimmed), if any.
+fn configured_secret(s: &JwtSecretArgs) -> anyhow::Result<Option<String>> {
+    if let Some(secret) = &s.jwt_secret {
+        return Ok(Some(secret.clone()));
+    }
+    // Set but empty is a mistake (a template that was not filled in), not a request for a
+    // random secret: refuse it like any other short secret.
+    if s.jwt_secret_file.is_none() && std::env::var_os("FOLDERCAST_JWT_SECRET").is_some() {
+        anyhow::bail!(
+            "FOLDERCAST_JWT_SECRET is set but empty; give a secret of at least {} bytes or unset it",
+            crate::gateway::auth::MIN_SECRET_BYTES
+        );
+    }
+    let Some(path) = &s.jwt_secret_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --jwt-secret-file {}", path.display()))?;
+    let secret = text.trim();
+    anyhow::ensure!(
+        !secret.is_empty(),
+        "--jwt-secret-file {} is empty",
+        path.display()
+    );
+    Ok(Some(secret.to_owned()))
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM. The handlers are installed before this returns, so

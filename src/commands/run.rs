@@ -38,9 +38,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let auth = super::setup::authenticator(&args.gateway, &args.oidc).await?;
     // The demo page lists the fixture's users and mints their tokens: it needs both. With a
     // secret the operator configured, minting would hand out real tokens: only on request.
-    let configured_secret = args.gateway.jwt_secret.is_some()
-        || args.gateway.jwt_secret_file.is_some()
-        || std::env::var_os("FOLDERCAST_JWT_SECRET").is_some();
+    let configured_secret =
+        args.gateway.secret.is_configured() || std::env::var_os("FOLDERCAST_JWT_SECRET").is_some();
     if configured_secret && !args.demo && !args.no_demo && auth.can_mint() {
         tracing::warn!(
             "demo page off: it would mint tokens for every fixture user with the configured --jwt-secret; add --demo to serve it anyway"

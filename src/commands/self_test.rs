@@ -158,13 +158,8 @@ fn probe_token(args: &SelfTestArgs) -> anyhow::Result<String> {
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         return Ok(text.trim().to_owned());
     }
-    let secret = match (&args.jwt_secret, &args.jwt_secret_file) {
-        (Some(s), _) => s.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-            .trim()
-            .to_owned(),
-        (None, None) => anyhow::bail!("neither --jwt-secret nor --probe-token-file"),
+    let Some(secret) = super::configured_secret(&args.secret)? else {
+        anyhow::bail!("neither --jwt-secret nor --probe-token-file");
     };
     let auth = Authenticator::hs256(secret.as_bytes())?;
     Ok(auth.mint(&args.probe_user, Duration::from_secs(300))?)

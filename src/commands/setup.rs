@@ -166,7 +166,7 @@ pub async fn authenticator(g: &GatewayArgs, o: &OidcArgs) -> anyhow::Result<Arc<
         return Ok(Arc::new(Authenticator::hs256(&super::jwt_secret(g)?)?));
     };
     anyhow::ensure!(
-        g.jwt_secret.is_none() && g.jwt_secret_file.is_none(),
+        !g.secret.is_configured(),
         "--oidc-issuer replaces --jwt-secret; give one of them"
     );
     let verifier = OidcVerifier::discover(OidcSettings {

@@ -411,23 +411,8 @@ pub async fn stream(
     headers: HeaderMap,
     Query(query): Query<StreamQuery>,
 ) -> Response {
-    let identity = match super::credentials(&state, &headers, query.ticket.as_deref()).await {
-        Some(Ok(identity)) => identity,
-        Some(Err(e)) => return error_response(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
-        None => {
-            return error_response(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "send a bearer token or a ticket of an --admin-users user",
-            );
-        }
-    };
-    if !state.config.admin_users.contains(&identity.user) {
-        return error_response(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "the dashboard is for --admin-users",
-        );
+    if let Err(refused) = super::admin(&state, &headers, query.ticket.as_deref()).await {
+        return refused;
     }
     let Some(dashboard) = state.dashboard.get().cloned() else {
         return error_response(

@@ -309,20 +309,30 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// The caller, if it presents a token of one of `--admin-users`; otherwise the response to send.
-async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Identity, Response> {
-    let Some(token) = ws::header_token(headers) else {
-        return Err(error_response(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "send Authorization: Bearer <token> of an --admin-users user",
-        ));
+/// The caller, if it presents a token (or, on routes a browser opens as a stream, a `ticket`) of
+/// one of `--admin-users`; otherwise the response to send.
+async fn admin(
+    state: &AppState,
+    headers: &HeaderMap,
+    ticket: Option<&str>,
+) -> Result<Identity, Response> {
+    let identity = match credentials(state, headers, ticket).await {
+        Some(Ok(identity)) => identity,
+        Some(Err(e)) => {
+            return Err(error_response(
+                StatusCode::UNAUTHORIZED,
+                e.code(),
+                &e.to_string(),
+            ));
+        }
+        None => {
+            return Err(error_response(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "send Authorization: Bearer <token> (or, where taken, ?ticket=) of an --admin-users user",
+            ));
+        }
     };
-    let identity = state
-        .auth
-        .verify(token)
-        .await
-        .map_err(|e| error_response(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()))?;
     if !state.config.admin_users.contains(&identity.user) {
         return Err(error_response(
             StatusCode::FORBIDDEN,
@@ -334,7 +344,7 @@ async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Identity, Respon
 }
 
 async fn stats(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(refused) = admin(&state, &headers).await {
+    if let Err(refused) = admin(&state, &headers, None).await {
         return refused;
     }
     let s = &state.hub.stats;
