@@ -341,6 +341,18 @@ pub struct ConsumeArgs {
     )]
     pub commit_batch: u64,
 
+    /// Ordered lanes per Kafka partition: a partition's events are spread over this many by
+    /// their key (the space id), each handled in order, so one partition keeps several publishes
+    /// to Redis in flight. Kafka orders events per key, and so does foldercast.
+    #[arg(
+        long,
+        env = "FOLDERCAST_KAFKA_LANES_PER_PARTITION",
+        default_value_t = crate::source::kafka::DEFAULT_LANES_PER_PARTITION,
+        value_parser = clap::value_parser!(u32).range(1..=64),
+        value_name = "N"
+    )]
+    pub kafka_lanes_per_partition: u32,
+
     /// On SIGTERM/SIGINT, how long to keep trying to publish what the rate limiter holds before
     /// leaving it unacknowledged (the next consumer delivers it).
     #[arg(long, env = "FOLDERCAST_CONSUMER_DRAIN_GRACE", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]

@@ -131,6 +131,7 @@ async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
         observer: Some(observer),
         settings: Settings {
             drain_grace: args.drain_grace,
+            lane_queue: lane_queue(&args),
             ..Settings::default()
         },
     };
@@ -143,6 +144,17 @@ async fn consume_async(args: ConsumeArgs) -> anyhow::Result<()> {
         "stopped"
     );
     Ok(())
+}
+
+/// Events queued per lane. A Kafka partition's lanes share what one lane per partition used to
+/// queue (4,096 records: enough for the runs of one partition's records a broker hands out),
+/// so more lanes hold no more events in memory.
+fn lane_queue(args: &ConsumeArgs) -> usize {
+    let one = Settings::default();
+    if args.brokers.is_none() {
+        return one.lane_queue;
+    }
+    (one.lane_queue / args.kafka_lanes_per_partition.max(1) as usize).max(2 * one.batch)
 }
 
 async fn kafka_source(args: &ConsumeArgs, brokers: &str) -> anyhow::Result<Arc<KafkaSource>> {
@@ -163,6 +175,7 @@ async fn kafka_source(args: &ConsumeArgs, brokers: &str) -> anyhow::Result<Arc<K
         session_timeout: args.session_timeout,
         commit_interval: args.commit_interval,
         commit_batch: args.commit_batch,
+        lanes_per_partition: args.kafka_lanes_per_partition,
         options,
     };
     let source = KafkaSource::connect(settings).await?;
