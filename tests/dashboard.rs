@@ -273,3 +273,52 @@ async fn the_dashboard_page_shows_gateways_throughput_and_a_space() {
     drop(page);
     drop(browser.child);
 }
+
+/// A ticket for `user`, from `POST /api/tickets` with their token.
+async fn ticket(server: &Server, user: &str) -> String {
+    let answer: Value = reqwest::Client::new()
+        .post(server.url("/api/tickets"))
+        .bearer_auth(token(user))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    answer["ticket"].as_str().expect("a ticket").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_stream_and_stats_are_for_admins_by_token_or_ticket() {
+    let server = Server::start(&[]).await;
+    let stream = server.url("/api/dashboard/stream");
+    let status = |r: reqwest::Response| r.status().as_u16();
+    let code = |r: reqwest::Response| async move {
+        let v: Value = r.json().await.unwrap();
+        v["code"].as_str().unwrap_or_default().to_owned()
+    };
+    // Nothing presented, a user who is not an admin, a ticket that is not one.
+    let none = Sse::open(&stream, None).await;
+    assert_eq!(none.status(), 401);
+    assert_eq!(code(none).await, "unauthenticated");
+    let alice = Sse::open(&stream, Some(&token("alice"))).await;
+    assert_eq!(alice.status(), 403);
+    assert_eq!(code(alice).await, "forbidden");
+    let alices_ticket = ticket(&server, "alice").await;
+    let by_ticket = Sse::open(&format!("{stream}?ticket={alices_ticket}"), None).await;
+    assert_eq!(status(by_ticket), 403);
+    let forged = Sse::open(&format!("{stream}?ticket=not-a-ticket"), None).await;
+    assert_eq!(forged.status(), 401);
+    // An admin's ticket opens the stream (what the page does: EventSource sends no header).
+    let admins_ticket = ticket(&server, ADMIN).await;
+    let opened = Sse::open(&format!("{stream}?ticket={admins_ticket}"), None).await;
+    assert_eq!(opened.status(), 200);
+    let mut sse = Sse::new(opened);
+    until(&mut sse, "snapshot", |_| true).await;
+    // /api/stats takes the same check, by token only.
+    let stats = server.url("/api/stats");
+    assert_eq!(status(Sse::open(&stats, Some(&token(ADMIN))).await), 200);
+    assert_eq!(status(Sse::open(&stats, Some(&token("alice"))).await), 403);
+    let with_ticket = format!("{stats}?ticket={}", ticket(&server, ADMIN).await);
+    assert_eq!(status(Sse::open(&with_ticket, None).await), 401);
+}
