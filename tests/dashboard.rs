@@ -12,7 +12,7 @@ use common::browser::Browser;
 use common::pipeline::{Redis, gateway};
 use common::sse::{Sse, SseEvent};
 use common::ws;
-use common::{ADMIN, PrivateRedis, Server, token};
+use common::{ADMIN, PrivateRedis, Server, ticket, token};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -272,20 +272,6 @@ async fn the_dashboard_page_shows_gateways_throughput_and_a_space() {
     assert_eq!(state["busiest"], "alice", "{state}");
     drop(page);
     drop(browser.child);
-}
-
-/// A ticket for `user`, from `POST /api/tickets` with their token.
-async fn ticket(server: &Server, user: &str) -> String {
-    let answer: Value = reqwest::Client::new()
-        .post(server.url("/api/tickets"))
-        .bearer_auth(token(user))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    answer["ticket"].as_str().expect("a ticket").to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,23 +101,8 @@ async fn clients_receive_exactly_what_replay_computes() {
     let mut bob = connect(&server.ws_url("/ws"), None).await;
     send(&mut bob, json!({"type": "auth", "token": token("bob")})).await;
     ready(&mut bob, "bob").await;
-    let ticket: Value = reqwest::Client::new()
-        .post(server.url("/api/tickets"))
-        .bearer_auth(token("carol"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut carol = connect(
-        &server.ws_url(&format!(
-            "/ws?ticket={}",
-            ticket["ticket"].as_str().unwrap()
-        )),
-        None,
-    )
-    .await;
+    let carols = common::ticket(&server, "carol").await;
+    let mut carol = connect(&server.ws_url(&format!("/ws?ticket={carols}")), None).await;
     ready(&mut carol, "carol").await;
     let mut dave = connect(&server.ws_url("/ws"), Some(&token("dave"))).await;
     ready(&mut dave, "dave").await;
@@ -233,19 +218,8 @@ async fn authentication_failures_are_refused_clearly() {
     ready(&mut ws, "alice").await;
 
     // A ticket works once.
-    let ticket: Value = reqwest::Client::new()
-        .post(server.url("/api/tickets"))
-        .bearer_auth(token("bob"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let url = server.ws_url(&format!(
-        "/ws?ticket={}",
-        ticket["ticket"].as_str().unwrap()
-    ));
+    let bobs = common::ticket(&server, "bob").await;
+    let url = server.ws_url(&format!("/ws?ticket={bobs}"));
     let mut first = connect(&url, None).await;
     ready(&mut first, "bob").await;
     let mut second = connect(&url, None).await;

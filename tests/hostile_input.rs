@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::sse::Sse;
 use common::ws::{Got, connect, frame, next};
-use common::{SECRET, Server, bin, demo_membership, redis_url, token};
+use common::{SECRET, Server, bin, demo_membership, redis_url, ticket, token};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
@@ -103,19 +103,6 @@ async fn guessable_hs256_secrets_are_refused_at_start() {
     // 32 bytes is enough.
     let _ok = Server::start(&[]).await;
     assert!(SECRET.len() >= 32);
-}
-
-async fn ticket(server: &Server, user: &str) -> String {
-    let body: Value = reqwest::Client::new()
-        .post(server.url("/api/tickets"))
-        .bearer_auth(token(user))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["ticket"].as_str().expect("ticket").to_owned()
 }
 
 #[tokio::test]

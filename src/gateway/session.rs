@@ -52,17 +52,7 @@ impl Frame {
         payload: Bytes,
         route: Option<Route>,
     ) -> Self {
-        let cell = OnceLock::new();
-        if let Some(r) = route {
-            let _ = cell.set(r);
-        }
-        let mut frame = Frame {
-            id,
-            message_type,
-            payload,
-            prebuilt: None,
-            route: cell,
-        };
+        let mut frame = Frame::of(id, message_type, payload, route, None);
         if frame.payload.len() <= PREBUILT_TEXT_MAX {
             frame.prebuilt = Some(frame.build_text());
         }
@@ -78,6 +68,16 @@ impl Frame {
         route: Option<Route>,
         text: Utf8Bytes,
     ) -> Self {
+        Frame::of(id, message_type, payload, route, Some(text))
+    }
+
+    fn of(
+        id: Utf8Bytes,
+        message_type: std::borrow::Cow<'static, str>,
+        payload: Bytes,
+        route: Option<Route>,
+        prebuilt: Option<Utf8Bytes>,
+    ) -> Self {
         let cell = OnceLock::new();
         if let Some(r) = route {
             let _ = cell.set(r);
@@ -86,7 +86,7 @@ impl Frame {
             id,
             message_type,
             payload,
-            prebuilt: Some(text),
+            prebuilt,
             route: cell,
         }
     }

@@ -64,6 +64,20 @@ pub fn token(user: &str) -> String {
         .expect("mint")
 }
 
+/// A single-use ticket for `user`, from `POST /api/tickets` with their token.
+pub async fn ticket(server: &Server, user: &str) -> String {
+    let body: Value = reqwest::Client::new()
+        .post(server.url("/api/tickets"))
+        .bearer_auth(token(user))
+        .send()
+        .await
+        .expect("POST /api/tickets")
+        .json()
+        .await
+        .expect("a JSON answer");
+    body["ticket"].as_str().expect("a ticket").to_owned()
+}
+
 /// A running `foldercast run` whose events come from our stdin.
 pub struct Server {
     pub child: Child,
