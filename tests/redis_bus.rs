@@ -212,7 +212,8 @@ async fn deliveries(rx: &mut mpsc::Receiver<Delivery>, n: usize) -> Vec<(String,
 
 /// On standalone Redis an event whose messages all go out in one call is guarded once
 /// (`fc:event:<id>`), not per user; an event that went out in parts (a recipient's message held
-/// by the rate limit) is guarded per user, and the two guards know about each other.
+/// by the rate limit) or in coalesced messages names the recipients who had it in
+/// `<guard>:got`; and each way knows about the others. No per-user sets on standalone Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_event_is_guarded_once_and_an_event_in_parts_per_user() {
     let target = RedisTarget::Standalone(redis_url());
@@ -257,6 +258,32 @@ async fn a_whole_event_is_guarded_once_and_an_event_in_parts_per_user() {
         .unwrap();
     bus.publish(&[msg(&bob, &e, "held, later")]).await.unwrap();
     nothing_more(&mut rx).await;
+
+    // Only coalesced first (both of alice's events held, then sent as one message; bob's lost in a
+    // crash): replayed whole, only bob gets it; in parts, nobody; coalesced for bob with
+    // another event, only that other event's part.
+    let (h, other) = (unique("held"), unique("other"));
+    bus.publish(&[coalesced(&alice, &[other.clone(), h.clone()])])
+        .await
+        .unwrap();
+    assert_eq!(deliveries(&mut rx, 1).await.len(), 1);
+    let state: Option<String> = c.get(guard(&h)).await.unwrap();
+    assert_eq!(state.as_deref(), Some("some"));
+    bus.publish(&whole(&[&alice, &bob], &h, "h")).await.unwrap();
+    let who = |got: Vec<(String, String)>| got.into_iter().map(|(u, _)| u).collect::<Vec<_>>();
+    assert_eq!(who(deliveries(&mut rx, 1).await), [bob.to_string()]);
+    let state: Option<String> = c.get(guard(&h)).await.unwrap();
+    assert_eq!(state.as_deref(), Some("some"));
+    bus.publish(&[msg(&alice, &h, "a"), msg(&bob, &h, "b")])
+        .await
+        .unwrap();
+    nothing_more(&mut rx).await;
+    let late = unique("late");
+    bus.publish(&[coalesced(&bob, &[h.clone(), late.clone()])])
+        .await
+        .unwrap();
+    let single = String::from_utf8(msg(&bob, &late, "single").payload.to_vec()).unwrap();
+    assert_eq!(deliveries(&mut rx, 1).await, [(bob.to_string(), single)]);
 
     // In parts first: alice's goes out now, bob's is held (and lost in a crash).
     let f = unique("parts");
@@ -829,10 +856,9 @@ async fn a_users_keys_expire_when_idle_and_live_while_used() {
     let user: Arc<str> = Arc::from(unique("idle"));
     let mut c = node_conn(&url).await;
     let stream = foldercast::bus::redis::keys::stream(&user);
+    let event = |n: u32| format!("{user}-e{n}");
     for n in 0..3 {
-        bus.publish(&[msg(&user, &format!("e{n}"), "x")])
-            .await
-            .unwrap();
+        bus.publish(&[msg(&user, &event(n), "x")]).await.unwrap();
         // The newest entry is kept at least the max age, and the key never outlives twice that.
         let ttl: i64 = c.pttl(&stream).await.unwrap();
         assert!((59_000..=120_000).contains(&ttl), "stream TTL {ttl} ms");
@@ -843,30 +869,76 @@ async fn a_users_keys_expire_when_idle_and_live_while_used() {
             .await
             .unwrap();
         assert!(meta >= 29 * 24 * 3600 * 1000, "meta TTL {meta} ms");
+        // A part of an event (its other recipients held): the event's guard and the set of
+        // users who had it expire together, after two dedup windows.
+        let guard = foldercast::bus::redis::keys::event(&event(n));
+        for key in [guard.clone(), format!("{guard}:got")] {
+            let ttl: i64 = c.pttl(&key).await.unwrap();
+            assert!((1..=60_000).contains(&ttl), "{key} TTL {ttl} ms");
+        }
     }
+    // A coalesced message marks its user in each of its events' sets, with the same lifetime.
+    bus.publish(&[coalesced(&user, &[event(3), event(4)])])
+        .await
+        .unwrap();
+    for n in [3, 4] {
+        let guard = foldercast::bus::redis::keys::event(&event(n));
+        let state: Option<String> = c.get(&guard).await.unwrap();
+        assert_eq!(state.as_deref(), Some("some"));
+        let got: Vec<String> = c.smembers(format!("{guard}:got")).await.unwrap();
+        assert_eq!(got, std::slice::from_ref(&stream));
+        for key in [guard.clone(), format!("{guard}:got")] {
+            let ttl: i64 = c.pttl(&key).await.unwrap();
+            assert!((1..=60_000).contains(&ttl), "{key} TTL {ttl} ms");
+        }
+    }
+    // Nothing per user on standalone Redis.
+    let seen: Vec<String> = c.keys(format!("fc:{{{user}}}:seen:*")).await.unwrap();
+    assert!(seen.is_empty(), "per-user seen sets: {seen:?}");
+}
+
+/// On a cluster an event is guarded per user: the seen set of the current dedup window names
+/// it and expires after the next window ends, for single events and coalesced messages alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clusters_seen_sets_expire() {
+    let options = RedisOptions {
+        dedup_window: Duration::from_secs(30),
+        ..RedisOptions::default()
+    };
+    let bus = RedisBus::connect(&RedisTarget::Cluster(redis_cluster_nodes()), options, None)
+        .await
+        .unwrap();
+    let user: Arc<str> = Arc::from(unique("seen"));
+    let event = |n: u32| format!("{user}-e{n}");
+    bus.publish(&[
+        msg(&user, &event(0), "x"),
+        coalesced(&user, &[event(1), event(2)]),
+    ])
+    .await
+    .unwrap();
     let window = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
         / 30_000;
-    let mut seen_ttls = Vec::new();
+    let mut c = redis::cluster::ClusterClient::new(redis_cluster_nodes())
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap();
+    let mut found = Vec::new();
     for w in [window, window.saturating_sub(1)] {
-        let ttl: i64 = c
-            .pttl(foldercast::bus::redis::keys::seen(&user, w))
-            .await
-            .unwrap();
-        seen_ttls.push(ttl);
+        let key = foldercast::bus::redis::keys::seen(&user, w);
+        let ttl: i64 = c.pttl(&key).await.unwrap();
+        assert_ne!(ttl, -1, "a seen set without a TTL");
+        if ttl > 0 {
+            assert!(ttl <= 60_000, "seen-set TTL {ttl} ms");
+            let mut ids: Vec<String> = c.smembers(&key).await.unwrap();
+            ids.sort();
+            found.extend(ids);
+        }
     }
-    // The set the messages went to (this window, or the previous one at a boundary) expires
-    // after the next window ends; no set lives without a TTL.
-    assert!(
-        seen_ttls.iter().any(|t| (1..=60_000).contains(t)),
-        "seen-set TTLs {seen_ttls:?}"
-    );
-    assert!(
-        !seen_ttls.contains(&-1),
-        "a seen set without a TTL: {seen_ttls:?}"
-    );
+    assert_eq!(found, [event(0), event(1), event(2)]);
 }
 
 // --- history and resume -----------------------------------------------------------------------

@@ -4,8 +4,9 @@
 //! `fc:{alice}:live` (the pub/sub channel), `fc:{alice}:log` (a Redis Stream holding the user's
 //! recent messages), `fc:{alice}:meta` (the history's epoch, and the floor below which positions
 //! cannot be continued from; it outlives the stream, see `history.rs`) and
-//! `fc:{alice}:seen:<window>` (event ids already delivered to alice). On standalone Redis,
-//! `fc:event:<id>` also records how an event went out (see `publish.rs`).
+//! `fc:{alice}:seen:<window>` (on a cluster: event ids already delivered to alice). On standalone
+//! Redis, `fc:event:<id>` instead records how an event went out, and `fc:event:<id>:got` who had
+//! it when it went out in parts (see `publish.rs`).
 //!
 //! A Lua script does, for each message and atomically: skip it if the event was already delivered to
 //! this user (so a partition replayed by another consumer after a crash or a rebalance reaches
@@ -65,7 +66,7 @@ use redis::{ErrorKind, PushInfo, PushKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::mpsc;
 
 use super::{Bus, BusError, Delivery, DeliverySink, Outgoing};
-use publish::{TtlMemo, general_script, whole_script};
+use publish::{TtlMemo, cluster_script, standalone_script};
 
 /// Where Redis is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,14 +237,13 @@ pub struct RedisBus {
     subscriptions: Arc<Subscriptions>,
     /// Where deliveries go; told about gaps in the live feed.
     sink: Option<Arc<dyn DeliverySink>>,
-    script: redis::Script,
-    /// The fast path for calls of whole events (standalone Redis).
-    whole_script: redis::Script,
+    /// The publish script: one per kind of Redis (see `publish.rs`).
+    publish_script: redis::Script,
     history_script: redis::Script,
     options: RedisOptions,
     connected: Arc<AtomicBool>,
     trim_counter: AtomicU64,
-    /// When this process last refreshed each user's stream TTL (the fast path reads no TTL).
+    /// When this process last refreshed each user's stream TTL (standalone calls read no TTL).
     ttl_memo: TtlMemo,
 }
 
@@ -729,13 +729,16 @@ impl RedisBus {
                 sink.clone(),
             ));
         }
+        let publish_script = redis::Script::new(&match &publisher {
+            Conn::Standalone(_) => standalone_script(),
+            Conn::Cluster(_) => cluster_script(),
+        });
         let bus = Arc::new(RedisBus {
             publisher,
             subscriber,
             subscriptions,
             sink: deliveries,
-            script: redis::Script::new(&general_script()),
-            whole_script: redis::Script::new(&whole_script()),
+            publish_script,
             history_script: redis::Script::new(history::HISTORY_SCRIPT),
             options,
             connected,
@@ -803,16 +806,13 @@ impl RedisBus {
 
     async fn load_script(&self) -> Result<(), BusError> {
         let mut load = redis::cmd("SCRIPT");
-        load.arg("LOAD").arg(general_script());
         match self.publisher.clone() {
             Conn::Standalone(mut c) => {
+                load.arg("LOAD").arg(standalone_script());
                 let _: String = load.query_async(&mut c).await.map_err(unavailable)?;
-                // The fast path is standalone only.
-                let mut whole = redis::cmd("SCRIPT");
-                whole.arg("LOAD").arg(whole_script());
-                let _: String = whole.query_async(&mut c).await.map_err(unavailable)?;
             }
             Conn::Cluster(mut c) => {
+                load.arg("LOAD").arg(cluster_script());
                 c.route_command(
                     load,
                     RoutingInfo::MultiNode((

@@ -1,36 +1,39 @@
 //! Publishing: the Lua scripts that append and publish atomically, and how a batch is cut into
 //! script calls.
 //!
-//! # Two scripts
-//! The general script ([`general_script`]) takes any mix of messages: per message 5 keys and 6
-//! arguments, a `PTTL` per user and call, and the channel message built per recipient. Most
-//! calls are simpler: every message is one of a whole event's, standing for that event only
-//! (with the rate limit off, all of them). Those go through the fast path ([`whole_script`]):
-//! 2 keys per message, one stream id and one channel message per event shared by its
-//! recipients, and no TTL read ([`TtlMemo`] says when a refresh is due). Session 8 measured
-//! only a third of the general script's cost in its commands (`docs/benchmarks.md`); the fast
-//! path took Redis from 6.5 to 3.5 µs per message on the consume benchmark. The fast path gives
-//! a call back, having written nothing, when one of its events went out in parts before; it
-//! then goes through the general script, which checks such an event per user.
+//! # One script per kind of Redis
+//! On standalone Redis every call goes through [`standalone_script`]. A call is cut into runs:
+//! consecutive messages that share a payload and what they stand for (one event, or the events
+//! a coalesced change covers). A run carries its payload once, gets one stream id for all its
+//! recipients, and its channel message is built once; the call reads no TTL ([`TtlMemo`] says
+//! when a refresh is due). Session 8 measured only a third of a per-message script's cost in its
+//! commands (`docs/benchmarks.md`): the rest is Lua building strings, so work per run rather than
+//! per message is what makes a call cheap.
+//!
+//! A cluster call must stay within one user's slot, so [`cluster_script`] takes one user's
+//! messages and guards each per user.
 //!
 //! # Exactly once per user, cheaply
 //! A partition replayed by another consumer (after a crash or a rebalance) must not reach a user
-//! twice. Two guards serve that, both written in the same atomic call as the messages they cover:
-//! - **per event** (`fc:event:<id>`, standalone Redis only): when a call holds *all* of an
-//!   event's messages (a whole run, see [`Outgoing::whole_event`]), one `SET NX GET` decides for
-//!   all of them. Its value says how the event went out the first time: `all` (whole, so a repeat
-//!   is dropped entirely) or `some` (in parts, so each part is checked per user).
-//! - **per user** (`fc:{user}:seen:<window>` sets): for an event's messages that go out in parts
-//!   (a recipient's message was held by the rate limit and leaves later, coalesced) and on a
-//!   cluster, where a call must stay within one user's slot.
+//! twice, however the replay groups the events. The guards are written in the same atomic call
+//! as the messages they cover:
+//! - **standalone: per event** (`fc:event:<id>`, two dedup windows). `all`: the event went out
+//!   whole (every recipient in one call: one `SET` decides for all of them). `some`: it went out
+//!   in parts (a recipient was held by the rate limit) or in coalesced messages; the recipients
+//!   who had it are the members of `fc:event:<id>:got` (their stream keys, one `SADD` per run).
+//!   A run checks its recipients with one `SMISMEMBER` per event, and only when the event went
+//!   out before.
+//! - **cluster: per user** (`fc:{user}:seen:<window>` sets): an event's guard key would be in
+//!   another slot than the user's keys.
 //!
-//! The per-user guard costs Redis three commands per message and a set member per user and
-//! event; the per-event one a single `SET` per event. With 20 recipients per event that took
-//! Redis from 13.2–14.4 to 12.0–12.5 µs per message, and sending each payload once per call
-//! (see [`distinct_payloads`]) to 8.7–9.1 µs (`docs/benchmarks.md`).
+//! A coalesced message whose user had some but not all of its events is rebuilt without them
+//! (its changes are sums; sent as it is, a folder's size would count twice); one whose user had
+//! all of them is dropped.
 //!
-//! A part message of an event first delivered whole is dropped (its user had it); a whole run of
-//! an event first delivered in parts is checked per user (some users may have missed it).
+//! Session 13 measured what the per-user guard had cost coalesced messages on standalone Redis:
+//! 17–20 µs of Redis per message against 4.5–5 µs for an event's messages, which took the
+//! consume benchmark with the rate limit on from about 70 % to about 100 % of the Redis-bound
+//! limit once coalesced messages became runs too (`docs/benchmarks.md`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -74,60 +77,43 @@ local function start_history(meta, new_epoch)
 end
 "#;
 
-/// The general publish script: any mix of messages (see [`general_script`]).
-const GENERAL_BODY: &str = r#"
--- Appends messages in order, then publishes each channel's share once: its messages of this
--- call, each as '<stream id> <payload bytes>\n<payload>', the first after a new stream as
+/// The cluster's publish script (see [`cluster_script`]).
+const CLUSTER_BODY: &str = r#"
+-- One user's messages (a cluster call stays in one slot), appended in order, then published once:
+-- each as '<stream id> <payload bytes>\n<payload>', the first after a new stream as
 -- '<epoch>:<stream id> …' (see the module doc of `mod.rs`).
 -- Per message 5 KEYS: stream, seen ids (current window), seen ids (previous window), channel,
--- meta; then one KEY per event guard; then, when ARGV 8 is '1', the batch's abort key. Shared
--- ARGV: 1 max length, 2 max age ms, 3 window ms, 4 PUBLISH or SPUBLISH, 5 message count, 6 the
--- random part of a new epoch, 7 the meta key's TTL ms, 8 abort key given; then per message 6
--- ARGV: payload number, event id ('' = not guarded), oldest id to keep ('' = no age trim this
--- time), event guard (0 = per user only; g > 0: all of the event's messages are in this call,
--- guard key g; -g: a part of the event, guard key g), covered events ('' or a kind, 'sum' or
--- 'any', then every event id the message stands for, '\n'-separated), their guard keys
--- (space-separated numbers, '' on a cluster); then the payloads, each once.
--- Returns the number published; -1 when an earlier call of the batch aborted it; or, with
--- nothing written, a flat list of (message index from 0, '\n'-separated events its user had)
--- for each 'sum' message whose user had some but not all of its events: the caller rebuilds
--- those without them and sends this call and the rest of its batch again.
-local maxlen, age, window, publish = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local maxage = tonumber(age)
-local count = tonumber(ARGV[5])
-local new_epoch, meta_ttl = ARGV[6], ARGV[7]
-local abort = nil
-if ARGV[8] == '1' then
-  abort = KEYS[#KEYS]
-  if redis.call('EXISTS', abort) == 1 then return -1 end
-end
-local payloads = 8 + count * 6
-local guard_base = count * 5
-
-local function covered(a)
-  local kind, ids, gs = nil, {}, {}
-  for id in string.gmatch(ARGV[a + 5], '[^\n]+') do
-    if kind == nil then kind = id else ids[#ids + 1] = id end
-  end
-  for g in string.gmatch(ARGV[a + 6], '%d+') do gs[#gs + 1] = tonumber(g) end
-  return kind, ids, gs
-end
+-- meta. Shared ARGV: 1 max length, 2 max age ms, 3 window ms, 4 message count, 5 the random part
+-- of a new epoch, 6 the meta key's TTL ms; then per message 4 ARGV: payload number, event id
+-- ('' = not guarded), oldest id to keep ('' = no age trim this time), covered events ('' or a
+-- kind, 'sum' or 'any', then every event id the message stands for, '\n'-separated); then the
+-- payloads, each once.
+-- Returns the number published; or, with nothing written, a flat list of (message index from
+-- 0, '\n'-separated events its user had) for each 'sum' message whose user had some but not all
+-- of its events: the caller rebuilds those without them and sends the call again.
+local maxlen, maxage, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local count, new_epoch, meta_ttl = tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local seen_ttl = window * 2
+local payloads = 6 + count * 4
 
 -- First, reading only: which events of a message standing for several has its user had?
-local skip, conflicts = {}, {}
+local skip, conflicts, cover = {}, {}, {}
 for i = 0, count - 1 do
-  local a = 8 + i * 6
-  if ARGV[a + 5] ~= '' then
+  local a = 6 + i * 4
+  if ARGV[a + 4] ~= '' then
     local k = i * 5
-    local kind, ids, gs = covered(a)
+    local kind, ids = nil, {}
+    for id in string.gmatch(ARGV[a + 4], '[^\n]+') do
+      if kind == nil then kind = id else ids[#ids + 1] = id end
+    end
+    cover[i] = ids
     local had = {}
-    for n, id in ipairs(ids) do
-      local seen = redis.call('SISMEMBER', KEYS[k + 2], id) == 1
-        or redis.call('SISMEMBER', KEYS[k + 3], id) == 1
-      if not seen and gs[n] then
-        seen = redis.call('GET', KEYS[guard_base + gs[n]]) == 'all'
+    if #ids > 0 then
+      local now_seen = redis.call('SMISMEMBER', KEYS[k + 2], unpack(ids))
+      local before_seen = redis.call('SMISMEMBER', KEYS[k + 3], unpack(ids))
+      for n, id in ipairs(ids) do
+        if now_seen[n] == 1 or before_seen[n] == 1 then had[#had + 1] = id end
       end
-      if seen then had[#had + 1] = id end
     end
     if #ids > 0 and #had == #ids then
       skip[i] = true
@@ -137,59 +123,34 @@ for i = 0, count - 1 do
     end
   end
 end
-if #conflicts > 0 then
-  -- The batch's later calls must not overtake the rebuilt messages.
-  if abort then redis.call('SET', abort, '1', 'PX', 60000) end
-  return conflicts
-end
+if #conflicts > 0 then return conflicts end
 
 local published = 0
-local channels, entries, guards = {}, {}, {}
+local channels, entries = {}, {}
 -- Per user touched by this call (by meta key): the stream's TTL and, when it was missing, the
 -- epoch to announce.
 local users = {}
 for i = 0, count - 1 do
-  local k, a = i * 5, 8 + i * 6
-  local payload, event, oldest, g = ARGV[payloads + tonumber(ARGV[a + 1])], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
-  local fresh, per_user = true, event ~= ''
+  local k, a = i * 5, 6 + i * 4
+  local payload, event, oldest = ARGV[payloads + tonumber(ARGV[a + 1])], ARGV[a + 2], ARGV[a + 3]
+  local fresh = true
   if skip[i] then
     fresh = false
-  elseif ARGV[a + 5] ~= '' then
-    -- Stands for several events: remember each for this user, and mark each event as
-    -- delivered in parts (a later whole delivery of it is then checked per user).
-    per_user = false
-    local _, ids, gs = covered(a)
-    for n, id in ipairs(ids) do
-      redis.call('SADD', KEYS[k + 2], id)
-      if gs[n] then
-        redis.call('SET', KEYS[guard_base + gs[n]], 'some', 'NX', 'PX', window * 2)
+  elseif cover[i] then
+    -- Stands for several events: the seen set names them all.
+    if #cover[i] > 0 then
+      redis.call('SADD', KEYS[k + 2], unpack(cover[i]))
+      if redis.call('PTTL', KEYS[k + 2]) < 0 then
+        redis.call('PEXPIRE', KEYS[k + 2], seen_ttl)
       end
     end
-    if redis.call('PTTL', KEYS[k + 2]) < 0 then
-      redis.call('PEXPIRE', KEYS[k + 2], window * 2)
-    end
-  elseif per_user and g ~= 0 then
-    local key = KEYS[guard_base + math.abs(g)]
-    local state = guards[key]
-    if state == nil then
-      -- 'all': delivered whole before; 'some': delivered in parts; 'whole': whole, by this call.
-      state = redis.call('SET', key, g > 0 and 'all' or 'some', 'NX', 'GET', 'PX', window * 2)
-        or (g > 0 and 'whole' or 'some')
-      guards[key] = state
-    end
-    if state == 'all' then
-      fresh = false
-    elseif state == 'whole' and g > 0 then
-      per_user = false
-    end
-  end
-  if fresh and per_user then
+  elseif event ~= '' then
     if redis.call('SISMEMBER', KEYS[k + 3], event) == 1 or redis.call('SADD', KEYS[k + 2], event) == 0 then
       fresh = false
     elseif redis.call('PTTL', KEYS[k + 2]) < 0 then
       -- A new window's set: it must outlive the next window. PTTL is a read; a PEXPIRE per
       -- message would be a write (and replicated).
-      redis.call('PEXPIRE', KEYS[k + 2], window * 2)
+      redis.call('PEXPIRE', KEYS[k + 2], seen_ttl)
     end
   end
   if fresh then
@@ -236,30 +197,38 @@ end
 for _, channel in ipairs(channels) do
   local mine = entries[channel]
   -- Most channels get one message per call: publish it as it is, without a concat's copy.
-  redis.call(publish, channel, #mine == 1 and mine[1] or table.concat(mine))
+  redis.call('SPUBLISH', channel, #mine == 1 and mine[1] or table.concat(mine))
 end
 return published
 "#;
 
-/// The general script: messages of any kind, in order. Per message 5 KEYS and 6 ARGV.
-pub(super) fn general_script() -> String {
-    [START_HISTORY, GENERAL_BODY].concat()
+/// The cluster's script: one user's messages of any kind, in order, guarded per user. Per
+/// message 5 KEYS and 4 ARGV.
+pub(super) fn cluster_script() -> String {
+    [START_HISTORY, CLUSTER_BODY].concat()
 }
 
-/// The fast path's script (see [`whole_script`]).
-const WHOLE_BODY: &str = r#"
--- Whole events on standalone Redis, the common case: every message of the call belongs to an
--- event whose recipients are all in this call, and none stands for other events.
+/// The standalone script (see [`standalone_script`]).
+const STANDALONE_BODY: &str = r#"
+-- Every call on standalone Redis. A run is consecutive messages sharing a payload and what they
+-- stand for: one event's (all of its messages, 'whole'; or some, a 'part': other recipients
+-- were held by the rate limit, or the event is too big for one call), several events' (a
+-- coalesced change or a resync that its recipients share), or none (a notice).
 -- KEYS: 1 the id counter; per message (from 1) its stream 2m and its channel 2m+1; then the
 -- event guards (guard g at 2 x count + 1 + g); then, when ARGV 5 is '1', the batch's abort key.
 -- ARGV: 1 max length, 2 message count, 3 run count, 4 the guards' TTL ms, 5 abort key given,
 -- 6 max age ms, 7 meta TTL ms, 8 the random part of a new epoch, 9 oldest id to keep; then
 -- lists of message numbers, space-separated: 10 trim by age, 11 refresh the stream's and meta
--- key's TTLs, 12 hold for a later message of the same user; then per run (consecutive messages
--- of one event with one payload) 3 ARGV: guard number, message count, payload.
--- Returns the number published; -1 when an earlier call of the batch aborted it; -2 with
--- nothing written when an event went out in parts before (the caller sends the call again
--- through the general script, which checks such an event per user).
+-- key's TTLs, 12 hold for a later message of the same user; then per run 3 ARGV: what it stands
+-- for ('' nothing; 'g' one event, whole; '-g' a part of one; 'sum g1 g2 …' or 'any g1 g2 …'
+-- several), message count, payload.
+-- An event's guard (two dedup windows) says how it went out: absent (not yet), 'all' (whole:
+-- every recipient had it), or 'some' (in parts or coalesced: the recipients who had it, by
+-- stream key, are in the set '<guard>:got', made with it).
+-- Returns the number published; -1 when an earlier call of the batch aborted it; or, with
+-- nothing written, a flat list of (message index from 0, '\n'-separated events its user had)
+-- for each 'sum' message whose user had some but not all of its events: the caller rebuilds
+-- those without them and sends this call and the rest of its batch again.
 local maxlen, count, runs = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local guard_ttl, maxage, meta_ttl, new_epoch = ARGV[4], tonumber(ARGV[6]), ARGV[7], ARGV[8]
 local guard_base = 2 * count + 1
@@ -274,17 +243,98 @@ local function numbers(list)
   return set
 end
 
--- Reading only: how each event went out before, if it did.
-local states = {}
+-- Each run's kind ('one', 'sum', 'any' or 'none'), whole flag and guard numbers.
+local specs = {}
 for r = 0, runs - 1 do
-  local g = tonumber(ARGV[12 + r * 3 + 1])
-  if states[g] == nil then
-    states[g] = redis.call('GET', KEYS[guard_base + g]) or 'new'
-    if states[g] == 'some' then
-      if abort then redis.call('SET', abort, '1', 'PX', 60000) end
-      return -2
+  local spec = ARGV[13 + r * 3]
+  local kind, gs, whole = 'one', {}, true
+  for word in string.gmatch(spec, '%S+') do
+    if word == 'sum' or word == 'any' then
+      kind = word
+    else
+      local g = tonumber(word)
+      if g < 0 then whole = false end
+      gs[#gs + 1] = math.abs(g)
     end
   end
+  if #gs == 0 then kind = 'none' end
+  specs[r] = {kind = kind, gs = gs, whole = whole}
+end
+
+-- Guard states, read once per call and kept up to date by its writes ('sent': whole, by this
+-- call).
+local states = {}
+local function state_of(g)
+  local state = states[g]
+  if state == nil then
+    state = redis.call('GET', KEYS[guard_base + g]) or false
+    states[g] = state
+  end
+  return state
+end
+local function streams_of(m, n)
+  local streams = {}
+  for i = 1, n do streams[i] = KEYS[2 * (m + i)] end
+  return streams
+end
+-- Per message of the run after message m, the guard numbers of the events its user had.
+local function had_events(gs, m, n)
+  local had = {}
+  for i = 1, n do had[i] = {} end
+  for _, g in ipairs(gs) do
+    local state = state_of(g)
+    if state == 'all' or state == 'sent' then
+      for i = 1, n do had[i][#had[i] + 1] = g end
+    elseif state == 'some' then
+      local marks = redis.call('SMISMEMBER', KEYS[guard_base + g] .. ':got', unpack(streams_of(m, n)))
+      for i = 1, n do
+        if marks[i] == 1 then had[i][#had[i] + 1] = g end
+      end
+    end
+  end
+  return had
+end
+-- Marks that the users of `streams` had the event of guard g.
+local function mark(g, streams)
+  local state = states[g]
+  if #streams == 0 or state == 'all' or state == 'sent' then return end
+  local guard = KEYS[guard_base + g]
+  local got = guard .. ':got'
+  redis.call('SADD', got, unpack(streams))
+  if not state then
+    redis.call('SET', guard, 'some', 'PX', guard_ttl)
+    redis.call('PEXPIRE', got, guard_ttl)
+    states[g] = 'some'
+  end
+end
+
+-- First, reading only: which recipients of runs standing for several events had some of them?
+-- Each user's events are in a batch once, so what this finds holds for the writes below.
+local skips, conflicts = {}, {}
+local m = 0
+for r = 0, runs - 1 do
+  local spec, n = specs[r], tonumber(ARGV[14 + r * 3])
+  if spec.kind == 'sum' or spec.kind == 'any' then
+    local had = had_events(spec.gs, m, n)
+    local skip = {}
+    for i = 1, n do
+      if #had[i] == #spec.gs then
+        skip[i] = true
+      elseif #had[i] > 0 and spec.kind == 'sum' then
+        local ids = {}
+        for _, g in ipairs(had[i]) do ids[#ids + 1] = string.sub(KEYS[guard_base + g], 10) end
+        conflicts[#conflicts + 1] = m + i - 1
+        conflicts[#conflicts + 1] = table.concat(ids, '\n')
+      end
+    end
+    skips[r] = skip
+  end
+  m = m + n
+end
+if #conflicts > 0 then
+  -- The batch's later calls must not overtake the rebuilt messages.
+  if abort then redis.call('SET', abort, '1', 'PX', 60000) end
+  return conflicts
 end
 
 -- One id per run, the same in every recipient's stream, so the channel message is built once
@@ -304,8 +354,8 @@ local trim, refresh, hold = numbers(ARGV[10]), numbers(ARGV[11]), numbers(ARGV[1
 local oldest = ARGV[9]
 local held, held_order = {}, {}
 -- A user's messages of this call go out as one channel message (one push for a gateway to
--- parse): held until the user's last one. That one may be skipped (its event went out whole
--- before, a replay after a crash): whatever is still held at the end goes out then.
+-- parse): held until the user's last one. That one may be skipped (its event went out before, a
+-- replay after a crash): whatever is still held at the end goes out then.
 local function publish(m, channel, msg)
   local mine = held[channel]
   if hold[m] then
@@ -324,57 +374,94 @@ local function publish(m, channel, msg)
   end
 end
 
-local m, published, id = 0, 0, nil
+-- Which recipients of a one-event run had its event: every one (true), none (false), or those
+-- marked in the table; records the others as having it.
+local function one_event(g, whole, m, n)
+  local state = state_of(g)
+  if state == 'all' or state == 'sent' then
+    -- Delivered whole before, or whole by this call: every recipient had it.
+    return true
+  end
+  if not state and whole then
+    redis.call('SET', KEYS[guard_base + g], 'all', 'PX', guard_ttl)
+    states[g] = 'sent'
+    return false
+  end
+  local skip, fresh = {}, {}
+  local streams = streams_of(m, n)
+  if state == 'some' then
+    local marks = redis.call('SMISMEMBER', KEYS[guard_base + g] .. ':got', unpack(streams))
+    for i = 1, n do
+      if marks[i] == 1 then skip[i] = true else fresh[#fresh + 1] = streams[i] end
+    end
+  else
+    fresh = streams
+  end
+  mark(g, fresh)
+  return skip
+end
+
+local published, id = 0, nil
+m = 0
 for r = 0, runs - 1 do
   local a = 12 + r * 3
-  local g, n, payload = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3]
-  if states[g] == 'all' then
+  local spec, n, payload = specs[r], tonumber(ARGV[a + 2]), ARGV[a + 3]
+  local skip = false
+  if spec.kind == 'one' then
+    skip = one_event(spec.gs[1], spec.whole, m, n)
+  elseif skips[r] then
+    skip = skips[r]
+  end
+  if skip == true then
     m = m + n
   else
-    if states[g] == 'new' then
-      redis.call('SET', KEYS[guard_base + g], 'all', 'PX', guard_ttl)
-      states[g] = 'sent'
-    end
     id = now .. '-' .. seq
     seq = seq + 1
     local tail = ' ' .. #payload .. '\n' .. payload
     local framed = id .. tail
-    for _ = 1, n do
+    local sent = {}
+    for i = 1, n do
       m = m + 1
-      local stream = KEYS[2 * m]
-      local msg = framed
-      local got = redis.pcall('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, id, 'm', payload)
-      if type(got) ~= 'string' then
-        if got == false then
-          -- The stream is missing: a history starts.
-          local meta = string.sub(stream, 1, -4) .. 'meta'
-          local epoch, first, floor_ms = start_history(meta, new_epoch)
-          -- The run's id, when it is above the floor, keeps this stream on the shared ids
-          -- (Redis's pick could be above the next run's id, which would then be refused).
-          if first == '*' and now > floor_ms then
-            first = id
+      if not (skip and skip[i]) then
+        local stream = KEYS[2 * m]
+        sent[#sent + 1] = stream
+        local msg = framed
+        local got = redis.pcall('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, id, 'm', payload)
+        if type(got) ~= 'string' then
+          if got == false then
+            -- The stream is missing: a history starts.
+            local meta = string.sub(stream, 1, -4) .. 'meta'
+            local epoch, first, floor_ms = start_history(meta, new_epoch)
+            -- The run's id, when it is above the floor, keeps this stream on the shared ids
+            -- (Redis's pick could be above the next run's id, which would then be refused).
+            if first == '*' and now > floor_ms then
+              first = id
+            end
+            got = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, first, 'm', payload)
+            redis.call('PEXPIRE', stream, maxage * 2)
+            redis.call('PEXPIRE', meta, meta_ttl)
+            msg = epoch .. ':' .. got .. tail
+          else
+            -- The stream's top is at or past the id (written by another call in this
+            -- millisecond): Redis picks the next one.
+            got = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'm', payload)
+            msg = got .. tail
           end
-          got = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, first, 'm', payload)
-          redis.call('PEXPIRE', stream, maxage * 2)
-          redis.call('PEXPIRE', meta, meta_ttl)
-          msg = epoch .. ':' .. got .. tail
-        else
-          -- The stream's top is at or past the id (written by the general script in this
-          -- millisecond): Redis picks the next one.
-          got = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'm', payload)
-          msg = got .. tail
         end
+        if trim[m] then
+          redis.call('XTRIM', stream, 'MINID', '~', oldest)
+        end
+        if refresh[m] then
+          -- Keeps the stream for at least the max age after this entry (see the caller).
+          redis.call('PEXPIRE', stream, maxage * 2)
+          redis.call('PEXPIRE', string.sub(stream, 1, -4) .. 'meta', meta_ttl)
+        end
+        publish(m, KEYS[2 * m + 1], msg)
+        published = published + 1
       end
-      if trim[m] then
-        redis.call('XTRIM', stream, 'MINID', '~', oldest)
-      end
-      if refresh[m] then
-        -- Keeps the stream for at least the max age after this entry (see the caller).
-        redis.call('PEXPIRE', stream, maxage * 2)
-        redis.call('PEXPIRE', string.sub(stream, 1, -4) .. 'meta', meta_ttl)
-      end
-      publish(m, KEYS[2 * m + 1], msg)
-      published = published + 1
+    end
+    if spec.kind == 'sum' or spec.kind == 'any' then
+      for _, g in ipairs(spec.gs) do mark(g, sent) end
     end
   end
 end
@@ -390,14 +477,14 @@ end
 return published
 "#;
 
-/// The fast path's script: only whole events (their recipients all in the call, no message
-/// standing for several events), on standalone Redis. Per message 2 KEYS and no ARGV; each
-/// run of an event's messages sharing a payload carries it once with one stream id for all of
-/// them; no `PTTL` (the caller says which streams need their TTL refreshed). It reaches a
-/// user's meta key by name from the stream's, which standalone Redis allows (a cluster would
-/// refuse an undeclared key; clusters use the general script).
-pub(super) fn whole_script() -> String {
-    [START_HISTORY, WHOLE_BODY].concat()
+/// The standalone script: every call on standalone Redis. Per message 2 KEYS and no ARGV; each
+/// run of messages sharing a payload and what they stand for carries the payload once with one
+/// stream id for all of them; one guard per event, not per user; no `PTTL` (the caller says
+/// which streams need their TTL refreshed). It reaches a user's meta key, and an event's set of
+/// recipients, by name from keys it was given, which standalone Redis allows (a cluster would
+/// refuse an undeclared key; clusters use [`cluster_script`]).
+pub(super) fn standalone_script() -> String {
+    [START_HISTORY, STANDALONE_BODY].concat()
 }
 
 /// Messages per script call on standalone Redis: enough to spread the call's fixed cost, few
@@ -486,8 +573,6 @@ enum Attempt {
     Done,
     /// These messages (rebuilt around events their users had, and the rest of the batch).
     Again(Vec<Outgoing>),
-    /// These messages, through the general script only.
-    General(Vec<Outgoing>),
 }
 
 /// What one script call answered.
@@ -495,9 +580,6 @@ enum CallResult {
     Published,
     /// An earlier call of the batch found conflicts: this one wrote nothing.
     Aborted,
-    /// The fast path found an event that went out in parts before; nothing written: the call
-    /// goes again through the general script.
-    NeedsGeneral,
     /// Nothing written: these messages (index in the call) must be rebuilt without these events.
     Conflicts(Vec<(usize, Vec<String>)>),
 }
@@ -505,7 +587,6 @@ enum CallResult {
 fn call_result(value: redis::Value) -> Result<CallResult, RedisError> {
     match value {
         redis::Value::Int(n) if n >= 0 => Ok(CallResult::Published),
-        redis::Value::Int(-2) => Ok(CallResult::NeedsGeneral),
         redis::Value::Int(_) => Ok(CallResult::Aborted),
         redis::Value::Array(items) => {
             let mut conflicts = Vec::new();
@@ -549,7 +630,7 @@ fn rebuilt(call: &[Placed<'_>], conflicts: &[(usize, Vec<String>)]) -> Vec<Outgo
     again
 }
 
-/// When this process last refreshed each user's stream TTL, so the fast path needs no `PTTL`
+/// When this process last refreshed each user's stream TTL, so a standalone call needs no `PTTL`
 /// per user and call (a quarter of Redis's time per message in session 8's measurement).
 ///
 /// A refresh sets the TTL to twice the maximum age; one is due once half the maximum age has
@@ -608,18 +689,8 @@ impl TtlMemo {
     }
 }
 
-/// Whether a call can take the fast path: every message is one of a whole event's and stands
-/// for that event only.
-fn whole_only(call: &[Placed<'_>]) -> bool {
-    call.iter().all(|p| {
-        p.whole
-            && p.msg.event_id.is_some()
-            && p.msg.covers.as_ref().is_none_or(|c| c.event_ids.is_empty())
-    })
-}
-
-/// A fast-path call under construction: what it refreshes, recorded once it succeeded.
-struct WholeCall {
+/// A standalone call under construction: what it refreshes, recorded once it succeeded.
+struct StandaloneCall {
     cmd: redis::Cmd,
     refreshed: Vec<Arc<str>>,
 }
@@ -640,53 +711,38 @@ impl<'a> GuardKeys<'a> {
     }
 }
 
+/// What a message stands for, as the standalone script reads it: '' nothing (a notice), 'g'
+/// one event (guard number g) with all its messages in the call, '-g' a part of one event,
+/// 'sum g1 g2 …' or 'any g1 g2 …' several events (see [`covers_arg`] for the kinds).
+fn run_spec<'a>(p: &Placed<'a>, guard_keys: &mut GuardKeys<'a>) -> String {
+    if let Some(covers) = p.msg.covers.as_ref().filter(|c| !c.event_ids.is_empty()) {
+        let mut spec = String::from(if covers.sums_changes() { "sum" } else { "any" });
+        for id in &covers.event_ids {
+            spec.push(' ');
+            spec.push_str(&guard_keys.number(id).to_string());
+        }
+        return spec;
+    }
+    match p.msg.event_id.as_deref() {
+        Some(event) if p.whole => guard_keys.number(event).to_string(),
+        Some(event) => format!("-{}", guard_keys.number(event)),
+        None => String::new(),
+    }
+}
+
 impl RedisBus {
-    /// One script call publishing `messages` in order. On a cluster (`standalone` false) the
-    /// channel is a shard channel, and events are guarded per user only: an event's guard key
-    /// would be in another slot than the user's keys. `abort` names the batch's abort key
-    /// (standalone batches of several calls).
-    fn invocation(
+    /// One cluster call: one user's `messages` in order (the call stays in the user's slot),
+    /// guarded per user.
+    fn cluster_invocation(
         &self,
         messages: &[Placed<'_>],
         window: u64,
         oldest: &mut impl FnMut() -> Option<u64>,
-        standalone: bool,
-        abort: Option<&str>,
     ) -> redis::Cmd {
         let o = &self.options;
-        let mut guard_keys = GuardKeys::default();
-        let mut guards: Vec<i64> = Vec::with_capacity(messages.len());
-        let mut cover_guards: Vec<String> = Vec::with_capacity(messages.len());
-        for p in messages {
-            let covered = p.msg.covers.as_ref().filter(|c| !c.event_ids.is_empty());
-            match (covered, p.msg.event_id.as_deref()) {
-                (Some(covers), _) => {
-                    guards.push(0);
-                    cover_guards.push(if standalone {
-                        covers
-                            .event_ids
-                            .iter()
-                            .map(|id| guard_keys.number(id).to_string())
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    } else {
-                        String::new()
-                    });
-                }
-                (None, Some(event)) if standalone => {
-                    let g = guard_keys.number(event) as i64;
-                    guards.push(if p.whole { g } else { -g });
-                    cover_guards.push(String::new());
-                }
-                _ => {
-                    guards.push(0);
-                    cover_guards.push(String::new());
-                }
-            }
-        }
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash())
-            .arg(messages.len() * 5 + guard_keys.keys.len() + usize::from(abort.is_some()));
+        cmd.arg(self.publish_script.get_hash())
+            .arg(messages.len() * 5);
         for p in messages {
             let user = &p.msg.user;
             cmd.arg(keys::stream(user))
@@ -695,33 +751,18 @@ impl RedisBus {
                 .arg(keys::channel(user))
                 .arg(keys::meta(user));
         }
-        for event in &guard_keys.keys {
-            cmd.arg(keys::event(event));
-        }
-        if let Some(abort) = abort {
-            cmd.arg(abort);
-        }
         cmd.arg(o.stream_max_len)
             .arg(o.stream_max_age.as_millis().max(1) as u64)
             .arg(o.dedup_window.as_millis().max(1) as u64)
-            .arg(if standalone { "PUBLISH" } else { "SPUBLISH" })
             .arg(messages.len())
             .arg(super::history::epoch_base())
-            .arg(o.meta_ttl().as_millis() as u64)
-            .arg(if abort.is_some() { "1" } else { "0" });
+            .arg(o.meta_ttl().as_millis() as u64);
         let payloads = distinct_payloads(messages.iter().map(|p| &p.msg.payload));
-        for (((p, guard), number), cover_guards) in messages
-            .iter()
-            .zip(guards)
-            .zip(&payloads.numbers)
-            .zip(&cover_guards)
-        {
+        for (p, number) in messages.iter().zip(&payloads.numbers) {
             cmd.arg(number)
                 .arg(p.msg.event_id.as_deref().unwrap_or(""))
                 .arg(oldest().map(|ms| ms.to_string()).unwrap_or_default())
-                .arg(guard)
-                .arg(covers_arg(p.msg))
-                .arg(cover_guards);
+                .arg(covers_arg(p.msg));
         }
         for payload in payloads.distinct {
             cmd.arg(&payload[..]);
@@ -729,25 +770,26 @@ impl RedisBus {
         cmd
     }
 
-    /// One fast-path call (see [`whole_script`]): runs of an event's messages sharing a payload,
-    /// the TTLs due for a refresh, and which messages wait for a later one of their user.
-    fn whole_invocation(
+    /// One standalone call (see [`standalone_script`]): runs of messages sharing a payload and
+    /// what they stand for, the TTLs due for a refresh, and which messages wait for a later one
+    /// of their user.
+    fn standalone_invocation(
         &self,
         call: &[Placed<'_>],
         window_ms: u64,
         oldest: &mut impl FnMut() -> Option<u64>,
         abort: Option<&str>,
         now: Instant,
-    ) -> WholeCall {
+    ) -> StandaloneCall {
         let o = &self.options;
         let mut guard_keys = GuardKeys::default();
-        // (guard number, messages, payload)
-        let mut runs: Vec<(usize, usize, &Bytes)> = Vec::new();
+        // (what the run stands for, messages, payload)
+        let mut runs: Vec<(String, usize, &Bytes)> = Vec::new();
         for p in call {
-            let g = guard_keys.number(p.msg.event_id.as_deref().unwrap_or(""));
+            let spec = run_spec(p, &mut guard_keys);
             match runs.last_mut() {
-                Some((guard, n, payload)) if *guard == g && **payload == p.msg.payload => *n += 1,
-                _ => runs.push((g, 1, &p.msg.payload)),
+                Some((same, n, payload)) if *same == spec && **payload == p.msg.payload => *n += 1,
+                _ => runs.push((spec, 1, &p.msg.payload)),
             }
         }
         let list = |numbers: &mut String, m: usize| {
@@ -786,7 +828,7 @@ impl RedisBus {
             list(&mut hold, i + 1);
         }
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.whole_script.get_hash())
+        cmd.arg(self.publish_script.get_hash())
             .arg(1 + call.len() * 2 + guard_keys.keys.len() + usize::from(abort.is_some()))
             .arg(keys::LAST_ID);
         for p in call {
@@ -811,32 +853,23 @@ impl RedisBus {
             .arg(trim)
             .arg(refresh)
             .arg(hold);
-        for (g, n, payload) in runs {
-            cmd.arg(g).arg(n).arg(&payload[..]);
+        for (spec, n, payload) in runs {
+            cmd.arg(spec).arg(n).arg(&payload[..]);
         }
-        WholeCall { cmd, refreshed }
+        StandaloneCall { cmd, refreshed }
     }
 
     /// Publishes `batch`, rebuilding coalesced messages around events their users already had
     /// (a batch replayed after a consumer crash, grouped differently) until nothing conflicts.
     pub(super) async fn publish_once(&self, batch: &[Outgoing]) -> Result<(), RedisError> {
-        let mut fast = true;
-        let mut again = match self.publish_attempt(batch, fast).await? {
+        let mut again = match self.publish_attempt(batch).await? {
             Attempt::Done => return Ok(()),
             Attempt::Again(again) => again,
-            Attempt::General(again) => {
-                fast = false;
-                again
-            }
         };
         for _ in 1..MAX_REBUILDS {
-            match self.publish_attempt(&again, fast).await? {
+            match self.publish_attempt(&again).await? {
                 Attempt::Done => return Ok(()),
                 Attempt::Again(next) => again = next,
-                Attempt::General(next) => {
-                    fast = false;
-                    again = next;
-                }
             }
         }
         Err(RedisError::from((
@@ -845,9 +878,8 @@ impl RedisBus {
         )))
     }
 
-    /// One attempt: done, or what to send again (rebuilt, or through the general script only).
-    /// `fast` lets calls of whole events take the fast path.
-    async fn publish_attempt(&self, batch: &[Outgoing], fast: bool) -> Result<Attempt, RedisError> {
+    /// One attempt: done, or what to send again (rebuilt around events their users had).
+    async fn publish_attempt(&self, batch: &[Outgoing]) -> Result<Attempt, RedisError> {
         if batch.is_empty() {
             return Ok(Attempt::Done);
         }
@@ -874,26 +906,15 @@ impl RedisBus {
                 let mut pipe = redis::pipe();
                 let mut refreshed: Vec<Vec<Arc<str>>> = Vec::with_capacity(calls.len());
                 for call in &calls {
-                    if fast && whole_only(call) {
-                        let whole = self.whole_invocation(
-                            call,
-                            window_ms,
-                            &mut trim_every,
-                            abort.as_deref(),
-                            started,
-                        );
-                        pipe.add_command(whole.cmd);
-                        refreshed.push(whole.refreshed);
-                    } else {
-                        pipe.add_command(self.invocation(
-                            call,
-                            window,
-                            &mut trim_every,
-                            true,
-                            abort.as_deref(),
-                        ));
-                        refreshed.push(Vec::new());
-                    }
+                    let invocation = self.standalone_invocation(
+                        call,
+                        window_ms,
+                        &mut trim_every,
+                        abort.as_deref(),
+                        started,
+                    );
+                    pipe.add_command(invocation.cmd);
+                    refreshed.push(invocation.refreshed);
                 }
                 let replies: Vec<redis::Value> = pipe.query_async(&mut c).await?;
                 for (at, reply) in replies.into_iter().enumerate() {
@@ -904,12 +925,6 @@ impl RedisBus {
                             let mut again = rebuilt(&calls[at], &conflicts);
                             again.extend(rest());
                             return Ok(Attempt::Again(again));
-                        }
-                        CallResult::NeedsGeneral => {
-                            let mut again: Vec<Outgoing> =
-                                calls[at].iter().map(|p| p.msg.clone()).collect();
-                            again.extend(rest());
-                            return Ok(Attempt::General(again));
                         }
                         CallResult::Aborted => {
                             return Err(RedisError::from((
@@ -933,7 +948,7 @@ impl RedisBus {
                 }
                 let calls: Vec<Vec<Placed<'_>>> = per_user.into_values().collect();
                 let sends = calls.iter().map(|msgs| {
-                    let cmd = self.invocation(msgs, window, &mut trim_every, false, None);
+                    let cmd = self.cluster_invocation(msgs, window, &mut trim_every);
                     let mut c = c.clone();
                     async move { cmd.query_async::<redis::Value>(&mut c).await }
                 });
@@ -1009,19 +1024,24 @@ mod tests {
     }
 
     #[test]
-    fn only_calls_of_whole_single_events_take_the_fast_path() {
-        let batch = event("e", 3);
-        let calls = standalone_calls(&batch);
-        assert!(whole_only(&calls[0]));
-        let mut cut = event("e", 3);
-        cut.truncate(2);
-        assert!(!whole_only(&standalone_calls(&cut)[0]));
-        let mut covering = event("e", 2);
-        covering[1].covers = Some(Arc::new(crate::bus::Covered {
-            event_ids: vec![Arc::from("d"), Arc::from("e")],
+    fn a_run_says_what_its_messages_stand_for() {
+        let whole = event("e", 2);
+        let mut part = event("p", 3);
+        part.truncate(1);
+        let mut coalesced = event("c", 1);
+        coalesced[0].covers = Some(Arc::new(crate::bus::Covered {
+            event_ids: vec![Arc::from("x"), Arc::from("e")],
             without: None,
         }));
-        assert!(!whole_only(&standalone_calls(&covering)[0]));
+        let notice = vec![Outgoing::new(Arc::from("u"), Bytes::from_static(b"{}"))];
+        let batch: Vec<Outgoing> = [whole, part, coalesced, notice].concat();
+        let calls = standalone_calls(&batch);
+        assert_eq!(calls.len(), 1);
+        let mut guards = GuardKeys::default();
+        let specs: Vec<String> = calls[0].iter().map(|p| run_spec(p, &mut guards)).collect();
+        // A resync's covers sum nothing ('any'); the guard of "e" is shared.
+        assert_eq!(specs, ["1", "1", "-2", "any 3 1", ""]);
+        assert_eq!(guards.keys, ["e", "p", "x"]);
     }
 
     #[test]
@@ -1029,7 +1049,7 @@ mod tests {
         // 12 events of 20: 240 messages fit one call; the 13th starts the next.
         let batch: Vec<Outgoing> = (0..13).flat_map(|e| event(&format!("e{e}"), 20)).collect();
         let calls = standalone_calls(&batch);
-        assert_eq!(calls.iter().map(Vec::len).collect::<Vec<_>>(), [240, 20]);
+        assert_eq!(calls.iter().map(|c| c.len()).collect::<Vec<_>>(), [240, 20]);
         assert!(calls.iter().flatten().all(|p| p.whole));
         // Order is kept.
         let order: Vec<&Outgoing> = calls.iter().flatten().map(|p| p.msg).collect();
@@ -1045,7 +1065,7 @@ mod tests {
         assert_eq!(shapes[0][..3], vec![("small".to_owned(), true); 3][..]);
         assert!(calls.iter().all(|c| c.len() <= MESSAGES_PER_CALL));
         assert!(calls.iter().flatten().skip(3).all(|p| !p.whole));
-        assert_eq!(calls.iter().map(Vec::len).sum::<usize>(), batch.len());
+        assert_eq!(calls.iter().map(|c| c.len()).sum::<usize>(), batch.len());
         // The same size is whole while it fits.
         let fits = event("big", MAX_WHOLE_EVENT);
         let calls = standalone_calls(&fits);
