@@ -730,6 +730,33 @@ fn run_spec<'a>(p: &Placed<'a>, guard_keys: &mut GuardKeys<'a>) -> String {
     }
 }
 
+/// A standalone call's runs, in order: (what the run stands for, its messages, their payload).
+/// A run's messages share one stream id, so a user appears in a run once (a second message to
+/// the same stream needs a later id).
+fn runs_of<'a>(
+    call: &[Placed<'a>],
+    guard_keys: &mut GuardKeys<'a>,
+) -> Vec<(String, usize, &'a Bytes)> {
+    let mut runs: Vec<(String, usize, &Bytes)> = Vec::new();
+    let mut run_users: HashSet<&str> = HashSet::new();
+    for p in call {
+        let spec = run_spec(p, guard_keys);
+        match runs.last_mut() {
+            Some((same, n, payload))
+                if *same == spec && **payload == p.msg.payload && run_users.insert(&p.msg.user) =>
+            {
+                *n += 1
+            }
+            _ => {
+                runs.push((spec, 1, &p.msg.payload));
+                run_users.clear();
+                run_users.insert(&p.msg.user);
+            }
+        }
+    }
+    runs
+}
+
 impl RedisBus {
     /// One cluster call: one user's `messages` in order (the call stays in the user's slot),
     /// guarded per user.
@@ -783,15 +810,7 @@ impl RedisBus {
     ) -> StandaloneCall {
         let o = &self.options;
         let mut guard_keys = GuardKeys::default();
-        // (what the run stands for, messages, payload)
-        let mut runs: Vec<(String, usize, &Bytes)> = Vec::new();
-        for p in call {
-            let spec = run_spec(p, &mut guard_keys);
-            match runs.last_mut() {
-                Some((same, n, payload)) if *same == spec && **payload == p.msg.payload => *n += 1,
-                _ => runs.push((spec, 1, &p.msg.payload)),
-            }
-        }
+        let runs = runs_of(call, &mut guard_keys);
         let list = |numbers: &mut String, m: usize| {
             if !numbers.is_empty() {
                 numbers.push(' ');
@@ -1042,6 +1061,35 @@ mod tests {
         // A resync's covers sum nothing ('any'); the guard of "e" is shared.
         assert_eq!(specs, ["1", "1", "-2", "any 3 1", ""]);
         assert_eq!(guards.keys, ["e", "p", "x"]);
+    }
+
+    #[test]
+    fn runs_share_a_payload_and_what_it_stands_for_and_hold_each_user_once() {
+        let mut batch = event("e", 3);
+        let mut part = event("p", 3);
+        part.truncate(2);
+        batch.extend(part);
+        // A burst of one notice to one user, then to another: one run per message to the first
+        // (one stream id each), the second user joins the last of them.
+        let notice = Bytes::from_static(b"{\"n\":1}");
+        for user in ["a", "a", "b"] {
+            batch.push(Outgoing::new(Arc::from(user), notice.clone()));
+        }
+        let calls = standalone_calls(&batch);
+        let mut guards = GuardKeys::default();
+        let runs: Vec<(String, usize)> = runs_of(&calls[0], &mut guards)
+            .into_iter()
+            .map(|(spec, n, _)| (spec, n))
+            .collect();
+        assert_eq!(
+            runs,
+            [
+                ("1".to_owned(), 3),
+                ("-2".to_owned(), 2),
+                (String::new(), 1),
+                (String::new(), 2)
+            ]
+        );
     }
 
     #[test]

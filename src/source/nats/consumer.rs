@@ -122,6 +122,8 @@ struct Pulled {
     sequence: u64,
     position: String,
     delivered: i64,
+    /// When it was pulled: an oCIS answer asked since then shows its change.
+    in_hand: std::time::Instant,
 }
 
 /// Messages pulled and not yet acknowledged, wherever they wait (a lane, a lookup, the
@@ -497,6 +499,7 @@ async fn read(
             if delivered > 1 {
                 stats.redelivered.fetch_add(1, Relaxed);
             }
+            let in_hand = std::time::Instant::now();
             let (message, acker) = message.split();
             let acker = Arc::new(acker);
             unacknowledged.insert(sequence, acker.clone());
@@ -509,6 +512,7 @@ async fn read(
                 sequence,
                 position,
                 delivered,
+                in_hand,
             };
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -621,6 +625,7 @@ impl LaneWorker {
             sequence,
             position,
             delivered,
+            in_hand,
         } = pulled;
         let last_delivery = delivered >= self.settings.max_deliver;
         if last_delivery {
@@ -661,7 +666,7 @@ impl LaneWorker {
                 let fetched = if last_delivery {
                     Fetched::Resync(format!("delivered {delivered} times"))
                 } else {
-                    match self.fetch(&lookup, &position).await {
+                    match self.fetch(&lookup, &position, in_hand).await {
                         Some(f) => f,
                         None => return Step::Stopped,
                     }
@@ -683,12 +688,17 @@ impl LaneWorker {
 
     /// Asks oCIS until it answers (the keeper marks the event in progress meanwhile). `None`
     /// once stopped.
-    async fn fetch(&self, lookup: &reva::Lookup, position: &str) -> Option<Fetched> {
+    async fn fetch(
+        &self,
+        lookup: &reva::Lookup,
+        position: &str,
+        in_hand: std::time::Instant,
+    ) -> Option<Fetched> {
         let mut delay = Duration::from_millis(200);
         loop {
             let fetched = tokio::select! {
                 _ = self.stop.cancelled() => return None,
-                f = self.completer.fetch(lookup) => f,
+                f = self.completer.fetch(lookup, in_hand) => f,
             };
             let Fetched::Unavailable(reason) = fetched else {
                 return Some(fetched);

@@ -14,6 +14,18 @@
 //!
 //! Only "oCIS unreachable" is not an answer: the caller waits and asks again, holding the event
 //! (and keeping its delivery alive), as membership does.
+//!
+//! # Shared answers
+//! Answers are cached and single-flight, like membership, under one rule that keeps them as
+//! exact as a question of the event's own: an answer serves an event only when it was asked
+//! after the event was in hand (pulled from the stream), since only then does it show the
+//! event's change. Events of one item pulled together (a burst of versions of one file, an
+//! upload then its move) share one question; an answer asked before an event arrived is asked
+//! again for it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::json;
@@ -65,36 +77,110 @@ pub enum Completion {
     Unavailable(String),
 }
 
+/// One question for oCIS: the call and its drive and item (id, path or trash-bin key).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Question {
+    ById(String, String),
+    ByPath(String, String),
+    Trashed(String, String),
+}
+
+/// What oCIS answered, and when the question was asked.
+struct Answer {
+    asked: Instant,
+    result: Result<ItemInfo, GraphError>,
+}
+
 /// Completes lookups, remembering the sizes of files it saw (bounded), so an upload over a
 /// file seen before gets an exact change.
 pub struct Completer {
     /// `None`: no oCIS to ask (membership from a fixture); every lookup becomes a resync.
     items: Option<Box<dyn Items>>,
     sizes: moka::sync::Cache<String, u64>,
+    /// Recent answers (see the module doc: each serves only events in hand before it was asked).
+    answers: moka::future::Cache<Question, Arc<Answer>>,
+    /// Questions actually sent to oCIS.
+    asked: AtomicU64,
 }
 
 /// Files whose last size is remembered.
 pub const REMEMBERED_SIZES: u64 = 100_000;
+
+/// Answers kept for sharing, and for how long: enough for the events of a pull and the lanes'
+/// lookahead; an older answer could serve no event pulled since.
+const SHARED_ANSWERS: u64 = 10_000;
+const ANSWER_LIFETIME: Duration = Duration::from_secs(30);
 
 impl Completer {
     pub fn new(items: Option<Box<dyn Items>>) -> Self {
         Completer {
             items,
             sizes: moka::sync::Cache::new(REMEMBERED_SIZES),
+            answers: moka::future::Cache::builder()
+                .max_capacity(SHARED_ANSWERS)
+                .time_to_live(ANSWER_LIFETIME)
+                .build(),
+            asked: AtomicU64::new(0),
         }
+    }
+
+    /// Questions sent to oCIS so far (a shared answer counts once).
+    pub fn questions_asked(&self) -> u64 {
+        self.asked.load(Relaxed)
+    }
+
+    /// oCIS's answer to `question` for an event in hand since `in_hand`: a shared one asked
+    /// since then (joining a question in flight), or a new one.
+    async fn ask(
+        &self,
+        items: &dyn Items,
+        question: Question,
+        in_hand: Instant,
+    ) -> Result<ItemInfo, GraphError> {
+        let ask_now = || async {
+            let asked = Instant::now();
+            self.asked.fetch_add(1, Relaxed);
+            let result = match &question {
+                Question::ById(drive, id) => items.by_id(drive, id).await,
+                Question::ByPath(drive, path) => items.by_path(drive, path).await,
+                Question::Trashed(drive, key) => items.trashed(drive, key).await,
+            };
+            Arc::new(Answer { asked, result })
+        };
+        for _ in 0..2 {
+            let answer = self.answers.get_with(question.clone(), ask_now()).await;
+            let shows_event = answer.asked >= in_hand;
+            let unreachable = matches!(answer.result, Err(GraphError::Unavailable(_)));
+            // An answer asked before this event was in hand (it may not show the event's change)
+            // or saying that oCIS was unreachable (the caller asks again later) is not kept,
+            // unless a newer one replaced it meanwhile.
+            if (unreachable || !shows_event)
+                && self
+                    .answers
+                    .get(&question)
+                    .await
+                    .is_some_and(|current| Arc::ptr_eq(&current, &answer))
+            {
+                self.answers.invalidate(&question).await;
+            }
+            if shows_event {
+                return answer.result.clone();
+            }
+        }
+        ask_now().await.result.clone()
     }
 
     /// Asks oCIS and builds the event: [`Completer::fetch`] then [`Completer::finish`].
     pub async fn complete(&self, lookup: &Lookup) -> Completion {
-        match self.fetch(lookup).await {
+        match self.fetch(lookup, Instant::now()).await {
             Fetched::Unavailable(reason) => Completion::Unavailable(reason),
             fetched => Completion::Event(self.finish(lookup, fetched)),
         }
     }
 
-    /// What oCIS says of the event's item. Runs ahead, several at a time: it reads nothing this
-    /// completer remembers.
-    pub async fn fetch(&self, lookup: &Lookup) -> Fetched {
+    /// What oCIS says of the event's item, for an event in hand since `in_hand` (pulled then).
+    /// Runs ahead, several at a time: it reads no size this completer remembers.
+    pub async fn fetch(&self, lookup: &Lookup, in_hand: Instant) -> Fetched {
         let Some(space) = lookup.space_id.as_deref() else {
             return Fetched::Resync("names no space".into());
         };
@@ -104,26 +190,28 @@ impl Completer {
                 None => Fetched::Resync("no oCIS to look the item up (--ocis-url)".into()),
             };
         };
-        let found = if lookup.exact.is_some() {
+        let drive = space.to_owned();
+        let question = if lookup.exact.is_some() {
             match &lookup.path {
-                Some(path) => items.by_path(space, path).await,
+                Some(path) => Question::ByPath(drive, path.clone()),
                 None => return Fetched::Exact,
             }
         } else {
             match lookup.reva_type.as_str() {
                 "ItemTrashed" => match &lookup.trash_key {
-                    Some(key) => items.trashed(space, key).await,
+                    Some(key) => Question::Trashed(drive, key.clone()),
                     None => return Fetched::Resync("no trash-bin key".into()),
                 },
                 _ => match (&lookup.item_id, &lookup.path) {
-                    (Some(id), _) => items.by_id(space, id).await,
-                    (None, Some(path)) => items.by_path(space, path).await,
+                    (Some(id), _) => Question::ById(drive, id.clone()),
+                    (None, Some(path)) => Question::ByPath(drive, path.clone()),
                     (None, None) => {
                         return Fetched::Resync("names the item neither by id nor by path".into());
                     }
                 },
             }
         };
+        let found = self.ask(items.as_ref(), question, in_hand).await;
         match found {
             Ok(info) => Fetched::Info(info),
             Err(GraphError::Unavailable(reason)) => Fetched::Unavailable(reason),
@@ -231,4 +319,118 @@ fn with_ids(exact: &[u8], info: &ItemInfo) -> Vec<u8> {
         data.insert("etag".into(), json!(info.etag));
     }
     event.to_string().into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// oCIS answering after a pause, counting questions; the size grows with each question.
+    struct SlowItems {
+        calls: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl Items for SlowItems {
+        async fn by_id(&self, _drive: &str, item: &str) -> Result<ItemInfo, GraphError> {
+            let n = self.calls.fetch_add(1, Relaxed) + 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(ItemInfo {
+                id: Some(item.to_owned()),
+                path: Some("/f".into()),
+                size: n as u64,
+                ..ItemInfo::default()
+            })
+        }
+        async fn by_path(&self, _: &str, _: &str) -> Result<ItemInfo, GraphError> {
+            Err(GraphError::Unavailable("not asked here".into()))
+        }
+        async fn trashed(&self, _: &str, _: &str) -> Result<ItemInfo, GraphError> {
+            Err(GraphError::Unavailable("not asked here".into()))
+        }
+    }
+
+    fn upload(event_id: &str) -> Lookup {
+        Lookup {
+            reva_type: "UploadReady".into(),
+            event_id: event_id.into(),
+            space_id: Some("s$p".into()),
+            path: None,
+            old_path: None,
+            item_id: Some("s$p!file".into()),
+            trash_key: None,
+            overwrite: false,
+            missing: "size",
+            exact: None,
+            time: "2026-12-01T00:00:00Z".into(),
+            actor: None,
+            initiator_id: None,
+        }
+    }
+
+    fn size(f: &Fetched) -> u64 {
+        match f {
+            Fetched::Info(info) => info.size,
+            other => panic!("not an answer: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn events_in_hand_before_a_question_share_it_and_later_ones_ask_again() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let completer = Completer::new(Some(Box::new(SlowItems {
+            calls: calls.clone(),
+        })));
+        // Three events of one file pulled together: one question, in flight for all three.
+        let pulled = Instant::now();
+        let (a, b, c) = (upload("a"), upload("b"), upload("c"));
+        let (fa, fb, fc) = tokio::join!(
+            completer.fetch(&a, pulled),
+            completer.fetch(&b, pulled),
+            completer.fetch(&c, pulled),
+        );
+        assert_eq!(calls.load(Relaxed), 1);
+        assert_eq!(completer.questions_asked(), 1);
+        assert_eq!([size(&fa), size(&fb), size(&fc)], [1, 1, 1]);
+        // Pulled again before the answer's question: still that answer (cached).
+        assert_eq!(size(&completer.fetch(&upload("d"), pulled).await), 1);
+        assert_eq!(calls.load(Relaxed), 1);
+        // An event pulled after the question was asked: the answer may not show its change, so
+        // oCIS is asked again, and the newer answer is shared from then on.
+        let later = Instant::now();
+        assert_eq!(size(&completer.fetch(&upload("e"), later).await), 2);
+        assert_eq!(size(&completer.fetch(&upload("f"), later).await), 2);
+        assert_eq!(calls.load(Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_ocis_is_never_a_shared_answer() {
+        struct Down(Arc<AtomicUsize>);
+        #[async_trait]
+        impl Items for Down {
+            async fn by_id(&self, _: &str, _: &str) -> Result<ItemInfo, GraphError> {
+                self.0.fetch_add(1, Relaxed);
+                Err(GraphError::Unavailable("connection refused".into()))
+            }
+            async fn by_path(&self, _: &str, _: &str) -> Result<ItemInfo, GraphError> {
+                Err(GraphError::Unavailable("down".into()))
+            }
+            async fn trashed(&self, _: &str, _: &str) -> Result<ItemInfo, GraphError> {
+                Err(GraphError::Unavailable("down".into()))
+            }
+        }
+        let calls = Arc::new(AtomicUsize::new(0));
+        let completer = Completer::new(Some(Box::new(Down(calls.clone()))));
+        let pulled = Instant::now();
+        for _ in 0..2 {
+            assert!(matches!(
+                completer.fetch(&upload("a"), pulled).await,
+                Fetched::Unavailable(_)
+            ));
+        }
+        // Each fetch asked oCIS once itself (the caller's retries reach it), none twice.
+        assert_eq!(calls.load(Relaxed), 2);
+    }
 }
