@@ -23,9 +23,10 @@
 //! upload then its move) share one question; an answer asked before an event arrived is asked
 //! again for it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use serde_json::json;
@@ -85,10 +86,11 @@ enum Question {
     Trashed(String, String),
 }
 
-/// What oCIS answered, and when the question was asked.
+/// A question asked at `asked`, and oCIS's answer once it came (the askers that joined wait
+/// for it).
 struct Answer {
     asked: Instant,
-    result: Result<ItemInfo, GraphError>,
+    result: tokio::sync::OnceCell<Result<ItemInfo, GraphError>>,
 }
 
 /// Completes lookups, remembering the sizes of files it saw (bounded), so an upload over a
@@ -97,8 +99,9 @@ pub struct Completer {
     /// `None`: no oCIS to ask (membership from a fixture); every lookup becomes a resync.
     items: Option<Box<dyn Items>>,
     sizes: moka::sync::Cache<String, u64>,
-    /// Recent answers (see the module doc: each serves only events in hand before it was asked).
-    answers: moka::future::Cache<Question, Arc<Answer>>,
+    /// The latest question of each item, answered or in flight (see the module doc: each serves
+    /// only events in hand before it was asked). Cleared when it grows past [`SHARED_ANSWERS`].
+    answers: Mutex<HashMap<Question, Arc<Answer>>>,
     /// Questions actually sent to oCIS.
     asked: AtomicU64,
 }
@@ -106,20 +109,18 @@ pub struct Completer {
 /// Files whose last size is remembered.
 pub const REMEMBERED_SIZES: u64 = 100_000;
 
-/// Answers kept for sharing, and for how long: enough for the events of a pull and the lanes'
-/// lookahead; an older answer could serve no event pulled since.
-const SHARED_ANSWERS: u64 = 10_000;
-const ANSWER_LIFETIME: Duration = Duration::from_secs(30);
+/// Answers kept for sharing: far more than the lanes' lookahead holds in flight. A plain map
+/// cleared when full rather than a cache with eviction: moka's future cache, tried first, cost
+/// the NATS consumer 20 µs of CPU per event (`docs/benchmarks.md`, session 13), and an answer
+/// serves few events anyway (those pulled before it was asked).
+const SHARED_ANSWERS: usize = 4_096;
 
 impl Completer {
     pub fn new(items: Option<Box<dyn Items>>) -> Self {
         Completer {
             items,
             sizes: moka::sync::Cache::new(REMEMBERED_SIZES),
-            answers: moka::future::Cache::builder()
-                .max_capacity(SHARED_ANSWERS)
-                .time_to_live(ANSWER_LIFETIME)
-                .build(),
+            answers: Mutex::new(HashMap::new()),
             asked: AtomicU64::new(0),
         }
     }
@@ -129,45 +130,62 @@ impl Completer {
         self.asked.load(Relaxed)
     }
 
-    /// oCIS's answer to `question` for an event in hand since `in_hand`: a shared one asked
-    /// since then (joining a question in flight), or a new one.
+    /// oCIS's answer to `question` for an event in hand since `in_hand`: one asked since then
+    /// (joining it while in flight), or a new question.
     async fn ask(
         &self,
         items: &dyn Items,
         question: Question,
         in_hand: Instant,
     ) -> Result<ItemInfo, GraphError> {
-        let ask_now = || async {
-            let asked = Instant::now();
-            self.asked.fetch_add(1, Relaxed);
-            let result = match &question {
-                Question::ById(drive, id) => items.by_id(drive, id).await,
-                Question::ByPath(drive, path) => items.by_path(drive, path).await,
-                Question::Trashed(drive, key) => items.trashed(drive, key).await,
+        let answer = {
+            let Ok(mut answers) = self.answers.lock() else {
+                // A poisoned lock: ask alone (correct, only less shared).
+                return self.ask_now(items, &question).await;
             };
-            Arc::new(Answer { asked, result })
+            match answers.get(&question) {
+                Some(answer) if answer.asked >= in_hand => answer.clone(),
+                _ => {
+                    if answers.len() >= SHARED_ANSWERS {
+                        answers.clear();
+                    }
+                    let answer = Arc::new(Answer {
+                        asked: Instant::now(),
+                        result: tokio::sync::OnceCell::new(),
+                    });
+                    answers.insert(question.clone(), answer.clone());
+                    answer
+                }
+            }
         };
-        for _ in 0..2 {
-            let answer = self.answers.get_with(question.clone(), ask_now()).await;
-            let shows_event = answer.asked >= in_hand;
-            let unreachable = matches!(answer.result, Err(GraphError::Unavailable(_)));
-            // An answer asked before this event was in hand (it may not show the event's change)
-            // or saying that oCIS was unreachable (the caller asks again later) is not kept,
-            // unless a newer one replaced it meanwhile.
-            if (unreachable || !shows_event)
-                && self
-                    .answers
-                    .get(&question)
-                    .await
-                    .is_some_and(|current| Arc::ptr_eq(&current, &answer))
-            {
-                self.answers.invalidate(&question).await;
-            }
-            if shows_event {
-                return answer.result.clone();
-            }
+        let result = answer
+            .result
+            .get_or_init(|| self.ask_now(items, &question))
+            .await
+            .clone();
+        if matches!(result, Err(GraphError::Unavailable(_)))
+            && let Ok(mut answers) = self.answers.lock()
+            && answers
+                .get(&question)
+                .is_some_and(|current| Arc::ptr_eq(current, &answer))
+        {
+            // Not an answer: the next asker asks again.
+            answers.remove(&question);
         }
-        ask_now().await.result.clone()
+        result
+    }
+
+    async fn ask_now(
+        &self,
+        items: &dyn Items,
+        question: &Question,
+    ) -> Result<ItemInfo, GraphError> {
+        self.asked.fetch_add(1, Relaxed);
+        match question {
+            Question::ById(drive, id) => items.by_id(drive, id).await,
+            Question::ByPath(drive, path) => items.by_path(drive, path).await,
+            Question::Trashed(drive, key) => items.trashed(drive, key).await,
+        }
     }
 
     /// Asks oCIS and builds the event: [`Completer::fetch`] then [`Completer::finish`].
@@ -324,6 +342,7 @@ fn with_ids(exact: &[u8], info: &ItemInfo) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
 
     use super::*;
 
