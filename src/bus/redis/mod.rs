@@ -167,7 +167,7 @@ pub mod keys {
         format!("fc:abort:{nonce:016x}")
     }
 
-    /// The last stream id the fast publish path handed out (standalone Redis only): its ids go
+    /// The last stream id the standalone publish script handed out: its ids go
     /// on from it, so one id serves all of a run's recipients (see `publish.rs`).
     pub const LAST_ID: &str = "fc:last-id";
 

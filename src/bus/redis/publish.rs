@@ -419,12 +419,15 @@ for r = 0, runs - 1 do
     seq = seq + 1
     local tail = ' ' .. #payload .. '\n' .. payload
     local framed = id .. tail
+    -- Recipients to mark in the events' sets: runs standing for several events only (a
+    -- one-event run marked them already).
+    local covering = spec.kind == 'sum' or spec.kind == 'any'
     local sent = {}
     for i = 1, n do
       m = m + 1
       if not (skip and skip[i]) then
         local stream = KEYS[2 * m]
-        sent[#sent + 1] = stream
+        if covering then sent[#sent + 1] = stream end
         local msg = framed
         local got = redis.pcall('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, id, 'm', payload)
         if type(got) ~= 'string' then
@@ -460,7 +463,7 @@ for r = 0, runs - 1 do
         published = published + 1
       end
     end
-    if spec.kind == 'sum' or spec.kind == 'any' then
+    if covering then
       for _, g in ipairs(spec.gs) do mark(g, sent) end
     end
   end
@@ -492,8 +495,8 @@ pub(super) fn standalone_script() -> String {
 const MESSAGES_PER_CALL: usize = 256;
 
 /// The largest event kept whole in one call (so guarded once); a bigger one (a space with more
-/// members) goes out in parts of [`MESSAGES_PER_CALL`], guarded per user, rather than block
-/// Redis for one long call.
+/// members) goes out in parts of [`MESSAGES_PER_CALL`], each part marking its recipients in the
+/// event's `got` set, rather than block Redis for one long call.
 const MAX_WHOLE_EVENT: usize = 1024;
 
 /// A message placed in a call: `whole` when the call holds all of its event's messages.
