@@ -3,8 +3,9 @@
 //! A generated trace (`spaces` spaces, `members` viewers each, depth-8 paths) is produced into a
 //! fresh topic; then `foldercast consume` runs as a child with rate limiting off. Progress is read
 //! from Redis itself (`INFO commandstats`: one XADD per message, counted inside scripts too), so the clock runs from
-//! the first message published to the last. Then `redis-benchmark -c 50 -P 64` measures XADD and
-//! PUBLISH with a payload of the same size on the same server: one message costs one of each, so
+//! the first message published to the last. Just before and just after, `redis-benchmark -c 50
+//! -P 64` measures XADD and PUBLISH with a payload of the same size on the same server (the
+//! limit is the mean of the two): one message costs one of each, so
 //! 1 / (1/xadd + 1/publish) messages/s is the Redis-bound limit, ÷ members the event limit.
 
 use std::process::{ExitCode, Stdio};
@@ -104,10 +105,25 @@ struct Round {
     secs: f64,
     consume_cpu: f64,
     redis_cpu: f64,
-    xadd: f64,
-    publish: f64,
+    /// The baseline measured just before the round and just after it.
+    before: Baseline,
+    after: Baseline,
     /// Messages written (the rate limit may coalesce some).
     messages: u64,
+}
+
+/// `redis-benchmark`'s XADD and PUBLISH rates on the bench's Redis at one moment.
+#[derive(Clone, Copy)]
+struct Baseline {
+    xadd: f64,
+    publish: f64,
+}
+
+impl Baseline {
+    /// 1 / (1/xadd + 1/publish) messages/s: what Redis can do if a message costs one of each.
+    fn limit_messages(&self) -> f64 {
+        1.0 / (1.0 / self.xadd + 1.0 / self.publish)
+    }
 }
 
 impl Round {
@@ -115,9 +131,10 @@ impl Round {
         events as f64 / self.secs
     }
 
-    /// 1 / (1/xadd + 1/publish) messages/s: what Redis can do if a message costs one of each.
+    /// The mean of the limits measured before and after the round: the machine's speed drifts
+    /// by ±10 % over a minute here (other tenants), and bracketing the round cancels most of it.
     fn limit_messages(&self) -> f64 {
-        1.0 / (1.0 / self.xadd + 1.0 / self.publish)
+        (self.before.limit_messages() + self.after.limit_messages()) / 2.0
     }
 
     fn ratio(&self, events: u64, members: usize) -> f64 {
@@ -148,11 +165,13 @@ async fn run_async(args: BenchConsumeArgs) -> anyhow::Result<ExitCode> {
     for round in 1..=args.rounds.max(1) {
         let r = one_round(&args, &exe, &membership, &payload_sample, &mut conn).await?;
         eprintln!(
-            "round {round}: {:.0} events/s, limit {:.0} events/s (XADD {:.0}/s, PUBLISH {:.0}/s), ratio {:.0} %",
+            "round {round}: {:.0} events/s, limit {:.0} events/s (before: XADD {:.0}/s, PUBLISH {:.0}/s; after: XADD {:.0}/s, PUBLISH {:.0}/s), ratio {:.0} %",
             r.events_per_sec(args.events),
             r.limit_messages() / args.members as f64,
-            r.xadd,
-            r.publish,
+            r.before.xadd,
+            r.before.publish,
+            r.after.xadd,
+            r.after.publish,
             100.0 * r.ratio(args.events, args.members)
         );
         rounds.push(r);
@@ -204,10 +223,12 @@ async fn run_async(args: BenchConsumeArgs) -> anyhow::Result<ExitCode> {
         median.redis_cpu * 1e6 / messages
     );
     println!(
-        "  redis-benchmark -c 50 -P 64 -r {} same server, right after: XADD {:.0}/s, PUBLISH {:.0}/s → limit {:.0} messages/s = {:.0} events/s at {} members",
+        "  redis-benchmark -c 50 -P 64 -r {} same server, right before and after: XADD {:.0}/s and {:.0}/s, PUBLISH {:.0}/s and {:.0}/s → limit {:.0} messages/s (the mean) = {:.0} events/s at {} members",
         args.spaces * args.members,
-        median.xadd,
-        median.publish,
+        median.before.xadd,
+        median.after.xadd,
+        median.before.publish,
+        median.after.publish,
         median.limit_messages(),
         median.limit_messages() / args.members as f64,
         args.members
@@ -251,8 +272,9 @@ async fn sample_payload(args: &BenchConsumeArgs) -> Vec<u8> {
     }
 }
 
-/// Produces the trace into a fresh topic, consumes it with a child `foldercast consume`, then
-/// measures the baseline on the same Redis, and empties it.
+/// Measures the baseline on the bench's Redis and empties it, produces the trace into a fresh
+/// topic, consumes the trace with a child `foldercast consume`, measures the baseline again, and
+/// empties Redis.
 async fn one_round(
     args: &BenchConsumeArgs,
     exe: &std::path::Path,
@@ -264,6 +286,11 @@ async fn one_round(
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos();
     let topic = format!("bench-{nanos}");
+
+    // Measured before producing, so that Kafka writing the trace out does not slow it; the
+    // round starts on an empty Redis, as without it.
+    let before = baseline(args, payload_sample)?;
+    let _: () = redis::cmd("FLUSHDB").query_async(conn).await?;
 
     eprintln!("producing {} events into {topic}…", args.events);
     let producer = KafkaProducer::connect(&args.brokers, &topic, 3).await?;
@@ -325,6 +352,23 @@ async fn one_round(
         (timed.secs, timed.cpu, timed.redis_cpu, timed.messages);
     let _ = child.kill().await;
 
+    let after = baseline(args, payload_sample)?;
+    // Synchronously: a lazy free would run beside the next round's baseline.
+    let _: () = redis::cmd("FLUSHDB").query_async(conn).await?;
+    Ok(Round {
+        produce_secs,
+        secs,
+        consume_cpu,
+        redis_cpu,
+        before,
+        after,
+        messages,
+    })
+}
+
+/// The Redis-bound limit at this moment: `redis-benchmark` XADD and PUBLISH with the round's
+/// payload, keys spread as the round's.
+fn baseline(args: &BenchConsumeArgs, payload_sample: &[u8]) -> anyhow::Result<Baseline> {
     let (host, port) = redis_host_port(&args.redis)?;
     let payload = String::from_utf8_lossy(payload_sample).replace(' ', "_");
     // One stream and one channel per user, as foldercast writes them: keys spread over as many
@@ -359,14 +403,5 @@ async fn one_round(
             &payload,
         ],
     )?;
-    let _: () = redis::cmd("FLUSHDB").arg("ASYNC").query_async(conn).await?;
-    Ok(Round {
-        produce_secs,
-        secs,
-        consume_cpu,
-        redis_cpu,
-        xadd,
-        publish,
-        messages,
-    })
+    Ok(Baseline { xadd, publish })
 }

@@ -201,7 +201,8 @@ async fn consume(
         cpu: timed.cpu,
     };
     let _ = child.kill().await;
-    let _: () = redis::cmd("FLUSHDB").arg("ASYNC").query_async(conn).await?;
+    // Synchronously: a lazy free would run beside the next source's run.
+    let _: () = redis::cmd("FLUSHDB").query_async(conn).await?;
     Ok(run)
 }
 
