@@ -16,7 +16,7 @@
 //! message delivered is a lesser harm than a change lost), and the failure is logged.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -207,9 +207,14 @@ pub fn load_fixture(path: &std::path::Path) -> Result<Vec<(String, Preferences)>
 const CACHED_USERS: u64 = 1 << 20;
 
 /// Preferences read through a cache, for the consumer and the notification publisher.
+///
+/// `quick_cache` rather than moka: the filter asks once per recipient of every event (20 per
+/// event in `bench consume`), and moka's bookkeeping per read cost about 0.3 µs each, 15 % of the
+/// consumer's CPU; the time to live is checked here against when the entry was read.
 pub struct PreferenceFilter {
     bus: Arc<dyn Bus>,
-    cache: moka::sync::Cache<Arc<str>, Arc<Preferences>>,
+    cache: quick_cache::sync::Cache<Arc<str>, (Arc<Preferences>, Instant)>,
+    ttl: Duration,
 }
 
 impl PreferenceFilter {
@@ -217,18 +222,32 @@ impl PreferenceFilter {
     pub fn new(bus: Arc<dyn Bus>, ttl: Duration) -> Self {
         PreferenceFilter {
             bus,
-            cache: moka::sync::Cache::builder()
-                .max_capacity(CACHED_USERS)
-                .time_to_live(ttl.max(Duration::from_millis(1)))
-                .build(),
+            // Sized for a few thousand users up front and grown on demand: sizing for the
+            // maximum allocated 4 MB at start-up.
+            cache: quick_cache::sync::Cache::with(
+                4096,
+                CACHED_USERS,
+                Default::default(),
+                Default::default(),
+                Default::default(),
+            ),
+            ttl: ttl.max(Duration::from_millis(1)),
         }
     }
 
     /// The preferences of each of `users`, in order (the default for those who stored none, and
     /// for everyone when the bus cannot answer).
     pub async fn of(&self, users: &[Arc<str>]) -> Vec<Arc<Preferences>> {
-        let mut found: Vec<Option<Arc<Preferences>>> =
-            users.iter().map(|u| self.cache.get(u)).collect();
+        let now = Instant::now();
+        let mut found: Vec<Option<Arc<Preferences>>> = users
+            .iter()
+            .map(|u| {
+                self.cache
+                    .get(u)
+                    .filter(|(_, read)| now.saturating_duration_since(*read) < self.ttl)
+                    .map(|(prefs, _)| prefs)
+            })
+            .collect();
         let missing: Vec<Arc<str>> = users
             .iter()
             .zip(&found)
@@ -244,7 +263,7 @@ impl PreferenceFilter {
                     break;
                 };
                 let prefs = Arc::new(prefs);
-                self.cache.insert(user.clone(), prefs.clone());
+                self.cache.insert(user.clone(), (prefs.clone(), now));
                 *slot = Some(prefs);
             }
         }
@@ -275,13 +294,37 @@ impl PreferenceFilter {
 
     /// Forgets what is cached for `user` (their preferences just changed here).
     pub fn forget(&self, user: &str) {
-        self.cache.invalidate(user);
+        self.cache.remove(user);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A change stored behind the filter's back shows after the time to live, and at once for a
+    /// user the filter was told to forget; until then the cached answer stands.
+    #[tokio::test]
+    async fn cached_preferences_last_their_time_to_live_or_until_forgotten() {
+        let (tx, _rx) = tokio::sync::mpsc::channel(16);
+        let bus: Arc<dyn Bus> = Arc::new(crate::bus::MemoryBus::new(Arc::new(tx)));
+        let filter = PreferenceFilter::new(bus.clone(), Duration::from_millis(300));
+        let users: Vec<Arc<str>> = vec![Arc::from("alice"), Arc::from("bob")];
+        let muted = |prefs: &[Arc<Preferences>]| -> Vec<usize> {
+            prefs.iter().map(|p| p.muted_spaces.len()).collect()
+        };
+        assert_eq!(muted(&filter.of(&users).await), [0, 0]);
+
+        let one = Some(r#"{"muted_spaces":["s1"]}"#);
+        bus.set_preferences("alice", one).await.unwrap();
+        bus.set_preferences("bob", one).await.unwrap();
+        assert_eq!(muted(&filter.of(&users).await), [0, 0], "cached");
+        filter.forget("bob");
+        assert_eq!(muted(&filter.of(&users).await), [0, 1], "bob forgotten");
+
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(muted(&filter.of(&users).await), [1, 1], "alice expired");
+    }
 
     #[test]
     fn documents_are_checked_and_normalised() {

@@ -98,7 +98,7 @@ struct Answer {
 pub struct Completer {
     /// `None`: no oCIS to ask (membership from a fixture); every lookup becomes a resync.
     items: Option<Box<dyn Items>>,
-    sizes: moka::sync::Cache<String, u64>,
+    sizes: quick_cache::sync::Cache<String, u64>,
     /// The latest question of each item, answered or in flight (see the module doc: each serves
     /// only events in hand before it was asked). Cleared when it grows past [`SHARED_ANSWERS`].
     answers: Mutex<HashMap<Question, Arc<Answer>>>,
@@ -107,7 +107,7 @@ pub struct Completer {
 }
 
 /// Files whose last size is remembered.
-pub const REMEMBERED_SIZES: u64 = 100_000;
+pub const REMEMBERED_SIZES: usize = 100_000;
 
 /// Answers kept for sharing: far more than the lanes' lookahead holds in flight. A plain map
 /// cleared when full rather than a cache with eviction: moka's future cache, tried first, cost
@@ -119,7 +119,7 @@ impl Completer {
     pub fn new(items: Option<Box<dyn Items>>) -> Self {
         Completer {
             items,
-            sizes: moka::sync::Cache::new(REMEMBERED_SIZES),
+            sizes: quick_cache::sync::Cache::new(REMEMBERED_SIZES),
             answers: Mutex::new(HashMap::new()),
             asked: AtomicU64::new(0),
         }
@@ -311,7 +311,7 @@ impl Completer {
                 "item-moved"
             }
             "ItemTrashed" => {
-                self.sizes.invalidate(&key);
+                self.sizes.remove(&key);
                 "item-trashed"
             }
             "ItemRestored" => {
