@@ -204,7 +204,7 @@ pub fn load_fixture(path: &std::path::Path) -> Result<Vec<(String, Preferences)>
 }
 
 /// Users whose preferences are cached at most (each entry is small; most are the default).
-const CACHED_USERS: u64 = 1 << 20;
+const CACHED_USERS: usize = 1 << 20;
 
 /// Preferences read through a cache, for the consumer and the notification publisher.
 ///
@@ -222,15 +222,7 @@ impl PreferenceFilter {
     pub fn new(bus: Arc<dyn Bus>, ttl: Duration) -> Self {
         PreferenceFilter {
             bus,
-            // Sized for a few thousand users up front and grown on demand: sizing for the
-            // maximum allocated 4 MB at start-up.
-            cache: quick_cache::sync::Cache::with(
-                4096,
-                CACHED_USERS,
-                Default::default(),
-                Default::default(),
-                Default::default(),
-            ),
+            cache: quick_cache::sync::Cache::new(CACHED_USERS),
             ttl: ttl.max(Duration::from_millis(1)),
         }
     }
