@@ -17,7 +17,7 @@ for b in "${which[@]}"; do
     idle)    $BIN idle --connections 19000 --users 1000 ;;
     consume) $BIN consume --brokers "$FOLDERCAST_TEST_KAFKA" --redis "$FOLDERCAST_TEST_REDIS" --events 100000 --members 20 --spaces 1000 --rounds 5 --user-rate 0
              $BIN consume --brokers "$FOLDERCAST_TEST_KAFKA" --redis "$FOLDERCAST_TEST_REDIS" --events 100000 --members 20 --spaces 1000 --rounds 5 --user-rate 20 --user-burst 5 ;;
-    ingest)  $BIN ingest --brokers "$FOLDERCAST_TEST_KAFKA" --nats "$FOLDERCAST_TEST_NATS" --redis "$FOLDERCAST_TEST_REDIS" --events 20000 --members 20 --spaces 100 --rounds 3 --burst 10000 ;;
+    ingest)  $BIN ingest --brokers "$FOLDERCAST_TEST_KAFKA" --nats "$FOLDERCAST_TEST_NATS" --redis "$FOLDERCAST_TEST_REDIS" --events 20000 --members 20 --spaces 100 --rounds 5 --burst 10000 ;;
     publish) $BIN publish --redis "$FOLDERCAST_TEST_REDIS" --users 100000 --connected 10000 ;;
     fanout)  $BIN fanout --redis "$FOLDERCAST_TEST_REDIS" --connections 1000 --rate 1000 --seconds 10 --rounds 3 ;;
     metrics) $BIN metrics --redis "$FOLDERCAST_TEST_REDIS" --connections 500 --paced-rate 20000 --seconds 10 --rounds 5 ;;

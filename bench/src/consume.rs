@@ -1,9 +1,9 @@
 //! Kafka → `consume` → Redis throughput, and the Redis-bound limit measured in the same run.
 //!
 //! A generated trace (`spaces` spaces, `members` viewers each, depth-8 paths) is produced into a
-//! fresh topic; then `foldercast consume` runs as a child with rate limiting off. Progress is read
-//! from Redis itself (`INFO commandstats`: one XADD per message, counted inside scripts too), so the clock runs from
-//! the first message published to the last. Just before and just after, `redis-benchmark -c 50
+//! fresh topic; then `foldercast consume` runs as a child with the bench's `--user-rate` and
+//! `--user-burst`. Progress is read from Redis itself (`INFO commandstats`: one XADD per message,
+//! counted inside scripts too), so the clock runs from the first message published to the last. Just before and just after, `redis-benchmark -c 50
 //! -P 64` measures XADD and PUBLISH with a payload of the same size on the same server (the
 //! limit is the mean of the two): one message costs one of each, so
 //! 1 / (1/xadd + 1/publish) messages/s is the Redis-bound limit, ÷ members the event limit.
