@@ -50,7 +50,9 @@
 
 mod history;
 mod publish;
+mod resp;
 mod shared;
+mod subscriber;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
@@ -230,9 +232,18 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
+/// The subscribing connection: our own on standalone Redis (`subscriber.rs`), redis-rs's
+/// cluster connection (sharded pub/sub follows the slots) on a cluster.
+enum SubscriberConn {
+    Standalone(subscriber::Subscriber),
+    /// redis-rs's connection manager: for a URL our subscriber does not serve.
+    Managed(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
 pub struct RedisBus {
     publisher: Conn,
-    subscriber: Option<Conn>,
+    subscriber: Option<SubscriberConn>,
     /// Users whose channel this gateway wants, and the ones Redis dropped behind its back.
     subscriptions: Arc<Subscriptions>,
     /// Where deliveries go; told about gaps in the live feed.
@@ -387,79 +398,103 @@ struct PushToDeliveries {
     relearn: mpsc::Sender<Arc<str>>,
 }
 
+impl PushToDeliveries {
+    /// A message on `channel`: a user's (delivered with positions) or an operator's.
+    fn message(&self, channel: &[u8], payload: Bytes) {
+        // Operator traffic (the dashboard) is not a user's: handed over as it is.
+        if channel.starts_with(keys::OPERATOR_PREFIX.as_bytes()) {
+            if let Ok(channel) = std::str::from_utf8(channel) {
+                self.deliveries.operator_message(channel, &payload);
+            }
+            return;
+        }
+        let Some(user) = keys::user_of_channel(channel) else {
+            // Another writer on our channel, or a foldercast of another format.
+            tracing::warn!("malformed channel message skipped");
+            return;
+        };
+        // One lock around holding and delivering, so that messages held for a user and the
+        // ones after them reach the sink in order.
+        let Ok(mut held) = self.subscriptions.held.lock() else {
+            return;
+        };
+        if let Some(h) = held.get_mut(user) {
+            if h.messages.len() < MAX_HELD {
+                h.messages.push(payload);
+            } else {
+                h.overflowed = true;
+            }
+            return;
+        }
+        match deliver_message(
+            user,
+            payload,
+            &*self.deliveries,
+            &self.subscriptions,
+            &self.shared,
+        ) {
+            Pushed::Delivered => {}
+            Pushed::NotTaken => tracing::warn!("delivery dropped: no receiver ready for it"),
+            Pushed::EpochUnknown(rest) => {
+                // Held until the bus has read the user's epoch, then delivered.
+                tracing::info!(%user, "a message came before its user's epoch was known; held while it is read");
+                let user: Arc<str> = Arc::from(user);
+                held.insert(
+                    user.clone(),
+                    Held {
+                        messages: vec![rest],
+                        overflowed: false,
+                    },
+                );
+                if self.relearn.try_send(user.clone()).is_err() {
+                    // The reader is gone or behind: the sessions catch up from the history
+                    // instead, which learns the epoch too.
+                    held.remove(&user);
+                    self.deliveries.feed_gap(Some(&user));
+                    self.deliveries.feed_restored(Some(&user));
+                }
+            }
+            Pushed::Malformed => tracing::warn!("malformed channel message skipped"),
+        }
+    }
+
+    /// The subscription connection is gone: whatever is published until it is back reaches
+    /// no one live, so sessions hold, then catch up from the history.
+    fn lost(&self) {
+        self.connected.store(false, Relaxed);
+        self.subscriptions.forget_epochs();
+        self.deliveries.feed_gap(None);
+        if self.cluster {
+            self.subscriptions.resubscribe_everything();
+        }
+    }
+
+    /// Every wanted channel is subscribed again (our own standalone subscriber says so once
+    /// Redis confirmed them all): the sessions catch up on what the gap held back.
+    fn restored(&self) {
+        self.connected.store(true, Relaxed);
+        self.deliveries.feed_restored(None);
+    }
+}
+
+/// The cluster's subscriber is redis-rs's: its pushes arrive here.
 impl AsyncPushSender for PushToDeliveries {
     fn send(&self, info: PushInfo) -> Result<(), SendError> {
         match info.kind {
             PushKind::Message | PushKind::SMessage => {
-                // Operator traffic (the dashboard) is not a user's: handed over as it is.
-                if let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) =
-                    (info.data.first(), info.data.get(1))
-                    && channel.starts_with(keys::OPERATOR_PREFIX.as_bytes())
-                {
-                    if let Ok(channel) = std::str::from_utf8(channel) {
-                        self.deliveries.operator_message(channel, payload);
-                    }
-                    return Ok(());
-                }
-                let Some((user, message)) = channel_message(info.data) else {
-                    // Another writer on our channel, or a foldercast of another format.
-                    tracing::warn!("malformed channel message skipped");
-                    return Ok(());
+                let mut data = info.data.into_iter();
+                let bytes = |v: Option<Value>| match v {
+                    Some(Value::BulkString(b)) => Some(b),
+                    Some(Value::SimpleString(s)) => Some(s.into_bytes()),
+                    _ => None,
                 };
-                // One lock around holding and delivering, so that messages held for a user and
-                // the ones after them reach the sink in order.
-                let Ok(mut held) = self.subscriptions.held.lock() else {
-                    return Ok(());
-                };
-                if let Some(h) = held.get_mut(&*user) {
-                    if h.messages.len() < MAX_HELD {
-                        h.messages.push(message);
-                    } else {
-                        h.overflowed = true;
-                    }
-                    return Ok(());
-                }
-                match deliver_message(
-                    &user,
-                    message,
-                    &*self.deliveries,
-                    &self.subscriptions,
-                    &self.shared,
-                ) {
-                    Pushed::Delivered => {}
-                    Pushed::NotTaken => {
-                        tracing::warn!("delivery dropped: no receiver ready for it")
-                    }
-                    Pushed::EpochUnknown(rest) => {
-                        // Held until the bus has read the user's epoch, then delivered.
-                        tracing::info!(%user, "a message came before its user's epoch was known; held while it is read");
-                        held.insert(
-                            user.clone(),
-                            Held {
-                                messages: vec![rest],
-                                overflowed: false,
-                            },
-                        );
-                        if self.relearn.try_send(user.clone()).is_err() {
-                            // The reader is gone or behind: the sessions catch up from the
-                            // history instead, which learns the epoch too.
-                            held.remove(&user);
-                            self.deliveries.feed_gap(Some(&user));
-                            self.deliveries.feed_restored(Some(&user));
-                        }
-                    }
-                    Pushed::Malformed => tracing::warn!("malformed channel message skipped"),
+                match (bytes(data.next()), bytes(data.next())) {
+                    (Some(channel), Some(payload)) => self.message(&channel, Bytes::from(payload)),
+                    _ => tracing::warn!("malformed channel message skipped"),
                 }
             }
             PushKind::Disconnection => {
-                self.connected.store(false, Relaxed);
-                self.subscriptions.forget_epochs();
-                // Whatever is published until the subscription is back reaches no one live:
-                // sessions hold, then catch up from the history (health loop: feed_restored).
-                self.deliveries.feed_gap(None);
-                if self.cluster {
-                    self.subscriptions.resubscribe_everything();
-                }
+                self.lost();
                 tracing::warn!("redis subscription connection lost; reconnecting");
             }
             PushKind::SUnsubscribe => {
@@ -537,6 +572,7 @@ enum Pushed {
 }
 
 /// The user and message of a pushed `[channel, message]`.
+#[cfg(test)]
 fn channel_message(data: Vec<Value>) -> Option<(Arc<str>, Bytes)> {
     let bytes = |v: Value| match v {
         Value::BulkString(b) => Some(b),
@@ -707,22 +743,22 @@ impl RedisBus {
         let shared = Arc::new(shared::SharedPayloads::default());
         let subscriber = match deliveries.clone() {
             Some(tx) => Some(
-                open(
+                open_subscriber(
                     target,
-                    Some(PushToDeliveries {
+                    PushToDeliveries {
                         deliveries: tx,
                         connected: connected.clone(),
                         subscriptions: subscriptions.clone(),
                         cluster: matches!(target, RedisTarget::Cluster(_)),
                         shared: shared.clone(),
                         relearn,
-                    }),
+                    },
                 )
                 .await?,
             ),
             None => None,
         };
-        if let (Some(Conn::Cluster(conn)), Some(sink)) = (&subscriber, &deliveries) {
+        if let (Some(SubscriberConn::Cluster(conn)), Some(sink)) = (&subscriber, &deliveries) {
             tokio::spawn(resubscribe_dropped(
                 conn.clone(),
                 Arc::downgrade(&subscriptions),
@@ -766,10 +802,24 @@ impl RedisBus {
             loop {
                 tokio::time::sleep(interval).await;
                 let Some(bus) = weak.upgrade() else { return };
-                let conn = bus
-                    .subscriber
-                    .clone()
-                    .unwrap_or_else(|| bus.publisher.clone());
+                let conn = match &bus.subscriber {
+                    // Our own subscriber keeps the flag and the feed events itself; a ping
+                    // that goes unanswered makes it reconnect.
+                    Some(SubscriberConn::Standalone(own)) => {
+                        let answered =
+                            tokio::time::timeout(interval.max(Duration::from_secs(1)), own.ping())
+                                .await
+                                .is_ok_and(|r| r.is_ok());
+                        if !answered && bus.connected.load(Relaxed) {
+                            tracing::warn!("redis subscriber does not answer pings; reconnecting");
+                            own.reset();
+                        }
+                        continue;
+                    }
+                    Some(SubscriberConn::Managed(c)) => Conn::Standalone(c.clone()),
+                    Some(SubscriberConn::Cluster(c)) => Conn::Cluster(c.clone()),
+                    None => bus.publisher.clone(),
+                };
                 let ok = tokio::time::timeout(interval.max(Duration::from_secs(1)), ping(conn))
                     .await
                     .map(|r| r.is_ok())
@@ -781,7 +831,9 @@ impl RedisBus {
                     tracing::info!("redis connection restored; sessions catch up");
                     match (&bus.subscriber, &bus.sink) {
                         // A cluster declares the feed restored once it resubscribed everything.
-                        (Some(Conn::Cluster(_)), _) => bus.subscriptions.resubscribe_everything(),
+                        (Some(SubscriberConn::Cluster(_)), _) => {
+                            bus.subscriptions.resubscribe_everything()
+                        }
                         (_, Some(sink)) => sink.feed_restored(None),
                         _ => {}
                     }
@@ -794,6 +846,29 @@ impl RedisBus {
                 }
             }
         });
+    }
+
+    /// Subscribes (`on`) or unsubscribes one channel on whichever subscriber this bus has.
+    async fn subscribe_channel(&self, channel: &str, on: bool) -> Result<(), BusError> {
+        match (&self.subscriber, on) {
+            (Some(SubscriberConn::Standalone(own)), true) => own.subscribe(channel).await,
+            (Some(SubscriberConn::Standalone(own)), false) => own.unsubscribe(channel).await,
+            (Some(SubscriberConn::Managed(c)), true) => {
+                c.clone().subscribe(channel).await.map_err(unavailable)
+            }
+            (Some(SubscriberConn::Managed(c)), false) => {
+                c.clone().unsubscribe(channel).await.map_err(unavailable)
+            }
+            (Some(SubscriberConn::Cluster(c)), true) => {
+                c.clone().ssubscribe(channel).await.map_err(unavailable)
+            }
+            (Some(SubscriberConn::Cluster(c)), false) => {
+                c.clone().sunsubscribe(channel).await.map_err(unavailable)
+            }
+            (None, _) => Err(BusError::Unavailable(
+                "this bus was opened without a subscriber".into(),
+            )),
+        }
     }
 
     /// Sends a command or a pipeline on the publishing connection, standalone or cluster.
@@ -897,6 +972,25 @@ async fn resubscribe_dropped(
             delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
+}
+
+/// The subscribing connection for `target`: our own on standalone Redis over TCP or a Unix
+/// socket, redis-rs's otherwise.
+async fn open_subscriber(
+    target: &RedisTarget,
+    push: PushToDeliveries,
+) -> Result<SubscriberConn, BusError> {
+    if let RedisTarget::Standalone(url) = target
+        && subscriber::Subscriber::serves(url)
+    {
+        return Ok(SubscriberConn::Standalone(
+            subscriber::Subscriber::connect(url, push).await?,
+        ));
+    }
+    Ok(match open(target, Some(push)).await? {
+        Conn::Standalone(c) => SubscriberConn::Managed(c),
+        Conn::Cluster(c) => SubscriberConn::Cluster(c),
+    })
 }
 
 async fn open(target: &RedisTarget, push: Option<PushToDeliveries>) -> Result<Conn, BusError> {
@@ -1432,17 +1526,7 @@ impl Bus for RedisBus {
 
     async fn subscribe(&self, user: &Arc<str>) -> Result<(), BusError> {
         self.subscriptions.want(user, true);
-        let result = match self.subscriber.clone() {
-            Some(Conn::Standalone(mut c)) => {
-                c.subscribe(keys::channel(user)).await.map_err(unavailable)
-            }
-            Some(Conn::Cluster(mut c)) => {
-                c.ssubscribe(keys::channel(user)).await.map_err(unavailable)
-            }
-            None => Err(BusError::Unavailable(
-                "this bus was opened without a subscriber".into(),
-            )),
-        };
+        let result = self.subscribe_channel(&keys::channel(user), true).await;
         if result.is_err() {
             self.subscriptions.want(user, false);
             return result;
@@ -1473,21 +1557,7 @@ impl Bus for RedisBus {
     }
 
     async fn operator_subscribe(&self, channel: &str, on: bool) -> Result<(), BusError> {
-        match (self.subscriber.clone(), on) {
-            (Some(Conn::Standalone(mut c)), true) => {
-                c.subscribe(channel).await.map_err(unavailable)
-            }
-            (Some(Conn::Standalone(mut c)), false) => {
-                c.unsubscribe(channel).await.map_err(unavailable)
-            }
-            (Some(Conn::Cluster(mut c)), true) => c.ssubscribe(channel).await.map_err(unavailable),
-            (Some(Conn::Cluster(mut c)), false) => {
-                c.sunsubscribe(channel).await.map_err(unavailable)
-            }
-            (None, _) => Err(BusError::Unavailable(
-                "this bus was opened without a subscriber".into(),
-            )),
-        }
+        self.subscribe_channel(channel, on).await
     }
 
     async fn dashboard_watch(
@@ -1561,15 +1631,8 @@ impl Bus for RedisBus {
 
     async fn unsubscribe(&self, user: &Arc<str>) -> Result<(), BusError> {
         self.subscriptions.want(user, false);
-        match self.subscriber.clone() {
-            Some(Conn::Standalone(mut c)) => c
-                .unsubscribe(keys::channel(user))
-                .await
-                .map_err(unavailable),
-            Some(Conn::Cluster(mut c)) => c
-                .sunsubscribe(keys::channel(user))
-                .await
-                .map_err(unavailable),
+        match self.subscriber {
+            Some(_) => self.subscribe_channel(&keys::channel(user), false).await,
             None => Ok(()),
         }
     }
