@@ -17,6 +17,7 @@
 //! - [`config`] and [`commands`]: the command line, one file per subcommand.
 //! - [`http`]: the HTTP client plumbing shared by the oCIS resolver and OIDC sign-in.
 
+pub mod allocator;
 pub mod bus;
 pub mod commands;
 pub mod config;

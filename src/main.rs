@@ -9,6 +9,7 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    foldercast::allocator::keep_freed_memory();
     let cli = match foldercast::config::parse() {
         Ok(cli) => cli,
         Err(e) => e.exit(),

@@ -1,7 +1,8 @@
 //! Gateway fan-out: Redis → `foldercast gateway` → 1 000 WebSocket clients.
 //!
-//! Baseline first, in the same run: the bare axum loop (`bare.rs`) sends messages of the same size
-//! over as many connections, from inside the server. Then the gateway as a child process, each
+//! Baseline first, in the same run: the bare axum loop (`bare.rs`) sends frames as long as the
+//! gateway's (the longest a gateway client received in the latency phase: the payload in its
+//! envelope) over as many connections, from inside the server. Then the gateway as a child process, each
 //! connection a different user, messages published to Redis by this process:
 //! - latency: `rate` messages/s (each to the next user) for `seconds`; produce → frame p50/p99;
 //! - cost: the same three patterns on both servers: one message per connection at a time at
@@ -39,6 +40,8 @@ pub(crate) struct Clients {
     recording: Arc<AtomicBool>,
     /// (sent_ns, arrived_ns) of each frame received while recording.
     latencies: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+    /// The longest frame received while recording, in bytes.
+    longest: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 pub(crate) fn now_ns() -> u64 {
@@ -58,6 +61,7 @@ pub(crate) async fn open_clients(
         received: Arc::new(AtomicU64::new(0)),
         recording: Arc::new(AtomicBool::new(false)),
         latencies: Arc::new(std::sync::Mutex::new(Vec::new())),
+        longest: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     };
     for i in 0..n {
         let config = WebSocketConfig::default().read_buffer_size(4096);
@@ -68,14 +72,18 @@ pub(crate) async fn open_clients(
                 .await
                 .map_err(anyhow::Error::msg)?;
         }
-        let (received, recording, latencies) = (
+        let (received, recording, latencies, longest) = (
             clients.received.clone(),
             clients.recording.clone(),
             clients.latencies.clone(),
+            clients.longest.clone(),
         );
         tokio::spawn(async move {
             while let Some(Ok(msg)) = ws.next().await {
                 received.fetch_add(1, Relaxed);
+                if recording.load(Relaxed) {
+                    longest.fetch_max(msg.len(), Relaxed);
+                }
                 if recording.load(Relaxed)
                     && let Ok(text) = msg.to_text()
                     && let Some(sent) = sent_ns_in(text.as_bytes())
@@ -352,6 +360,12 @@ async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
     clients.recording.store(false, Relaxed);
     tokio::time::sleep(Duration::from_millis(100)).await;
     tap.abort();
+    // The bare loop sends frames as long as the gateway's: the payload in its envelope (type,
+    // position, `data`), about a fifth more bytes to copy and send than the payload alone.
+    let frame_bytes = match clients.longest.load(Relaxed) {
+        0 => PAYLOAD_BYTES,
+        longest => longest,
+    };
     let frames = clients
         .latencies
         .lock()
@@ -381,7 +395,7 @@ async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
     for _ in 0..rounds {
         for (k, p) in patterns.iter().enumerate() {
             let url = format!(
-                "http://{bare_addr}/drive?count={}&size={PAYLOAD_BYTES}&rate={}&burst={}",
+                "http://{bare_addr}/drive?count={}&size={frame_bytes}&rate={}&burst={}",
                 count(p),
                 p.rate,
                 p.burst
@@ -396,7 +410,7 @@ async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
     let _ = bare.kill().await;
 
     println!(
-        "bench fanout: {n} WebSocket clients (one user each), {PAYLOAD_BYTES} B payloads, {write_buffer} B write buffers"
+        "bench fanout: {n} WebSocket clients (one user each), {PAYLOAD_BYTES} B payloads in {frame_bytes} B frames (the bare loop's are as long), {write_buffer} B write buffers"
     );
     println!(
         "  latency at {} msg/s for {} s, produce → frame ({} samples): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",

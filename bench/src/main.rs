@@ -40,6 +40,8 @@ mod storm;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // The bare loop runs in this binary: it keeps freed memory as the product does.
+    foldercast::allocator::keep_freed_memory();
     use clap::Parser;
     let cli = args::Cli::parse();
     foldercast::telemetry::init_logging(&cli.log);
