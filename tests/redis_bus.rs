@@ -649,6 +649,62 @@ async fn resubscribes_after_a_redis_restart() {
     delivers_again(&bus, &mut rx, &alice).await;
 }
 
+/// A user subscribed while Redis is away: the call returns once the reconnected subscriber has
+/// the channel confirmed, and the user's messages arrive from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_subscribed_during_an_outage_is_live_once_redis_is_back() {
+    let mut server = PrivateRedis::start();
+    let target = RedisTarget::Standalone(server.url());
+    let (bus, mut rx, _alice) = alice_subscribed(&target).await;
+
+    server.stop();
+    wait_connected(&bus, false, "the bus never noticed the outage").await;
+    let bob: Arc<str> = Arc::from(unique("bob"));
+    let subscribing = {
+        let (bus, bob) = (bus.clone(), bob.clone());
+        tokio::spawn(async move { bus.subscribe(&bob).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !subscribing.is_finished(),
+        "subscribed with no Redis to confirm it"
+    );
+    server.restart();
+    subscribing
+        .await
+        .unwrap()
+        .expect("the subscription went through once Redis was back");
+    wait_connected(&bus, true, "the bus never reconnected").await;
+    // Subscribed and confirmed: bob's first message after the call arrives, no retry needed.
+    bus.publish(&[msg(&bob, "first", "z")]).await.unwrap();
+    let d = recv(&mut rx).await;
+    assert_eq!(&*d.user, &*bob);
+}
+
+/// A Redis that wants a password: the subscriber says it in its `HELLO`, and a wrong one is a
+/// clear error at start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscriber_authenticates_with_the_urls_password() {
+    let server = PrivateRedis::start_with(common::free_port(), &["--requirepass", "s3cret"]);
+    let url = format!("redis://:s3cret@127.0.0.1:{}", server.port);
+    let (bus, mut rx, alice) = alice_subscribed(&RedisTarget::Standalone(url)).await;
+    bus.publish(&[msg(&alice, "second", "x")]).await.unwrap();
+    assert!(
+        std::str::from_utf8(&recv(&mut rx).await.payload)
+            .unwrap()
+            .contains("x")
+    );
+
+    let (tx, _rx) = mpsc::channel(1);
+    let wrong = RedisBus::connect(
+        &RedisTarget::Standalone(format!("redis://:wrong@127.0.0.1:{}", server.port)),
+        RedisOptions::default(),
+        Some(tx),
+    )
+    .await;
+    assert!(wrong.is_err(), "a wrong password was accepted");
+}
+
 /// A cluster node restarts while one of its slots holds a subscribed user: the subscription
 /// comes back by itself and later messages arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
