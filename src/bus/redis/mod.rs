@@ -33,9 +33,10 @@
 //! earlier version made the sessions hold and catch up instead; that released sessions whose
 //! channel a cluster had just dropped (`resume_chaos`), and a gap has one owner now.
 //!
-//! One publish per user per call rather than per message, because a gateway spends about 1 µs
-//! parsing each pushed message with redis-rs (about 30 % of its CPU in bursts): a burst of 16
-//! uploads to one user's folder is one push to parse, and one `PUBLISH` for Redis.
+//! One publish per user per call rather than per message, because every push costs a gateway a
+//! read and a parse (with redis-rs's parser about 1 µs, 30 % of its CPU in bursts; less with our
+//! own, but still per push): a burst of 16 uploads to one user's folder is one push to parse,
+//! and one `PUBLISH` for Redis.
 //!
 //! Publishing is batched: on standalone Redis one script call covers about 256 messages (a call's
 //! fixed cost is about as large as its commands'), whole events kept together, in one pipeline;
@@ -43,10 +44,12 @@
 //! cluster the channel is published with `SPUBLISH` and subscribed with `SSUBSCRIBE`, so a
 //! message travels only within its shard.
 //!
-//! Subscribing uses one connection per Redis node (redis-rs multiplexes: the standalone
-//! `ConnectionManager` or the cluster connection's per-node connections). redis-rs reconnects
-//! with backoff and resubscribes after a restart, failover or slot move; a health loop pings the
-//! nodes so `/readyz` can tell whether the bus is connected.
+//! Subscribing uses one connection per Redis node. On standalone Redis it is our own
+//! (`subscriber.rs`, with `resp.rs`): it reconnects, resubscribes, and says the feed is restored
+//! once Redis confirmed every channel, and it reads pushes without redis-rs's parser. On a
+//! cluster it is redis-rs's cluster connection (per-node connections, sharded pub/sub following
+//! the slots). A health loop pings the subscriber so `/readyz` can tell whether the bus is
+//! connected, and so that a connection that stopped answering is dropped.
 
 mod history;
 mod publish;

@@ -109,8 +109,17 @@ impl Subscriber {
     }
 
     pub(super) async fn subscribe(&self, channel: &str) -> Result<(), BusError> {
-        self.ask(|done| Command::Subscribe(Bytes::copy_from_slice(channel.as_bytes()), done))
-            .await
+        let channel = Bytes::copy_from_slice(channel.as_bytes());
+        let result = self
+            .ask(|done| Command::Subscribe(channel.clone(), done))
+            .await;
+        if result.is_err() {
+            // The caller gives the channel up, so the connection does too: a subscription
+            // confirmed after the deadline must not linger with nobody wanting it.
+            let (done, _) = oneshot::channel();
+            let _ = self.commands.try_send(Command::Unsubscribe(channel, done));
+        }
+        result
     }
 
     pub(super) async fn unsubscribe(&self, channel: &str) -> Result<(), BusError> {
@@ -267,8 +276,9 @@ impl Task {
     /// Runs the connection until it fails or the bus is dropped.
     async fn serve(&mut self, link: &mut Link) -> Ended {
         loop {
+            // Unbiased: under a steady stream of pushes the read is always ready, and a biased
+            // select would leave subscriptions waiting behind it.
             tokio::select! {
-                biased;
                 frame = link.next_frame() => match frame {
                     Ok(frame) => {
                         if let Err(why) = self.handle(frame) {
