@@ -249,6 +249,9 @@ impl Task {
     /// Opens a connection and subscribes every channel again, returning once every
     /// confirmation came (messages that arrive meanwhile are delivered).
     async fn reconnect(&mut self) -> Result<Link, String> {
+        // What an earlier attempt that failed midway was still waiting for (no caller waits on
+        // it: callers wait in `run`). Left here, it would wait for confirmations never coming.
+        self.awaiting.clear();
         let mut link = Link::open(&self.endpoint).await?;
         let channels: Vec<Bytes> = self.channels.iter().cloned().collect();
         for chunk in channels.chunks(RESUBSCRIBE_CHUNK) {
@@ -268,6 +271,11 @@ impl Task {
             let frame = tokio::time::timeout(REPLY_TIMEOUT, link.next_frame())
                 .await
                 .map_err(|_| "no confirmation of the resubscription".to_owned())??;
+            // A refusal here fails the attempt (it is tried again) rather than dropping a
+            // channel someone still wants, as a refused call of a caller's does.
+            if let Ok(Reply::Error(message)) = Reply::of(&frame) {
+                return Err(format!("resubscribing refused: {message}"));
+            }
             self.handle(frame)?;
         }
         Ok(link)
@@ -457,7 +465,122 @@ impl Link {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::net::TcpListener;
+
     use super::*;
+    use crate::bus::{Delivery, DeliverySink, FeedEvents};
+
+    /// Counts what the subscriber tells the hub.
+    #[derive(Default)]
+    struct Counting {
+        delivered: AtomicUsize,
+        gaps: AtomicUsize,
+        restored: AtomicUsize,
+    }
+
+    impl FeedEvents for Counting {
+        fn feed_gap(&self, _: Option<&str>) {
+            self.gaps.fetch_add(1, Relaxed);
+        }
+        fn feed_restored(&self, _: Option<&str>) {
+            self.restored.fetch_add(1, Relaxed);
+        }
+    }
+
+    impl DeliverySink for Counting {
+        fn deliver(&self, _: Delivery) -> bool {
+            self.delivered.fetch_add(1, Relaxed);
+            true
+        }
+    }
+
+    /// Reads one RESP command (an array of bulk strings) and returns its first argument.
+    async fn command_name(
+        reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    ) -> Option<String> {
+        let mut line = String::new();
+        reader.read_line(&mut line).await.ok()?;
+        let count: usize = line.trim().strip_prefix('*')?.parse().ok()?;
+        let mut name = None;
+        for _ in 0..count {
+            line.clear();
+            reader.read_line(&mut line).await.ok()?;
+            line.clear();
+            reader.read_line(&mut line).await.ok()?;
+            name.get_or_insert_with(|| line.trim().to_owned());
+        }
+        name
+    }
+
+    /// A Redis that drops the first resubscription halfway (it closes the connection before
+    /// confirming): the next attempt must start afresh, confirm, and declare the feed restored.
+    #[tokio::test]
+    async fn a_resubscription_cut_halfway_is_tried_again_from_scratch() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        let channel = "fc:{alice}:live";
+        let server = tokio::spawn(async move {
+            for connection in 0.. {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (r, mut w) = stream.into_split();
+                let mut r = BufReader::new(r);
+                while let Some(name) = command_name(&mut r).await {
+                    match (name.as_str(), connection) {
+                        ("HELLO", _) => w.write_all(b"%0\r\n").await.unwrap(),
+                        // The first connection confirms, then goes away; the second goes away
+                        // before confirming; the third confirms and stays.
+                        ("SUBSCRIBE", 1) => break,
+                        ("SUBSCRIBE", _) => {
+                            let confirm = format!(
+                                ">3\r\n$9\r\nsubscribe\r\n${}\r\n{channel}\r\n:1\r\n",
+                                channel.len()
+                            );
+                            w.write_all(confirm.as_bytes()).await.unwrap();
+                            if connection == 0 {
+                                break;
+                            }
+                        }
+                        ("PING", _) => w.write_all(b"+PONG\r\n").await.unwrap(),
+                        _ => {}
+                    }
+                }
+            }
+        });
+        let sink = Arc::new(Counting::default());
+        let (relearn, _relearn_rx) = mpsc::channel(4);
+        let pushes = PushToDeliveries {
+            deliveries: sink.clone(),
+            connected: Arc::new(AtomicBool::new(true)),
+            subscriptions: Default::default(),
+            cluster: false,
+            shared: Default::default(),
+            relearn,
+        };
+        let subscriber = Subscriber::connect(&url, pushes).await.unwrap();
+        subscriber.subscribe(channel).await.unwrap();
+        // The server went away after confirming; two attempts later the feed is back, well
+        // within one reply timeout (the broken retry waited for a confirmation never coming).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while sink.restored.load(Relaxed) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the feed was never restored"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(sink.gaps.load(Relaxed), 1, "one outage, one gap");
+        subscriber
+            .ping()
+            .await
+            .expect("the restored connection answers");
+        server.abort();
+    }
 
     #[test]
     fn plain_urls_are_served_and_others_are_left_to_redis_rs() {
