@@ -162,6 +162,17 @@ pub struct ItemChange {
     /// The id of the folder holding the item (oCIS: `storage$space!node`), when the source knows it.
     pub parent_id: Option<String>,
     pub etag: Option<String>,
+    /// Sizes of ancestor folders as the source read them after the change, where it could not
+    /// say by how much they changed (`data.folder_sizes`); each replaces that folder's delta.
+    pub folder_sizes: Vec<FolderSize>,
+}
+
+/// An ancestor folder's size after a change: absolute, so safe to apply twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FolderSize {
+    pub path: SpacePath,
+    pub size: u64,
+    pub etag: Option<String>,
 }
 
 /// A user or a group gaining or losing access to a space.
@@ -228,10 +239,18 @@ struct WireData {
     item_id: Option<String>,
     parent_id: Option<String>,
     etag: Option<String>,
+    folder_sizes: Option<Vec<WireFolderSize>>,
     reason: Option<String>,
     user: Option<String>,
     group: Option<String>,
     role: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireFolderSize {
+    path: Option<String>,
+    size: Option<u64>,
+    etag: Option<String>,
 }
 
 /// Decodes one event from its JSON bytes.
@@ -369,6 +388,7 @@ pub fn decode(bytes: &[u8]) -> Result<StorageEvent, Rejection> {
             // In range: size ≤ MAX_SIZE < i64::MAX.
             None => size as i64,
         };
+        let folder_sizes = folder_sizes(data.folder_sizes.unwrap_or_default(), &path)?;
         EventBody::Item(ItemChange {
             path,
             old_path,
@@ -378,6 +398,7 @@ pub fn decode(bytes: &[u8]) -> Result<StorageEvent, Rejection> {
             item_id: data.item_id,
             parent_id: data.parent_id,
             etag: data.etag,
+            folder_sizes,
         })
     };
 
@@ -391,6 +412,48 @@ pub fn decode(bytes: &[u8]) -> Result<StorageEvent, Rejection> {
         initiator_id: data.initiator_id,
         body,
     })
+}
+
+/// `data.folder_sizes`, checked: each an ancestor of the item's path (`data.path`), once, with
+/// a size in range.
+fn folder_sizes(wire: Vec<WireFolderSize>, item: &SpacePath) -> Result<Vec<FolderSize>, Rejection> {
+    if wire.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ancestors: std::collections::HashSet<&str> = item.ancestors().collect();
+    let mut out: Vec<FolderSize> = Vec::with_capacity(wire.len());
+    for (n, entry) in wire.into_iter().enumerate() {
+        let name = format!("data.folder_sizes[{n}]");
+        let path = parse_path(&required(entry.path, &format!("{name}.path"))?, &name)?;
+        // Each ancestor is taken out once used: a second entry for it is refused too.
+        if !ancestors.remove(path.as_str()) {
+            return Err(Rejection::new(
+                "invalid-field",
+                format!(
+                    "{name}.path {:?} is not a folder above data.path, or is listed twice",
+                    path.as_str()
+                ),
+            ));
+        }
+        let size = entry.size.ok_or_else(|| {
+            Rejection::new(
+                "missing-field",
+                format!("missing required field {name}.size"),
+            )
+        })?;
+        if size > MAX_SIZE {
+            return Err(Rejection::new(
+                "invalid-field",
+                format!("{name}.size {size} is above {MAX_SIZE} (2^53-1)"),
+            ));
+        }
+        out.push(FolderSize {
+            path,
+            size,
+            etag: entry.etag,
+        });
+    }
+    Ok(out)
 }
 
 fn required(value: Option<String>, name: &str) -> Result<String, Rejection> {
@@ -437,6 +500,50 @@ mod tests {
         assert_eq!(item.path.as_str(), "/f1/f2/report.pdf");
         assert_eq!(item.size, 2048);
         assert_eq!(item.size_delta, 2048, "size_delta defaults to size");
+    }
+
+    #[test]
+    fn folder_sizes_must_name_ancestors_once_with_a_size_in_range() {
+        let with = |sizes: &str| {
+            ev(&format!(
+                r#"{{"id":"1","type":"file-uploaded","time":"2026-11-22T10:00:00Z","data":{{"space_id":"s","path":"/a/b/f","kind":"file","size":5,"folder_sizes":{sizes}}}}}"#
+            ))
+        };
+        let e = with(r#"[{"path":"/a/b","size":7,"etag":"e1"},{"path":"/","size":90}]"#).unwrap();
+        let EventBody::Item(item) = e.body else {
+            panic!("not an item change")
+        };
+        assert_eq!(
+            item.folder_sizes,
+            [
+                FolderSize {
+                    path: SpacePath::parse("/a/b").unwrap(),
+                    size: 7,
+                    etag: Some("e1".into())
+                },
+                FolderSize {
+                    path: SpacePath::parse("/").unwrap(),
+                    size: 90,
+                    etag: None
+                }
+            ]
+        );
+        for (bad, code) in [
+            (r#"[{"path":"/a/b/f","size":1}]"#, "invalid-field"),
+            (r#"[{"path":"/x","size":1}]"#, "invalid-field"),
+            (
+                r#"[{"path":"/a","size":1},{"path":"/a","size":2}]"#,
+                "invalid-field",
+            ),
+            (
+                r#"[{"path":"/a","size":9007199254740992}]"#,
+                "invalid-field",
+            ),
+            (r#"[{"path":"/a"}]"#, "missing-field"),
+            (r#"[{"path":"a/../b","size":1}]"#, "invalid-path"),
+        ] {
+            assert_eq!(with(bad).unwrap_err().code, code, "{bad}");
+        }
     }
 
     #[test]

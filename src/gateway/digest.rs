@@ -26,6 +26,8 @@ use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 
 use super::session::Frame;
+use crate::notify::ancestors::FolderDelta;
+use crate::notify::fold::FolderFold;
 
 /// The longest digest window a client may ask for unless the operator allows more
 /// (`--max-digest`).
@@ -124,7 +126,7 @@ pub fn parse_window(value: &str, max: Duration) -> Result<Duration, String> {
 fn fold(frames: &[Arc<Frame>]) -> Option<Frame> {
     let mut event_ids: Vec<Value> = Vec::new();
     let mut items: IndexMap<String, Value> = IndexMap::new();
-    let mut folders: IndexMap<(String, u64), (i64, Value)> = IndexMap::new();
+    let mut folders = FolderFold::new();
     let mut actor: Option<Value> = None;
     let mut mixed_actors = false;
     let (mut space, mut time) = (Value::Null, Value::Null);
@@ -164,19 +166,12 @@ fn fold(frames: &[Arc<Frame>]) -> Option<Frame> {
         {
             latest(update.as_object()?.clone())?;
         }
-        for run in m
-            .get("folders")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let path = run.get("path")?.as_str()?.to_owned();
-            let levels = run.get("levels")?.as_u64()?;
-            let delta = run.get("size_delta")?.as_i64()?;
-            let slot = folders.entry((path, levels)).or_insert((0, Value::Null));
-            // Saturating, like the consumer's coalescing: a long window never wraps a sign.
-            slot.0 = slot.0.saturating_add(delta);
-            slot.1 = run.get("mtime").cloned().unwrap_or(Value::Null);
+        if let Some(entries) = m.get("folders") {
+            // Entries that are not foldercast's own (no path, no levels): not foldable.
+            let entries: Vec<FolderDelta> = serde_json::from_value(entries.clone()).ok()?;
+            for entry in &entries {
+                folders.add(entry);
+            }
         }
     }
     let message = json!({
@@ -187,12 +182,7 @@ fn fold(frames: &[Arc<Frame>]) -> Option<Frame> {
         "time": time,
         "event_ids": event_ids,
         "items": items.into_values().collect::<Vec<_>>(),
-        "folders": folders
-            .into_iter()
-            .map(|((path, levels), (size_delta, mtime))| {
-                json!({"path": path, "levels": levels, "size_delta": size_delta, "mtime": mtime})
-            })
-            .collect::<Vec<_>>(),
+        "folders": folders.finish(),
     });
     let payload = Bytes::from(serde_json::to_vec(&message).ok()?);
     let last = frames.last()?;

@@ -13,21 +13,38 @@
 //! above the old place lose it, the common ancestors are touched). A client applies a run by
 //! walking up from `P`, or, for the folder on screen `V`, by checking whether a child `C` of
 //! `V` lies on it: `P` is `C` or below it, at most `n - 1` levels down.
+//!
+//! # Absolute sizes
+//! Where the source cannot say by how much a folder changed (oCIS: an upload over a file whose
+//! old size nobody saw), it reads the folders' sizes after the change instead
+//! ([`crate::event::FolderSize`]). Such a folder is an entry of its own, `levels: 1`, with
+//! `size` and no `size_delta`: a client sets the size rather than adding to it, which is safe to
+//! apply twice. Entries apply in order, so a batch that folds several messages
+//! ([`FolderFold`]) keeps a change that came after an absolute size after it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::event::{EventType, ItemChange};
 
-/// A change shared by a folder and the `levels - 1` folders above it (nearest first).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A change shared by a folder and the `levels - 1` folders above it (nearest first): either
+/// a size change (`size_delta`) or, for one folder, its size after the change (`size`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FolderDelta {
     pub path: Arc<str>,
-    pub size_delta: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_delta: Option<i64>,
+    /// The folder's size after the change, where the change itself is not known exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
     pub mtime: Arc<str>,
     /// How many folders the change applies to, from `path` upwards (1: `path` alone).
     pub levels: u32,
+    /// With `size`: the folder's etag as read then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<Arc<str>>,
 }
 
 impl FolderDelta {
@@ -41,6 +58,7 @@ impl FolderDelta {
 /// The runs of folder changes above `item` (and above `old_path` for moves), each folder once,
 /// never the item itself. For a move, folders above only the old path lose the size, folders
 /// above only the new path gain it, and common ancestors are unchanged in size but touched.
+/// A folder the event gives an absolute size for is an entry of its own, with that size.
 pub fn folder_deltas(
     event_type: EventType,
     item: &ItemChange,
@@ -54,19 +72,32 @@ pub fn folder_deltas(
         EventType::ItemMoved => size,
         _ => 0,
     };
-    let run = |folders: &[&str], size_delta: i64| -> Option<FolderDelta> {
-        let first = folders.first()?;
-        Some(FolderDelta {
-            path: Arc::from(*first),
-            size_delta,
-            mtime: time.clone(),
-            levels: u32::try_from(folders.len()).unwrap_or(u32::MAX),
-        })
-    };
+    let runs = delta_runs(item, time, delta, size);
+    if item.folder_sizes.is_empty() {
+        runs
+    } else {
+        with_absolute_sizes(runs, item, time)
+    }
+}
 
+/// A delta run from `folders[0]` over `folders.len()` folders.
+fn run(folders: &[&str], size_delta: i64, time: &Arc<str>) -> Option<FolderDelta> {
+    let first = folders.first()?;
+    Some(FolderDelta {
+        path: Arc::from(*first),
+        size_delta: Some(size_delta),
+        size: None,
+        mtime: time.clone(),
+        levels: u32::try_from(folders.len()).unwrap_or(u32::MAX),
+        etag: None,
+    })
+}
+
+/// The runs of an item change as deltas (see [`folder_deltas`]).
+fn delta_runs(item: &ItemChange, time: &Arc<str>, delta: i64, size: i64) -> Vec<FolderDelta> {
     let new_ancestors: Vec<&str> = item.path.ancestors().collect();
     let Some(old) = &item.old_path else {
-        return run(&new_ancestors, delta).into_iter().collect();
+        return run(&new_ancestors, delta, time).into_iter().collect();
     };
     let old_ancestors: Vec<&str> = old.ancestors().collect();
     // Ancestor lists end at the root; the common part is their shared tail.
@@ -93,13 +124,55 @@ pub fn folder_deltas(
         );
     }
     [
-        run(new_only, delta),
-        run(&new_ancestors[new_ancestors.len() - common..], 0),
-        run(old_only, -size),
+        run(new_only, delta, time),
+        run(&new_ancestors[new_ancestors.len() - common..], 0, time),
+        run(old_only, -size, time),
     ]
     .into_iter()
     .flatten()
     .collect()
+}
+
+/// `runs` with every folder the event gives an absolute size for cut out into an entry of its
+/// own (`size`, `levels: 1`), in place, so the order stays nearest first.
+fn with_absolute_sizes(
+    runs: Vec<FolderDelta>,
+    item: &ItemChange,
+    time: &Arc<str>,
+) -> Vec<FolderDelta> {
+    let absolute: HashMap<&str, &crate::event::FolderSize> = item
+        .folder_sizes
+        .iter()
+        .map(|f| (f.path.as_str(), f))
+        .collect();
+    let mut out = Vec::with_capacity(runs.len() + absolute.len());
+    for r in runs {
+        let folders: Vec<&str> = r.folders().collect();
+        let mut stretch = 0;
+        for (i, folder) in folders.iter().enumerate() {
+            let Some(known) = absolute.get(folder) else {
+                continue;
+            };
+            if let Some(delta) = r.size_delta {
+                out.extend(run(&folders[stretch..i], delta, time));
+            }
+            out.push(FolderDelta {
+                path: Arc::from(*folder),
+                size_delta: None,
+                size: Some(known.size),
+                mtime: time.clone(),
+                levels: 1,
+                etag: known.etag.as_deref().map(Arc::from),
+            });
+            stretch = i + 1;
+        }
+        if stretch == 0 {
+            out.push(r);
+        } else if let Some(delta) = r.size_delta {
+            out.extend(run(&folders[stretch..], delta, time));
+        }
+    }
+    out
 }
 
 /// The one-folder-per-entry fallback for moves whose paths contain each other.
@@ -114,9 +187,11 @@ fn per_folder(
 ) -> Vec<FolderDelta> {
     let one = |p: &str, size_delta| FolderDelta {
         path: Arc::from(p),
-        size_delta,
+        size_delta: Some(size_delta),
+        size: None,
         mtime: time.clone(),
         levels: 1,
+        etag: None,
     };
     let new_only = new_ancestors.len() - common;
     let mut out = Vec::new();
@@ -149,13 +224,17 @@ mod tests {
             item_id: None,
             parent_id: None,
             etag: None,
+            folder_sizes: Vec::new(),
         }
     }
 
     /// Each folder with its delta, runs expanded.
     fn summary(d: &[FolderDelta]) -> Vec<(&str, i64)> {
         d.iter()
-            .flat_map(|f| f.folders().map(move |p| (p, f.size_delta)))
+            .flat_map(|f| {
+                f.folders()
+                    .map(move |p| (p, f.size_delta.unwrap_or_default()))
+            })
             .collect()
     }
 
@@ -213,6 +292,44 @@ mod tests {
         assert_eq!(
             summary(&folder_deltas(EventType::ItemMoved, &up, &t)),
             [("/", 0), ("/a", -7)]
+        );
+    }
+
+    #[test]
+    fn absolute_sizes_cut_their_folders_out_of_the_runs() {
+        let t: Arc<str> = Arc::from("2026-11-22T10:00:00Z");
+        let mut up = item("/a/b/c/f", None, 9, 4);
+        up.folder_sizes = vec![
+            crate::event::FolderSize {
+                path: SpacePath::parse("/a/b").unwrap(),
+                size: 70,
+                etag: Some("e".into()),
+            },
+            crate::event::FolderSize {
+                path: SpacePath::parse("/").unwrap(),
+                size: 900,
+                etag: None,
+            },
+        ];
+        let entries = folder_deltas(EventType::FileUploaded, &up, &t);
+        let shown: Vec<(&str, Option<i64>, Option<u64>, u32)> = entries
+            .iter()
+            .map(|e| (&*e.path, e.size_delta, e.size, e.levels))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("/a/b/c", Some(4), None, 1),
+                ("/a/b", None, Some(70), 1),
+                ("/a", Some(4), None, 1),
+                ("/", None, Some(900), 1),
+            ]
+        );
+        assert_eq!(entries[1].etag.as_deref(), Some("e"));
+        let json = serde_json::to_value(&entries[1]).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"path":"/a/b","size":70,"mtime":&*t,"levels":1,"etag":"e"})
         );
     }
 

@@ -6,6 +6,7 @@
 
 pub mod ancestors;
 pub mod dedup;
+pub mod fold;
 pub mod message;
 pub mod throttle;
 

@@ -37,7 +37,7 @@ use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
 use indexmap::IndexMap;
 
-use super::ancestors::FolderDelta;
+use super::fold::FolderFold;
 use super::message::{COALESCED, ItemUpdate, Prepared, UserMessage};
 use crate::bus::{Covered, Outgoing};
 
@@ -326,7 +326,7 @@ fn fold(space: &Arc<str>, parts: &[Prepared]) -> UserMessage {
     let mut mixed_actors = false;
     let mut time: Arc<str> = Arc::from("");
     let mut items: IndexMap<String, ItemUpdate> = IndexMap::new();
-    let mut folders: IndexMap<(Arc<str>, u32), (i64, Arc<str>)> = IndexMap::new();
+    let mut folders = FolderFold::new();
     for part in parts {
         let m = &part.message;
         if let Some(ids) = &m.event_ids {
@@ -353,21 +353,9 @@ fn fold(space: &Arc<str>, parts: &[Prepared]) -> UserMessage {
             );
         }
         // Summed per run (a folder and how far up): as linear as the parts, and exact for a
-        // client that applies every run.
-        for FolderDelta {
-            path,
-            size_delta,
-            mtime,
-            levels,
-        } in m.folders.iter().flatten()
-        {
-            let slot = folders
-                .entry((path.clone(), *levels))
-                .or_insert((0, mtime.clone()));
-            // Each event's delta is bounded (`event::MAX_SIZE`), but a long coalesced run must
-            // still never wrap around into a wrong sign.
-            slot.0 = slot.0.saturating_add(*size_delta);
-            slot.1 = mtime.clone();
+        // client that applies every entry in order (absolute sizes keep their place).
+        for entry in m.folders.iter().flatten() {
+            folders.add(entry);
         }
     }
     UserMessage {
@@ -379,17 +367,7 @@ fn fold(space: &Arc<str>, parts: &[Prepared]) -> UserMessage {
         initiator_id: None,
         time,
         item: None,
-        folders: Some(
-            folders
-                .into_iter()
-                .map(|((path, levels), (size_delta, mtime))| FolderDelta {
-                    path,
-                    size_delta,
-                    mtime,
-                    levels,
-                })
-                .collect(),
-        ),
+        folders: Some(folders.finish()),
         member: None,
         event_ids: Some(event_ids),
         items: Some(items.into_values().collect()),
@@ -460,13 +438,13 @@ mod tests {
                 .unwrap(),
             );
             for f in m.folders.iter_mut().flatten() {
-                f.size_delta = i64::MAX / 2 + 1;
+                f.size_delta = Some(i64::MAX / 2 + 1);
             }
             Prepared::new(m)
         };
         let folded = fold(&Arc::from("s"), &[huge("e1"), huge("e2"), huge("e3")]);
         for f in folded.folders.iter().flatten() {
-            assert_eq!(f.size_delta, i64::MAX, "{}", f.path);
+            assert_eq!(f.size_delta, Some(i64::MAX), "{}", f.path);
         }
     }
 
@@ -758,7 +736,7 @@ mod tests {
                             .unwrap(),
                         );
                         for f in m.folders.iter_mut().flatten() {
-                            f.size_delta = *d;
+                            f.size_delta = Some(*d);
                         }
                         Prepared::new(m)
                     })
@@ -767,7 +745,7 @@ mod tests {
                 let folded = fold(&Arc::from("s"), &parts);
                 for f in folded.folders.iter().flatten() {
                     // Saturating addition is not associative at the edges; in order it is exact.
-                    prop_assert_eq!(f.size_delta, expected);
+                    prop_assert_eq!(f.size_delta, Some(expected));
                 }
             }
         }

@@ -6,9 +6,11 @@
 //!   is exact;
 //! - an upload over an existing file or a restored version: the event does not say the old
 //!   size. When this process saw the item's size before (an earlier lookup), the change is
-//!   new − old (every lookup of a file, whatever its event, tells its size); otherwise no
-//!   exact change can be given, and the space's listers are told to
-//!   refetch (`space-resync`) rather than shown a guess;
+//!   new − old (every lookup of a file, whatever its event, tells its size). Otherwise no exact
+//!   change can be given, so the folders above the file are read too (the walk oCIS's
+//!   activitylog makes) and the event carries their sizes after the change
+//!   (`data.folder_sizes`): absolute, safe to apply twice, never a guessed delta. A path deeper
+//!   than [`MAX_FOLDER_READS`] folders resyncs the space instead;
 //! - the item is gone by now (404), oCIS refuses the question, or the event names too little
 //!   (a move whose old path is relative to an unknown folder): `space-resync` as well.
 //!
@@ -61,6 +63,13 @@ impl Items for GraphClient {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fetched {
     Info(ItemInfo),
+    /// An overwrite of a file whose old size was not known when asked: the file, and the folders
+    /// above it (nearest first, up to the space root) as read after the event, or why they
+    /// could not be read.
+    Overwrite {
+        item: ItemInfo,
+        folders: Result<Vec<(String, ItemInfo)>, String>,
+    },
     /// No exact change can be given: the space is resynced, for this reason.
     Resync(String),
     /// The event is exact as it is (no oCIS, or oCIS does not know the item's ids).
@@ -108,6 +117,10 @@ pub struct Completer {
 
 /// Files whose last size is remembered.
 pub const REMEMBERED_SIZES: usize = 100_000;
+
+/// The most folders read above an overwritten file of unknown old size: a deeper file resyncs
+/// its space rather than cost one question per level (oCIS answers one item per request).
+pub const MAX_FOLDER_READS: usize = 32;
 
 /// Answers kept for sharing: far more than the lanes' lookahead holds in flight. A plain map
 /// cleared when full rather than a cache with eviction: moka's future cache, tried first, cost
@@ -197,7 +210,9 @@ impl Completer {
     }
 
     /// What oCIS says of the event's item, for an event in hand since `in_hand` (pulled then).
-    /// Runs ahead, several at a time: it reads no size this completer remembers.
+    /// Runs ahead, several at a time: the sizes this completer remembers may still change
+    /// before [`Completer::finish`], so here they only spare questions (an overwrite's folders
+    /// are not read when the file's old size is already known), never decide the event.
     pub async fn fetch(&self, lookup: &Lookup, in_hand: Instant) -> Fetched {
         let Some(space) = lookup.space_id.as_deref() else {
             return Fetched::Resync("names no space".into());
@@ -231,6 +246,10 @@ impl Completer {
         };
         let found = self.ask(items.as_ref(), question, in_hand).await;
         match found {
+            Ok(info) if lookup.overwrite => {
+                self.fetch_folders(items.as_ref(), lookup, info, in_hand)
+                    .await
+            }
             Ok(info) => Fetched::Info(info),
             Err(GraphError::Unavailable(reason)) => Fetched::Unavailable(reason),
             Err(other) if lookup.exact.is_some() => {
@@ -238,6 +257,66 @@ impl Completer {
                 Fetched::Exact
             }
             Err(other) => Fetched::Resync(other.to_string()),
+        }
+    }
+
+    /// For an overwrite whose old size is not remembered now: the folders above the file too.
+    async fn fetch_folders(
+        &self,
+        items: &dyn Items,
+        lookup: &Lookup,
+        info: ItemInfo,
+        in_hand: Instant,
+    ) -> Fetched {
+        let Some(path) = lookup.path.clone().or_else(|| info.path.clone()) else {
+            return Fetched::Info(info);
+        };
+        let space = lookup.space_id.as_deref().unwrap_or_default();
+        if self
+            .sizes
+            .get(&size_key(space, &path, &info, lookup))
+            .is_some()
+        {
+            return Fetched::Info(info);
+        }
+        let Ok(item_path) = crate::path::SpacePath::parse(&path) else {
+            return Fetched::Info(info);
+        };
+        let folders: Vec<String> = item_path.ancestors().map(str::to_owned).collect();
+        if folders.len() > MAX_FOLDER_READS {
+            let reason = format!(
+                "{} folders deep, more than {MAX_FOLDER_READS} to read",
+                folders.len()
+            );
+            return Fetched::Overwrite {
+                item: info,
+                folders: Err(reason),
+            };
+        }
+        let answers = futures_util::future::join_all(folders.iter().map(|folder| {
+            self.ask(
+                items,
+                Question::ByPath(space.to_owned(), folder.clone()),
+                in_hand,
+            )
+        }))
+        .await;
+        let mut read = Vec::with_capacity(folders.len());
+        for (folder, answer) in folders.into_iter().zip(answers) {
+            match answer {
+                Ok(found) => read.push((folder, found)),
+                Err(GraphError::Unavailable(reason)) => return Fetched::Unavailable(reason),
+                Err(other) => {
+                    return Fetched::Overwrite {
+                        item: info,
+                        folders: Err(format!("folder {folder}: {other}")),
+                    };
+                }
+            }
+        }
+        Fetched::Overwrite {
+            item: info,
+            folders: Ok(read),
         }
     }
 
@@ -254,8 +333,9 @@ impl Completer {
                 json!({"reason": format!("{}: {reason}", lookup.reva_type)}),
             )
         };
-        let info = match fetched {
-            Fetched::Info(info) => info,
+        let (info, folders) = match fetched {
+            Fetched::Info(info) => (info, None),
+            Fetched::Overwrite { item, folders } => (item, Some(folders)),
             Fetched::Resync(reason) | Fetched::Unavailable(reason) => return resync(reason),
             Fetched::Exact => {
                 return match &lookup.exact {
@@ -273,11 +353,7 @@ impl Completer {
         if path == "/" {
             return resync("the event names the space root".into());
         }
-        let key = info
-            .id
-            .clone()
-            .or_else(|| lookup.item_id.clone())
-            .unwrap_or_else(|| format!("{space}:{path}"));
+        let key = size_key(space, &path, &info, lookup);
         let kind = if info.folder { "folder" } else { "file" };
         let mut data = json!({
             "path": path,
@@ -293,10 +369,25 @@ impl Completer {
                 let before = self.sizes.get(&key);
                 self.sizes.insert(key, info.size);
                 if lookup.overwrite {
-                    let Some(before) = before else {
-                        return resync("the file's size before the change is unknown".into());
-                    };
-                    data["size_delta"] = json!(info.size as i64 - before as i64);
+                    match (before, folders) {
+                        (Some(before), _) => {
+                            data["size_delta"] = json!(info.size as i64 - before as i64);
+                        }
+                        (None, Some(Ok(folders))) => {
+                            data["folder_sizes"] = folders
+                                .iter()
+                                .map(|(path, f)| json!({"path": path, "size": f.size, "etag": f.etag}))
+                                .collect();
+                        }
+                        (None, Some(Err(reason))) => {
+                            return resync(format!(
+                                "the file's size before the change is unknown, and {reason}"
+                            ));
+                        }
+                        (None, None) => {
+                            return resync("the file's size before the change is unknown".into());
+                        }
+                    }
                 }
                 "file-uploaded"
             }
@@ -324,6 +415,14 @@ impl Completer {
         };
         lookup.event(event_type, space, data)
     }
+}
+
+/// The key a file's size is remembered under: its id, else its space and path.
+fn size_key(space: &str, path: &str, info: &ItemInfo, lookup: &Lookup) -> String {
+    info.id
+        .clone()
+        .or_else(|| lookup.item_id.clone())
+        .unwrap_or_else(|| format!("{space}:{path}"))
 }
 
 /// An event exact without oCIS, with the item's ids and etag added.
@@ -451,5 +550,128 @@ mod tests {
         }
         // Each fetch asked oCIS once itself (the caller's retries reach it), none twice.
         assert_eq!(calls.load(Relaxed), 2);
+    }
+
+    /// oCIS with a fixed tree: items by id and by path, counting questions.
+    struct Tree {
+        items: HashMap<String, ItemInfo>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl Items for Tree {
+        async fn by_id(&self, _: &str, item: &str) -> Result<ItemInfo, GraphError> {
+            self.calls.fetch_add(1, Relaxed);
+            self.items
+                .values()
+                .find(|i| i.id.as_deref() == Some(item))
+                .cloned()
+                .ok_or_else(|| GraphError::NotFound(item.into()))
+        }
+        async fn by_path(&self, _: &str, path: &str) -> Result<ItemInfo, GraphError> {
+            self.calls.fetch_add(1, Relaxed);
+            self.items
+                .get(path)
+                .cloned()
+                .ok_or_else(|| GraphError::NotFound(path.into()))
+        }
+        async fn trashed(&self, _: &str, _: &str) -> Result<ItemInfo, GraphError> {
+            Err(GraphError::NotFound("no trash here".into()))
+        }
+    }
+
+    fn tree(entries: &[(&str, u64, bool)]) -> (Tree, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let items = entries
+            .iter()
+            .map(|(path, size, folder)| {
+                let info = ItemInfo {
+                    id: Some(format!("s$p!{path}")),
+                    path: Some((*path).to_owned()),
+                    size: *size,
+                    etag: Some(format!("etag-{path}")),
+                    folder: *folder,
+                    parent_id: None,
+                };
+                ((*path).to_owned(), info)
+            })
+            .collect();
+        (
+            Tree {
+                items,
+                calls: calls.clone(),
+            },
+            calls,
+        )
+    }
+
+    fn overwrite(event_id: &str, path: &str) -> Lookup {
+        Lookup {
+            overwrite: true,
+            item_id: Some(format!("s$p!{path}")),
+            path: Some(path.to_owned()),
+            ..upload(event_id)
+        }
+    }
+
+    fn data(event: &[u8]) -> serde_json::Value {
+        let event: serde_json::Value = serde_json::from_slice(event).unwrap();
+        event["data"].clone()
+    }
+
+    #[tokio::test]
+    async fn an_overwrite_of_an_unseen_file_carries_its_folders_sizes_and_a_seen_one_its_delta() {
+        let (items, calls) = tree(&[
+            ("/", 1000, true),
+            ("/docs", 300, true),
+            ("/docs/q1", 120, true),
+            ("/docs/q1/f.txt", 80, false),
+        ]);
+        let completer = Completer::new(Some(Box::new(items)));
+        let pulled = Instant::now();
+        let first = overwrite("o1", "/docs/q1/f.txt");
+        let second = overwrite("o2", "/docs/q1/f.txt");
+        // Pulled together: the file and its three folders are asked once for both.
+        let (f1, f2) = tokio::join!(
+            completer.fetch(&first, pulled),
+            completer.fetch(&second, pulled)
+        );
+        assert_eq!(calls.load(Relaxed), 4, "the file, /docs/q1, /docs and /");
+        let event = completer.finish(&first, f1);
+        let d = data(&event);
+        assert_eq!(d["size"], 80);
+        assert!(d.get("size_delta").is_none(), "{d}");
+        assert_eq!(
+            d["folder_sizes"],
+            serde_json::json!([
+                {"path": "/docs/q1", "size": 120, "etag": "etag-/docs/q1"},
+                {"path": "/docs", "size": 300, "etag": "etag-/docs"},
+                {"path": "/", "size": 1000, "etag": "etag-/"},
+            ])
+        );
+        let decoded = crate::event::decode(&event).unwrap();
+        assert_eq!(decoded.event_type, crate::event::EventType::FileUploaded);
+        // The first told the file's size: the second is an exact delta of 0, whatever it read.
+        let d = data(&completer.finish(&second, f2));
+        assert_eq!(d["size_delta"], 0);
+        assert!(d.get("folder_sizes").is_none());
+        // Now seen: a later overwrite asks for the file alone.
+        let later = completer.fetch(&overwrite("o3", "/docs/q1/f.txt"), Instant::now()).await;
+        assert!(matches!(later, Fetched::Info(_)), "{later:?}");
+        assert_eq!(calls.load(Relaxed), 5);
+    }
+
+    #[tokio::test]
+    async fn an_overwrite_whose_folders_cannot_be_read_resyncs_the_space() {
+        let deep = format!("{}/f", "/d".repeat(MAX_FOLDER_READS));
+        let (items, _) = tree(&[("/gone/f", 5, false), (deep.as_str(), 5, false)]);
+        let completer = Completer::new(Some(Box::new(items)));
+        for path in ["/gone/f", deep.as_str()] {
+            let lookup = overwrite("o", path);
+            let fetched = completer.fetch(&lookup, Instant::now()).await;
+            let event: serde_json::Value =
+                serde_json::from_slice(&completer.finish(&lookup, fetched)).unwrap();
+            assert_eq!(event["type"], "space-resync", "{path}: {event}");
+        }
     }
 }
