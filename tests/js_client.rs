@@ -42,7 +42,7 @@ async fn start_client(page: &mut Cdp, options: &str) {
         .eval(&format!(
             r#"(async () => {{
                 const m = await import("data:text/javascript;base64,{module}");
-                window.got = []; window.resyncs = [];
+                window.fcm = m; window.got = []; window.resyncs = [];
                 window.fc = m.connect({options});
                 fc.on("event", (msg) => got.push(msg.n));
                 fc.on("resync", (r) => resyncs.push(r));
@@ -79,6 +79,74 @@ fn numbers(v: &Value) -> Vec<u64> {
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_u64).collect())
         .unwrap_or_default()
+}
+
+/// Folder sizes in the page: the client's `applyFolders` over a real gateway's messages, one
+/// with a run of deltas, one coalesced batch where absolute sizes (an overwrite oCIS could not
+/// give a delta for) come between deltas. Applied in order, the page ends with oCIS's sizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_applies_folder_deltas_and_absolute_sizes_in_order() {
+    let port = free_port();
+    let _server = gateway(port).await;
+    let user: Arc<str> = Arc::from(unique("js-sizes"));
+    let bus = RedisBus::connect(
+        &RedisTarget::Standalone(redis_url()),
+        RedisOptions::default(),
+        None,
+    )
+    .await
+    .unwrap();
+    let browser = Browser::launch(&format!("http://127.0.0.1:{port}/healthz")).await;
+    let mut page = browser.loaded_page("/healthz").await;
+    let options = format!(
+        r#"{{ url: "ws://127.0.0.1:{port}/ws", getToken: () => "{}" }}"#,
+        token(&user)
+    );
+    start_client(&mut page, &options).await;
+    let ready = page
+        .eval(
+            r#"window.sizes = new Map([["/docs", 300], ["/", 1000], ["/other", 5]]);
+               fc.on("event", (msg) => fcm.applyFolders(msg, sizes)); "ready""#,
+        )
+        .await;
+    assert_eq!(ready, "ready");
+    let t = "2026-12-02T10:00:00Z";
+    let messages = [
+        serde_json::json!({"event_id": format!("{user}-1"), "type": "file-uploaded", "space_id": "s-js",
+            "actor": null, "time": t, "n": 1,
+            "item": {"path": "/docs/x.txt", "old_path": null, "kind": "file", "size": 10, "item_id": null, "etag": null},
+            "folders": [{"path": "/docs", "size_delta": 10, "mtime": t, "levels": 2}]}),
+        serde_json::json!({"event_id": format!("{user}-3"), "type": "coalesced", "space_id": "s-js",
+            "actor": null, "time": t, "n": 2, "event_ids": [format!("{user}-2"), format!("{user}-3")], "items": [],
+            "folders": [
+                {"path": "/docs", "size": 360, "mtime": t, "levels": 1, "etag": "e1"},
+                {"path": "/", "size": 1060, "mtime": t, "levels": 1},
+                {"path": "/docs", "size_delta": 30, "mtime": t, "levels": 2}]}),
+    ];
+    let schemas = common::Schemas::load();
+    for m in &messages {
+        // `n` is this test's own counter, not part of the contract.
+        let mut contract = m.clone();
+        contract.as_object_mut().unwrap().remove("n");
+        common::assert_valid(&schemas.message, &contract, "a message with folder sizes");
+        let id = m["event_id"].as_str().unwrap();
+        let msg = Outgoing::for_event(
+            user.clone(),
+            Bytes::from(m.to_string()),
+            Some(Arc::from(id)),
+        );
+        bus.publish(&[msg]).await.expect("publish");
+    }
+    wait_for(&mut page, "both messages", |v| numbers(v).len() >= 2).await;
+    let sizes = page
+        .eval("JSON.stringify(Object.fromEntries(window.sizes))")
+        .await;
+    let sizes: Value = serde_json::from_str(sizes.as_str().unwrap()).unwrap();
+    assert_eq!(
+        sizes,
+        serde_json::json!({"/docs": 390, "/": 1090, "/other": 5}),
+        "deltas add, absolute sizes set, in order"
+    );
 }
 
 async fn stop(server: &mut Server, signal: &str) {

@@ -5,8 +5,9 @@
 //! - the fixture (`fixtures/ocis/events.jsonl`): every mapping reaches the space's members as
 //!   the table in its README says, refused envelopes are dead-lettered with their reason, and
 //!   every message of the stream ends acknowledged;
-//! - lookups that cannot be exact (an overwrite of a file never seen, an item gone by the time
-//!   it is asked for) resync the space instead of guessing;
+//! - lookups that cannot be exact (an item gone by the time it is asked for) resync the space
+//!   instead of guessing; an overwrite of a file never seen carries its folders' sizes after
+//!   the change, which add up with the deltas around them even when coalesced;
 //! - a consumer killed with SIGKILL mid-stream, under the default rate limit: after a restart
 //!   every event reaches every member exactly once, and folder sizes add up.
 
@@ -503,6 +504,91 @@ async fn lookups_that_cannot_be_exact_resync_the_space_and_exact_ones_carry_the_
         common::folder_changes(&got[0]),
         [("/docs".to_owned(), 30), ("/".to_owned(), 30)]
     );
+    stream.until_all_acknowledged(&log).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overwrite_nobody_saw_before_carries_absolute_folder_sizes_that_add_up_when_coalesced() {
+    let graph = LibreGraph::start().await;
+    physics(&graph);
+    // oCIS's tree once the overwrite (a.txt: 100 → 150 bytes) and the upload before it
+    // (x.txt, 10 bytes) happened; the folders were 300 and 1,000 bytes before either.
+    let d = drive();
+    graph.item(&d, Item::file(&d, "x", "/docs/x.txt", 10));
+    graph.item(&d, Item::file(&d, "a", "/docs/a.txt", 150));
+    graph.item(&d, Item::file(&d, "n", "/docs/n.txt", 30));
+    graph.item(&d, Item::folder(&d, "docs", "/docs", 300 + 10 + 50));
+    graph.item(&d, Item::folder(&d, SPACE_UUID, "/", 1000 + 10 + 50));
+    let redis = PrivateRedis::start();
+    let server = gateway(&Redis::Standalone(redis.url()), &[]).await;
+    let mut einstein = connect(&server, EINSTEIN).await;
+    let stream = Stream::new();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("absolute");
+    let id = |n: u32| format!("{prefix}-{n}");
+    let fixture = dir.path().join("events.jsonl");
+    std::fs::write(
+        &fixture,
+        [
+            envelope(
+                "UploadReady",
+                &id(1),
+                &upload_ready(SPACE_UUID, "/docs/x.txt", "x", false, 1_795_942_801),
+            ),
+            envelope(
+                "UploadReady",
+                &id(2),
+                &upload_ready(SPACE_UUID, "/docs/a.txt", "a", true, 1_795_942_802),
+            ),
+            envelope(
+                "UploadReady",
+                &id(3),
+                &upload_ready(SPACE_UUID, "/docs/n.txt", "n", false, 1_795_942_803),
+            ),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    stream.load(&fixture).await;
+    let log = dir.path().join("consume.log");
+    // One message at once, then one every 5 s: the overwrite and the upload after it are
+    // held and leave as one coalesced message.
+    let _consumer = stream.consume(
+        &graph,
+        &redis.url(),
+        &["--user-rate", "0.2", "--user-burst", "1"],
+        &log,
+    );
+    let got = events(&mut einstein, 2, WAIT).await;
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(got.len(), 2, "{got:?}\n{}", logged());
+    let schemas = Schemas::load();
+    for m in &got {
+        assert_valid(&schemas.message, m, "a message with absolute folder sizes");
+    }
+    assert_eq!(got[0]["type"], "file-uploaded", "{got:?}");
+    assert_eq!(got[1]["type"], "coalesced", "{got:?}");
+    assert_eq!(got[1]["event_ids"], json!([id(2), id(3)]));
+    let absolute: Vec<(&str, u64)> = got[1]["folders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| Some((f["path"].as_str()?, f["size"].as_u64()?)))
+        .collect();
+    assert_eq!(absolute, [("/docs", 360), ("/", 1060)], "{}", got[1]);
+    // A client that knew the sizes before ends with oCIS's sizes after all three.
+    let mut sizes: BTreeMap<String, i64> =
+        [("/docs".to_owned(), 300), ("/".to_owned(), 1000)].into();
+    for m in &got {
+        common::apply_folders(&mut sizes, m);
+    }
+    assert_eq!(sizes["/docs"], 300 + 10 + 50 + 30);
+    assert_eq!(sizes["/"], 1000 + 10 + 50 + 30);
+    // Each folder was read once, for the overwrite alone.
+    for folder in ["propfind:{d}/docs", "propfind:{d}"] {
+        let key = folder.replace("{d}", &d);
+        assert_eq!(graph.calls(&key), 1, "{key}");
+    }
     stream.until_all_acknowledged(&log).await;
 }
 

@@ -1,8 +1,9 @@
 //! A LibreGraph-shaped server for the benchmarks, on a thread of its own so its work does not
 //! compete with the measured runtime: project spaces named `…space-<s>` with `members` viewers
 //! each (`user-<s>-<m>`, unified role ids), and items answered by id (a file whose size is
-//! derived from its id), as `GET /graph/v1.0/drives/{drive}/items/{item}` does. Every request is
-//! counted, by kind.
+//! derived from its id), as `GET /graph/v1.0/drives/{drive}/items/{item}` does, and folders by
+//! path, as `PROPFIND /remote.php/dav/spaces/{drive}/{path}` does (an overwrite of a file nobody
+//! saw reads the folders above it). Every request is counted, by kind.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -18,6 +19,7 @@ const SPACE_VIEWER: &str = "a8d5fe5e-96e3-418d-825b-534dbdf22b99";
 pub struct Calls {
     pub permissions: AtomicU64,
     pub items: AtomicU64,
+    pub folders: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -46,6 +48,7 @@ pub fn start(members: usize, calls: Arc<Calls>) -> anyhow::Result<String> {
                     get(permissions),
                 )
                 .route("/graph/v1.0/drives/{drive}/items/{item}", get(item))
+                .route("/remote.php/dav/spaces/{*rest}", axum::routing::any(folder))
                 .with_state(Graph { members, calls });
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(l) => {
@@ -96,4 +99,25 @@ async fn item(
         "parentReference": {"driveId": drive, "id": format!("{drive}!parent"), "path": "/"},
         "file": {"mimeType": "application/octet-stream"}
     }))
+}
+
+/// A folder by path (`PROPFIND`, `Depth: 0`): 1 MB, whatever the path.
+async fn folder(State(graph): State<Graph>, Path(rest): Path<String>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    graph.calls.folders.fetch_add(1, Relaxed);
+    let body = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<d:multistatus xmlns:d="DAV:" xmlns:oc="http://owncloud.org/ns"><d:response><d:href>/remote.php/dav/spaces/{rest}</d:href>
+<d:propstat><d:prop><oc:fileid>{rest}</oc:fileid><oc:size>1000000</oc:size><d:getetag>&quot;1&quot;</d:getetag><d:resourcetype><d:collection/></d:resourcetype></d:prop>
+<d:status>HTTP/1.1 200 OK</d:status></d:propstat></d:response></d:multistatus>"#
+    );
+    (
+        axum::http::StatusCode::MULTI_STATUS,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/xml; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }

@@ -64,7 +64,7 @@ fn storage_event(tag: &str, n: u64, space: usize, folder: &str) -> String {
 }
 
 /// oCIS's `UploadReady` of the same upload, in its go-micro envelope.
-fn reva_envelope(tag: &str, n: u64, space: usize, folder: &str) -> Vec<u8> {
+fn reva_envelope(tag: &str, n: u64, space: usize, folder: &str, overwrite: bool) -> Vec<u8> {
     let root = serde_json::json!({"storage_id": "st", "opaque_id": format!("space-{space}"), "space_id": format!("space-{space}")});
     let payload = serde_json::json!({
         "UploadID": format!("up-{n}"), "Filename": format!("file-{n}.bin"),
@@ -73,7 +73,7 @@ fn reva_envelope(tag: &str, n: u64, space: usize, folder: &str) -> Vec<u8> {
         "ImpersonatingUser": null,
         "FileRef": {"resource_id": root, "path": format!(".{folder}/file-{n}.bin")},
         "ResourceID": {"storage_id": "st", "opaque_id": format!("n{n}"), "space_id": format!("space-{space}")},
-        "Timestamp": {"seconds": 1_795_942_800u64 + n}, "Failed": false, "IsVersion": false,
+        "Timestamp": {"seconds": 1_795_942_800u64 + n}, "Failed": false, "IsVersion": overwrite,
     });
     serde_json::json!({
         "Timestamp": "2026-11-30T08:00:00Z",
@@ -94,13 +94,14 @@ fn unique(prefix: &str) -> String {
 }
 
 /// Writes `events` uploads (upload `n` in space `n % spaces`, or all in space 0 and one folder
-/// when `one_folder`) into the source, unconsumed.
+/// when `one_folder`; over existing files when `overwrite`) into the source, unconsumed.
 async fn produce(
     args: &BenchIngestArgs,
     source: Source,
     tag: &str,
     events: u64,
     one_folder: bool,
+    overwrite: bool,
 ) -> anyhow::Result<()> {
     let place = |n: u64| {
         if one_folder {
@@ -135,7 +136,7 @@ async fn produce(
             let mut batch = Vec::with_capacity(5000);
             for n in 0..events {
                 let (space, folder) = place(n);
-                batch.push(reva_envelope(tag, n, space, &folder));
+                batch.push(reva_envelope(tag, n, space, &folder, overwrite));
                 if batch.len() == 5000 || n + 1 == events {
                     producer.publish_all(&batch).await?;
                     batch.clear();
@@ -234,7 +235,7 @@ async fn run_async(args: BenchIngestArgs) -> anyhow::Result<ExitCode> {
                 "round {round}: producing {} events into {source:?}…",
                 args.events
             );
-            produce(&args, source, &tag, args.events, false).await?;
+            produce(&args, source, &tag, args.events, false, false).await?;
             let run = consume(&args, &exe, &graph, source, &tag, expected, &mut conn).await?;
             eprintln!(
                 "round {round}: {source:?} {:.0} events/s ({:.1} µs CPU per event)",
@@ -261,7 +262,7 @@ async fn run_async(args: BenchIngestArgs) -> anyhow::Result<ExitCode> {
     let permissions_before = calls.permissions.load(Relaxed);
     let tag = unique("ingest-burst");
     eprintln!("burst: {} uploads into one folder…", args.burst);
-    produce(&args, Source::Nats, &tag, args.burst, true).await?;
+    produce(&args, Source::Nats, &tag, args.burst, true, false).await?;
     let burst = consume(
         &args,
         &exe,
@@ -274,6 +275,25 @@ async fn run_async(args: BenchIngestArgs) -> anyhow::Result<ExitCode> {
     .await?;
     let items = calls.items.load(Relaxed) - items_before;
     let permissions = calls.permissions.load(Relaxed) - permissions_before;
+
+    // The same burst over files nobody saw before (`IsVersion`): no exact delta, so the folders
+    // above each file (`/burst` and the root) are read too.
+    let (items_before, folders_before) = (calls.items.load(Relaxed), calls.folders.load(Relaxed));
+    let tag = unique("ingest-overwrites");
+    eprintln!("burst: {} overwrites into one folder…", args.burst);
+    produce(&args, Source::Nats, &tag, args.burst, true, true).await?;
+    let overwrites = consume(
+        &args,
+        &exe,
+        &graph,
+        Source::Nats,
+        &tag,
+        args.burst * args.members as u64,
+        &mut conn,
+    )
+    .await?;
+    let overwrite_items = calls.items.load(Relaxed) - items_before;
+    let overwrite_folders = calls.folders.load(Relaxed) - folders_before;
 
     let Some((kafka, nats)) = last else {
         bail!("no round ran");
@@ -309,6 +329,15 @@ async fn run_async(args: BenchIngestArgs) -> anyhow::Result<ExitCode> {
         items as f64 / args.burst.max(1) as f64,
         permissions,
         args.burst as f64 / burst.secs
+    );
+    println!(
+        "  burst of {} overwrites of files never seen, into one folder: {} item lookups ({:.2} per event), {} folder reads for absolute sizes ({:.3} per event; 2 folders above each file, shared by the events pulled before each read); {:.0} events/s",
+        args.burst,
+        overwrite_items,
+        overwrite_items as f64 / args.burst.max(1) as f64,
+        overwrite_folders,
+        overwrite_folders as f64 / args.burst.max(1) as f64,
+        args.burst as f64 / overwrites.secs
     );
     println!(
         "  reproduce: scripts/bench.sh ingest   (or: foldercast-bench ingest --brokers B --nats URL --redis URL --events {} --members {} --spaces {} --rounds {} --burst {})",

@@ -75,5 +75,11 @@ export interface Connection {
 export function connect(options: Options): Connection;
 /** Full-jitter exponential backoff: a random delay up to min(max, min·2^attempt), in ms. */
 export function backoff(attempt: number, min?: number, max?: number): number;
-declare const _default: { connect: typeof connect; backoff: typeof backoff };
+/**
+ * Applies a message's `folders` to `sizes` (folder path → bytes), in order: `size_delta` adds to
+ * each folder of a run, an absolute `size` replaces. Only folders already in `sizes` change.
+ * Returns the paths that changed.
+ */
+export function applyFolders(message: UserMessage, sizes: Map<string, number>): string[];
+declare const _default: { connect: typeof connect; backoff: typeof backoff; applyFolders: typeof applyFolders };
 export default _default;

@@ -6,6 +6,7 @@
 //   fc.on("resync", ({ space_id }) => …);        // history lost: refetch what you show
 //   fc.on("notification", (n, ack) => …);       // operator notices; ack() those that ask
 //   fc.watch("s-eng", "/f1/f2");
+//   applyFolders(message, sizes);                // folder sizes on screen, deltas and absolutes
 //
 // The client keeps the last position it received and resumes from it on every reconnect
 // (WebSocket `since` in the auth frame; SSE `?since=`, then the browser's Last-Event-ID). When
@@ -28,6 +29,30 @@ const TERMINAL = new Set(["invalid-token", "invalid-ticket", "unauthenticated", 
 export function backoff(attempt, min = BACKOFF_MIN_MS, max = BACKOFF_MAX_MS) {
   const cap = Math.min(max, min * 2 ** Math.min(attempt, 16));
   return Math.round(min / 2 + Math.random() * (cap - min / 2));
+}
+
+/**
+ * Applies a message's folder changes to `sizes` (a Map from folder path to bytes) as the
+ * contract says: entries in order; a run's `size_delta` is added to each folder it covers
+ * (`path` and the `levels - 1` folders above it), an entry's absolute `size` (sent where the
+ * change was not known exactly) replaces the folder's size. Only folders already in `sizes`
+ * change (those the app shows). Works for single, coalesced and digest messages alike.
+ * @returns {string[]} the paths that changed, in the order they changed
+ */
+export function applyFolders(message, sizes) {
+  const changed = [];
+  for (const entry of (message && message.folders) || []) {
+    let path = entry.path;
+    for (let n = 0; n < (entry.levels || 1) && path; n++) {
+      if (sizes.has(path)) {
+        const size = typeof entry.size === "number" ? entry.size : sizes.get(path) + entry.size_delta;
+        sizes.set(path, size);
+        changed.push(path);
+      }
+      path = path === "/" ? null : (path.lastIndexOf("/") === 0 ? "/" : path.slice(0, path.lastIndexOf("/")));
+    }
+  }
+  return changed;
 }
 
 /**
@@ -353,4 +378,4 @@ export function connect(options) {
   };
 }
 
-export default { connect, backoff };
+export default { connect, backoff, applyFolders };

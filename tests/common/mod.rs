@@ -211,6 +211,30 @@ pub fn folder_changes(message: &Value) -> Vec<(String, i64)> {
     out
 }
 
+/// Applies a message's `folders` to `sizes` the way a client does: in order, a run's
+/// `size_delta` added to each folder it covers, an absolute `size` set.
+pub fn apply_folders(sizes: &mut std::collections::BTreeMap<String, i64>, message: &Value) {
+    for entry in message["folders"].as_array().into_iter().flatten() {
+        let mut path = entry["path"].as_str().expect("path").to_owned();
+        for _ in 0..entry["levels"].as_u64().expect("levels") {
+            let slot = sizes.entry(path.clone()).or_default();
+            match (entry["size"].as_i64(), entry["size_delta"].as_i64()) {
+                (Some(size), None) => *slot = size,
+                (None, Some(delta)) => *slot += delta,
+                other => panic!("an entry with neither or both of size and size_delta: {other:?}"),
+            }
+            if path == "/" {
+                break;
+            }
+            path = match path.rfind('/') {
+                Some(0) => "/".to_owned(),
+                Some(i) => path[..i].to_owned(),
+                None => panic!("relative path in a run: {path}"),
+            };
+        }
+    }
+}
+
 /// `replay --print` of a fixture: the expected deliveries, as (user, message) pairs.
 pub fn replay_print(
     events: &Path,

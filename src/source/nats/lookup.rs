@@ -656,7 +656,9 @@ mod tests {
         assert_eq!(d["size_delta"], 0);
         assert!(d.get("folder_sizes").is_none());
         // Now seen: a later overwrite asks for the file alone.
-        let later = completer.fetch(&overwrite("o3", "/docs/q1/f.txt"), Instant::now()).await;
+        let later = completer
+            .fetch(&overwrite("o3", "/docs/q1/f.txt"), Instant::now())
+            .await;
         assert!(matches!(later, Fetched::Info(_)), "{later:?}");
         assert_eq!(calls.load(Relaxed), 5);
     }
