@@ -265,6 +265,39 @@ mod tests {
     }
 
     #[test]
+    fn absolute_folder_sizes_keep_their_place_in_a_digest() {
+        let now = Instant::now();
+        let mut d = Digest::new(Duration::from_secs(30));
+        let mut out = Vec::new();
+        d.offer(upload(1, "s1", "/a/x", 10), now, &mut out);
+        // An overwrite oCIS gave no delta for: /a and / as read after it.
+        let overwrite = json!({
+            "event_id": "e2", "type": "file-uploaded", "space_id": "s1", "actor": "alice",
+            "time": "2026-12-01T10:00:02Z",
+            "item": {"path": "/a/o", "old_path": null, "kind": "file", "size": 5,
+                     "item_id": null, "etag": null},
+            "folders": [
+                {"path": "/a", "size": 500, "mtime": "2026-12-01T10:00:02Z", "levels": 1, "etag": "ea"},
+                {"path": "/", "size": 900, "mtime": "2026-12-01T10:00:02Z", "levels": 1}],
+        });
+        d.offer(frame(2, "file-uploaded", overwrite), now, &mut out);
+        d.offer(upload(3, "s1", "/a/y", 7), now, &mut out);
+        d.flush(&mut out);
+        assert_eq!(out.len(), 1);
+        let m = json_of(&out[0]);
+        assert_eq!(
+            m["folders"],
+            json!([
+                {"path": "/a", "levels": 2, "size_delta": 10, "mtime": "2026-12-01T10:00:01Z"},
+                {"path": "/a", "size": 500, "mtime": "2026-12-01T10:00:02Z", "levels": 1, "etag": "ea"},
+                {"path": "/", "size": 900, "mtime": "2026-12-01T10:00:02Z", "levels": 1},
+                {"path": "/a", "levels": 2, "size_delta": 7, "mtime": "2026-12-01T10:00:03Z"},
+            ]),
+            "the delta before the sizes is moot, the one after adds to them"
+        );
+    }
+
+    #[test]
     fn another_space_or_a_message_that_is_no_change_sends_what_is_held_first() {
         let now = Instant::now();
         let mut d = Digest::new(Duration::from_secs(30));
