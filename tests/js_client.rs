@@ -19,6 +19,17 @@ async fn gateway(port: u16) -> Server {
     gateway_on(&redis_url(), port, &[]).await
 }
 
+/// A publisher on the suite's Redis.
+async fn redis_bus() -> Arc<RedisBus> {
+    RedisBus::connect(
+        &RedisTarget::Standalone(redis_url()),
+        RedisOptions::default(),
+        None,
+    )
+    .await
+    .unwrap()
+}
+
 async fn publish(bus: &RedisBus, user: &Arc<str>, range: std::ops::Range<u64>) {
     for n in range {
         let payload = Bytes::from(format!(
@@ -89,13 +100,7 @@ async fn page_applies_folder_deltas_and_absolute_sizes_in_order() {
     let port = free_port();
     let _server = gateway(port).await;
     let user: Arc<str> = Arc::from(unique("js-sizes"));
-    let bus = RedisBus::connect(
-        &RedisTarget::Standalone(redis_url()),
-        RedisOptions::default(),
-        None,
-    )
-    .await
-    .unwrap();
+    let bus = redis_bus().await;
     let browser = Browser::launch(&format!("http://127.0.0.1:{port}/healthz")).await;
     let mut page = browser.loaded_page("/healthz").await;
     let options = format!(
@@ -157,13 +162,7 @@ async fn page_survives_restarts_and_refetches_after_a_lost_history(transport: &s
     let port = free_port();
     let mut server = gateway(port).await;
     let user: Arc<str> = Arc::from(unique("js"));
-    let bus = RedisBus::connect(
-        &RedisTarget::Standalone(redis_url()),
-        RedisOptions::default(),
-        None,
-    )
-    .await
-    .unwrap();
+    let bus = redis_bus().await;
     // A page of the gateway's own origin, as behind the deployment's proxy (SSE tickets are
     // fetched same-origin; the gateway sends no CORS headers).
     let browser = Browser::launch(&format!("http://127.0.0.1:{port}/healthz")).await;

@@ -22,6 +22,23 @@ pub struct Calls {
     pub folders: AtomicU64,
 }
 
+impl Calls {
+    /// Items, permissions and folders served so far.
+    pub fn snapshot(&self) -> [u64; 3] {
+        [
+            self.items.load(Relaxed),
+            self.permissions.load(Relaxed),
+            self.folders.load(Relaxed),
+        ]
+    }
+
+    /// Items, permissions and folders served since `before` (a [`Calls::snapshot`]).
+    pub fn since(&self, before: [u64; 3]) -> (u64, u64, u64) {
+        let now = self.snapshot();
+        (now[0] - before[0], now[1] - before[1], now[2] - before[2])
+    }
+}
+
 #[derive(Clone)]
 struct Graph {
     members: usize,

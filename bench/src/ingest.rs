@@ -14,7 +14,6 @@
 
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -147,6 +146,23 @@ async fn produce(
     Ok(())
 }
 
+/// `args.burst` uploads into one folder of one space through NATS (over files nobody saw when
+/// `overwrite`), consumed.
+async fn one_folder_burst(
+    args: &BenchIngestArgs,
+    exe: &std::path::Path,
+    graph: &str,
+    conn: &mut redis::aio::MultiplexedConnection,
+    overwrite: bool,
+) -> anyhow::Result<Run> {
+    let what = if overwrite { "overwrites" } else { "uploads" };
+    let tag = unique(&format!("ingest-burst-{what}"));
+    eprintln!("burst: {} {what} into one folder…", args.burst);
+    produce(args, Source::Nats, &tag, args.burst, true, overwrite).await?;
+    let expected = args.burst * args.members as u64;
+    consume(args, exe, graph, Source::Nats, &tag, expected, conn).await
+}
+
 /// Consumes what [`produce`] wrote with a child `foldercast consume`, timed from the first
 /// message in Redis to the last.
 async fn consume(
@@ -257,43 +273,15 @@ async fn run_async(args: BenchIngestArgs) -> anyhow::Result<ExitCode> {
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
 
-    // A burst into one folder: requests to oCIS per event.
-    let items_before = calls.items.load(Relaxed);
-    let permissions_before = calls.permissions.load(Relaxed);
-    let tag = unique("ingest-burst");
-    eprintln!("burst: {} uploads into one folder…", args.burst);
-    produce(&args, Source::Nats, &tag, args.burst, true, false).await?;
-    let burst = consume(
-        &args,
-        &exe,
-        &graph,
-        Source::Nats,
-        &tag,
-        args.burst * args.members as u64,
-        &mut conn,
-    )
-    .await?;
-    let items = calls.items.load(Relaxed) - items_before;
-    let permissions = calls.permissions.load(Relaxed) - permissions_before;
-
-    // The same burst over files nobody saw before (`IsVersion`): no exact delta, so the folders
-    // above each file (`/burst` and the root) are read too.
-    let (items_before, folders_before) = (calls.items.load(Relaxed), calls.folders.load(Relaxed));
-    let tag = unique("ingest-overwrites");
-    eprintln!("burst: {} overwrites into one folder…", args.burst);
-    produce(&args, Source::Nats, &tag, args.burst, true, true).await?;
-    let overwrites = consume(
-        &args,
-        &exe,
-        &graph,
-        Source::Nats,
-        &tag,
-        args.burst * args.members as u64,
-        &mut conn,
-    )
-    .await?;
-    let overwrite_items = calls.items.load(Relaxed) - items_before;
-    let overwrite_folders = calls.folders.load(Relaxed) - folders_before;
+    // A burst into one folder: requests to oCIS per event. Then the same burst over files
+    // nobody saw before (`IsVersion`): no exact delta, so the folders above each file
+    // (`/burst` and the root) are read too.
+    let before = calls.snapshot();
+    let burst = one_folder_burst(&args, &exe, &graph, &mut conn, false).await?;
+    let (items, permissions, _) = calls.since(before);
+    let before = calls.snapshot();
+    let overwrites = one_folder_burst(&args, &exe, &graph, &mut conn, true).await?;
+    let (overwrite_items, _, overwrite_folders) = calls.since(before);
 
     let Some((kafka, nats)) = last else {
         bail!("no round ran");

@@ -3,7 +3,8 @@
 //! Desktop sync clients would rather learn "this folder changed a lot" once than 500 times in
 //! a minute (the Nuxeo Drive design waits 30 s "to see if other messages arrive"). A
 //! connection opened with `?digest=N` has its item changes held for up to N seconds from the
-//! first one, then sent as one `coalesced` message: folder deltas summed per run, the latest
+//! first one, then sent as one `coalesced` message: folder changes folded as the consumer's rate
+//! limit folds them (`notify::fold`: deltas summed per run, absolute sizes in place), the latest
 //! change of each path, every event id (the same shape the consumer's rate limit produces, so a
 //! client handles one kind of batch). Other connections of the same user are unaffected: the
 //! digest lives in the connection, after the shared queue.

@@ -3,7 +3,8 @@
 //! Each user has a token bucket (governor's keyed limiter), shared by every ordered lane of the
 //! consumer, so a user's rate is one figure however many partitions feed them. A message the
 //! bucket allows goes out at once; one it refuses is held in the user's pending change for that
-//! space, in the lane that read it: folder deltas are summed per folder, the latest change of
+//! space, in the lane that read it: folder changes are folded as a client would apply them
+//! ([`super::fold`]: deltas summed per run, absolute sizes kept in place), the latest change of
 //! each path is kept, and every covered event id is listed. The pending change is flushed as one
 //! `coalesced` message when the bucket allows. A user whose pending backlog grows past
 //! `max_backlog` events gets one `resync` per space instead: their client refetches rather than
@@ -318,8 +319,8 @@ fn coalesce(user: &Arc<str>, space: &Arc<str>, mut parts: Vec<Prepared>) -> Outg
     msg
 }
 
-/// Sums held messages into one `coalesced` message: folder deltas summed per folder, the latest
-/// change of each path (in the order paths last changed), every event id.
+/// Folds held messages into one `coalesced` message: folder changes folded ([`FolderFold`]),
+/// the latest change of each path (in the order paths last changed), every event id.
 fn fold(space: &Arc<str>, parts: &[Prepared]) -> UserMessage {
     let mut event_ids = Vec::with_capacity(parts.len());
     let mut actor: Option<Option<String>> = None;
