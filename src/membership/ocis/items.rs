@@ -118,12 +118,19 @@ struct ParentReference {
     path: Option<String>,
 }
 
-/// Each segment of a path percent-encoded, slashes kept.
+/// Each segment of a path percent-encoded, slashes kept; the space root is `/` (the
+/// collection's own URL, `…/spaces/{drive}/`, as WebDAV clients ask for it).
 fn dav_path(path: &str) -> String {
-    path.split('/')
+    let encoded: String = path
+        .split('/')
         .filter(|s| !s.is_empty())
         .map(|s| format!("/{}", path_segment(s)))
-        .collect()
+        .collect();
+    if encoded.is_empty() {
+        "/".to_owned()
+    } else {
+        encoded
+    }
 }
 
 /// The first `d:response` of a `Depth: 0` multistatus: size (`oc:size`, else
@@ -235,6 +242,6 @@ mod tests {
     #[test]
     fn paths_are_encoded_segment_by_segment() {
         assert_eq!(dav_path("/a b/c#d"), "/a%20b/c%23d");
-        assert_eq!(dav_path("/"), "");
+        assert_eq!(dav_path("/"), "/");
     }
 }
