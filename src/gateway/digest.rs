@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use indexmap::IndexMap;
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 
@@ -169,7 +170,7 @@ fn fold(frames: &[Arc<Frame>]) -> Option<Frame> {
         }
         if let Some(entries) = m.get("folders") {
             // Entries that are not foldercast's own (no path, no levels): not foldable.
-            let entries: Vec<FolderDelta> = serde_json::from_value(entries.clone()).ok()?;
+            let entries = Vec::<FolderDelta>::deserialize(entries).ok()?;
             for entry in &entries {
                 folders.add(entry);
             }
