@@ -184,6 +184,24 @@ pub struct BenchFanoutArgs {
     /// The foldercast binary to run as the gateway (default: this one).
     #[arg(long, env = "FOLDERCAST_BENCH_BINARY")]
     pub binary: Option<PathBuf>,
+    /// Cost phases to run, in this order: `spread` (one per connection, paced), `bursts`
+    /// (paced), `flood` (one per connection, as fast as it goes). One alone is what a profiler
+    /// attached to the server should see.
+    #[arg(
+        long,
+        env = "FOLDERCAST_BENCH_PATTERNS",
+        value_delimiter = ',',
+        default_value = "spread,bursts,flood"
+    )]
+    pub patterns: Vec<FanoutPattern>,
+}
+
+/// A cost phase of `bench fanout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FanoutPattern {
+    Spread,
+    Bursts,
+    Flood,
 }
 
 #[derive(Debug, Args)]

@@ -28,7 +28,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::idle::listening_addr;
 use super::proc::cpu_seconds;
-use crate::args::BenchFanoutArgs;
+use crate::args::{BenchFanoutArgs, FanoutPattern};
 use foldercast::bus::{Bus, Outgoing, RedisBus, RedisOptions, RedisTarget};
 use foldercast::gateway::auth::Authenticator;
 
@@ -272,17 +272,21 @@ pub fn run(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
 async fn run_async(args: BenchFanoutArgs) -> anyhow::Result<ExitCode> {
     let exe = crate::product_binary(args.binary.as_ref())?;
     let n = args.connections;
-    let patterns = [
-        Pattern {
-            rate: args.paced_rate,
-            burst: 1,
-        },
-        Pattern {
-            rate: args.paced_rate,
-            burst: args.burst,
-        },
-        Pattern { rate: 0, burst: 1 },
-    ];
+    let patterns: Vec<Pattern> = args
+        .patterns
+        .iter()
+        .map(|p| match p {
+            FanoutPattern::Spread => Pattern {
+                rate: args.paced_rate,
+                burst: 1,
+            },
+            FanoutPattern::Bursts => Pattern {
+                rate: args.paced_rate,
+                burst: args.burst,
+            },
+            FanoutPattern::Flood => Pattern { rate: 0, burst: 1 },
+        })
+        .collect();
     let count = |p: &Pattern| match p.rate {
         0 => (n as u64 * 100).max(100_000),
         r => r * args.seconds,

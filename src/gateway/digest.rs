@@ -18,7 +18,6 @@
 //! What is held when the connection ends was never sent: the client's last position is before
 //! it, and a resume replays it.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,7 +26,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 
-use super::session::Frame;
+use super::session::{Frame, SharedFrame};
 use crate::notify::ancestors::FolderDelta;
 use crate::notify::fold::FolderFold;
 
@@ -49,7 +48,7 @@ fn folded(message_type: &str) -> bool {
 #[derive(Debug)]
 pub struct Digest {
     window: Duration,
-    held: Vec<Arc<Frame>>,
+    held: Vec<SharedFrame>,
     due: Option<Instant>,
 }
 
@@ -64,7 +63,7 @@ impl Digest {
 
     /// Takes a frame the connection would send now (admitted by its cursor, passing its
     /// watches); appends to `out` what must go out instead, in order.
-    pub fn offer(&mut self, frame: Arc<Frame>, now: Instant, out: &mut Vec<Arc<Frame>>) {
+    pub fn offer(&mut self, frame: SharedFrame, now: Instant, out: &mut Vec<SharedFrame>) {
         if !folded(&frame.message_type) {
             self.flush(out);
             out.push(frame);
@@ -92,7 +91,7 @@ impl Digest {
     }
 
     /// Appends what is held to `out`: one frame as it is, several as one `coalesced` frame.
-    pub fn flush(&mut self, out: &mut Vec<Arc<Frame>>) {
+    pub fn flush(&mut self, out: &mut Vec<SharedFrame>) {
         self.due = None;
         match self.held.len() {
             0 => {}
@@ -100,7 +99,7 @@ impl Digest {
             _ => match fold(&self.held) {
                 Some(frame) => {
                     self.held.clear();
-                    out.push(Arc::new(frame));
+                    out.push(SharedFrame::from(frame));
                 }
                 // Not foldable (a payload that is not a foldercast message): as they came.
                 None => out.append(&mut self.held),
@@ -125,7 +124,7 @@ pub fn parse_window(value: &str, max: Duration) -> Result<Duration, String> {
 }
 
 /// One `coalesced` frame for `frames` (one space, in order), at the last one's position.
-fn fold(frames: &[Arc<Frame>]) -> Option<Frame> {
+fn fold(frames: &[SharedFrame]) -> Option<Frame> {
     let mut event_ids: Vec<Value> = Vec::new();
     let mut items: IndexMap<String, Value> = IndexMap::new();
     let mut folders = FolderFold::new();
@@ -203,7 +202,7 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
-    fn upload(n: u64, space: &str, path: &str, size: i64) -> Arc<Frame> {
+    fn upload(n: u64, space: &str, path: &str, size: i64) -> SharedFrame {
         let payload = json!({
             "event_id": format!("e{n}"), "type": "file-uploaded", "space_id": space,
             "actor": "alice", "time": format!("2026-12-01T10:00:{:02}Z", n % 60),
@@ -215,8 +214,8 @@ mod tests {
         frame(n, "file-uploaded", payload)
     }
 
-    fn frame(n: u64, kind: &'static str, payload: Value) -> Arc<Frame> {
-        Arc::new(Frame::new(
+    fn frame(n: u64, kind: &'static str, payload: Value) -> SharedFrame {
+        SharedFrame::from(Frame::new(
             Utf8Bytes::from(format!("ep:{n}-0")),
             std::borrow::Cow::Borrowed(kind),
             Bytes::from(payload.to_string()),
@@ -351,7 +350,7 @@ mod tests {
     }
 
     /// Per folder run: what one frame's deltas add up to.
-    fn sums(frames: &[Arc<Frame>]) -> BTreeMap<(String, u64), i64> {
+    fn sums(frames: &[SharedFrame]) -> BTreeMap<(String, u64), i64> {
         let mut sums = BTreeMap::new();
         for f in frames {
             for run in json_of(f)["folders"].as_array().into_iter().flatten() {
@@ -365,7 +364,7 @@ mod tests {
         sums
     }
 
-    fn covered(frames: &[Arc<Frame>]) -> Vec<String> {
+    fn covered(frames: &[SharedFrame]) -> Vec<String> {
         frames
             .iter()
             .flat_map(|f| {

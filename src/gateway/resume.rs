@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use super::hub::{Hub, frames_of};
 use super::protocol::resumed_frame;
-use super::session::Frame;
+use super::session::SharedFrame;
 use crate::bus::{BusError, Catchup, LostReason, Position, StreamId};
 
 /// The longest epoch a cursor holds inline (foldercast's are 14 characters). A longer one (not
@@ -63,7 +63,12 @@ impl Cursor {
     }
 
     fn epoch(&self) -> &str {
-        std::str::from_utf8(&self.epoch[..usize::from(self.epoch_len)]).unwrap_or("")
+        std::str::from_utf8(self.epoch_bytes()).unwrap_or("")
+    }
+
+    /// Compared as bytes on the delivery path: no UTF-8 check per frame.
+    fn epoch_bytes(&self) -> &[u8] {
+        &self.epoch[..usize::from(self.epoch_len)]
     }
 
     fn set_epoch(&mut self, epoch: &str) {
@@ -82,7 +87,7 @@ impl Cursor {
             // Never written by foldercast's buses; let it through rather than lose it.
             return Admit::Deliver;
         };
-        if epoch.is_empty() || epoch != self.epoch() {
+        if epoch.is_empty() || epoch.as_bytes() != self.epoch_bytes() {
             self.set_epoch(epoch);
             self.last = id;
             self.moved = true;
@@ -113,7 +118,7 @@ pub struct Start {
     /// The `resumed` frame, when the client asked to resume.
     pub resumed: Option<Resumed>,
     /// The history after the client's position, in order (empty unless recovered).
-    pub replay: Vec<Arc<Frame>>,
+    pub replay: Vec<SharedFrame>,
 }
 
 /// The outcome of a resume, as the `resumed` frame reports it.
@@ -217,7 +222,7 @@ pub async fn after_gap(
     user: &Arc<str>,
     cursor: &mut Cursor,
     limit: usize,
-) -> Result<(Option<Resumed>, Vec<Arc<Frame>>), BusError> {
+) -> Result<(Option<Resumed>, Vec<SharedFrame>), BusError> {
     let start = start(hub, user, Some(&cursor.position()), limit).await?;
     let moved = cursor.moved;
     *cursor = start.cursor;

@@ -121,6 +121,54 @@ impl Frame {
     }
 }
 
+/// A frame as queues hold it: one of a batch that was built and allocated together.
+///
+/// The frames of one pushed message are allocated as one `Arc<[Frame]>` and each queue entry
+/// names its batch and index, instead of an `Arc` per frame: in `bench fanout`'s bursts the
+/// allocation of every frame, and its free on another thread, showed among the gateway's
+/// largest costs. A queue that holds one frame of a batch keeps the batch alive; the batch is
+/// one push (at most a publish call's messages for one user), whose texts already share one
+/// buffer.
+#[derive(Clone)]
+pub struct SharedFrame {
+    batch: Arc<[Frame]>,
+    index: u32,
+}
+
+impl SharedFrame {
+    /// Each frame of `batch`, in order.
+    pub fn each(batch: Arc<[Frame]>) -> impl Iterator<Item = SharedFrame> {
+        (0..batch.len()).map(move |i| SharedFrame {
+            batch: batch.clone(),
+            // A batch is one push: far fewer than 2^32 frames.
+            index: i as u32,
+        })
+    }
+}
+
+impl From<Frame> for SharedFrame {
+    fn from(frame: Frame) -> Self {
+        SharedFrame {
+            batch: Arc::from([frame]),
+            index: 0,
+        }
+    }
+}
+
+impl std::ops::Deref for SharedFrame {
+    type Target = Frame;
+
+    fn deref(&self) -> &Frame {
+        &self.batch[self.index as usize]
+    }
+}
+
+impl std::fmt::Debug for SharedFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
 /// Payloads up to this size get their WebSocket text built once per user (cheaper on the hot
 /// path: `bench fanout`); larger ones share the bus's buffer and are framed when sent.
 pub const PREBUILT_TEXT_MAX: usize = 2048;
@@ -168,7 +216,7 @@ pub struct SessionQueue {
 }
 
 struct QueueState {
-    frames: VecDeque<Arc<Frame>>,
+    frames: VecDeque<SharedFrame>,
     /// The WebSocket text of the queued frames, in bytes.
     bytes: usize,
     evicted: bool,
@@ -200,7 +248,7 @@ impl SessionQueue {
 
     /// Queues `frames`, or evicts the session if they do not fit. The wake-up is left to
     /// `wakeups`, at the end of the batch being delivered; an eviction wakes the session at once.
-    pub fn push(self: &Arc<Self>, frames: &[Arc<Frame>], wakeups: &SessionWakeups) -> Push {
+    pub fn push(self: &Arc<Self>, frames: &[SharedFrame], wakeups: &SessionWakeups) -> Push {
         let pushed = self.enqueue(frames);
         if pushed == Push::Queued && !self.marked.swap(true, Ordering::AcqRel) {
             wakeups.mark(self);
@@ -208,7 +256,7 @@ impl SessionQueue {
         pushed
     }
 
-    fn enqueue(&self, frames: &[Arc<Frame>]) -> Push {
+    fn enqueue(&self, frames: &[SharedFrame]) -> Push {
         let Ok(mut state) = self.state.lock() else {
             return Push::Gone;
         };
@@ -263,7 +311,7 @@ impl SessionQueue {
 
     /// Waits for frames and moves all queued ones into `out`, unless the session must catch up
     /// first or was evicted.
-    pub async fn next_batch(&self, out: &mut Vec<Arc<Frame>>) -> Next {
+    pub async fn next_batch(&self, out: &mut Vec<SharedFrame>) -> Next {
         loop {
             {
                 let Ok(mut state) = self.state.lock() else {
@@ -387,8 +435,8 @@ impl Watches {
 mod tests {
     use super::*;
 
-    fn frame(id: &str) -> Arc<Frame> {
-        Arc::new(Frame::new(
+    fn frame(id: &str) -> SharedFrame {
+        SharedFrame::from(Frame::new(
             Utf8Bytes::from(id),
             "x".into(),
             Bytes::from_static(b"{}"),
@@ -396,7 +444,7 @@ mod tests {
         ))
     }
 
-    fn push(q: &Arc<SessionQueue>, frame: Arc<Frame>, wakeups: &SessionWakeups) -> Push {
+    fn push(q: &Arc<SessionQueue>, frame: SharedFrame, wakeups: &SessionWakeups) -> Push {
         q.push(&[frame], wakeups)
     }
 
@@ -441,7 +489,7 @@ mod tests {
     async fn queues_are_bounded_in_bytes_too() {
         let wakeups = Wakeups::start();
         let big = |id: &str| {
-            Arc::new(Frame::new(
+            SharedFrame::from(Frame::new(
                 Utf8Bytes::from(id.to_owned()),
                 "x".into(),
                 // Above PREBUILT_TEXT_MAX: 3,000 bytes in all, payload, id and framing.
@@ -616,8 +664,8 @@ mod wakeup_tests {
     use super::*;
     use axum::extract::ws::Utf8Bytes;
 
-    fn frame() -> Arc<Frame> {
-        Arc::new(Frame::new(
+    fn frame() -> SharedFrame {
+        SharedFrame::from(Frame::new(
             Utf8Bytes::from_static("1"),
             "x".into(),
             bytes::Bytes::from_static(b"{}"),

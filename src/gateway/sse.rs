@@ -28,7 +28,7 @@ use super::AppState;
 use super::digest::Digest;
 use super::hub::{Hub, RegisterError, Registration};
 use super::resume::{self, Admit, Cursor, Resumed};
-use super::session::{Frame, Next, Watches};
+use super::session::{Frame, Next, SharedFrame, Watches};
 use crate::path::SpacePath;
 
 /// Which SSE protocol a stream speaks.
@@ -261,8 +261,8 @@ fn parse_watch(value: &str) -> Result<(String, SpacePath), super::protocol::Fram
 struct Feed {
     registration: Registration,
     watches: Watches,
-    pending: VecDeque<Arc<Frame>>,
-    batch: Vec<Arc<Frame>>,
+    pending: VecDeque<SharedFrame>,
+    batch: Vec<SharedFrame>,
     cursor: Cursor,
     /// Sent before any frame: the ready comment, the starting position, the resume outcome.
     intro: VecDeque<Event>,
@@ -296,7 +296,7 @@ impl Feed {
 
     /// A frame to send (admitted, passing the watches), through the digest window if there is
     /// one: the first event to send now, the rest queued in `intro` (empty when this is called).
-    fn emit(&mut self, frame: Arc<Frame>) -> Option<Event> {
+    fn emit(&mut self, frame: SharedFrame) -> Option<Event> {
         let Some(digest) = self.digest.as_mut() else {
             return self.render(&frame);
         };
@@ -307,7 +307,7 @@ impl Feed {
     }
 
     /// Renders `frames` in order onto the end of `intro`.
-    fn render_all(&mut self, frames: Vec<Arc<Frame>>) {
+    fn render_all(&mut self, frames: Vec<SharedFrame>) {
         for frame in frames {
             let at = self.intro.len();
             if let Some(first) = self.render(&frame) {

@@ -30,7 +30,7 @@ use super::protocol::{
     ready_frame, reconnect_frame,
 };
 use super::resume::{self, Admit, Cursor, Resumed, Start};
-use super::session::{Frame, Next, Watches};
+use super::session::{Next, SharedFrame, Watches};
 
 /// Close codes (RFC 6455 §7.4.1): 1001 going away (no answer to pings), 1002 protocol error,
 /// 1007 invalid payload (not UTF-8), 1008 policy violation (auth), 1009 message too big, 1011
@@ -89,7 +89,7 @@ enum Written {
 async fn feed_digested(
     socket: &mut WebSocket,
     digest: &mut Digest,
-    frame: Arc<Frame>,
+    frame: SharedFrame,
 ) -> Result<(), axum::Error> {
     let mut out = Vec::new();
     digest.offer(frame, Instant::now(), &mut out);
@@ -116,7 +116,7 @@ async fn feed_held(socket: &mut WebSocket, digest: Option<&mut Digest>) -> Resul
 async fn feed_new_epoch(
     socket: &mut WebSocket,
     mut digest: Option<&mut Digest>,
-    frame: Arc<Frame>,
+    frame: SharedFrame,
     watches: &Watches,
 ) -> Result<(), axum::Error> {
     feed_held(socket, digest.as_deref_mut()).await?;
@@ -140,7 +140,7 @@ async fn feed_new_epoch(
 /// [`write_within`]). Together they took the session's future from 3,192 to 2,696 bytes.
 fn write_frames<'a>(
     socket: &'a mut WebSocket,
-    frames: &'a mut Vec<Arc<Frame>>,
+    frames: &'a mut Vec<SharedFrame>,
     watches: &'a Watches,
     cursor: &'a mut Cursor,
     limit: Duration,
