@@ -136,6 +136,10 @@ pub struct Delivery {
     pub payload: Bytes,
 }
 
+/// Payloads at least this long reach [`DeliverySink::deliver_all`] in buffers of their own;
+/// shorter ones may be slices of a buffer the bus reads into (see there).
+pub const OWN_BUFFER_FROM: usize = 2048;
+
 /// Where a bus hands deliveries: called on the bus's own task, so it must never block.
 /// Returns false if the delivery was dropped (a full or closed receiver).
 pub trait DeliverySink: FeedEvents + Send + Sync + 'static {
@@ -144,12 +148,21 @@ pub trait DeliverySink: FeedEvents + Send + Sync + 'static {
     /// A user's messages decoded together from the bus's own buffers (one channel message), in
     /// order. The hub overrides it: it looks the user up and locks each of their queues once for
     /// all of them, and never allocates the borrowed names.
+    ///
+    /// A payload shorter than [`OWN_BUFFER_FROM`] may be a slice of the Redis subscriber's read
+    /// buffer (copying every push cost the gateway a copy and an allocation per message): a
+    /// sink that keeps one past the call keeps a copy, or the slice would pin the whole buffer.
     fn deliver_all(&self, user: &str, messages: &[(&str, Bytes)]) -> bool {
         messages.iter().fold(true, |ok, (id, payload)| {
+            let payload = if payload.len() < OWN_BUFFER_FROM {
+                Bytes::copy_from_slice(payload)
+            } else {
+                payload.clone()
+            };
             self.deliver(Delivery {
                 user: Arc::from(user),
                 id: Arc::from(*id),
-                payload: payload.clone(),
+                payload,
             }) && ok
         })
     }

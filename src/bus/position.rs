@@ -47,9 +47,9 @@ impl StreamId {
     }
 }
 
-/// A non-empty run of ASCII digits as a `u64` (`None` on anything else or on overflow).
+/// A run of 1 to 20 ASCII digits as a `u64` (`None` on anything else or on overflow).
 fn decimal(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() {
+    if digits.is_empty() || digits.len() > 20 {
         return None;
     }
     digits.iter().try_fold(0u64, |n, b| {

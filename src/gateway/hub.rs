@@ -386,11 +386,12 @@ impl Hub {
     }
 }
 
-/// The frames every connection of the user is sent, built once. Each keeps the payload it was
-/// handed (a buffer shared by every recipient of the same bytes, not a copy per user). The ids,
-/// and the WebSocket texts of small frames, are slices of one buffer, and the frames are one
-/// allocation ([`SharedFrame`]): a batch costs two allocations rather than three per frame
-/// (small allocations freed on another thread showed in the profile).
+/// The frames every connection of the user is sent, built once. The ids and the WebSocket texts
+/// of small frames are slices of one buffer, and a small frame's payload is a slice of its text
+/// (the bus's buffer, perhaps its read buffer, is not kept); a large frame keeps the buffer the
+/// bus shares among every recipient of the same bytes. The frames are one allocation
+/// ([`SharedFrame`]): a batch costs two allocations rather than three per frame (small
+/// allocations freed on another thread showed in the profile).
 pub(super) fn frames_of(messages: &[(&str, Bytes)]) -> Vec<SharedFrame> {
     let small = |payload: &Bytes| payload.len() <= PREBUILT_TEXT_MAX;
     // Sized for events; a resync's text is longer by its space, and the buffer grows for it.
@@ -418,17 +419,37 @@ pub(super) fn frames_of(messages: &[(&str, Bytes)]) -> Vec<SharedFrame> {
             let text = small(payload).then(|| {
                 let space = resync.as_ref().map(|r| r.space_id.as_str());
                 put_server_frame(&mut buffer, &id, payload, space);
-                // Not UTF-8 (never a payload foldercast wrote): built on its own, as `null`.
-                text_of(buffer.split().freeze())
-                    .unwrap_or_else(|| server_frame(&id, payload, space))
+                let built = buffer.split().freeze();
+                // The payload ends the text, before its closing brace: the frame keeps that
+                // slice rather than the bus's buffer (which may be its read buffer).
+                let end = built.len() - 1;
+                let kept = built.slice(end - payload.len()..end);
+                match text_of(built) {
+                    Some(text) => (text, kept),
+                    // Not UTF-8 (never a payload foldercast wrote): built on its own, as `null`.
+                    None => (
+                        server_frame(&id, payload, space),
+                        Bytes::copy_from_slice(payload),
+                    ),
+                }
             });
             match text {
-                Some(text) => Frame::with_text(id, message_type, payload.clone(), resync, text),
-                None => Frame::new(id, message_type, payload.clone(), resync),
+                Some((text, kept)) => Frame::with_text(id, message_type, kept, resync, text),
+                None => Frame::new(id, message_type, owned(payload), resync),
             }
         })
         .collect();
     SharedFrame::each(batch).collect()
+}
+
+/// A payload the frame may keep: a short one may be a slice of the bus's read buffer
+/// (`DeliverySink::deliver_all`), so it is copied; a long one is a buffer of its own.
+fn owned(payload: &Bytes) -> Bytes {
+    if payload.len() < crate::bus::OWN_BUFFER_FROM {
+        Bytes::copy_from_slice(payload)
+    } else {
+        payload.clone()
+    }
 }
 
 /// The bus calls this on its own task (the Redis push callback, or the in-process publisher):
@@ -551,21 +572,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn frames_keep_the_payload_they_were_handed_and_each_is_whole() {
+    fn frames_keep_their_payload_without_holding_a_short_ones_buffer_and_each_is_whole() {
         let resync = Bytes::from_static(br#"{"type":"resync","space_id":"s1","reason":"behind"}"#);
         let upload = Bytes::from_static(br#"{"type":"file-uploaded","space_id":"s1"}"#);
         let not_utf8 = Bytes::from_static(b"\xff\xfe");
+        let large = Bytes::from(format!(
+            r#"{{"type":"file-uploaded","path":"/{}"}}"#,
+            "a".repeat(crate::bus::OWN_BUFFER_FROM + PREBUILT_TEXT_MAX)
+        ));
         let messages = [
             ("1-0", upload.clone()),
             ("1-1", resync),
             ("odd \"id\"", upload),
-            ("1-3", not_utf8),
+            ("1-3", not_utf8.clone()),
+            ("1-4", large.clone()),
         ];
         let frames = frames_of(&messages);
-        assert_eq!(frames.len(), 4);
-        // The payload is the bus's buffer, not a copy: every recipient of it shares it.
-        assert_eq!(frames[0].payload.as_ptr(), messages[0].1.as_ptr());
-        assert_eq!(frames[2].payload.as_ptr(), messages[0].1.as_ptr());
+        assert_eq!(frames.len(), 5);
+        for (frame, (_, handed)) in frames.iter().zip(&messages) {
+            assert_eq!(frame.payload, handed, "the payload's bytes are kept");
+        }
+        // A short payload may be a slice of the bus's read buffer: the frame keeps a slice of
+        // its own text instead, so the bus's buffer is not pinned by a queued frame.
+        for short in [&frames[0], &frames[2]] {
+            let text = short.ws_text();
+            let within = text.as_str().as_bytes().as_ptr_range();
+            assert!(within.contains(&short.payload.as_ptr()));
+            assert_ne!(short.payload.as_ptr(), messages[0].1.as_ptr());
+        }
+        assert_ne!(frames[3].payload.as_ptr(), not_utf8.as_ptr());
+        // A long one is a buffer of its own (shared among its recipients): kept as it is.
+        assert_eq!(frames[4].payload.as_ptr(), large.as_ptr());
         let json: Vec<serde_json::Value> = frames
             .iter()
             .map(|f| serde_json::from_str(f.ws_text().as_str()).expect("each frame is JSON"))

@@ -423,7 +423,8 @@ impl PushToDeliveries {
         };
         if let Some(h) = held.get_mut(user) {
             if h.messages.len() < MAX_HELD {
-                h.messages.push(payload);
+                // Its own copy: the payload is a slice of the subscriber's read buffer.
+                h.messages.push(Bytes::copy_from_slice(&payload));
             } else {
                 h.overflowed = true;
             }
@@ -445,7 +446,7 @@ impl PushToDeliveries {
                 held.insert(
                     user.clone(),
                     Held {
-                        messages: vec![rest],
+                        messages: vec![Bytes::copy_from_slice(&rest)],
                         overflowed: false,
                     },
                 );
@@ -589,12 +590,14 @@ fn channel_message(data: Vec<Value>) -> Option<(Arc<str>, Bytes)> {
     Some((Arc::from(user), message))
 }
 
-/// Hands each message of `user`'s channel message to `sink` with its position, where every
-/// entry is `[<epoch>:]<stream id> <payload bytes>\n<payload>` or an announcement
-/// `<epoch>: 0\n` (see the module doc). Small payloads are slices of the pushed buffer; large
-/// ones are shared with the other recipients of the same bytes (`shared.rs`).
 /// A stream id's usual length (`<13-digit ms>-<seq>`).
 const POSITION_ID_LEN: usize = 16;
+
+/// Hands each message of `user`'s channel message to `sink` with its position, where every
+/// entry is `[<epoch>:]<stream id> <payload bytes>\n<payload>` or an announcement
+/// `<epoch>: 0\n` (see the module doc). Small payloads are slices of the pushed message (on
+/// standalone Redis, of the subscriber's read buffer: the sink copies what it keeps); large
+/// ones are shared with the other recipients of the same bytes (`shared.rs`).
 
 fn deliver_message(
     user: &str,

@@ -1,5 +1,5 @@
 //! Just enough RESP3 for a subscriber: frames cut from the read buffer by their header lines,
-//! a message's payload copied once into a buffer of its own.
+//! read in place (a message's parts are borrowed from its frame, not copied).
 //!
 //! Why not redis-rs's codec: it builds every frame through `combine` parser combinators and a
 //! `Vec<u8>` per string, about 1 µs per pushed message (8–10 % of the gateway's CPU in
@@ -7,8 +7,6 @@
 //! strings, a `+PONG`, an error, the `HELLO` map once): [`frame_len`] finds where a frame ends
 //! by reading only its header lines (bulk bodies are skipped by length), and [`Reply`] reads
 //! the one frame it was given.
-
-use bytes::Bytes;
 
 /// The input is not RESP: the connection is out of step and must be dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -107,15 +105,18 @@ fn end_of(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, Protocol
     }
 }
 
-/// What one whole frame from a subscribed connection says.
+/// What one whole frame from a subscribed connection says, borrowing the frame: a message's
+/// parts are not copied here (the subscriber slices its read buffer; see `deliver_message`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    /// `message` / `smessage`: a channel's message (the payload copied out of the read buffer,
-    /// so it pins nothing else).
-    Message { channel: Bytes, payload: Bytes },
+pub enum Reply<'a> {
+    /// `message` / `smessage`: a channel's message.
+    Message {
+        channel: &'a [u8],
+        payload: &'a [u8],
+    },
     /// A `subscribe`, `unsubscribe`, `ssubscribe` or `sunsubscribe` push (a confirmation, or
     /// the server dropping a channel).
-    Subscription { kind: Bytes, channel: Bytes },
+    Subscription { kind: &'a [u8], channel: &'a [u8] },
     /// `+PONG`, or RESP2's `["pong", ""]`.
     Pong,
     /// An error reply (`-…` or `!…`).
@@ -124,9 +125,9 @@ pub enum Reply {
     Other,
 }
 
-impl Reply {
+impl<'a> Reply<'a> {
     /// Reads one whole frame (as cut by [`frame_len`]).
-    pub fn of(frame: &[u8]) -> Result<Reply, ProtocolError> {
+    pub fn of(frame: &'a [u8]) -> Result<Reply<'a>, ProtocolError> {
         let Some((kind, text, next)) = line(frame, 0)? else {
             return Err(ProtocolError("an incomplete frame"));
         };
@@ -144,8 +145,8 @@ impl Reply {
         }
     }
 
-    fn push(frame: &[u8], count: i64, mut at: usize) -> Result<Reply, ProtocolError> {
-        let mut parts: [&[u8]; 3] = [&[]; 3];
+    fn push(frame: &'a [u8], count: i64, mut at: usize) -> Result<Reply<'a>, ProtocolError> {
+        let mut parts: [&'a [u8]; 3] = [&[]; 3];
         let mut got = 0;
         while got < count.clamp(0, 3) as usize {
             let Some((kind, text, next)) = line(frame, at)? else {
@@ -180,13 +181,13 @@ impl Reply {
         let [kind, first, second] = parts;
         Ok(match kind {
             b"message" | b"smessage" if count == 3 => Reply::Message {
-                channel: Bytes::copy_from_slice(first),
-                payload: Bytes::copy_from_slice(second),
+                channel: first,
+                payload: second,
             },
             b"subscribe" | b"unsubscribe" | b"ssubscribe" | b"sunsubscribe" if count == 3 => {
                 Reply::Subscription {
-                    kind: Bytes::copy_from_slice(kind),
-                    channel: Bytes::copy_from_slice(first),
+                    kind,
+                    channel: first,
                 }
             }
             b"pong" => Reply::Pong,
@@ -228,8 +229,8 @@ mod tests {
         assert_eq!(
             Reply::of(&frame),
             Ok(Reply::Message {
-                channel: Bytes::from_static(b"fc:{alice}:live"),
-                payload: Bytes::from_static(b"1-0 5\nhello\r\nmore"),
+                channel: b"fc:{alice}:live",
+                payload: b"1-0 5\nhello\r\nmore",
             })
         );
         assert_eq!(frame_len(&stream[frame.len()..]), Ok(Some(7)));
@@ -252,8 +253,8 @@ mod tests {
         assert_eq!(
             Reply::of(frame),
             Ok(Reply::Subscription {
-                kind: Bytes::from_static(b"subscribe"),
-                channel: Bytes::from_static(b"chan"),
+                kind: b"subscribe",
+                channel: b"chan",
             })
         );
     }

@@ -19,7 +19,7 @@ use bytes::Bytes;
 /// Payloads shorter than this are not shared: for them a lookup (and a copy per distinct
 /// payload) cost more than the copies they save. At 256 B the gateway's CPU per delivered
 /// message rose by a quarter in `bench fanout` (300 B payloads, all distinct).
-pub(crate) const MIN_SHARED: usize = 2048;
+pub(crate) const MIN_SHARED: usize = crate::bus::OWN_BUFFER_FROM;
 /// Distinct payloads remembered.
 const MAX_ENTRIES: usize = 1024;
 /// Bytes of remembered payloads (each a copy of its own, so nothing else is pinned).
@@ -52,9 +52,14 @@ struct State {
 impl SharedPayloads {
     /// The buffer to keep for `payload`: one already held with the same bytes, or a copy of
     /// `payload` of its own (so the push it is a slice of is not pinned), remembered.
+    /// Shorter than [`MIN_SHARED`]: handed back as it is (a slice of the push, which the
+    /// sink copies if it keeps it: `DeliverySink`). Too large to remember: a copy of its own.
     pub(super) fn share(&self, payload: Bytes) -> Bytes {
-        if payload.len() < MIN_SHARED || payload.len() > MAX_BYTES / 4 {
+        if payload.len() < MIN_SHARED {
             return payload;
+        }
+        if payload.len() > MAX_BYTES / 4 {
+            return Bytes::copy_from_slice(&payload);
         }
         let Ok(mut state) = self.state.lock() else {
             return payload;

@@ -332,17 +332,21 @@ impl Task {
     /// Acts on one frame; an error means the connection is out of step and must be dropped.
     fn handle(&mut self, frame: Bytes) -> Result<(), String> {
         match Reply::of(&frame).map_err(|e| e.to_string())? {
-            Reply::Message { channel, payload } => self.pushes.message(&channel, payload),
+            // A slice of the read buffer, not a copy: whoever keeps a short payload copies it
+            // (`DeliverySink`), long ones get buffers of their own (`shared.rs`).
+            Reply::Message { channel, payload } => {
+                self.pushes.message(channel, frame.slice_ref(payload))
+            }
             Reply::Subscription { kind, channel } => {
                 let answers = matches!(
                     self.awaiting.front(),
-                    Some(Awaiting::Subscription(c, _)) if *c == channel
+                    Some(Awaiting::Subscription(c, _)) if c == channel
                 );
                 if answers {
                     if let Some(Awaiting::Subscription(_, Some(done))) = self.awaiting.pop_front() {
                         let _ = done.send(Ok(()));
                     }
-                } else if &kind[..] == b"unsubscribe" && self.channels.contains(&channel) {
+                } else if kind == b"unsubscribe" && self.channels.contains(channel) {
                     // Not ours: Redis dropped a channel we still want.
                     return Err("redis dropped a subscribed channel".into());
                 }
