@@ -598,7 +598,6 @@ const POSITION_ID_LEN: usize = 16;
 /// `<epoch>: 0\n` (see the module doc). Small payloads are slices of the pushed message (on
 /// standalone Redis, of the subscriber's read buffer: the sink copies what it keeps); large
 /// ones are shared with the other recipients of the same bytes (`shared.rs`).
-
 fn deliver_message(
     user: &str,
     message: Bytes,
