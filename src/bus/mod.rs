@@ -140,6 +140,16 @@ pub struct Delivery {
 /// shorter ones may be slices of a buffer the bus reads into (see there).
 pub const OWN_BUFFER_FROM: usize = 2048;
 
+/// A payload from [`DeliverySink::deliver_all`] that may be kept past the call: a short one is
+/// copied (it may be a slice of the bus's read buffer), a long one is already its own buffer.
+pub fn keepable(payload: &Bytes) -> Bytes {
+    if payload.len() < OWN_BUFFER_FROM {
+        Bytes::copy_from_slice(payload)
+    } else {
+        payload.clone()
+    }
+}
+
 /// Where a bus hands deliveries: called on the bus's own task, so it must never block.
 /// Returns false if the delivery was dropped (a full or closed receiver).
 pub trait DeliverySink: FeedEvents + Send + Sync + 'static {
@@ -154,15 +164,10 @@ pub trait DeliverySink: FeedEvents + Send + Sync + 'static {
     /// sink that keeps one past the call keeps a copy, or the slice would pin the whole buffer.
     fn deliver_all(&self, user: &str, messages: &[(&str, Bytes)]) -> bool {
         messages.iter().fold(true, |ok, (id, payload)| {
-            let payload = if payload.len() < OWN_BUFFER_FROM {
-                Bytes::copy_from_slice(payload)
-            } else {
-                payload.clone()
-            };
             self.deliver(Delivery {
                 user: Arc::from(user),
                 id: Arc::from(*id),
-                payload,
+                payload: keepable(payload),
             }) && ok
         })
     }

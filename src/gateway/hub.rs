@@ -76,7 +76,8 @@ impl GatewayStats {
 }
 
 pub struct Hub {
-    sessions: Mutex<HashMap<Arc<str>, Vec<Arc<SessionQueue>>>>,
+    /// Looked up once per delivered batch: keyed with foldhash, not SipHash (see Cargo.toml).
+    sessions: Mutex<foldhash::HashMap<Arc<str>, Vec<Arc<SessionQueue>>>>,
     /// Where the live feed is down (every user, or some): a session that starts meanwhile is
     /// held too, since its history read may predate what the gap loses. Only touched with
     /// `sessions` locked first.
@@ -194,7 +195,7 @@ impl Hub {
         max_per_user: usize,
     ) -> Arc<Self> {
         Arc::new(Hub {
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::default(),
             feed_down: Mutex::new(FeedDown::default()),
             draining: std::sync::atomic::AtomicBool::new(false),
             subscription_order: (0..SUBSCRIPTION_STRIPES)
@@ -435,21 +436,11 @@ pub(super) fn frames_of(messages: &[(&str, Bytes)]) -> Vec<SharedFrame> {
             });
             match text {
                 Some((text, kept)) => Frame::with_text(id, message_type, kept, resync, text),
-                None => Frame::new(id, message_type, owned(payload), resync),
+                None => Frame::new(id, message_type, crate::bus::keepable(payload), resync),
             }
         })
         .collect();
     SharedFrame::each(batch).collect()
-}
-
-/// A payload the frame may keep: a short one may be a slice of the bus's read buffer
-/// (`DeliverySink::deliver_all`), so it is copied; a long one is a buffer of its own.
-fn owned(payload: &Bytes) -> Bytes {
-    if payload.len() < crate::bus::OWN_BUFFER_FROM {
-        Bytes::copy_from_slice(payload)
-    } else {
-        payload.clone()
-    }
 }
 
 /// The bus calls this on its own task (the Redis push callback, or the in-process publisher):

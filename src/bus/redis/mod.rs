@@ -269,7 +269,7 @@ pub struct RedisBus {
 /// and subscribed again, on whichever node owns the slot now.
 #[derive(Default)]
 struct Subscriptions {
-    wanted: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
+    wanted: std::sync::Mutex<foldhash::HashSet<Arc<str>>>,
     dropped: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
     /// A cluster connection was lost: subscribe every wanted channel again, then declare the
     /// whole feed restored. redis-rs's own resubscription after a killed node connection was
@@ -278,10 +278,11 @@ struct Subscriptions {
     everything: AtomicBool,
     wake: tokio::sync::Notify,
     /// Each subscribed user's current epoch (see the module doc).
-    epochs: std::sync::Mutex<std::collections::HashMap<Arc<str>, Arc<str>>>,
+    /// Read once per channel message: keyed with foldhash, not SipHash (see Cargo.toml).
+    epochs: std::sync::Mutex<foldhash::HashMap<Arc<str>, Arc<str>>>,
     /// Users whose epoch is being read again, with the channel messages that arrived meanwhile:
     /// delivered in order once the epoch is known (see [`relearn_epochs`]).
-    held: std::sync::Mutex<std::collections::HashMap<Arc<str>, Held>>,
+    held: std::sync::Mutex<foldhash::HashMap<Arc<str>, Held>>,
 }
 
 /// Channel messages of a user held while the user's epoch is read.
@@ -330,7 +331,7 @@ impl Subscriptions {
     fn with_epoch_of_wanted(
         &self,
         user: &str,
-        f: impl FnOnce(&mut std::collections::HashMap<Arc<str>, Arc<str>>),
+        f: impl FnOnce(&mut foldhash::HashMap<Arc<str>, Arc<str>>),
     ) {
         let Ok(wanted) = self.wanted.lock() else {
             return;
