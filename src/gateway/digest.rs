@@ -132,7 +132,7 @@ fn fold(frames: &[SharedFrame]) -> Option<Frame> {
     let mut mixed_actors = false;
     let (mut space, mut time) = (Value::Null, Value::Null);
     for frame in frames {
-        let Value::Object(m) = serde_json::from_slice::<Value>(&frame.payload).ok()? else {
+        let Value::Object(m) = serde_json::from_slice::<Value>(frame.payload()).ok()? else {
             return None;
         };
         space = m.get("space_id")?.clone();
@@ -188,7 +188,7 @@ fn fold(frames: &[SharedFrame]) -> Option<Frame> {
     let payload = Bytes::from(serde_json::to_vec(&message).ok()?);
     let last = frames.last()?;
     Some(Frame::new(
-        last.id.clone(),
+        axum::extract::ws::Utf8Bytes::from(last.id()),
         std::borrow::Cow::Borrowed("coalesced"),
         payload,
         None,
@@ -224,7 +224,7 @@ mod tests {
     }
 
     fn json_of(f: &Frame) -> Value {
-        serde_json::from_slice(&f.payload).unwrap()
+        serde_json::from_slice(f.payload()).unwrap()
     }
 
     #[test]
@@ -240,7 +240,7 @@ mod tests {
         d.flush(&mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(d.due(), None);
-        assert_eq!(&*out[0].id, "ep:3-0");
+        assert_eq!(out[0].id(), "ep:3-0");
         let m = json_of(&out[0]);
         assert_eq!(m["type"], "coalesced");
         assert_eq!(m["event_id"], "e3");
@@ -306,7 +306,7 @@ mod tests {
         d.offer(upload(1, "s1", "/a/x", 1), now, &mut out);
         d.offer(upload(2, "s1", "/a/y", 1), now, &mut out);
         d.offer(upload(3, "s2", "/a/z", 1), now, &mut out);
-        let ids: Vec<&str> = out.iter().map(|f| &*f.id).collect();
+        let ids: Vec<&str> = out.iter().map(|f| f.id()).collect();
         assert_eq!(ids, ["ep:2-0"], "s1's two as one, s2's held");
         let resync = frame(
             4,
@@ -314,7 +314,7 @@ mod tests {
             json!({"type": "resync", "space_id": "s2", "time": "t", "reason": "backlog"}),
         );
         d.offer(resync, now, &mut out);
-        let ids: Vec<&str> = out.iter().map(|f| &*f.id).collect();
+        let ids: Vec<&str> = out.iter().map(|f| f.id()).collect();
         assert_eq!(
             ids,
             ["ep:2-0", "ep:3-0", "ep:4-0"],
@@ -403,7 +403,7 @@ mod tests {
             d.flush(&mut out);
             prop_assert_eq!(covered(&out), covered(&input));
             prop_assert_eq!(sums(&out), sums(&input));
-            let positions: Vec<u64> = out.iter().map(|f| f.id[3..].trim_end_matches("-0").parse().unwrap()).collect();
+            let positions: Vec<u64> = out.iter().map(|f| f.id()[3..].trim_end_matches("-0").parse().unwrap()).collect();
             prop_assert!(positions.windows(2).all(|w| w[0] < w[1]));
             prop_assert_eq!(positions.last(), Some(&(input.len() as u64 - 1)));
         }

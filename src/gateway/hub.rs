@@ -15,9 +15,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::ws::Utf8Bytes;
 use bytes::{Bytes, BytesMut};
 
-use super::protocol::{
-    Route, message_type_of, put_server_frame, server_frame, server_frame_len, text_of,
-};
+use super::protocol::{Route, message_type_of, put_server_frame, server_frame_len, text_of};
 use super::session::{Frame, PREBUILT_TEXT_MAX, Push, SessionQueue, SessionWakeups, SharedFrame};
 use crate::bus::{Bus, BusError, Delivery, DeliverySink, FeedEvents};
 
@@ -387,25 +385,19 @@ impl Hub {
     }
 }
 
-/// The frames every connection of the user is sent, built once. The ids and the WebSocket texts
-/// of small frames are slices of one buffer, and a small frame's payload is a slice of its text
-/// (the bus's buffer, perhaps its read buffer, is not kept); a large frame keeps the buffer the
-/// bus shares among every recipient of the same bytes. The frames are one allocation
-/// ([`SharedFrame`]): a batch costs two allocations rather than three per frame (small
-/// allocations freed on another thread showed in the profile).
+/// The frames every connection of the user is sent, built once. The WebSocket texts of small
+/// frames are slices of one buffer, and each holds its frame's id and payload (the bus's
+/// buffer, perhaps its read buffer, is not kept); a large frame keeps the buffer the bus shares
+/// among every recipient of the same bytes. The frames are one allocation ([`SharedFrame`]): a
+/// batch costs two allocations rather than three per frame (small allocations freed on another
+/// thread showed in the profile).
 pub(super) fn frames_of(messages: &[(&str, Bytes)]) -> Vec<SharedFrame> {
     let small = |payload: &Bytes| payload.len() <= PREBUILT_TEXT_MAX;
     // Sized for events; a resync's text is longer by its space, and the buffer grows for it.
     let room = messages
         .iter()
-        .map(|(id, payload)| {
-            let text = if small(payload) {
-                server_frame_len(id, payload.len(), None)
-            } else {
-                0
-            };
-            id.len() + text
-        })
+        .filter(|(_, payload)| small(payload))
+        .map(|(id, payload)| server_frame_len(id, payload.len(), None))
         .sum();
     let mut buffer = BytesMut::with_capacity(room);
     // A slice's iterator knows its length: the `Arc<[Frame]>` is allocated once, in place.
@@ -415,29 +407,25 @@ pub(super) fn frames_of(messages: &[(&str, Bytes)]) -> Vec<SharedFrame> {
             // Only the type is needed for every delivery; a resync (rare) also needs its space.
             let message_type = intern_type(message_type_of(payload).unwrap_or_default());
             let resync = (message_type == "resync").then(|| Route::of_payload(payload));
-            buffer.extend_from_slice(id.as_bytes());
-            let id = text_of(buffer.split().freeze()).unwrap_or_else(|| Utf8Bytes::from(*id));
-            let text = small(payload).then(|| {
+            if small(payload) {
                 let space = resync.as_ref().map(|r| r.space_id.as_str());
-                put_server_frame(&mut buffer, &id, payload, space);
+                let spans = put_server_frame(&mut buffer, id, payload, space);
                 let built = buffer.split().freeze();
-                // The payload ends the text, before its closing brace: the frame keeps that
-                // slice rather than the bus's buffer (which may be its read buffer).
-                let end = built.len() - 1;
-                let kept = built.slice(end - payload.len()..end);
-                match text_of(built) {
-                    Some(text) => (text, kept),
-                    // Not UTF-8 (never a payload foldercast wrote): built on its own, as `null`.
-                    None => (
-                        server_frame(&id, payload, space),
-                        Bytes::copy_from_slice(payload),
-                    ),
+                // Not UTF-8 (never a payload foldercast wrote), or an id that needed escaping:
+                // the frame is kept apart, below.
+                if let Some(text) = text_of(built)
+                    && let Some(frame) =
+                        Frame::with_text(message_type.clone(), resync.clone(), text, spans)
+                {
+                    return frame;
                 }
-            });
-            match text {
-                Some((text, kept)) => Frame::with_text(id, message_type, kept, resync, text),
-                None => Frame::new(id, message_type, crate::bus::keepable(payload), resync),
             }
+            Frame::new(
+                Utf8Bytes::from(*id),
+                message_type,
+                crate::bus::keepable(payload),
+                resync,
+            )
         })
         .collect();
     SharedFrame::each(batch).collect()
@@ -581,19 +569,22 @@ mod tests {
         let frames = frames_of(&messages);
         assert_eq!(frames.len(), 5);
         for (frame, (_, handed)) in frames.iter().zip(&messages) {
-            assert_eq!(frame.payload, handed, "the payload's bytes are kept");
+            assert_eq!(frame.payload(), handed, "the payload's bytes are kept");
         }
-        // A short payload may be a slice of the bus's read buffer: the frame keeps a slice of
-        // its own text instead, so the bus's buffer is not pinned by a queued frame.
-        for short in [&frames[0], &frames[2]] {
+        // A short payload may be a slice of the bus's read buffer: the frame reads its payload
+        // and id from its own text instead, so the bus's buffer is not pinned by a queued frame.
+        for short in [&frames[0], &frames[1]] {
             let text = short.ws_text();
             let within = text.as_str().as_bytes().as_ptr_range();
-            assert!(within.contains(&short.payload.as_ptr()));
-            assert_ne!(short.payload.as_ptr(), messages[0].1.as_ptr());
+            assert!(within.contains(&short.payload().as_ptr()));
+            assert!(within.contains(&short.id().as_ptr()));
+            assert_eq!(short.size(), text.len(), "one buffer is all it holds");
         }
-        assert_ne!(frames[3].payload.as_ptr(), not_utf8.as_ptr());
+        // An id that must be escaped, a payload that is not UTF-8: kept apart, as copies.
+        assert_ne!(frames[2].payload().as_ptr(), messages[2].1.as_ptr());
+        assert_ne!(frames[3].payload().as_ptr(), not_utf8.as_ptr());
         // A long one is a buffer of its own (shared among its recipients): kept as it is.
-        assert_eq!(frames[4].payload.as_ptr(), large.as_ptr());
+        assert_eq!(frames[4].payload().as_ptr(), large.as_ptr());
         let json: Vec<serde_json::Value> = frames
             .iter()
             .map(|f| serde_json::from_str(f.ws_text().as_str()).expect("each frame is JSON"))
@@ -605,13 +596,13 @@ mod tests {
         assert_eq!(json[1]["type"], "resync");
         assert_eq!(json[1]["space_id"], "s1");
         assert_eq!(json[2]["id"], "odd \"id\"", "ids are escaped in the frame");
-        assert_eq!(frames[2].id.as_str(), "odd \"id\"", "and raw for SSE");
+        assert_eq!(frames[2].id(), "odd \"id\"", "and raw for SSE");
         assert_eq!(
             json[3]["data"],
             serde_json::Value::Null,
             "a payload that is not UTF-8"
         );
-        assert_eq!(frames[3].id.as_str(), "1-3");
+        assert_eq!(frames[3].id(), "1-3");
     }
 
     #[test]
@@ -632,8 +623,9 @@ mod tests {
             .collect();
         for (frame, (id, payload)) in frames_of(&messages).iter().zip(&messages) {
             let space = (frame.message_type == "resync").then_some("a-much-longer-space-id");
-            assert_eq!(frame.ws_text(), server_frame(id, payload, space), "{id}");
-            assert_eq!(frame.id.as_str(), *id);
+            let alone = crate::gateway::protocol::server_frame(id, payload, space);
+            assert_eq!(frame.ws_text(), alone, "{id}");
+            assert_eq!(frame.id(), *id);
         }
     }
 }

@@ -328,24 +328,46 @@ pub fn server_frame_len(id: &str, payload_len: usize, resync_space: Option<&str>
     head + id.len() + 2 + space + DATA_KEY.len() + payload_len + 1
 }
 
+/// Where a frame's id and payload lie in its text, from its first byte: a frame built once
+/// keeps these rather than buffers of their own (`session::Frame`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameSpans {
+    /// `None` when the id had to be escaped (never one of foldercast's positions).
+    pub id: Option<std::ops::Range<usize>>,
+    pub payload: std::ops::Range<usize>,
+}
+
 /// Appends [`server_frame`]'s bytes to `out`, the payload's as they are (the caller checks the
-/// whole text is UTF-8).
-pub fn put_server_frame(out: &mut BytesMut, id: &str, payload: &[u8], resync_space: Option<&str>) {
-    match resync_space {
+/// whole text is UTF-8), and says where the id and the payload went.
+pub fn put_server_frame(
+    out: &mut BytesMut,
+    id: &str,
+    payload: &[u8],
+    resync_space: Option<&str>,
+) -> FrameSpans {
+    let start = out.len();
+    let id_span = match resync_space {
         Some(space) => {
             out.extend_from_slice(RESYNC_HEAD.as_bytes());
-            put_quoted(out, id);
+            let id_span = put_quoted(out, id);
             out.extend_from_slice(SPACE_KEY.as_bytes());
             put_quoted(out, space);
+            id_span
         }
         None => {
             out.extend_from_slice(EVENT_HEAD.as_bytes());
-            put_quoted(out, id);
+            put_quoted(out, id)
         }
-    }
+    };
     out.extend_from_slice(DATA_KEY.as_bytes());
+    let payload_start = out.len() - start;
     out.extend_from_slice(payload);
+    let payload_span = payload_start..out.len() - start;
     out.extend_from_slice(b"}");
+    FrameSpans {
+        id: id_span.map(|r| r.start - start..r.end - start),
+        payload: payload_span,
+    }
 }
 
 const EVENT_HEAD: &str = r#"{"type":"event","id":"#;
@@ -353,17 +375,22 @@ const RESYNC_HEAD: &str = r#"{"type":"resync","id":"#;
 const SPACE_KEY: &str = r#","space_id":"#;
 const DATA_KEY: &str = r#","data":"#;
 
-fn put_quoted(out: &mut BytesMut, s: &str) {
+/// Appends `s` as a JSON string; where its characters went in `out` when they went unescaped.
+fn put_quoted(out: &mut BytesMut, s: &str) -> Option<std::ops::Range<usize>> {
     let plain = s
         .bytes()
         .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
     if plain {
         out.extend_from_slice(b"\"");
+        let start = out.len();
         out.extend_from_slice(s.as_bytes());
+        let span = start..out.len();
         out.extend_from_slice(b"\"");
+        Some(span)
     } else {
         let escaped = serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
         out.extend_from_slice(escaped.as_bytes());
+        None
     }
 }
 

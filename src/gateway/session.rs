@@ -17,10 +17,12 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 
-use super::protocol::{FrameError, Route, server_frame};
+use super::protocol::{
+    FrameError, FrameSpans, Route, put_server_frame, server_frame, server_frame_len, text_of,
+};
 use super::wakeups::{Wake, Wakeups};
 
 /// The hub's wake-ups, batched per burst of arrivals.
@@ -30,19 +32,31 @@ use crate::path::{SpacePath, is_within};
 /// One delivered message, shared by every connection of its user.
 #[derive(Debug)]
 pub struct Frame {
-    pub id: Utf8Bytes,
     /// The user message's `type` (the SSE `event:` name).
     pub message_type: std::borrow::Cow<'static, str>,
-    /// The message as the bus handed it over: one buffer shared by every recipient of the same
-    /// bytes (see `frames_of` in the hub and the Redis bus's payload sharing), never copied per
-    /// user, so a queue holds a reference rather than its own copy.
-    pub payload: Bytes,
-    /// The WebSocket text frame, built once for the user's connections when the payload is
-    /// small ([`PREBUILT_TEXT_MAX`]); a large one is built when sent, so queues hold only the
-    /// shared payload.
-    prebuilt: Option<Utf8Bytes>,
+    body: Body,
     /// Parsed only when a connection with watches needs it.
     route: OnceLock<Route>,
+}
+
+/// A frame's bytes: its id and payload, and its WebSocket text when built once.
+#[derive(Debug)]
+enum Body {
+    /// A small frame ([`PREBUILT_TEXT_MAX`]): its WebSocket text, built once for the user's
+    /// connections, and where its id and payload lie within it. One reference rather than
+    /// three: in `bench fanout`'s bursts the reference counts of the id, text and payload
+    /// slices, taken when a batch was built and given back on the writer's thread, cost a few
+    /// per cent of the gateway's CPU.
+    Built {
+        text: Utf8Bytes,
+        id: (u32, u32),
+        payload: (u32, u32),
+    },
+    /// A large one, framed when sent so that queues hold only the payload, one buffer shared by
+    /// every recipient of the same bytes (a copy per user of every queued message is what let
+    /// a few large events pin gigabytes, issue 12); or one whose text does not hold its id or
+    /// payload as they are (an escaped id, a payload that is not UTF-8).
+    Apart { id: Utf8Bytes, payload: Bytes },
 }
 
 impl Frame {
@@ -52,72 +66,126 @@ impl Frame {
         payload: Bytes,
         route: Option<Route>,
     ) -> Self {
-        let mut frame = Frame::of(id, message_type, payload, route, None);
-        if frame.payload.len() <= PREBUILT_TEXT_MAX {
-            frame.prebuilt = Some(frame.build_text());
+        let small = payload.len() <= PREBUILT_TEXT_MAX;
+        let mut frame = Frame::of(message_type, Body::Apart { id, payload }, route);
+        if small {
+            let (text, spans) = frame.build_text();
+            if let Some(body) = Body::built(text, spans) {
+                frame.body = body;
+            }
         }
         frame
     }
 
-    /// A frame whose WebSocket text the caller built (`text`: [`server_frame`]'s for this
-    /// frame), so a batch's small frames can share one buffer.
+    /// A frame whose WebSocket text the caller built into a batch's buffer (`text`:
+    /// [`put_server_frame`]'s bytes for this frame, `spans` what it said). `None` if the text
+    /// does not hold the id or the payload as they are.
     pub fn with_text(
-        id: Utf8Bytes,
         message_type: std::borrow::Cow<'static, str>,
-        payload: Bytes,
         route: Option<Route>,
         text: Utf8Bytes,
-    ) -> Self {
-        Frame::of(id, message_type, payload, route, Some(text))
+        spans: FrameSpans,
+    ) -> Option<Self> {
+        Some(Frame::of(message_type, Body::built(text, spans)?, route))
     }
 
-    fn of(
-        id: Utf8Bytes,
-        message_type: std::borrow::Cow<'static, str>,
-        payload: Bytes,
-        route: Option<Route>,
-        prebuilt: Option<Utf8Bytes>,
-    ) -> Self {
+    fn of(message_type: std::borrow::Cow<'static, str>, body: Body, route: Option<Route>) -> Self {
         let cell = OnceLock::new();
         if let Some(r) = route {
             let _ = cell.set(r);
         }
         Frame {
-            id,
             message_type,
-            payload,
-            prebuilt,
+            body,
             route: cell,
+        }
+    }
+
+    /// The frame's position, `<epoch>:<id>`.
+    pub fn id(&self) -> &str {
+        match &self.body {
+            // The span was written from a `&str` and lies on its character boundaries.
+            Body::Built { text, id, .. } => text
+                .as_str()
+                .get(id.0 as usize..id.1 as usize)
+                .unwrap_or_default(),
+            Body::Apart { id, .. } => id.as_str(),
+        }
+    }
+
+    /// The message as the bus handed it over.
+    pub fn payload(&self) -> &[u8] {
+        match &self.body {
+            Body::Built { text, payload, .. } => text
+                .as_bytes()
+                .get(payload.0 as usize..payload.1 as usize)
+                .unwrap_or_default(),
+            Body::Apart { payload, .. } => payload,
         }
     }
 
     /// The WebSocket text frame. Large ones are built when sent rather than kept: a copy per
     /// user of every queued message is what let a few large events pin gigabytes (issue 12).
     pub fn ws_text(&self) -> Utf8Bytes {
-        match &self.prebuilt {
-            Some(text) => text.clone(),
-            None => self.build_text(),
+        match &self.body {
+            Body::Built { text, .. } => text.clone(),
+            Body::Apart { .. } => self.build_text().0,
         }
     }
 
-    fn build_text(&self) -> Utf8Bytes {
+    fn build_text(&self) -> (Utf8Bytes, FrameSpans) {
         let resync_space = (self.message_type == "resync").then(|| self.route().space_id.as_str());
-        server_frame(&self.id, &self.payload, resync_space)
+        let (id, payload) = (self.id(), self.payload());
+        let mut out = BytesMut::with_capacity(server_frame_len(id, payload.len(), resync_space));
+        let spans = put_server_frame(&mut out, id, payload, resync_space);
+        match text_of(out.freeze()) {
+            Some(text) => (text, spans),
+            // Not UTF-8 (never a payload foldercast wrote): `null` in its place.
+            None => {
+                let text = server_frame(id, payload, resync_space);
+                let spans = FrameSpans {
+                    id: None,
+                    payload: 0..0,
+                };
+                (text, spans)
+            }
+        }
     }
 
     /// Bytes the frame accounts for in a queue: its payload (perhaps shared), its id, and about
     /// what its WebSocket text adds.
     pub fn size(&self) -> usize {
-        self.payload.len() + self.id.len() + self.prebuilt.as_ref().map_or(48, |t| t.len())
+        match &self.body {
+            Body::Built { text, .. } => text.len(),
+            Body::Apart { id, payload } => payload.len() + id.len() + 48,
+        }
     }
 
     pub fn route(&self) -> &Route {
-        self.route.get_or_init(|| Route::of_payload(&self.payload))
+        self.route.get_or_init(|| Route::of_payload(self.payload()))
     }
 
     /// Whether this frame reaches a connection with `watches`.
     pub fn passes(&self, watches: &Watches) -> bool {
         watches.is_empty() || watches.allows(self.route())
+    }
+}
+
+impl Body {
+    /// A built text's body, if `spans` locate the id and the payload in it.
+    fn built(text: Utf8Bytes, spans: FrameSpans) -> Option<Body> {
+        let id = spans.id?;
+        let fits = |r: &std::ops::Range<usize>| r.end <= text.len() && u32::try_from(r.end).is_ok();
+        if !fits(&id) || !fits(&spans.payload) {
+            return None;
+        }
+        // The payload was written as it was: its span holds exactly its bytes, and `id`'s lies
+        // on the characters of the id.
+        Some(Body::Built {
+            id: (id.start as u32, id.end as u32),
+            payload: (spans.payload.start as u32, spans.payload.end as u32),
+            text,
+        })
     }
 }
 
@@ -442,6 +510,44 @@ mod tests {
             Bytes::from_static(b"{}"),
             None,
         ))
+    }
+
+    mod frames {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever its id and payload, a frame reads them back as given and sends the text
+            /// built from them, whether it keeps one buffer (spans in its text) or two.
+            #[test]
+            fn a_frame_reads_back_its_id_and_payload_and_sends_their_text(
+                id in any::<String>(),
+                payload in prop_oneof![
+                    any::<Vec<u8>>(),
+                    "[ -~]{0,64}".prop_map(String::into_bytes),
+                    (0usize..3).prop_map(|k| vec![b'a'; PREBUILT_TEXT_MAX - 1 + k]),
+                ],
+                resync in any::<bool>(),
+            ) {
+                let route = resync.then(|| Route {
+                    message_type: "resync".into(),
+                    space_id: "s1".into(),
+                    paths: Vec::new(),
+                });
+                let kind = if resync { "resync" } else { "file-uploaded" };
+                let frame = Frame::new(
+                    Utf8Bytes::from(id.clone()),
+                    kind.into(),
+                    Bytes::from(payload.clone()),
+                    route,
+                );
+                prop_assert_eq!(frame.id(), id.as_str());
+                prop_assert_eq!(frame.payload(), payload.as_slice());
+                let space = resync.then_some("s1");
+                prop_assert_eq!(frame.ws_text(), server_frame(&id, &payload, space));
+                prop_assert!(frame.size() >= payload.len());
+            }
+        }
     }
 
     fn push(q: &Arc<SessionQueue>, frame: SharedFrame, wakeups: &SessionWakeups) -> Push {

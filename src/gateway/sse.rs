@@ -284,9 +284,9 @@ impl Feed {
         match self.dialect {
             Dialect::Foldercast => to_event(frame),
             Dialect::Ocis => {
-                let mut events = super::ocis_sse::translate(&frame.payload, &self.user)
+                let mut events = super::ocis_sse::translate(frame.payload(), &self.user)
                     .into_iter()
-                    .map(|(name, data)| Event::default().id(&*frame.id).event(name).data(data));
+                    .map(|(name, data)| Event::default().id(frame.id()).event(name).data(data));
                 let first = events.next();
                 self.intro.extend(events);
                 first
@@ -354,7 +354,7 @@ fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
         }
         loop {
             while let Some(frame) = feed.pending.pop_front() {
-                match feed.cursor.admit(&frame.id) {
+                match feed.cursor.admit(frame.id()) {
                     Admit::Deliver if frame.passes(&feed.watches) => {
                         if let Some(event) = feed.emit(frame) {
                             return Some((Ok(event), feed));
@@ -373,7 +373,7 @@ fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
                     Admit::NewEpoch => {
                         // What a digest holds is of the old history: it goes first.
                         feed.release_held();
-                        let lost = Resumed::epoch_lost(&frame.id);
+                        let lost = Resumed::epoch_lost(frame.id());
                         let event = Event::default()
                             .event("resumed")
                             .id(&lost.position)
@@ -463,13 +463,13 @@ fn events(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
 }
 
 fn to_event(frame: &Frame) -> Option<Event> {
-    let data = std::str::from_utf8(&frame.payload).ok()?;
+    let data = std::str::from_utf8(frame.payload()).ok()?;
     if data.contains(['\r', '\n']) || frame.message_type.contains(['\r', '\n']) {
         return None; // not a compact JSON document; SSE framing would break
     }
     Some(
         Event::default()
-            .id(&*frame.id)
+            .id(frame.id())
             .event(&*frame.message_type)
             .data(data),
     )

@@ -120,7 +120,7 @@ async fn feed_new_epoch(
     watches: &Watches,
 ) -> Result<(), axum::Error> {
     feed_held(socket, digest.as_deref_mut()).await?;
-    let lost = Resumed::epoch_lost(&frame.id);
+    let lost = Resumed::epoch_lost(frame.id());
     socket.feed(Message::Text(lost.frame(0).into())).await?;
     if !frame.passes(watches) {
         return Ok(());
@@ -149,14 +149,14 @@ fn write_frames<'a>(
 ) -> WithinLimit<impl std::future::Future<Output = Result<(), axum::Error>> + 'a> {
     let write = async move {
         for frame in frames.drain(..) {
-            match cursor.admit(&frame.id) {
+            match cursor.admit(frame.id()) {
                 Admit::Deliver if frame.passes(watches) => match digest.as_deref_mut() {
                     None => socket.feed(Message::Text(frame.ws_text())).await?,
                     Some(digest) => Box::pin(feed_digested(socket, digest, frame)).await?,
                 },
                 Admit::Deliver | Admit::Duplicate => {}
                 Admit::NewEpoch => {
-                    tracing::warn!(%user, position = %frame.id, "history lost while connected: told the client");
+                    tracing::warn!(%user, position = %frame.id(), "history lost while connected: told the client");
                     Box::pin(feed_new_epoch(
                         socket,
                         digest.as_deref_mut(),
