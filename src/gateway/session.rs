@@ -152,8 +152,8 @@ impl Frame {
         }
     }
 
-    /// Bytes the frame accounts for in a queue: its payload (perhaps shared), its id, and about
-    /// what its WebSocket text adds.
+    /// Bytes the frame accounts for in a queue: a built frame's text (which holds its id and
+    /// payload); otherwise its payload (perhaps shared), its id, and about what framing adds.
     pub fn size(&self) -> usize {
         match &self.body {
             Body::Built { text, .. } => text.len(),
