@@ -420,7 +420,7 @@ pub(super) fn frames_of(messages: &[(&str, Bytes)]) -> Vec<SharedFrame> {
                     return frame;
                 }
             }
-            Frame::new(
+            Frame::apart(
                 Utf8Bytes::from(*id),
                 message_type,
                 crate::bus::keepable(payload),

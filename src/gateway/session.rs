@@ -67,7 +67,7 @@ impl Frame {
         route: Option<Route>,
     ) -> Self {
         let small = payload.len() <= PREBUILT_TEXT_MAX;
-        let mut frame = Frame::of(message_type, Body::Apart { id, payload }, route);
+        let mut frame = Frame::apart(id, message_type, payload, route);
         if small {
             let (text, spans) = frame.build_text();
             if let Some(body) = Body::built(text, spans) {
@@ -75,6 +75,17 @@ impl Frame {
             }
         }
         frame
+    }
+
+    /// A frame kept as its id and payload, framed when sent: what a batch keeps of a frame it
+    /// could not build ([`Frame::with_text`]) or chose not to (a large one), without trying again.
+    pub fn apart(
+        id: Utf8Bytes,
+        message_type: std::borrow::Cow<'static, str>,
+        payload: Bytes,
+        route: Option<Route>,
+    ) -> Self {
+        Frame::of(message_type, Body::Apart { id, payload }, route)
     }
 
     /// A frame whose WebSocket text the caller built into a batch's buffer (`text`:
